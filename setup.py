@@ -1,0 +1,36 @@
+"""Packaging for virthotplug."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="virthotplug",
+    version="0.1.0",
+    description="Make vCPU hotplug on libvirt/QEMU hosts work end to end",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="GPL-2.0-or-later",
+    python_requires=">=3.9",
+    packages=find_packages(include=["virthotplug", "virthotplug.*"]),
+    install_requires=[
+        "libvirt-python>=6.5",
+        "lxml>=4.6",
+        "tenacity>=8.0",
+    ],
+    extras_require={
+        "metrics": ["prometheus-client>=0.12"],
+        "dev": [
+            "pytest>=7",
+            "hypothesis>=6",
+            "ruff>=0.4",
+            "mypy>=1.5",
+            "lxml-stubs",
+            "prometheus-client>=0.12",
+        ],
+    },
+    entry_points={"console_scripts": ["virthotplug = virthotplug.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: System :: Systems Administration",
+    ],
+)

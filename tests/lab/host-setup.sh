@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Prepare a Debian 12 host for virthotplug's tests, demo and benchmarks.
+# Idempotent and quick when everything is already in place. Works without systemd.
+#  1. Debian packages (libvirt, QEMU, the guest agent, busybox, build deps of libvirt-python)
+#  2. /dev/kvm permissions (no udev here: without them every define re-probes QEMU for ~64 s)
+#  3. virtlogd and libvirtd, started by hand only when they are not already running
+set -euo pipefail
+
+PACKAGES=(
+    libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
+    qemu-system-x86 qemu-guest-agent busybox-static
+    libvirt-dev pkg-config gcc python3-dev python3-venv
+    mandoc python3-docutils
+)
+
+log() { printf '[host-setup] %s\n' "$*" >&2; }
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        log "missing Debian packages: ${missing[*]} (run as root to install them)"
+        exit 1
+    fi
+    log "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ "$(id -u)" != 0 ]; then
+    log "not root: leaving /dev/kvm and the daemons as they are"
+    exit 0
+fi
+
+# No udev: /dev/kvm stays root:root 0600 and libvirt cannot use it.
+if [ -e /dev/kvm ] && getent group kvm >/dev/null; then
+    chgrp kvm /dev/kvm && chmod 0660 /dev/kvm || log "could not fix /dev/kvm permissions"
+fi
+
+start_daemon() {  # name
+    if pgrep -x "$1" >/dev/null; then return 0; fi
+    log "starting $1"
+    "$1" -d
+}
+start_daemon virtlogd
+start_daemon libvirtd
+
+for _ in $(seq 1 50); do
+    virsh -q -c qemu:///system version >/dev/null 2>&1 && exit 0
+    sleep 0.2
+done
+log "libvirtd does not answer on qemu:///system"
+exit 1

@@ -1,0 +1,7 @@
+"""Allow ``python -m virthotplug``."""
+
+import sys
+
+from virthotplug.cli import main
+
+sys.exit(main())
