@@ -1,0 +1,248 @@
+"""Read the four vCPU layers of many domains with as few libvirt calls as possible.
+
+    1 bulk call      state + vCPU stats of every domain (live and hypervisor layers)
+    1 call           which domains are transient
+    1 per domain     inactive XML (config layer, agent channel, metadata)
+    1 per domain     live XML, only where the driver has no vCPU stats (the test driver)
+    1 per domain     guest agent, only for running domains with an agent channel;
+                     in parallel with a bounded pool and a bounded wait each
+
+Per-domain failures (bad XML, an agent that hangs or replies garbage) become findings or
+entries in ``ReadResult.errors``; they never stop the other domains from being read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from virthotplug import errors
+from virthotplug.connection import DOMAIN_STATES, Connection, Domain, Stats
+from virthotplug.domxml import DomainXML, parse_domain_xml
+from virthotplug.drift import find_drift
+from virthotplug.view import (
+    AGENT_BAD_REPLY,
+    AGENT_CONNECTED,
+    AGENT_NOT_CONFIGURED,
+    AGENT_NOT_CONNECTED,
+    AGENT_NOT_QUERIED,
+    AGENT_UNRESPONSIVE,
+    AGENT_UNSUPPORTED,
+    VCPU_STATES,
+    AgentStatus,
+    CountLayer,
+    GuestLayer,
+    HypervisorLayer,
+    VcpuView,
+    parse_guest_reply,
+)
+from virthotplug.workpool import CallTimeout, bounded_map
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AGENT_TIMEOUT = 5.0
+DEFAULT_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class DomainError:
+    host: str
+    name: str
+    error: str
+
+
+@dataclass
+class ReadResult:
+    views: list[VcpuView] = field(default_factory=list)
+    errors: list[DomainError] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """What was read for one domain before the guest layer."""
+
+    dom: Domain
+    xml: DomainXML
+    view: VcpuView
+
+
+def read_views(
+    conn: Connection,
+    names: Optional[Sequence[str]] = None,
+    *,
+    agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
+    workers: int = DEFAULT_WORKERS,
+) -> ReadResult:
+    """Views of the named domains (virsh-style identifiers), or of every domain."""
+    domains = [conn.lookup(name) for name in names] if names else None
+    stats = conn.bulk_stats(domains)
+    if domains is None:
+        stats.sort(key=_listing_order)
+    transient = conn.transient_uuids() if stats else set()
+    result = ReadResult()
+    raws = []
+    for dom, record in stats:
+        try:
+            raws.append(_read_definitions(conn, dom, record, dom.UUIDString() not in transient))
+        except errors.NoDomainError:
+            continue  # undefined between the listing and now
+        except (errors.ConfigError, errors.UnsupportedError) as exc:
+            result.errors.append(DomainError(conn.uri, dom.name(), str(exc)))
+    result.views = _with_guest_layers(conn, raws, agent_timeout, workers)
+    return result
+
+
+def read_hosts(
+    uris: Sequence[Optional[str]],
+    names: Optional[Sequence[str]],
+    *,
+    readonly: bool = False,
+    agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
+    workers: int = DEFAULT_WORKERS,
+) -> ReadResult:
+    """Read several hosts. With one host its errors propagate (like virsh); with several,
+    a host that is down or fails is reported in ``errors`` and the others still are read.
+    """
+    result = ReadResult()
+    for uri in uris:
+        conn = Connection(uri, readonly=readonly)
+        try:
+            with conn.open():
+                part = read_views(conn, names, agent_timeout=agent_timeout, workers=workers)
+        except errors.VirtHotplugError as exc:
+            if len(uris) == 1:
+                raise
+            result.errors.append(DomainError(conn.uri, "", str(exc)))
+            continue
+        result.views.extend(part.views)
+        result.errors.extend(part.errors)
+    return result
+
+
+def read_view(conn: Connection, dom: Domain, *, agent_timeout: float) -> VcpuView:
+    """One domain's view (the reconciler's read path)."""
+    stats = conn.bulk_stats([dom])
+    if not stats:
+        raise errors.NoDomainError(f"domain '{dom.name()}' disappeared")
+    _, record = stats[0]
+    persistent = conn.call(dom.isPersistent, context=f"domain '{dom.name()}'") == 1
+    raw = _read_definitions(conn, dom, record, persistent)
+    return _with_guest_layers(conn, [raw], agent_timeout, 1)[0]
+
+
+def _listing_order(item: tuple[Domain, Stats]) -> tuple[int, int, str]:
+    """Like ``virsh list --all``: running domains by id, then the others by name."""
+    dom, _ = item
+    dom_id = dom.ID()
+    return (0, dom_id, "") if dom_id > 0 else (1, 0, dom.name())
+
+
+def _read_definitions(conn: Connection, dom: Domain, stats: Stats, persistent: bool) -> _Raw:
+    name = dom.name()
+    state = int(stats.get("state.state", 0))
+    active = dom.ID() > 0  # inactive domains have id -1
+    xml = parse_domain_xml(conn.xml(dom, inactive=persistent), domain=name)
+    config = _count_layer(xml) if persistent else None
+    live: Optional[CountLayer] = None
+    hypervisor: Optional[HypervisorLayer] = None
+    if active:
+        live, hypervisor = _live_from_stats(stats), _hypervisor_from_stats(stats)
+        if live is None:  # this driver has no vCPU stats (the test driver): one more call
+            hypervisor = _hypervisor_from_info(conn.vcpu_info(dom))
+            live = CountLayer(current=hypervisor.count, maximum=xml.vcpu_max)
+        if not persistent:
+            live = dataclasses.replace(live, vcpus=xml.vcpus)
+    view = VcpuView(
+        host=conn.uri,
+        name=name,
+        uuid=dom.UUIDString(),
+        domain_id=dom.ID() if active else None,
+        state=DOMAIN_STATES.get(state, "unknown"),
+        persistent=persistent,
+        agent=AgentStatus(
+            configured=xml.agent_channel,
+            state=AGENT_NOT_QUERIED if xml.agent_channel else AGENT_NOT_CONFIGURED,
+        ),
+        config=config,
+        live=live,
+        hypervisor=hypervisor,
+    )
+    return _Raw(dom=dom, xml=xml, view=view)
+
+
+def _count_layer(xml: DomainXML) -> CountLayer:
+    return CountLayer(current=xml.vcpu_current, maximum=xml.vcpu_max, vcpus=xml.vcpus)
+
+
+def _live_from_stats(stats: Stats) -> Optional[CountLayer]:
+    current, maximum = stats.get("vcpu.current"), stats.get("vcpu.maximum")
+    if not isinstance(current, int) or not isinstance(maximum, int):
+        return None
+    return CountLayer(current=current, maximum=maximum)
+
+
+def _hypervisor_from_stats(stats: Stats) -> HypervisorLayer:
+    """``vcpu.N.state`` entries; sparse after hotplug, so N comes from the key."""
+    vcpus = {}
+    for key, value in stats.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "vcpu" and parts[2] == "state" and parts[1].isdigit():
+            vcpus[int(parts[1])] = VCPU_STATES.get(int(value), "unknown")
+    return HypervisorLayer(vcpus=vcpus)
+
+
+def _hypervisor_from_info(info: list[tuple[int, int, int, int]]) -> HypervisorLayer:
+    """From ``virDomainGetVcpus`` rows: (number, state, cpu time, physical cpu)."""
+    return HypervisorLayer(vcpus={row[0]: VCPU_STATES.get(row[1], "unknown") for row in info})
+
+
+def _with_guest_layers(
+    conn: Connection, raws: list[_Raw], timeout: float, workers: int
+) -> list[VcpuView]:
+    """Query the agent of every running domain that has one, in parallel, then find drift."""
+    queried = [r for r in raws if r.view.agent.configured and r.view.state == "running"]
+    outcomes = bounded_map(
+        lambda r: conn.guest_vcpus(r.dom), queried, workers=workers, timeout=timeout
+    )
+    agent_views = {}
+    for raw, outcome in zip(queried, outcomes):
+        error: Optional[BaseException] = outcome.error
+        if outcome.timed_out:
+            error = CallTimeout(f"no answer within {timeout:g} s")
+        agent_views[raw.view.uuid] = _guest_view(raw, outcome.value, error)
+    views = [agent_views.get(r.view.uuid, r.view) for r in raws]
+    return [dataclasses.replace(v, findings=find_drift(v)) for v in views]
+
+
+def _guest_view(raw: _Raw, reply: Any, error: Optional[BaseException]) -> VcpuView:
+    view = raw.view
+    guest: Optional[GuestLayer] = None
+    if error is None:
+        maximum = view.live.maximum if view.live else raw.xml.vcpu_max
+        try:
+            guest = parse_guest_reply(reply, maximum=maximum, domain=view.name)
+        except errors.GuestDataError as exc:
+            log.warning("%s", exc)
+            error = exc
+    state = AGENT_CONNECTED if error is None else _agent_state_for(error)
+    agent = AgentStatus(configured=True, state=state, error=str(error) if error else None)
+    return dataclasses.replace(view, guest=guest, agent=agent)
+
+
+def _agent_state_for(error: BaseException) -> str:
+    """Map an agent failure to an agent state; host-level failures are re-raised."""
+    if isinstance(error, (errors.PermissionDeniedError, errors.ConnectError)):
+        raise error
+    if isinstance(error, errors.GuestDataError):
+        return AGENT_BAD_REPLY
+    if isinstance(error, errors.AgentNotConfiguredError):
+        return AGENT_NOT_CONFIGURED
+    if isinstance(error, errors.UnsupportedError):
+        return AGENT_UNSUPPORTED
+    if isinstance(error, errors.NotRunningError):
+        return AGENT_NOT_QUERIED
+    if "not connected" in str(error):
+        return AGENT_NOT_CONNECTED
+    return AGENT_UNRESPONSIVE

@@ -1,0 +1,10 @@
+"""One module per command. Each has ``register(subparsers)``, which sets ``run`` as the
+parser default, and keeps heavy imports (libvirt, lxml) inside ``run`` so start-up stays
+light.
+"""
+
+from __future__ import annotations
+
+from virthotplug.commands import check, status
+
+COMMANDS = (status, check)

@@ -1,0 +1,279 @@
+"""The one owner of libvirt connections: every libvirt call virthotplug makes sits here.
+
+It resolves the URI like virsh, silences libvirt's default error printer, classifies
+``libvirtError`` into the project's exceptions (design: which errors are transient, which
+mean the connection is gone, which are permanent), looks domains up like virsh, and papers
+over binding quirks (``guestVcpus`` returns None instead of raising).
+
+libvirt is imported lazily so that commands which never connect start fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from typing import Any, Callable, Optional, TypeVar
+
+from virthotplug import errors
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "qemu:///system"
+T = TypeVar("T")
+Domain = Any  # a libvirt.virDomain; opaque outside this module
+Stats = dict[str, Any]  # one domain's bulk stats record ("state.state", "vcpu.current", ...)
+
+# virsh's state names, by virDomainState value.
+DOMAIN_STATES = {
+    0: "no state",
+    1: "running",
+    2: "idle",
+    3: "paused",
+    4: "in shutdown",
+    5: "shut off",
+    6: "crashed",
+    7: "pmsuspended",
+}
+STATE_RUNNING = 1
+
+_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
+_handler_lock = threading.Lock()
+_handler_installed = False
+
+
+def resolve_uri(explicit: Optional[str]) -> str:
+    """``-c/--connect`` first, then ``LIBVIRT_DEFAULT_URI``, then ``qemu:///system``."""
+    return explicit or os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+
+
+def libvirt_module() -> Any:
+    """Import libvirt once and silence its default handler (it prints every failed call)."""
+    global _handler_installed
+    import libvirt
+
+    with _handler_lock:
+        if not _handler_installed:
+            libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+            _handler_installed = True
+    return libvirt
+
+
+# --- error classification ---------------------------------------------------------------
+
+# libvirt error code names → project exception. Looked up with getattr because older
+# bindings lack the newer codes.
+_BY_CODE: tuple[tuple[str, type[errors.VirtHotplugError]], ...] = (
+    ("VIR_ERR_NO_DOMAIN", errors.NoDomainError),
+    ("VIR_ERR_NO_CONNECT", errors.InvalidURIError),
+    ("VIR_ERR_SYSTEM_ERROR", errors.ConnectError),
+    ("VIR_ERR_RPC", errors.ConnectError),
+    ("VIR_ERR_INVALID_CONN", errors.ConnectError),
+    ("VIR_ERR_OPERATION_TIMEOUT", errors.TransientError),
+    ("VIR_ERR_AGENT_UNRESPONSIVE", errors.AgentUnavailableError),
+    ("VIR_ERR_AGENT_UNSYNCED", errors.AgentUnavailableError),
+    ("VIR_ERR_AGENT_COMMAND_TIMEOUT", errors.AgentUnavailableError),
+    ("VIR_ERR_AGENT_COMMAND_FAILED", errors.AgentError),
+    ("VIR_ERR_OPERATION_UNSUPPORTED", errors.UnsupportedError),
+    ("VIR_ERR_NO_SUPPORT", errors.UnsupportedError),
+    ("VIR_ERR_ARGUMENT_UNSUPPORTED", errors.UnsupportedError),
+    ("VIR_ERR_CONFIG_UNSUPPORTED", errors.UnsupportedError),
+    ("VIR_ERR_OPERATION_INVALID", errors.InvalidRequestError),
+    ("VIR_ERR_INVALID_ARG", errors.InvalidRequestError),
+    ("VIR_ERR_OPERATION_FAILED", errors.InvalidRequestError),
+    ("VIR_ERR_OPERATION_DENIED", errors.PermissionDeniedError),
+    ("VIR_ERR_AUTH_FAILED", errors.PermissionDeniedError),
+    ("VIR_ERR_AUTH_CANCELLED", errors.PermissionDeniedError),
+    ("VIR_ERR_AUTH_UNAVAILABLE", errors.PermissionDeniedError),
+    ("VIR_ERR_ACCESS_DENIED", errors.PermissionDeniedError),
+    ("VIR_ERR_XML_ERROR", errors.MalformedXMLError),
+    ("VIR_ERR_XML_DETAIL", errors.MalformedXMLError),
+)
+
+
+def classify(exc: Exception, *, context: str = "") -> errors.VirtHotplugError:
+    """Translate a ``libvirtError`` into the project's exception, message prefixed by context."""
+    libvirt = libvirt_module()
+    if not isinstance(exc, libvirt.libvirtError):
+        return errors.VirtHotplugError(f"{context}: {exc}" if context else str(exc))
+    code, domain = exc.get_error_code(), exc.get_error_domain()
+    message = _one_line(exc.get_error_message() or str(exc))
+    text = f"{context}: {message}" if context else message
+    return _exception_class(libvirt, code, domain, message)(text, code=code)
+
+
+def _exception_class(
+    libvirt: Any, code: int, domain: int, message: str
+) -> type[errors.VirtHotplugError]:
+    lowered = message.lower()
+    if "permission denied" in lowered or "read only access" in lowered:
+        return errors.PermissionDeniedError
+    if "agent is not configured" in lowered:
+        return errors.AgentNotConfiguredError
+    if "not running" in lowered and code == getattr(libvirt, "VIR_ERR_OPERATION_INVALID", -1):
+        return errors.NotRunningError
+    if code == getattr(libvirt, "VIR_ERR_INTERNAL_ERROR", -1) and domain in (
+        getattr(libvirt, "VIR_FROM_RPC", -1),
+        getattr(libvirt, "VIR_FROM_REMOTE", -1),
+    ):
+        return errors.ConnectError
+    for name, cls in _BY_CODE:
+        if code == getattr(libvirt, name, None):
+            return cls
+    return errors.VirtHotplugError
+
+
+def _open_error(exc: Exception, uri: str) -> errors.VirtHotplugError:
+    """Errors from ``open()`` are about the URI or the daemon, whatever their code."""
+    libvirt = libvirt_module()
+    err = classify(exc, context=f"cannot connect to '{uri}'")
+    domain = exc.get_error_domain() if isinstance(exc, libvirt.libvirtError) else None
+    bad_uri = domain == getattr(libvirt, "VIR_FROM_URI", -1) or "uri" in err.message.lower()
+    if isinstance(err, (errors.PermissionDeniedError, errors.InvalidURIError)):
+        return err
+    if bad_uri or isinstance(err, errors.MalformedXMLError):
+        return errors.InvalidURIError(err.message, code=err.code)
+    if isinstance(err, errors.ConnectError):
+        return errors.ConnectError(f"{err.message} (is libvirtd running?)", code=err.code)
+    return errors.ConnectError(err.message, code=err.code)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# --- the connection ---------------------------------------------------------------------
+
+
+class Connection:
+    """One libvirt connection. Thread-safe for calls (libvirt connections are)."""
+
+    def __init__(self, uri: Optional[str] = None, *, readonly: bool = False) -> None:
+        self.uri = resolve_uri(uri)
+        self.readonly = readonly
+        self._conn: Any = None
+
+    # lifecycle
+
+    def open(self) -> Connection:
+        libvirt = libvirt_module()
+        opener = libvirt.openReadOnly if self.readonly else libvirt.open
+        try:
+            self._conn = opener(self.uri)
+        except libvirt.libvirtError as exc:
+            raise _open_error(exc, self.uri) from None
+        if self._conn is None:  # very old bindings return None instead of raising
+            raise errors.ConnectError(f"cannot connect to '{self.uri}'")
+        return self
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception as exc:  # closing a dead connection is not worth reporting
+                log.debug("closing %s: %s", self.uri, exc)
+
+    def __enter__(self) -> Connection:
+        return self.open() if self._conn is None else self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @property
+    def raw(self) -> Any:
+        """The underlying ``virConnect`` (for event registration in the listener)."""
+        if self._conn is None:
+            raise errors.ConnectError(f"not connected to '{self.uri}'")
+        return self._conn
+
+    def call(self, fn: Callable[[], T], *, context: str = "") -> T:
+        """Run one libvirt call, translating its error."""
+        libvirt = libvirt_module()
+        try:
+            return fn()
+        except libvirt.libvirtError as exc:
+            raise classify(exc, context=context) from None
+
+    # lookups
+
+    def lookup(self, ident: str) -> Domain:
+        """Find a domain like virsh: by id when numeric, then by UUID, then by name."""
+        libvirt = libvirt_module()
+        conn = self.raw
+        attempts: list[Callable[[], Any]] = []
+        if ident.isdigit() and len(ident) < 10:
+            attempts.append(lambda: conn.lookupByID(int(ident)))
+        if _UUID_RE.match(ident):
+            attempts.append(lambda: conn.lookupByUUIDString(ident))
+        attempts.append(lambda: conn.lookupByName(ident))
+        for attempt in attempts:
+            try:
+                return attempt()
+            except libvirt.libvirtError as exc:
+                err = classify(exc)
+                if not isinstance(err, (errors.NoDomainError, errors.InvalidRequestError)):
+                    raise classify(exc, context=f"domain '{ident}'") from None
+        raise errors.NoDomainError(f"failed to get domain '{ident}': no such domain on {self.uri}")
+
+    def list_domains(self) -> list[Domain]:
+        return self.call(lambda: list(self.raw.listAllDomains(0)), context="listing domains")
+
+    def transient_uuids(self) -> set[str]:
+        """UUIDs of transient domains, in one call (``isPersistent`` is one call per domain)."""
+        libvirt = libvirt_module()
+        flags = libvirt.VIR_CONNECT_LIST_DOMAINS_TRANSIENT
+        domains = self.call(lambda: self.raw.listAllDomains(flags), context="listing domains")
+        return {d.UUIDString() for d in domains}
+
+    # reads
+
+    def bulk_stats(self, domains: Optional[list[Domain]] = None) -> list[tuple[Domain, Stats]]:
+        """State and vCPU stats of all (or the given) domains in one call."""
+        libvirt = libvirt_module()
+        groups = libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_VCPU
+        if domains is None:
+            return self.call(lambda: self.raw.getAllDomainStats(groups, 0), context="stats")
+        if not domains:
+            return []
+        return self.call(lambda: self.raw.domainListGetStats(domains, groups, 0), context="stats")
+
+    def xml(self, dom: Domain, *, inactive: bool) -> str:
+        libvirt = libvirt_module()
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        return str(self.call(lambda: dom.XMLDesc(flags), context=f"domain '{dom.name()}'"))
+
+    def guest_vcpus(self, dom: Domain) -> dict[str, Any]:
+        """The guest agent's view; always raises on failure (the binding returns None)."""
+        libvirt = libvirt_module()
+        context = f"domain '{dom.name()}'"
+        try:
+            reply = dom.guestVcpus(0)
+        except libvirt.libvirtError as exc:
+            raise classify(exc, context=context) from None
+        if reply is None:
+            raise _last_error(libvirt, context)
+        return reply  # type: ignore[no-any-return]
+
+    def vcpu_info(self, dom: Domain) -> list[tuple[int, int, int, int]]:
+        """``virDomainGetVcpus`` rows (number, state, cpu time, cpu) of a running domain."""
+        return self.call(lambda: list(dom.vcpus()[0]), context=f"domain '{dom.name()}'")
+
+    def state(self, dom: Domain) -> int:
+        return int(self.call(lambda: dom.state(0)[0], context=f"domain '{dom.name()}'"))
+
+    def taint_messages(self, dom: Domain) -> list[str]:
+        libvirt = libvirt_module()
+        flags = libvirt.VIR_DOMAIN_MESSAGE_TAINTING
+        return self.call(lambda: list(dom.messages(flags)), context=f"domain '{dom.name()}'")
+
+
+def _last_error(libvirt: Any, context: str) -> errors.VirtHotplugError:
+    """Build the exception from the thread's last libvirt error (read in the same thread)."""
+    last = libvirt.virGetLastError()
+    if not last:
+        return errors.AgentError(f"{context}: guest agent call failed")
+    code, domain, message = last[0], last[1], _one_line(str(last[2] or "unknown error"))
+    cls = _exception_class(libvirt, code, domain, message)
+    return cls(f"{context}: {message}", code=code)
