@@ -27,6 +27,9 @@ from virthotplug.cpulist import MAX_CPU_ID
 MAX_EVENT_JSON = 8192
 """Largest event detail accepted, in characters (str) or bytes (bytes)."""
 
+MAX_EVENT_JSON_DEPTH = 16
+"""Deepest nesting of arrays/objects accepted; QEMU's event data is two levels deep."""
+
 MAX_OST_CODE = 0xFFFFFFFF
 """_OST source and status are ACPI DWORDs."""
 
@@ -306,7 +309,8 @@ class EventDataError(ValueError):
     """QEMU event details are missing, malformed or out of bounds. One-line message."""
 
 
-Details = Union[str, bytes, Mapping[str, Any], None]
+Details = Union[str, bytes, bytearray, Mapping[str, Any], None]
+"""What a monitor-event callback may hand us as ``details``."""
 
 
 def _quote(value: object) -> str:
@@ -345,7 +349,37 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def _nesting_exceeds(text: str, limit: int) -> bool:
+    """True if arrays/objects in ``text`` nest deeper than ``limit``.
+
+    Checked before ``json.loads`` so the outcome does not depend on the interpreter's
+    recursion limits (3.13 parses thousands of levels, older versions raise RecursionError).
+    Exact for valid JSON; for invalid JSON ``json.loads`` reports the error anyway.
+    """
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
 def _loads(text: str) -> Any:
+    if _nesting_exceeds(text, MAX_EVENT_JSON_DEPTH):
+        raise EventDataError(f"event details nested deeper than {MAX_EVENT_JSON_DEPTH} levels")
     try:
         return json.loads(
             text,
@@ -355,7 +389,7 @@ def _loads(text: str) -> Any:
         )
     except EventDataError:
         raise
-    except RecursionError:
+    except RecursionError:  # defence in depth; the nesting check should prevent it
         raise EventDataError("event details nested too deeply") from None
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
