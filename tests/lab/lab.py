@@ -1,0 +1,694 @@
+"""The real-VM lab: boot tiny guests under libvirt, drive them, and always clean up.
+
+    with Lab() as lab:
+        vm = lab.create(behaviour=MANUAL)
+        since = time.monotonic()
+        vm.hot_add(2)
+        event = lab.ost.wait_for(vm.name, since=since)
+        print(describe_ost(event.details), vm.guest_vcpus())
+
+Every domain is named ``vhplab-<run id>-<n>-<label>``. The lab only ever touches domains with
+that prefix; at start it removes those left behind by runs that are no longer alive (a run
+holds a lock file under /run/virthotplug-lab while it lives, so concurrent runs on one host
+leave each other alone). At the end every domain of the run is destroyed and undefined, also
+on test failures, KeyboardInterrupt, SIGTERM and interpreter exit.
+
+Nothing here uses qemuAgentCommand or qemuMonitorCommand: both taint the domain. The guest is
+driven through its own virtio-serial control channel instead (see initramfs/vhp-control).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, Callable, TextIO
+
+import libvirt
+import libvirt_qemu
+from domains import CONTROL_CHANNEL, MANUAL, Behaviour, DomainSpec, domain_xml
+from guest import GuestImage, ensure_image
+
+log = logging.getLogger("lab")
+
+PREFIX = "vhplab"
+DEFAULT_URI = "qemu:///system"
+LOCK_DIR = Path("/run/virthotplug-lab")
+LOG_DIR = Path("/var/log/libvirt/qemu")
+READY_TIMEOUT = 120.0
+POLL = 0.2
+
+
+class LabError(RuntimeError):
+    """The lab could not do what was asked; the message says why (with guest console)."""
+
+
+class AgentCallError(LabError):
+    """A guest agent call through libvirt failed."""
+
+    def __init__(self, domain: str, code: int, message: str) -> None:
+        super().__init__(f"{domain}: guest agent call failed ({code}): {message}")
+        self.code = code
+        self.message = message
+
+
+# ---- host facts ---------------------------------------------------------------------------
+
+
+def accelerator() -> str:
+    """libvirt domain type for this host: "kvm" only with hardware virtualisation flags.
+
+    A /dev/kvm without vmx/svm (a software KVM module) accepts VMs but cannot run a Debian
+    kernel, so the flags decide, not the device node.
+    """
+    flags: set[str] = set()
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("flags"):
+                flags.update(line.split(":", 1)[1].split())
+    return "kvm" if flags & {"vmx", "svm"} and os.path.exists("/dev/kvm") else "qemu"
+
+
+def accelerator_description() -> str:
+    if accelerator() == "kvm":
+        return "KVM (hardware virtualisation)"
+    return "TCG (<domain type='qemu'>; no vmx/svm flag in /proc/cpuinfo)"
+
+
+# ---- libvirt process-wide setup -----------------------------------------------------------
+
+_setup_lock = threading.Lock()
+_event_loop: threading.Thread | None = None
+
+
+def setup_libvirt() -> None:
+    """Event loop and quiet errors, once per process and before the first connection."""
+    global _event_loop
+    with _setup_lock:
+        if _event_loop is not None:
+            return
+        # libvirt prints every failed call on stderr by default; errors are reported here.
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        libvirt.virEventRegisterDefaultImpl()
+        _event_loop = threading.Thread(target=_run_event_loop, name="libvirt-events", daemon=True)
+        _event_loop.start()
+
+
+def _run_event_loop() -> None:
+    while True:
+        libvirt.virEventRunDefaultImpl()
+
+
+def last_libvirt_error() -> tuple[int, str]:
+    err = libvirt.virGetLastError()
+    return (err[0], err[2]) if err else (0, "unknown error")
+
+
+# ---- parsing ------------------------------------------------------------------------------
+
+
+def parse_cpulist(text: str) -> frozenset[int]:
+    """Parse a Linux cpulist such as ``0-2,5`` (the empty string is the empty set)."""
+    cpus: set[int] = set()
+    for part in filter(None, text.strip().split(",")):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return frozenset(cpus)
+
+
+@dataclass(frozen=True)
+class GuestVcpus:
+    """The guest agent's view, from ``dom.guestVcpus()``."""
+
+    vcpus: frozenset[int]
+    online: frozenset[int]
+    offlinable: frozenset[int]
+
+    @classmethod
+    def from_libvirt(cls, info: dict[str, str]) -> GuestVcpus:
+        return cls(*(parse_cpulist(info.get(k, "")) for k in ("vcpus", "online", "offlinable")))
+
+    @property
+    def offline(self) -> frozenset[int]:
+        return self.vcpus - self.online
+
+
+@dataclass(frozen=True)
+class CpuState:
+    """The guest kernel's view from sysfs, read through the control channel (no agent)."""
+
+    present: frozenset[int]
+    online: frozenset[int]
+
+    @classmethod
+    def parse(cls, reply: str) -> CpuState:
+        fields = dict(item.split("=", 1) for item in reply.split())
+        return cls(parse_cpulist(fields["present"]), parse_cpulist(fields["online"]))
+
+
+# ---- QEMU monitor events ------------------------------------------------------------------
+
+OST_SOURCES = {
+    0x00: "bus check",
+    0x01: "device check (hot-add)",
+    0x03: "eject request",
+    0x100: "OSPM shutdown processing",
+    0x103: "OSPM ejection processing",
+    0x200: "OSPM insertion processing",
+}
+OST_STATUSES = {0x00: "success", 0x01: "non-specific failure", 0x02: "unrecognized notify"}
+OST_EJECT_STATUSES = {
+    0x80: "ejection not supported",
+    0x81: "device in use",
+    0x82: "device busy",
+    0x83: "ejection dependency busy or unsupported",
+    0x84: "ejection in progress",
+}
+
+
+def describe_ost(details: dict[str, Any]) -> str:
+    """Plain words for an ACPI_DEVICE_OST event's data (ACPI 6.x section 6.3.5)."""
+    info = details.get("info", {})
+    source, status = info.get("source"), info.get("status")
+    what = OST_SOURCES.get(source, f"source {source:#x}" if isinstance(source, int) else "?")
+    statuses = OST_EJECT_STATUSES if source in (0x03, 0x103) else {}
+    outcome = {**OST_STATUSES, **statuses}.get(status, f"status {status!r}")
+    device = info.get("device") or "(no device)"
+    slot = f"{info.get('slot-type', '?')} slot {info.get('slot', '?')}"
+    return f"{device} ({slot}): {what} -> {outcome}"
+
+
+@dataclass(frozen=True)
+class MonitorEvent:
+    domain: str
+    event: str
+    # QEMU's wall-clock timestamp, and when it reached this process (time.monotonic()).
+    timestamp: float
+    received: float
+    details: dict[str, Any]
+
+
+class MonitorEvents:
+    """Collects one QEMU monitor event (for all domains) from registration until close().
+
+    The registration does not taint domains (qemuMonitorCommand would).
+    """
+
+    def __init__(self, conn: libvirt.virConnect, event: str = "ACPI_DEVICE_OST") -> None:
+        self.event = event
+        self._conn = conn
+        self._events: list[MonitorEvent] = []
+        self._cond = threading.Condition()
+        self._id: int | None = libvirt_qemu.qemuMonitorEventRegister(
+            conn, None, event, self._on_event, None, 0
+        )
+
+    def _on_event(
+        self,
+        _conn: libvirt.virConnect,
+        dom: libvirt.virDomain,
+        event: str,
+        seconds: int,
+        micros: int,
+        details: str | dict[str, Any] | None,
+        _opaque: object,
+    ) -> None:
+        # Runs on the event loop thread: record and return.
+        data = json.loads(details) if isinstance(details, str) else details or {}
+        record = MonitorEvent(dom.name(), event, seconds + micros / 1e6, time.monotonic(), data)
+        with self._cond:
+            self._events.append(record)
+            self._cond.notify_all()
+
+    def events(self, domain: str | None = None) -> list[MonitorEvent]:
+        with self._cond:
+            return [e for e in self._events if domain is None or e.domain == domain]
+
+    def wait_for(
+        self,
+        domain: str,
+        since: float = 0.0,
+        where: Callable[[MonitorEvent], bool] = lambda _e: True,
+        timeout: float = 10.0,
+    ) -> MonitorEvent:
+        """The first event for ``domain`` received at or after ``since`` matching ``where``."""
+
+        def match() -> MonitorEvent | None:
+            hits = [e for e in self._events if e.domain == domain and e.received >= since]
+            return next(filter(where, hits), None)
+
+        with self._cond:
+            found = self._cond.wait_for(match, timeout)
+        if found is None:
+            raise LabError(f"{domain}: no matching {self.event} within {timeout:.0f} s")
+        return found
+
+    def close(self) -> None:
+        if self._id is not None:
+            # If the connection is already gone, the registration went with it.
+            with contextlib.suppress(libvirt.libvirtError):
+                libvirt_qemu.qemuMonitorEventDeregister(self._conn, self._id)
+            self._id = None
+
+
+# ---- one VM -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VMRequest:
+    behaviour: Behaviour = MANUAL
+    max_vcpus: int = 4
+    memory_mib: int = 160
+    # Readable part of the domain name.
+    label: str = "vm"
+
+
+@dataclass
+class LabVM:
+    """One lab domain. ``hot_add``/``unplug`` take the new total vCPU count, like libvirt."""
+
+    dom: libvirt.virDomain
+    spec: DomainSpec
+    # Set by a failed unplug: QEMU 7.2 segfaults on the next hot-add until a restart.
+    hotplug_broken: bool = False
+    boot_seconds: float = 0.0
+    _control_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def behaviour(self) -> Behaviour:
+        return self.spec.behaviour
+
+    @property
+    def max_vcpus(self) -> int:
+        return self.spec.max_vcpus
+
+    # -- lifecycle --
+
+    def start(self, timeout: float = READY_TIMEOUT) -> float:
+        """Boot and wait until the guest is ready; returns the seconds it took."""
+        started = time.monotonic()
+        self.dom.create()
+        self.hotplug_broken = False
+        self.wait_ready(timeout)
+        self.boot_seconds = time.monotonic() - started
+        log.info("%s ready in %.1f s", self.name, self.boot_seconds)
+        return self.boot_seconds
+
+    def restart(self, timeout: float = READY_TIMEOUT) -> float:
+        """Power-cycle to a fresh guest (the only cure after a failed unplug)."""
+        if self.dom.isActive():
+            self.dom.destroy()
+        return self.start(timeout)
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        self.wait_control(timeout)
+        if self.behaviour.agent_expected:
+            self.wait_agent(max(1.0, deadline - time.monotonic()))
+
+    def destroy(self) -> None:
+        """Destroy (if running) and undefine; safe to call twice."""
+        remove_domain(self.dom)
+
+    # -- the control channel --
+
+    def control(self, command: str, timeout: float = 10.0) -> str:
+        """Send one command to the guest's control loop and return its one-line reply."""
+        request = secrets.token_hex(4)
+        with self._control_lock, socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(timeout)
+            try:
+                sock.connect(self._control_socket())
+                sock.sendall(f"{request} {command}\n".encode())
+                reply = self._read_reply(sock.makefile("r", encoding="utf-8"), request)
+            except OSError as exc:
+                raise LabError(f"{self.name}: control '{command}' failed: {exc}") from exc
+        if reply is None:
+            raise LabError(f"{self.name}: control '{command}': no reply")
+        return reply
+
+    @staticmethod
+    def _read_reply(replies: TextIO, request: str) -> str | None:
+        # Replies to requests that timed out earlier may still be queued: skip them.
+        for line in replies:
+            found, _, reply = line.strip().partition(" ")
+            if found == request:
+                return reply
+        return None
+
+    def control_ok(self, command: str, timeout: float = 10.0) -> str:
+        """Like control(), but a reply other than ``ok ...`` raises LabError."""
+        reply = self.control(command, timeout)
+        if reply != "ok" and not reply.startswith("ok "):
+            raise LabError(f"{self.name}: control '{command}' answered '{reply}'")
+        return reply
+
+    def _control_socket(self) -> str:
+        # libvirt picks the path at start (it names the domain id): read it from the live XML.
+        for channel in ET.fromstring(self.dom.XMLDesc(0)).iterfind("devices/channel"):
+            target, source = channel.find("target"), channel.find("source")
+            if target is not None and target.get("name") == CONTROL_CHANNEL and source is not None:
+                return source.get("path", "")
+        raise LabError(f"{self.name}: no control channel in the live XML")
+
+    def wait_control(self, timeout: float = READY_TIMEOUT) -> float:
+        """Wait until the guest's control loop answers; it needs neither agent nor channel."""
+        return self._poll(timeout, "control channel", self._pings)
+
+    def _pings(self) -> bool:
+        try:
+            return self.control("ping", timeout=2.0) == "pong"
+        except LabError:
+            return False
+
+    # -- the guest agent --
+
+    def wait_agent(self, timeout: float = READY_TIMEOUT) -> float:
+        """Wait until dom.guestVcpus() answers; returns the seconds waited."""
+        return self._poll(timeout, "guest agent", lambda: self.dom.guestVcpus() is not None)
+
+    def guest_vcpus(self) -> GuestVcpus:
+        """The agent's view; raises AgentCallError with libvirt's error when it fails."""
+        try:
+            # Returns None instead of raising on failure; the error is libvirt's last error.
+            info = self.dom.guestVcpus()
+        except libvirt.libvirtError as exc:
+            raise AgentCallError(self.name, exc.get_error_code(), str(exc)) from exc
+        if info is None:
+            raise AgentCallError(self.name, *last_libvirt_error())
+        return GuestVcpus.from_libvirt(info)
+
+    def agent_status(self) -> str:
+        """``running PID``, ``hung PID`` or ``stopped``, as the guest's supervisor sees it."""
+        return self.control("agent-status")
+
+    # -- vCPUs --
+
+    def cpu_state(self) -> CpuState:
+        return CpuState.parse(self.control("cpu-state"))
+
+    def live_vcpus(self) -> int:
+        return int(self.dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE))
+
+    def hot_add(self, count: int) -> None:
+        """Hot-plug vCPUs up to ``count`` in total (setVcpusFlags with AFFECT_LIVE)."""
+        if self.hotplug_broken:
+            raise LabError(
+                f"{self.name}: refusing to hot-add after a failed unplug: QEMU 7.2 crashes "
+                "on it; restart() the domain first"
+            )
+        self.dom.setVcpusFlags(count, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    def unplug(self, count: int) -> libvirt.libvirtError | None:
+        """Try to hot-unplug down to ``count`` vCPUs; return libvirt's error, if any.
+
+        On libvirt 9.0 + QEMU 7.2 this times out ("vcpu unplug request timed out") although
+        the guest really lost the CPU; libvirt keeps counting it. Hot-add is then refused
+        until restart().
+        """
+        try:
+            self.dom.setVcpusFlags(count, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as exc:
+            self.hotplug_broken = True
+            return exc
+        return None
+
+    def wait_cpu_state(
+        self, want: Callable[[CpuState], bool], timeout: float = 10.0, what: str = "CPU state"
+    ) -> CpuState:
+        """Poll the guest's sysfs view (via the control channel) until ``want`` holds."""
+        self._poll(timeout, what, lambda: want(self.cpu_state()))
+        return self.cpu_state()
+
+    # -- facts for reports --
+
+    def taints(self) -> list[str]:
+        return list(self.dom.messages(libvirt.VIR_DOMAIN_MESSAGE_TAINTING))
+
+    def serial_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.spec.serial_log.read_text(errors="replace")
+        except OSError as exc:
+            return f"(no serial log: {exc})"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def is_pristine(self) -> bool:
+        """Running exactly as freshly booted: 1 vCPU everywhere, agent as configured."""
+        if not self.dom.isActive() or self.hotplug_broken or self.live_vcpus() != 1:
+            return False
+        try:
+            if self.cpu_state() != CpuState(frozenset({0}), frozenset({0})):
+                return False
+            if self.agent_status().startswith("running") != (self.behaviour.agent == "on"):
+                return False
+        except LabError:
+            return False
+        return not self.behaviour.agent_expected or self.dom.guestVcpus() is not None
+
+    def _poll(self, timeout: float, what: str, ready: Callable[[], bool]) -> float:
+        started = time.monotonic()
+        while not ready():
+            if time.monotonic() - started > timeout:
+                raise LabError(
+                    f"{self.name}: {what} not ready after {timeout:.0f} s; "
+                    f"serial console ({self.spec.serial_log}):\n{self.serial_tail()}"
+                )
+            time.sleep(POLL)
+        return time.monotonic() - started
+
+
+# ---- the lab ------------------------------------------------------------------------------
+
+_DOMAIN_NAME = re.compile(rf"^{PREFIX}-([0-9a-f]{{6}})-")
+
+
+class Lab:
+    """A libvirt connection, a guest image and the domains of one run (see module doc)."""
+
+    def __init__(self, uri: str = DEFAULT_URI, image: GuestImage | None = None) -> None:
+        self.uri = uri
+        self.run_id = secrets.token_hex(3)
+        self.domain_type = accelerator()
+        self.vms: list[LabVM] = []
+        self._image = image
+        self._conn: libvirt.virConnect | None = None
+        self._ost: MonitorEvents | None = None
+        self._lock_fd: int | None = None
+        self._serial = 0
+        self._vms_lock = threading.Lock()
+
+    # -- lifecycle --
+
+    def open(self) -> Lab:
+        """Connect, claim a run id, sweep leftovers, build (or find) the guest image."""
+        setup_libvirt()
+        self._claim_run()
+        atexit.register(self.close)
+        _close_on_sigterm()
+        try:
+            self._connect()
+            self.sweep()
+            self._image = self._image or ensure_image()
+            self._ost = MonitorEvents(self.conn, "ACPI_DEVICE_OST")
+        except BaseException:
+            self.close()
+            raise
+        log.info("lab run %s on %s, %s", self.run_id, self.uri, accelerator_description())
+        return self
+
+    def _connect(self) -> None:
+        try:
+            self._conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as exc:
+            hint = "is libvirtd running? see tests/lab/host-setup.sh"
+            raise LabError(f"cannot connect to {self.uri}: {exc} ({hint})") from exc
+        self._conn.setKeepAlive(5, 3)
+
+    def close(self) -> None:
+        """Destroy and undefine every domain of this run; idempotent."""
+        for vm in self._take_vms():
+            try:
+                vm.destroy()
+            except libvirt.libvirtError as exc:
+                log.error("could not remove %s: %s", vm.name, exc)
+        if self._ost is not None:
+            self._ost.close()
+            self._ost = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._lock_fd is not None:
+            os.unlink(self._lock_path())
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        atexit.unregister(self.close)
+
+    def __enter__(self) -> Lab:
+        return self.open()
+
+    def __exit__(
+        self,
+        _type: type[BaseException] | None,
+        _exc: BaseException | None,
+        _tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def conn(self) -> libvirt.virConnect:
+        if self._conn is None:
+            raise LabError("the lab is not open")
+        return self._conn
+
+    @property
+    def ost(self) -> MonitorEvents:
+        """ACPI_DEVICE_OST events of all domains since the lab opened."""
+        if self._ost is None:
+            raise LabError("the lab is not open")
+        return self._ost
+
+    @property
+    def image(self) -> GuestImage:
+        if self._image is None:
+            raise LabError("the lab is not open")
+        return self._image
+
+    # -- domains --
+
+    def define(self, request: VMRequest) -> LabVM:
+        """Define (not start) a domain for ``request``."""
+        with self._vms_lock:
+            self._serial += 1
+            name = f"{PREFIX}-{self.run_id}-{self._serial}-{request.label}"
+        spec = DomainSpec(
+            name=name,
+            kernel=self.image.kernel,
+            initrd=self.image.initrd,
+            serial_log=LOG_DIR / f"{name}-serial.log",
+            behaviour=request.behaviour,
+            max_vcpus=request.max_vcpus,
+            memory_mib=request.memory_mib,
+            domain_type=self.domain_type,
+        )
+        vm = LabVM(self.conn.defineXML(domain_xml(spec)), spec)
+        with self._vms_lock:
+            self.vms.append(vm)
+        return vm
+
+    def start_many(
+        self, requests: Sequence[VMRequest], timeout: float = READY_TIMEOUT
+    ) -> list[LabVM]:
+        """Define and boot all VMs in parallel; raise LabError naming each one that failed."""
+        vms = [self.define(r) for r in requests]
+        if not vms:
+            return []
+        with ThreadPoolExecutor(max_workers=len(vms), thread_name_prefix="lab-boot") as pool:
+            futures = [pool.submit(vm.start, timeout) for vm in vms]
+        failures = [f"{vm.name}: {f.exception()}" for vm, f in zip(vms, futures) if f.exception()]
+        if failures:
+            raise LabError("lab VMs failed to boot:\n" + "\n".join(failures))
+        return vms
+
+    def create(
+        self,
+        behaviour: Behaviour = MANUAL,
+        max_vcpus: int = 4,
+        memory_mib: int = 160,
+        label: str = "vm",
+        timeout: float = READY_TIMEOUT,
+    ) -> LabVM:
+        """Define and boot one VM, and wait until it is ready."""
+        (vm,) = self.start_many([VMRequest(behaviour, max_vcpus, memory_mib, label)], timeout)
+        return vm
+
+    def remove(self, vm: LabVM) -> None:
+        """Destroy and undefine one VM before the lab closes."""
+        vm.destroy()
+        with self._vms_lock:
+            self.vms.remove(vm)
+
+    def _take_vms(self) -> list[LabVM]:
+        with self._vms_lock:
+            vms, self.vms = self.vms, []
+        return vms
+
+    # -- leftovers --
+
+    def _lock_path(self) -> Path:
+        return LOCK_DIR / f"{self.run_id}.lock"
+
+    def _claim_run(self) -> None:
+        LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self._lock_fd = os.open(self._lock_path(), os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+
+    def sweep(self) -> list[str]:
+        """Remove lab domains (and logs) of runs that are no longer alive; return their names."""
+        removed = []
+        for dom in self.conn.listAllDomains(0):
+            found = _DOMAIN_NAME.match(dom.name())
+            if found and found.group(1) != self.run_id and not _run_alive(found.group(1)):
+                log.warning("removing %s left behind by an earlier lab run", dom.name())
+                remove_domain(dom)
+                removed.append(dom.name())
+        for path in LOG_DIR.glob(f"{PREFIX}-*.log"):
+            found = _DOMAIN_NAME.match(path.name)
+            if found and found.group(1) != self.run_id and not _run_alive(found.group(1)):
+                path.unlink(missing_ok=True)
+        return removed
+
+
+def remove_domain(dom: libvirt.virDomain) -> None:
+    """Destroy (if running) and undefine; a domain that is already gone is fine."""
+    try:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+
+
+def _run_alive(run_id: str) -> bool:
+    """Whether the run that owns ``run_id`` still holds its lock (and so still lives)."""
+    path = LOCK_DIR / f"{run_id}.lock"
+    try:
+        with open(path) as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    path.unlink(missing_ok=True)
+    return False
+
+
+def _close_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so that finalizers and ``with`` blocks clean up."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
