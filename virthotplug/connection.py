@@ -10,11 +10,12 @@ libvirt is imported lazily so that commands which never connect start fast.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import threading
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Protocol, TypeVar
 
 from virthotplug import errors
 
@@ -41,6 +42,11 @@ STATE_RUNNING = 1
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
 _handler_lock = threading.Lock()
 _handler_installed = False
+_event_loop_thread: Optional[threading.Thread] = None
+
+# Monitor events virthotplug subscribes to (libvirt_qemu passthrough; does not taint).
+MONITOR_EVENTS = ("ACPI_DEVICE_OST", "DEVICE_DELETED")
+KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 5, 3  # a dead daemon is noticed within ~20 s
 
 
 def resolve_uri(explicit: Optional[str]) -> str:
@@ -58,6 +64,40 @@ def libvirt_module() -> Any:
             libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
             _handler_installed = True
     return libvirt
+
+
+def ensure_event_loop() -> None:
+    """Register libvirt's default event loop once per process and run it in one thread.
+
+    Must happen before the first ``open()`` of any connection that wants events or a close
+    callback; libvirt binds a connection to the event implementation present when it opens.
+    """
+    global _event_loop_thread
+    libvirt = libvirt_module()
+    with _handler_lock:
+        if _event_loop_thread is not None:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        _event_loop_thread = threading.Thread(
+            target=_run_event_loop, args=(libvirt,), name="libvirt-events", daemon=True
+        )
+        _event_loop_thread.start()
+
+
+def _run_event_loop(libvirt: Any) -> None:
+    while True:
+        if libvirt.virEventRunDefaultImpl() < 0:
+            log.error("libvirt event loop iteration failed")
+
+
+class EventSink(Protocol):
+    """Receives libvirt callbacks, already unwrapped. Implementations only enqueue."""
+
+    def on_lifecycle(self, dom: Domain, event: int, detail: int) -> None: ...
+    def on_agent(self, dom: Domain, state: int, reason: int) -> None: ...
+    def on_device_removed(self, dom: Domain, alias: str, failed: bool) -> None: ...
+    def on_monitor(self, dom: Domain, event: str, details: Any) -> None: ...
+    def on_close(self, reason: int) -> None: ...
 
 
 # --- error classification ---------------------------------------------------------------
@@ -153,6 +193,9 @@ class Connection:
         self.uri = resolve_uri(uri)
         self.readonly = readonly
         self._conn: Any = None
+        self._domain_callbacks: list[int] = []
+        self._monitor_callbacks: list[int] = []
+        self._close_registered = False
 
     # lifecycle
 
@@ -168,6 +211,7 @@ class Connection:
         return self
 
     def close(self) -> None:
+        self.unsubscribe()
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -220,6 +264,11 @@ class Connection:
     def list_domains(self) -> list[Domain]:
         return self.call(lambda: list(self.raw.listAllDomains(0)), context="listing domains")
 
+    def list_running(self) -> list[Domain]:
+        libvirt = libvirt_module()
+        flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+        return self.call(lambda: list(self.raw.listAllDomains(flags)), context="listing domains")
+
     def transient_uuids(self) -> set[str]:
         """UUIDs of transient domains, in one call (``isPersistent`` is one call per domain)."""
         libvirt = libvirt_module()
@@ -267,6 +316,103 @@ class Connection:
         libvirt = libvirt_module()
         flags = libvirt.VIR_DOMAIN_MESSAGE_TAINTING
         return self.call(lambda: list(dom.messages(flags)), context=f"domain '{dom.name()}'")
+
+    # events
+
+    def subscribe(self, sink: EventSink) -> None:
+        """Register every callback virthotplug needs on this connection, all domains.
+
+        Registrations belong to one connection: after a reconnect, call this again on the
+        new one. Needs ``ensure_event_loop()`` before ``open()``.
+        """
+        libvirt = libvirt_module()
+        conn = self.raw
+        domain_events: list[tuple[int, Callable[..., None]]] = [
+            (
+                libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                lambda _c, dom, event, detail, _o: sink.on_lifecycle(dom, event, detail),
+            ),
+            (
+                libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE,
+                lambda _c, dom, state, reason, _o: sink.on_agent(dom, state, reason),
+            ),
+            (
+                libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+                lambda _c, dom, alias, _o: sink.on_device_removed(dom, alias, False),
+            ),
+            (
+                libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED,
+                lambda _c, dom, alias, _o: sink.on_device_removed(dom, alias, True),
+            ),
+        ]
+        for event_id, callback in domain_events:
+            register = functools.partial(
+                conn.domainEventRegisterAny, None, event_id, callback, None
+            )
+            callback_id = self.call(register, context="registering domain events")
+            self._domain_callbacks.append(callback_id)
+        self._subscribe_monitor(sink)
+        self.call(
+            lambda: conn.registerCloseCallback(lambda _c, reason, _o: sink.on_close(reason), None),
+            context="registering the close callback",
+        )
+        self._close_registered = True
+        self.call(
+            lambda: conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT),
+            context="enabling keepalive",
+        )
+
+    def _subscribe_monitor(self, sink: EventSink) -> None:
+        # QEMU monitor event passthrough: read-write connection needed; it does not taint
+        # the domain (qemuMonitorCommand would).
+        import libvirt_qemu
+
+        def forward(
+            _c: Any, dom: Domain, event: str, _s: int, _us: int, details: Any, _o: Any
+        ) -> None:
+            sink.on_monitor(dom, event, details)
+
+        for name in MONITOR_EVENTS:
+            register = functools.partial(
+                libvirt_qemu.qemuMonitorEventRegister, self.raw, None, name, forward, None, 0
+            )
+            callback_id = self.call(register, context=f"registering QEMU monitor event {name}")
+            self._monitor_callbacks.append(callback_id)
+
+    def unsubscribe(self) -> None:
+        """Drop every registration; errors are ignored (the connection may be dead)."""
+        conn = self._conn
+        if conn is None:
+            return
+        steps: list[Callable[[], Any]] = [
+            functools.partial(conn.domainEventDeregisterAny, i) for i in self._domain_callbacks
+        ]
+        if self._monitor_callbacks:
+            import libvirt_qemu
+
+            steps += [
+                functools.partial(libvirt_qemu.qemuMonitorEventDeregister, conn, i)
+                for i in self._monitor_callbacks
+            ]
+        if self._close_registered:
+            steps.append(conn.unregisterCloseCallback)
+        self._domain_callbacks, self._monitor_callbacks = [], []
+        self._close_registered = False
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:
+                log.debug("%s: deregistering: %s", self.uri, exc)
+
+    def is_alive(self) -> bool:
+        conn = self._conn
+        try:
+            return conn is not None and conn.isAlive() == 1
+        except Exception:
+            return False
+
+    def domain_by_uuid(self, uuid: str) -> Domain:
+        return self.call(lambda: self.raw.lookupByUUIDString(uuid), context=f"domain {uuid}")
 
 
 def _last_error(libvirt: Any, context: str) -> errors.VirtHotplugError:
