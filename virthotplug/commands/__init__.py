@@ -5,6 +5,6 @@ light.
 
 from __future__ import annotations
 
-from virthotplug.commands import check, status
+from virthotplug.commands import check, status, watch
 
-COMMANDS = (status, check)
+COMMANDS = (status, check, watch)
