@@ -126,7 +126,8 @@ def parse_policy_element(text: str, *, domain: str) -> dict[str, str]:
     """Parse our metadata element as returned by ``virDomainGetMetadata``."""
     ctx = _Ctx(f"domain '{domain}' metadata")
     root = _parse_root(text, ctx)
-    if root.tag != f"{{{NAMESPACE}}}{METADATA_ELEMENT}":
+    # virDomainGetMetadata returns the element without its namespace prefix.
+    if root.tag not in (f"{{{NAMESPACE}}}{METADATA_ELEMENT}", METADATA_ELEMENT):
         raise ctx.error(f"unexpected element <{root.tag}>")
     return _attributes(root)
 
