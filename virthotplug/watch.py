@@ -47,6 +47,15 @@ MAIN_LOOP_WAKEUP = 0.25  # bounds how long a stop request or a due job waits
 SHUTDOWN_GRACE = 1.5  # SIGTERM to exit stays under 2 s even with a slow daemon
 
 
+class EventSource(Protocol):
+    """An extra producer of events (e.g. the hook socket): started with the daemon's
+    enqueue function, closed on shutdown. It must only enqueue, never block the caller.
+    """
+
+    def start(self, enqueue: Callable[[Event], None]) -> None: ...
+    def close(self) -> None: ...
+
+
 class Settings(Protocol):
     """The daemon settings it reads (``config.WatchSettings``)."""
 
@@ -229,6 +238,7 @@ class Watch:
         eventlog: EventLog,
         *,
         reload: Optional[Callable[[], Settings]] = None,
+        sources: Sequence[EventSource] = (),
     ) -> None:
         self.settings = settings
         self._reconcile_fn = reconcile_fn
@@ -242,6 +252,7 @@ class Watch:
         }
         self.stats = WatchStats()
         self._workers: Optional[_Workers] = None
+        self._sources = list(sources)
 
     # control (signal handlers and tests call these)
 
@@ -268,6 +279,8 @@ class Watch:
         self._workers = _Workers(self.settings.workers, self._run_job)
         for session in self.sessions.values():
             session.start()
+        for source in self._sources:
+            source.start(self._queue.put)
         next_tick = time.monotonic() + self.settings.resync_interval
         while not self._stop.is_set():
             self._drain(self._wait_time(next_tick))
@@ -436,6 +449,8 @@ class Watch:
         return outcome.retry_after
 
     def _shutdown(self) -> None:
+        for source in self._sources:
+            source.close()
         deadline = time.monotonic() + SHUTDOWN_GRACE
         for session in self.sessions.values():
             session.join(max(0.0, deadline - time.monotonic()))
