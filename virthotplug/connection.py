@@ -466,54 +466,6 @@ def _affect_flags(libvirt: Any, *, live: bool, config: bool) -> int:
     return int(live_flag | (libvirt.VIR_DOMAIN_AFFECT_CONFIG if config else 0))
 
 
-    # metadata and writes
-
-    def metadata(self, dom: Domain, namespace: str, *, live: bool) -> Optional[str]:
-        """An element of the live (or persistent) definition's metadata; None when absent."""
-        libvirt = libvirt_module()
-        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE if live else libvirt.VIR_DOMAIN_AFFECT_CONFIG
-        kind = libvirt.VIR_DOMAIN_METADATA_ELEMENT
-        try:
-            return str(dom.metadata(kind, namespace, flags))
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == getattr(libvirt, "VIR_ERR_NO_DOMAIN_METADATA", 80):
-                return None
-            raise classify(exc, context=f"domain '{dom.name()}' metadata") from None
-
-    def set_metadata(
-        self, dom: Domain, xml: Optional[str], key: str, namespace: str, *, live: bool, config: bool
-    ) -> None:
-        """Write a metadata element, or remove it when ``xml`` is None."""
-        libvirt = libvirt_module()
-        flags = _affect_flags(libvirt, live=live, config=config)
-        kind = libvirt.VIR_DOMAIN_METADATA_ELEMENT
-        self.call(
-            lambda: dom.setMetadata(kind, xml, key if xml else None, namespace, flags),
-            context=f"domain '{dom.name()}' metadata",
-        )
-
-    def set_guest_vcpus(self, dom: Domain, cpulist: str, online: bool) -> None:
-        """Online or offline guest CPUs through the agent (first-class API: no taint).
-
-        A failure may follow a partial success: re-read the guest afterwards.
-        """
-        self.call(
-            lambda: dom.setGuestVcpus(cpulist, 1 if online else 0, 0),
-            context=f"domain '{dom.name()}'",
-        )
-
-    def set_vcpus(self, dom: Domain, count: int, *, live: bool, config: bool) -> None:
-        """Hot-plug or unplug vCPUs (live) and/or change the persistent count (config)."""
-        libvirt = libvirt_module()
-        flags = _affect_flags(libvirt, live=live, config=config)
-        self.call(lambda: dom.setVcpusFlags(count, flags), context=f"domain '{dom.name()}'")
-
-
-def _affect_flags(libvirt: Any, *, live: bool, config: bool) -> int:
-    live_flag = libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0
-    return int(live_flag | (libvirt.VIR_DOMAIN_AFFECT_CONFIG if config else 0))
-
-
 def _last_error(libvirt: Any, context: str) -> errors.VirtHotplugError:
     """Build the exception from the thread's last libvirt error (read in the same thread)."""
     last = libvirt.virGetLastError()
