@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $LIBVIRT_DEFAULT_URI, else qemu:///system)",
     )
     parser.add_argument("-r", "--readonly", action="store_true", help="open a read-only connection")
+    parser.add_argument(
+        "--config-file",
+        metavar="PATH",
+        help="host configuration file (default: /etc/virthotplug/virthotplug.conf, "
+        "ignored when absent)",
+    )
     parser.add_argument("-d", "--debug", action="store_true", help="debug output, tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="only print errors")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

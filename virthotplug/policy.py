@@ -229,7 +229,7 @@ def decide(view: VcpuView, policy: Policy) -> Plan:
 
 
 def _no_guest_note(view: VcpuView) -> str:
-    if not view.active:
+    if view.state != "running":
         return f"no guest layer: domain is {view.state}"
     detail = f" ({view.agent.error})" if view.agent.error else ""
     return f"no guest layer: guest agent {view.agent.state}{detail}"

@@ -5,6 +5,6 @@ light.
 
 from __future__ import annotations
 
-from virthotplug.commands import check, status, watch
+from virthotplug.commands import apply, check, policy, setvcpus, status, watch
 
-COMMANDS = (status, check, watch)
+COMMANDS = (status, check, watch, policy, apply, setvcpus)
