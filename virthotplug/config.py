@@ -49,7 +49,7 @@ class WatchSettings:
     resync_interval: float = 60.0  # seconds between full resyncs (the safety net)
     agent_timeout: float = 5.0  # longest wait on one guest-agent call
     workers: int = 8  # reconciles running at once, across domains
-    hotadd_settle: float = 0.5  # seconds after an OST insert event before judging
+    hotadd_settle: float = 0.1  # after an OST insert; the CPU is in sysfs by then
     hook_socket: str = "/run/virthotplug/hook.sock"
     strict_agent: bool = False  # treat a missing/unreachable agent as an error
 

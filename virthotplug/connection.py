@@ -172,7 +172,10 @@ def _open_error(exc: Exception, uri: str) -> errors.VirtHotplugError:
     bad_uri = domain == getattr(libvirt, "VIR_FROM_URI", -1) or "uri" in err.message.lower()
     if isinstance(err, (errors.PermissionDeniedError, errors.InvalidURIError)):
         return err
-    if bad_uri or isinstance(err, errors.MalformedXMLError):
+    # At open() the URI (and the node file it may name) is the only argument: a refused
+    # argument or definition means the URI is unusable, not that the daemon is down.
+    unusable = (errors.MalformedXMLError, errors.InvalidRequestError, errors.UnsupportedError)
+    if bad_uri or isinstance(err, unusable):
         return errors.InvalidURIError(err.message, code=err.code)
     if isinstance(err, errors.ConnectError):
         return errors.ConnectError(f"{err.message} (is libvirtd running?)", code=err.code)
@@ -357,10 +360,13 @@ class Connection:
             context="registering the close callback",
         )
         self._close_registered = True
-        self.call(
-            lambda: conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT),
-            context="enabling keepalive",
-        )
+        try:
+            self.call(
+                lambda: conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT),
+                context="enabling keepalive",
+            )
+        except errors.UnsupportedError:  # in-process drivers have no daemon to lose
+            log.debug("%s: no keepalive on this connection", self.uri)
 
     def _subscribe_monitor(self, sink: EventSink) -> None:
         # QEMU monitor event passthrough: read-write connection needed; it does not taint

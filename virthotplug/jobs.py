@@ -1,18 +1,33 @@
-"""One daemon job: reconcile one domain and describe the outcome for the event log."""
+"""One daemon job: reconcile one domain under its policy and describe the outcome.
+
+Grace: after a hot-add, a policy may give the guest ``grace`` seconds to online the new CPU
+itself (its own udev rule). The job does not sleep for it; it asks the scheduler to come
+back when the grace period ends, and the reconcile then reports "onlined-by-guest" when the
+guest won. Hot-added vCPU ids from OST events are taken as guest CPU ids: they agree while
+vCPUs are added in order, which is how libvirt hot-adds them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
-from virthotplug.collect import read_view
 from virthotplug.config import HostConfig, WatchSettings
 from virthotplug.connection import Connection, Domain
 from virthotplug.cpulist import format_cpulist
 from virthotplug.eventlog import iso_time
+from virthotplug.policysource import effective_policy
+from virthotplug.reconcile import ReconcileResult, reconcile
 from virthotplug.schedule import Job
-from virthotplug.view import VcpuView, to_dict
+from virthotplug.view import to_dict
 from virthotplug.watch import Outcome
+
+ACTING_MODES = ("online", "match")
+# After a hot-add the guest lists the new CPU a moment after OST; look again this often, for
+# at most this long after the event, before leaving it to the periodic resync.
+NOT_YET_SEEN_RETRY = 0.1
+NOT_YET_SEEN_LIMIT = 5.0
 
 
 class JobRunner:
@@ -26,40 +41,112 @@ class JobRunner:
         self.config, self.settings = config, settings
 
     def run(self, conn: Connection, dom: Domain, job: Job) -> Outcome:
-        view = read_view(conn, dom, agent_timeout=self.settings.agent_timeout)
-        return _report_outcome(job, view)
+        config = self.config
+        if job.hotadded:
+            wait = self._grace_left(conn, dom, job, config)
+            if wait > 0:
+                return _deferred(job, dom, wait)
+        result = reconcile(
+            conn,
+            dom,
+            config,
+            trigger="+".join(job.reasons),
+            hotadded=frozenset(job.hotadded),
+            agent_timeout=self.settings.agent_timeout,
+        )
+        outcome = _outcome(job, result)
+        if _hotadd_not_seen_yet(job, result):
+            return dataclasses.replace(outcome, retry_after=NOT_YET_SEEN_RETRY)
+        return outcome
+
+    @staticmethod
+    def _grace_left(conn: Connection, dom: Domain, job: Job, config: HostConfig) -> float:
+        policy = effective_policy(conn, dom, config).policy
+        if policy.mode not in ACTING_MODES:
+            return 0.0
+        return policy.grace - (time.monotonic() - job.first_request)
 
 
-def _report_outcome(job: Job, view: VcpuView) -> Outcome:
-    guest = view.guest
-    summary = "guest layer unknown"
-    if guest is not None:
-        summary = f"guest online {format_cpulist(guest.online) or '-'}"
-        if guest.offline:
-            summary += f", offline {format_cpulist(guest.offline)}"
-    codes = ",".join(f.code for f in view.findings) or "no findings"
-    line = f"domain '{view.name}': reconciled ({'+'.join(job.reasons)}): {summary}; {codes}"
-    return Outcome(record=_record(job, view, action="none", outcome="reported"), line=line)
+def _hotadd_not_seen_yet(job: Job, result: ReconcileResult) -> bool:
+    guest = (result.after or result.before).guest
+    if guest is None or not result.policy.policy.acts:
+        return False
+    waited = time.monotonic() - job.first_request
+    return bool(job.hotadded - guest.present) and waited < NOT_YET_SEEN_LIMIT
 
 
-def _record(job: Job, view: VcpuView, *, action: str, outcome: str) -> dict[str, Any]:
-    data = to_dict(view)
-    return {
+def _deferred(job: Job, dom: Domain, wait: float) -> Outcome:
+    cpus = format_cpulist(job.hotadded)
+    line = f"domain '{dom.name()}': grace period: CPU {cpus} left to the guest for {wait:.1f} s"
+    record = {
         "time": iso_time(time.time()),
-        "host": view.host,
-        "domain": view.name,
-        "uuid": view.uuid,
+        "host": job.ref.host,
+        "domain": job.ref.name,
+        "uuid": job.ref.uuid,
+        "event": "reconcile",
+        "details": {"trigger": list(job.reasons), "hotadded": sorted(job.hotadded)},
+        "findings": [],
+        "action": "wait",
+        "outcome": "deferred",
+    }
+    return Outcome(record=record, line=line, retry_after=wait)
+
+
+def _outcome(job: Job, result: ReconcileResult) -> Outcome:
+    view = result.after or result.before
+    since = time.monotonic() - job.first_request
+    codes = [o.code for o in result.outcomes]
+    data = to_dict(view)
+    record: dict[str, Any] = {
+        "time": iso_time(time.time()),
+        "host": result.host,
+        "domain": result.name,
+        "uuid": result.uuid,
         "event": "reconcile",
         "details": {
             "trigger": list(job.reasons),
             "coalesced": job.coalesced,
             "hotadded": sorted(job.hotadded),
-            "since_first_event": round(time.monotonic() - job.first_request, 3),
+            "since_first_event": round(since, 3),
+            "policy": result.policy.to_dict(),
+            "plan": result.plan.to_dict(),
+            "outcomes": [o.to_dict() for o in result.outcomes],
             "live": data["live"],
             "guest": data["guest"],
             "agent": data["agent"],
         },
         "findings": data["findings"],
-        "action": action,
-        "outcome": outcome,
+        "action": _action(result),
+        "outcome": ",".join(codes) or "unchanged",
     }
+    return Outcome(record=record, line=_line(result, since), failed=result.failed)
+
+
+def _action(result: ReconcileResult) -> str:
+    plan = result.plan
+    parts = []
+    if plan.online:
+        parts.append(f"online {format_cpulist(plan.online)}")
+    if plan.offline:
+        parts.append(f"offline {format_cpulist(plan.offline)}")
+    return ", ".join(parts) or "none"
+
+
+def _line(result: ReconcileResult, since: float) -> str:
+    view = result.after or result.before
+    guest = view.guest
+    state = "guest layer unknown"
+    if guest is not None:
+        state = f"guest online {format_cpulist(guest.online) or '-'}"
+        if guest.offline:
+            state += f", offline {format_cpulist(guest.offline)}"
+    done = "; ".join(
+        f"{o.code} {format_cpulist(o.cpus)}".rstrip() + (f" ({o.reason})" if o.reason else "")
+        for o in result.outcomes
+    )
+    mode = result.policy.policy.mode
+    findings = ",".join(f.code for f in view.findings) or "no findings"
+    return (
+        f"domain '{result.name}': policy {mode}: {done or 'nothing to do'}; {state}; "
+        f"{findings} [{result.trigger}, {since:.2f} s after the first event]"
+    )

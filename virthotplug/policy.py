@@ -47,7 +47,9 @@ _SECONDS = re.compile(r"(?:0|[1-9][0-9]{0,4})(?:\.[0-9]{1,3})?")
 class Policy:
     mode: str = MODE_REPORT
     count: Optional[int] = None  # match only; None: the live vCPU count
-    grace: float = 1.0  # the lab's auto-online rule wins within 0.3-0.55 s
+    # Act as soon as the CPU is seen. Setting it (e.g. 1.0: a distro udev rule wins within
+    # 0.3-0.55 s) lets a guest's own rule go first and be reported as onlined-by-guest.
+    grace: float = 0.0
     exclude: frozenset[int] = frozenset()
     retries: int = 3
 

@@ -40,7 +40,7 @@ def register(subparsers: Any) -> None:
         "--hotadd-settle",
         type=positive_float,
         metavar="SECONDS",
-        help="wait after a hot-add event before judging the guest (default: 0.5)",
+        help="wait after a hot-add event before judging the guest (default: 0.1)",
     )
     parser.set_defaults(run=run)
 
