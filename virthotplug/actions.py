@@ -52,6 +52,9 @@ RETRYABLE = (errors.TransientError, errors.AgentUnavailableError)
 # Errors that are about the host, not this domain: the caller must see them.
 _HOST_ERRORS = (errors.ConnectError, errors.PermissionDeniedError)
 MAX_RETRY_SECONDS = 30.0
+# Backoff between retries: a random wait up to an exponentially growing bound (from
+# RETRY_INITIAL to RETRY_MAX seconds), so many domains do not retry in lockstep.
+RETRY_INITIAL, RETRY_MAX = 0.2, 5.0
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ class _Writer:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(retries + 1)
             | tenacity.stop_after_delay(MAX_RETRY_SECONDS),
-            wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.3),
+            wait=tenacity.wait_random_exponential(multiplier=RETRY_INITIAL, max=RETRY_MAX),
             retry=tenacity.retry_if_exception_type(RETRYABLE),
             reraise=True,
             before_sleep=tenacity.before_sleep_log(log, logging.WARNING),

@@ -111,15 +111,21 @@ def _preflight(conn: Connection, dom: Domain, view: VcpuView, request: Request) 
             f"domain '{view.name}': {request.count} vCPUs requested, the maximum is "
             f"{view.live.maximum} (raise <vcpu> in the persistent definition and restart)"
         )
-    stale = [f for f in view.findings if f.code == GUEST_MISSING_VCPUS]
-    if stale and not request.force:
+    if _stale_unplug(view) and not request.force:
+        present = len(view.guest.present) if view.guest is not None else 0
         raise errors.UnsupportedError(
-            f"domain '{view.name}': refusing to change vCPUs: {stale[0].message}. On QEMU 7.2 "
-            "a hot-add of a vCPU whose unplug libvirt gave up on crashes QEMU. Restart the "
-            "domain (shut down, then start) to resync; --force overrides this check"
+            f"domain '{view.name}': refusing to change vCPUs: libvirt counts "
+            f"{view.live.current} live vCPUs but the guest has only {present}, so an unplug "
+            "libvirt gave up on has completed in the guest. On QEMU 7.2 a hot-add in this "
+            "state crashes QEMU. Restart the domain (shut down, then start) to resync; "
+            "--force skips this check"
         )
     if request.count > view.live.current:
         _check_hotpluggable(conn, dom, view, request.count - view.live.current)
+
+
+def _stale_unplug(view: VcpuView) -> bool:
+    return any(f.code == GUEST_MISSING_VCPUS for f in view.findings)
 
 
 def _check_hotpluggable(conn: Connection, dom: Domain, view: VcpuView, needed: int) -> None:

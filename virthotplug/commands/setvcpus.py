@@ -128,8 +128,15 @@ def _print(result: Any, log: Optional[Any], started: float, as_json: bool) -> No
         print(f"  {key}: {seconds:.3f} s")
     if result.reconcile is not None:
         print("\n".join("  " + line for line in describe(result.reconcile)[1:]))
-    for check in result.checks:
-        mark = "ok" if check.ok else "NOT REACHED"
-        print(f"  {check.layer:<14} {check.now:<16} target {check.target:<10} {mark}")
+    _print_checks(result.checks)
     for note in result.notes:
         print(f"  note: {note}")
+
+
+def _print_checks(checks: Any) -> None:
+    rows = [("layer", "now", "target", "")]
+    rows += [(c.layer, c.now, c.target, "ok" if c.ok else "NOT REACHED") for c in checks]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        print(f"  {'  '.join(cells)}  {row[3]}".rstrip())
