@@ -81,7 +81,7 @@ def _report_failure(args: argparse.Namespace, message: str, status: int) -> int:
     plugin_status = getattr(args, "plugin_unknown_status", None)
     if plugin_status is not None:
         # Monitoring plugins report every failure as UNKNOWN, on stdout.
-        print(f"VIRTHOTPLUG UNKNOWN - {message}")
+        print(f"VIRTHOTPLUG UNKNOWN - {message.replace('|', '/')}")  # '|' starts perfdata
         return int(plugin_status)
     print(f"virthotplug: error: {message}", file=sys.stderr)
     return status

@@ -115,8 +115,10 @@ def parse_domain_xml(text: str | bytes, *, domain: str = "") -> DomainXML:
 
 
 def policy_element(attributes: Mapping[str, str]) -> str:
-    """Serialize our metadata element, as ``virDomainSetMetadata`` expects it."""
-    elem = etree.Element(f"{{{NAMESPACE}}}{METADATA_ELEMENT}", nsmap={METADATA_KEY: NAMESPACE})
+    """Serialize our metadata element, as ``virDomainSetMetadata`` expects it: unqualified
+    (libvirt adds the namespace under ``METADATA_KEY`` and refuses an element that already
+    declares that prefix: "failed to create a new XML namespace")."""
+    elem = etree.Element(METADATA_ELEMENT)
     for key in sorted(attributes):
         elem.set(key, attributes[key])
     return etree.tostring(elem, encoding="unicode")
@@ -156,9 +158,13 @@ def _int(value: Optional[str], what: str, ctx: _Ctx, *, minimum: int = 0) -> int
     if value is None:
         raise ctx.error(f"missing {what}")
     text = value.strip()
-    if not text.isascii() or not text.isdigit() or len(text) > 9:
+    # libvirt stores these as (unsigned) int: 10-digit values such as order='2147483647'
+    # are valid domain XML.
+    if not text.isascii() or not text.isdigit() or len(text) > 10:
         raise ctx.error(f"{what} is not a non-negative integer: {text[:20]!r}")
     number = int(text)
+    if number > 0xFFFFFFFF:
+        raise ctx.error(f"{what} is out of range: {number}")
     if number < minimum:
         raise ctx.error(f"{what} must be at least {minimum}, got {number}")
     return number

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from virthotplug.cpulist import CpulistError, format_cpulist, parse_cpulist
+from virthotplug.cpulist import MAX_CPU_ID, CpulistError, format_cpulist, parse_cpulist
 from virthotplug.domxml import VcpuEntry
 from virthotplug.errors import GuestDataError
 
@@ -144,7 +144,8 @@ def _guest_cpulist(
     if not isinstance(value, str):
         raise GuestDataError(f"domain '{domain}': guest agent reply has no cpulist '{key}'")
     try:
-        return parse_cpulist(value, max_id=max(maximum - 1, 0))
+        # Capped: a huge maximum must not let the guest make us build a huge set.
+        return parse_cpulist(value, max_id=min(max(maximum - 1, 0), MAX_CPU_ID))
     except CpulistError as exc:
         raise GuestDataError(f"domain '{domain}': guest agent '{key}': {exc}") from None
 

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     result = collect.read_hosts(
         uris(args), selected_names(args), readonly=args.readonly, agent_timeout=args.agent_timeout
     )
-    failures = [f"{e.host} {e.name}: {e.error}".replace("  ", " ") for e in result.errors]
+    failures = [f"{e.host} {e.name}".strip() + f": {e.error}" for e in result.errors]
     status = report.check_status(result.views, len(failures))
     print(report.check_line(result.views, failures, status))
     return status

@@ -1,0 +1,126 @@
+"""``virthotplug check``: the monitoring-plugin form, against libvirt's test driver."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from tdriver import MIXED, node_uri, run_cli, run_module
+
+from virthotplug.report import CHECK_OK, CHECK_UNKNOWN, CHECK_WARNING
+
+PLUGIN_LINE = re.compile(
+    r"^VIRTHOTPLUG (?P<status>OK|WARNING|CRITICAL|UNKNOWN) - (?P<summary>[^|\n]+) \| "
+    r"domains=(?P<domains>\d+) warning=(?P<warning>\d+) critical=(?P<critical>\d+) "
+    r"unknown=(?P<unknown>\d+)\n$"
+)
+
+
+def plugin_line(out: str) -> dict[str, str]:
+    match = PLUGIN_LINE.match(out)
+    assert match, out
+    return match.groupdict()
+
+
+def test_check_all_warns_about_growable_domains_without_agent(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    result = run_cli(capsys, "-c", MIXED, "check", "--all")
+    assert result.status == CHECK_WARNING
+    assert result.err == ""
+    line = plugin_line(result.out)
+    assert line["status"] == "WARNING"
+    assert (line["domains"], line["warning"], line["critical"], line["unknown"]) == (
+        "6",
+        "2",
+        "0",
+        "0",
+    )
+    assert line["summary"].startswith("growable-noagent: agent-not-configured (no guest agent")
+    assert "; bad-metadata: agent-not-configured (" in line["summary"]
+    # Info-only domains are not named.
+    for quiet in ("hotplug-agent", "fixed-noagent", "stopped-big", "paused-agent"):
+        assert quiet not in line["summary"]
+
+
+def test_check_ok(capsys: pytest.CaptureFixture[str]) -> None:
+    names = ["fixed-noagent", "hotplug-agent", "stopped-big", "paused-agent"]
+    result = run_cli(capsys, "-c", MIXED, "check", *names)
+    assert result.status == CHECK_OK
+    assert result.out == (
+        "VIRTHOTPLUG OK - 4 domains, vCPUs consistent | domains=4 warning=0 critical=0 unknown=0\n"
+    )
+
+
+def test_check_one_warning_domain_by_id(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(capsys, "-c", MIXED, "check", "3")
+    assert result.status == CHECK_WARNING
+    assert plugin_line(result.out)["summary"].startswith("growable-noagent: ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "start"),
+    [
+        (["-c", MIXED, "check", "nosuch"], "failed to get domain 'nosuch': no such domain"),
+        (["-c", "bogus:///x", "check", "--all"], "cannot connect to 'bogus:///x': "),
+        (["-c", MIXED, "-r", "check", "hotplug-agent"], "domain 'hotplug-agent': operation"),
+        (["-c", MIXED, "check"], "no domain given"),
+    ],
+)
+def test_check_errors_are_unknown_on_stdout(
+    argv: list[str], start: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_cli(capsys, *argv)
+    assert result.status == CHECK_UNKNOWN
+    assert result.err == ""
+    assert result.out.startswith(f"VIRTHOTPLUG UNKNOWN - {start}")
+    assert result.out.count("\n") == 1
+
+
+def test_check_unreachable_host_among_several(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    down = f"qemu+unix:///system?socket={tmp_path / 'nonexistent' / 'sock'}"
+    result = run_cli(capsys, "-c", MIXED, "-c", down, "check", "--all")
+    assert result.status == CHECK_UNKNOWN
+    line = plugin_line(result.out)
+    assert line["status"] == "UNKNOWN"
+    assert (line["domains"], line["warning"], line["unknown"]) == ("6", "2", "1")
+    # The failure names the host, then the error; no stray space for the missing domain.
+    assert f"; {down}: cannot connect to '{down}': " in line["summary"]
+    assert " : " not in line["summary"]
+
+
+def test_check_domain_the_model_refuses_is_unknown(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "huge.xml"
+    padding = "x" * (9 * 1024 * 1024)
+    path.write_text(
+        '<node><domain type="test"><name>huge</name>'
+        f'<metadata><note xmlns="http://example.org/note">{padding}</note></metadata>'
+        '<memory unit="MiB">256</memory><vcpu>2</vcpu>'
+        '<os><type arch="x86_64">hvm</type></os></domain></node>',
+        encoding="utf-8",
+    )
+    uri = node_uri(path)
+    result = run_cli(capsys, "-c", uri, "check", "--all")
+    assert result.status == CHECK_UNKNOWN
+    line = plugin_line(result.out)
+    assert line["summary"].startswith(f"{uri} huge: domain 'huge': malformed domain XML: ")
+    assert (line["domains"], line["unknown"]) == ("0", "1")
+
+
+def test_check_output_never_has_a_second_pipe(capsys: pytest.CaptureFixture[str]) -> None:
+    # Whatever lands in the text (here a domain name the user typed), '|' starts perfdata.
+    result = run_cli(capsys, "-c", MIXED, "check", "web|1")
+    assert result.status == CHECK_UNKNOWN
+    assert result.out.count("|") == 0
+
+
+def test_python_m_check() -> None:
+    result = run_module("-c", MIXED, "check", "--all")
+    assert result.status == CHECK_WARNING
+    assert result.err == ""
+    assert plugin_line(result.out)["status"] == "WARNING"

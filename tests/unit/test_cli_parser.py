@@ -1,0 +1,151 @@
+"""Tests for the command-line parser and the usage errors ``cli.main`` reports.
+
+Nothing here opens a libvirt connection: usage errors are found before any is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from virthotplug import __version__, cli
+from virthotplug.commands.common import DEFAULT_AGENT_TIMEOUT
+from virthotplug.errors import EXIT_USAGE
+from virthotplug.report import CHECK_UNKNOWN
+
+# A URI that would fail loudly if anything tried to connect.
+NOWHERE = "bogus:///never-opened"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """``cli.main`` installs its own root handler; put the previous ones back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def parse(*argv: str) -> object:
+    return cli.build_parser().parse_args(list(argv))
+
+
+def test_connect_is_repeatable_and_keeps_order() -> None:
+    args = parse("-c", "qemu:///system", "--connect", "qemu+ssh://h2/system", "status", "--all")
+    assert args.uris == ["qemu:///system", "qemu+ssh://h2/system"]  # type: ignore[attr-defined]
+
+
+def test_defaults() -> None:
+    args = parse("status", "web1")
+    assert args.uris is None  # type: ignore[attr-defined]
+    assert args.readonly is False  # type: ignore[attr-defined]
+    assert args.debug is False  # type: ignore[attr-defined]
+    assert args.quiet is False  # type: ignore[attr-defined]
+    assert args.all is False  # type: ignore[attr-defined]
+    assert args.json is False  # type: ignore[attr-defined]
+    assert args.domains == ["web1"]  # type: ignore[attr-defined]
+    assert args.agent_timeout == DEFAULT_AGENT_TIMEOUT  # type: ignore[attr-defined]
+
+
+def test_short_global_options() -> None:
+    args = parse("-r", "-d", "-q", "check", "--all", "--agent-timeout", "0.5")
+    assert args.readonly and args.debug and args.quiet  # type: ignore[attr-defined]
+    assert args.agent_timeout == 0.5  # type: ignore[attr-defined]
+
+
+def test_several_domains() -> None:
+    args = parse("status", "web1", "3", "3b3c0e4f-8a6e-4d9a-9f0e-1d4a5c6b7e01")
+    assert args.domains == ["web1", "3", "3b3c0e4f-8a6e-4d9a-9f0e-1d4a5c6b7e01"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],  # no command
+        ["frobnicate"],
+        ["status", "--bogus"],
+        ["--bogus", "status", "--all"],
+        ["-c"],  # -c needs a URI
+        ["status", "--all", "--agent-timeout", "0"],
+        ["status", "--all", "--agent-timeout", "-1"],
+        ["status", "--all", "--agent-timeout", "3601"],
+        ["status", "--all", "--agent-timeout", "nan"],
+        ["status", "--all", "--agent-timeout", "soon"],
+        ["check", "--all", "--json"],  # --json belongs to status only
+    ],
+)
+def test_argparse_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv if argv[:1] == ["-c"] else ["-c", NOWHERE, *argv])
+    assert info.value.code == EXIT_USAGE == 2
+    err = capsys.readouterr().err
+    assert "usage: virthotplug" in err
+    assert "Traceback" not in err
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "status" in out and "check" in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"virthotplug {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["status", "--all", "web1"], "give domain names or --all, not both"),
+        (["status"], "no domain given (name one or more, or use --all)"),
+        (["status", "--json"], "no domain given (name one or more, or use --all)"),
+    ],
+)
+def test_selection_errors_exit_2_before_connecting(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["-c", NOWHERE, *argv]) == EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"virthotplug: error: {message}\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["check", "--all", "web1"], "give domain names or --all, not both"),
+        (["check"], "no domain given (name one or more, or use --all)"),
+    ],
+)
+def test_check_reports_selection_errors_as_unknown(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["-c", NOWHERE, *argv]) == CHECK_UNKNOWN
+    captured = capsys.readouterr()
+    assert captured.out == f"VIRTHOTPLUG UNKNOWN - {message}\n"
+    assert captured.err == ""
+
+
+def test_pure_modules_do_not_import_libvirt() -> None:
+    # Start-up stays light, and the pure tier never needs libvirt.
+    code = (
+        "import sys\n"
+        "import virthotplug.cli, virthotplug.domxml, virthotplug.view, virthotplug.drift\n"
+        "import virthotplug.report, virthotplug.workpool, virthotplug.collect\n"
+        "virthotplug.cli.build_parser()\n"
+        "print('libvirt' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "False"
