@@ -3,9 +3,11 @@
     1 bulk call      state + vCPU stats of every domain (live and hypervisor layers)
     1 call           which domains are transient
     1 per domain     inactive XML (config layer, agent channel, metadata)
-    1 per domain     live XML, only where the driver has no vCPU stats (the test driver)
+    1 per domain     vCPU info, only for active domains where the driver has no vCPU stats
+                     (the test driver); both per-domain reads a few at a time in flight
     1 per domain     guest agent, only for running domains with an agent channel;
-                     in parallel with a bounded pool and a bounded wait each
+                     in parallel with a bounded pool and a bounded wait each; none once
+                     the driver said it has no such API at all
 
 Per-domain failures (bad XML, an agent that hangs or replies garbage) become findings or
 entries in ``ReadResult.errors``; they never stop the other domains from being read.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from virthotplug import errors
 from virthotplug.connection import DOMAIN_STATES, Connection, Domain, Stats
@@ -39,11 +41,14 @@ from virthotplug.view import (
     parse_guest_reply,
 )
 from virthotplug.workpool import CallTimeout, bounded_map
+from virthotplug.workpool import Outcome as CallOutcome
 
 log = logging.getLogger(__name__)
 
 DEFAULT_AGENT_TIMEOUT = 5.0
 DEFAULT_WORKERS = 8
+DEFINITION_WORKERS = 4  # definition reads in flight at once (libvirtd serves 5 per client)
+VIR_ERR_NO_SUPPORT = 3  # virErrorNumber (ABI-stable): the driver lacks the API altogether
 
 
 @dataclass(frozen=True)
@@ -83,13 +88,11 @@ def read_views(
     transient = conn.transient_uuids() if stats else set()
     result = ReadResult()
     raws = []
-    for dom, record in stats:
-        try:
-            raws.append(_read_definitions(conn, dom, record, dom.UUIDString() not in transient))
-        except errors.NoDomainError:
-            continue  # undefined between the listing and now
-        except (errors.ConfigError, errors.UnsupportedError) as exc:
-            result.errors.append(DomainError(conn.uri, dom.name(), str(exc)))
+    for item in _read_all_definitions(conn, stats, transient, min(workers, DEFINITION_WORKERS)):
+        if isinstance(item, DomainError):
+            result.errors.append(item)
+        elif item is not None:
+            raws.append(item)
     result.views = _with_guest_layers(conn, raws, agent_timeout, workers)
     return result
 
@@ -130,6 +133,40 @@ def read_view(conn: Connection, dom: Domain, *, agent_timeout: float) -> VcpuVie
     persistent = conn.call(dom.isPersistent, context=f"domain '{dom.name()}'") == 1
     raw = _read_definitions(conn, dom, record, persistent)
     return _with_guest_layers(conn, [raw], agent_timeout, 1)[0]
+
+
+def _read_all_definitions(
+    conn: Connection, stats: list[tuple[Domain, Stats]], transient: set[str], workers: int
+) -> list[Union[_Raw, DomainError, None]]:
+    """``_read_definitions`` of every domain, in order; a few calls in flight at once.
+
+    libvirt calls on one connection may be in flight concurrently (and the binding releases
+    the GIL while one waits), so a small pool hides most of the per-call round trip. The
+    daemon serves a few requests per client at once (``max_client_requests``, default 5):
+    more threads would only queue there. Per-domain failures come back as ``DomainError``
+    (or None for a domain undefined meanwhile); anything else, such as a lost connection,
+    is raised.
+    """
+
+    def one(item: tuple[Domain, Stats]) -> Union[_Raw, DomainError, None]:
+        dom, record = item
+        try:
+            return _read_definitions(conn, dom, record, dom.UUIDString() not in transient)
+        except errors.NoDomainError:
+            return None  # undefined between the listing and now
+        except (errors.ConfigError, errors.UnsupportedError) as exc:
+            return DomainError(conn.uri, dom.name(), str(exc))
+
+    if workers <= 1 or len(stats) <= 1:
+        return [one(item) for item in stats]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
+        try:
+            return list(pool.map(one, stats))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # e.g. the connection is gone
+            raise
 
 
 def _listing_order(item: tuple[Domain, Stats]) -> tuple[int, int, str]:
@@ -203,9 +240,7 @@ def _with_guest_layers(
 ) -> list[VcpuView]:
     """Query the agent of every running domain that has one, in parallel, then find drift."""
     queried = [r for r in raws if r.view.agent.configured and r.view.state == "running"]
-    outcomes = bounded_map(
-        lambda r: conn.guest_vcpus(r.dom), queried, workers=workers, timeout=timeout
-    )
+    outcomes = _query_agents(conn, queried, workers, timeout)
     agent_views = {}
     for raw, outcome in zip(queried, outcomes):
         error: Optional[BaseException] = outcome.error
@@ -214,6 +249,43 @@ def _with_guest_layers(
         agent_views[raw.view.uuid] = _guest_view(raw, outcome.value, error)
     views = [agent_views.get(r.view.uuid, r.view) for r in raws]
     return [dataclasses.replace(v, findings=find_drift(v)) for v in views]
+
+
+def _query_agents(
+    conn: Connection, queried: list[_Raw], workers: int, timeout: float
+) -> list[CallOutcome[Any]]:
+    """``guest_vcpus`` of every domain in ``queried``, ``workers`` at a time.
+
+    A driver that has no such API at all (the test driver) says so for every domain of the
+    host: the first batch finds out, and the rest are not asked (each ask costs a call and
+    a thread). The price is one batch boundary: a hung agent in the first batch delays the
+    rest by at most one ``timeout``.
+    """
+    no_support: list[str] = []  # the driver's reason, once known
+
+    def query(raw: _Raw) -> Any:
+        try:
+            return conn.guest_vcpus(raw.dom)
+        except errors.UnsupportedError as exc:
+            if exc.code == VIR_ERR_NO_SUPPORT:
+                no_support.append(_without_prefix(str(exc), raw.view.name))
+            raise
+
+    first = max(1, workers)
+    outcomes = bounded_map(query, queried[:first], workers=workers, timeout=timeout)
+    if not no_support:
+        return outcomes + bounded_map(query, queried[first:], workers=workers, timeout=timeout)
+    for raw in queried[first:]:
+        error = errors.UnsupportedError(
+            f"domain '{raw.view.name}': {no_support[0]}", code=VIR_ERR_NO_SUPPORT
+        )
+        outcomes.append(CallOutcome(error=error))
+    return outcomes
+
+
+def _without_prefix(message: str, name: str) -> str:
+    prefix = f"domain '{name}': "
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 def _guest_view(raw: _Raw, reply: Any, error: Optional[BaseException]) -> VcpuView:

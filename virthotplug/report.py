@@ -30,7 +30,20 @@ def status_document(views: Iterable[VcpuView], errors: Iterable[Any]) -> dict[st
 
 
 def status_json(views: Iterable[VcpuView], errors: Iterable[Any]) -> str:
-    return json.dumps(status_document(views, errors), indent=2, sort_keys=False)
+    """The document with one domain (and one error) per line: easy to read and to grep,
+    and fast: ``indent`` would force json's pure-Python encoder, several times slower than
+    the C one at thousands of domains.
+    """
+    document = status_document(views, errors)
+
+    def rows(key: str) -> str:
+        lines = [json.dumps(item) for item in document[key]]
+        return "[\n    " + ",\n    ".join(lines) + "\n  ]" if lines else "[]"
+
+    return (
+        f'{{\n  "version": {json.dumps(document["version"])},\n'
+        f'  "domains": {rows("domains")},\n  "errors": {rows("errors")}\n}}'
+    )
 
 
 def status_table(views: Sequence[VcpuView], *, show_host: bool = False) -> str:
