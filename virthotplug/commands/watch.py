@@ -42,12 +42,20 @@ def register(subparsers: Any) -> None:
         metavar="SECONDS",
         help="wait after a hot-add event before judging the guest (default: 0.1)",
     )
+    parser.add_argument(
+        "--no-hook-socket",
+        action="store_true",
+        help="do not listen for libvirt hook messages on the hook socket "
+        "(default: listen on [watch] hook_socket, /run/virthotplug/hook.sock)",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from virthotplug.config import load_config
+    from virthotplug.connection import resolve_uri
     from virthotplug.eventlog import EventLog, setup_daemon_logging
+    from virthotplug.hookserver import HookServer, local_qemu_uri
     from virthotplug.jobs import JobRunner
     from virthotplug.watch import Watch
 
@@ -72,12 +80,18 @@ def run(args: argparse.Namespace) -> int:
         runner.update(new_config, new_settings)
         return new_settings
 
+    # The hook socket is read at start only; a new hook_socket needs a restart.
+    hosts = [resolve_uri(uri) for uri in uris(args)]
+    sources = []
+    if not args.no_hook_socket:
+        sources.append(HookServer(settings.hook_socket, local_qemu_uri(hosts)))
     watch = Watch(
         uris(args),
         settings,
         runner.run,
         EventLog(sys.stdout if args.json else None),
         reload=reload,
+        sources=sources,
     )
     watch.install_signal_handlers()
     watch.run()
