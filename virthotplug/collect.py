@@ -81,7 +81,7 @@ def read_views(
     workers: int = DEFAULT_WORKERS,
 ) -> ReadResult:
     """Views of the named domains (virsh-style identifiers), or of every domain."""
-    domains = [conn.lookup(name) for name in names] if names else None
+    domains = _unique([conn.lookup(name) for name in names]) if names else None
     stats = conn.bulk_stats(domains)
     if domains is None:
         stats.sort(key=_listing_order)
@@ -167,6 +167,17 @@ def _read_all_definitions(
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)  # e.g. the connection is gone
             raise
+
+
+def _unique(domains: list[Domain]) -> list[Domain]:
+    """Drop repeats (the same domain named by name and by id), keeping the given order."""
+    seen: set[str] = set()
+    unique = []
+    for dom in domains:
+        if dom.UUIDString() not in seen:
+            seen.add(dom.UUIDString())
+            unique.append(dom)
+    return unique
 
 
 def _listing_order(item: tuple[Domain, Stats]) -> tuple[int, int, str]:

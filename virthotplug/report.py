@@ -96,7 +96,8 @@ def check_line(views: Sequence[VcpuView], failures: Sequence[str], status: int) 
     if len(bad) > 5:
         parts.append(f"and {len(bad) - 5} more")
     parts.extend(failures[:3])
-    summary = "; ".join(parts) if parts else f"{len(views)} domains, vCPUs consistent"
+    noun = "domain" if len(views) == 1 else "domains"
+    summary = "; ".join(parts) if parts else f"{len(views)} {noun}, vCPUs consistent"
     # '|' starts the perfdata: text the guest influences (agent replies) must not add one.
     summary = summary.replace("|", "/")
     counts = {sev: sum(1 for v in views if v.worst_severity == sev) for sev in (WARNING, CRITICAL)}
