@@ -4,16 +4,27 @@
 #  1. Debian packages (libvirt, QEMU, the guest agent, busybox, build deps of libvirt-python)
 #  2. /dev/kvm permissions (no udev here: without them every define re-probes QEMU for ~64 s)
 #  3. virtlogd and libvirtd, started by hand only when they are not already running
+# and says which accelerator lab guests will use (the same rule as tests/lab/lab.py).
 set -euo pipefail
 
 PACKAGES=(
     libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
     qemu-system-x86 qemu-guest-agent busybox-static
     libvirt-dev pkg-config gcc python3-dev python3-venv
-    mandoc python3-docutils
+    mandoc python3-docutils procps
 )
 
 log() { printf '[host-setup] %s\n' "$*" >&2; }
+
+# KVM only with hardware virtualisation: a /dev/kvm without vmx/svm (a software KVM module)
+# accepts VMs but cannot run a Debian kernel.
+report_accelerator() {
+    if grep -qwE 'vmx|svm' /proc/cpuinfo && [ -e /dev/kvm ]; then
+        log "accelerator: KVM (<domain type='kvm'>)"
+    else
+        log "accelerator: TCG (<domain type='qemu'>): no vmx/svm flag in /proc/cpuinfo"
+    fi
+}
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -32,6 +43,7 @@ fi
 
 if [ "$(id -u)" != 0 ]; then
     log "not root: leaving /dev/kvm and the daemons as they are"
+    report_accelerator
     exit 0
 fi
 
@@ -48,6 +60,7 @@ start_daemon() {  # name
 start_daemon virtlogd
 start_daemon libvirtd
 
+report_accelerator
 for _ in $(seq 1 50); do
     virsh -q -c qemu:///system version >/dev/null 2>&1 && exit 0
     sleep 0.2

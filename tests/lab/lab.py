@@ -25,6 +25,7 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import re
 import secrets
 import signal
@@ -37,11 +38,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, TextIO, TypeVar
 
 import libvirt
 import libvirt_qemu
-from domains import CONTROL_CHANNEL, MANUAL, Behaviour, DomainSpec, domain_xml
+from domains import AGENT_CHANNEL, CONTROL_CHANNEL, MANUAL, Behaviour, DomainSpec, domain_xml
 from guest import GuestImage, ensure_image
 
 log = logging.getLogger("lab")
@@ -51,6 +52,8 @@ DEFAULT_URI = "qemu:///system"
 LOCK_DIR = Path("/run/virthotplug-lab")
 LOG_DIR = Path("/var/log/libvirt/qemu")
 READY_TIMEOUT = 120.0
+# libvirt fails a call to an unsynced hung agent after 5 s (its guest-sync timeout).
+AGENT_CALL_TIMEOUT = 10.0
 POLL = 0.2
 
 
@@ -65,6 +68,37 @@ class AgentCallError(LabError):
         super().__init__(f"{domain}: guest agent call failed ({code}): {message}")
         self.code = code
         self.message = message
+
+
+class AgentTimeout(LabError):
+    """A libvirt call did not return within the lab's bound (it may still be waiting)."""
+
+
+T = TypeVar("T")
+
+
+def bounded(call: Callable[[], T], timeout: float, what: str) -> T:
+    """Run ``call`` in a daemon thread and wait at most ``timeout`` seconds for it.
+
+    A plain thread, not an executor: a call stuck in libvirt must not hold up interpreter
+    exit, and the caller's wait stays interruptible by signals.
+    """
+    outcome: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=1)
+
+    def run() -> None:
+        try:
+            outcome.put((True, call()))
+        except BaseException as exc:  # handed to the caller, who re-raises it
+            outcome.put((False, exc))
+
+    threading.Thread(target=run, name=f"lab-call {what}", daemon=True).start()
+    try:
+        ok, value = outcome.get(timeout=timeout)
+    except queue.Empty:
+        raise AgentTimeout(f"{what} did not return within {timeout:.1f} s") from None
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
 
 
 # ---- host facts ---------------------------------------------------------------------------
@@ -278,7 +312,7 @@ class VMRequest:
     label: str = "vm"
 
 
-@dataclass
+@dataclass(eq=False)
 class LabVM:
     """One lab domain. ``hot_add``/``unplug`` take the new total vCPU count, like libvirt."""
 
@@ -364,11 +398,17 @@ class LabVM:
 
     def _control_socket(self) -> str:
         # libvirt picks the path at start (it names the domain id): read it from the live XML.
+        channel = self._live_channel(CONTROL_CHANNEL)
+        source = channel.find("source") if channel is not None else None
+        if source is None or not source.get("path"):
+            raise LabError(f"{self.name}: no control channel in the live XML")
+        return source.get("path", "")
+
+    def _live_channel(self, name: str) -> ET.Element | None:
         for channel in ET.fromstring(self.dom.XMLDesc(0)).iterfind("devices/channel"):
-            target, source = channel.find("target"), channel.find("source")
-            if target is not None and target.get("name") == CONTROL_CHANNEL and source is not None:
-                return source.get("path", "")
-        raise LabError(f"{self.name}: no control channel in the live XML")
+            if channel.find(f"target[@name='{name}']") is not None:
+                return channel
+        return None
 
     def wait_control(self, timeout: float = READY_TIMEOUT) -> float:
         """Wait until the guest's control loop answers; it needs neither agent nor channel."""
@@ -384,10 +424,26 @@ class LabVM:
 
     def wait_agent(self, timeout: float = READY_TIMEOUT) -> float:
         """Wait until dom.guestVcpus() answers; returns the seconds waited."""
-        return self._poll(timeout, "guest agent", lambda: self.dom.guestVcpus() is not None)
+        return self._poll(timeout, "guest agent", self._agent_answers)
 
-    def guest_vcpus(self) -> GuestVcpus:
-        """The agent's view; raises AgentCallError with libvirt's error when it fails."""
+    def _agent_answers(self) -> bool:
+        try:
+            self.guest_vcpus(timeout=AGENT_CALL_TIMEOUT)
+        except AgentCallError:
+            return False
+        return True
+
+    def guest_vcpus(self, timeout: float = AGENT_CALL_TIMEOUT) -> GuestVcpus:
+        """The agent's view; raises AgentCallError with libvirt's error when it fails.
+
+        The wait is bounded here because libvirt's is not: once libvirt is in sync with the
+        agent it waits for a hung agent forever. On AgentTimeout the call keeps waiting in a
+        daemon thread until the agent answers or the domain goes away.
+        """
+        info = bounded(self._guest_vcpus_now, timeout, f"{self.name}: dom.guestVcpus()")
+        return GuestVcpus.from_libvirt(info)
+
+    def _guest_vcpus_now(self) -> dict[str, str]:
         try:
             # Returns None instead of raising on failure; the error is libvirt's last error.
             info = self.dom.guestVcpus()
@@ -395,11 +451,23 @@ class LabVM:
             raise AgentCallError(self.name, exc.get_error_code(), str(exc)) from exc
         if info is None:
             raise AgentCallError(self.name, *last_libvirt_error())
-        return GuestVcpus.from_libvirt(info)
+        return dict(info)
 
     def agent_status(self) -> str:
         """``running PID``, ``hung PID`` or ``stopped``, as the guest's supervisor sees it."""
         return self.control("agent-status")
+
+    def agent_channel_state(self) -> str | None:
+        """libvirt's view of the agent channel: "connected", "disconnected" or None (none)."""
+        channel = self._live_channel(AGENT_CHANNEL)
+        target = channel.find("target") if channel is not None else None
+        return target.get("state") if target is not None else None
+
+    def wait_agent_channel(self, state: str, timeout: float = 10.0) -> float:
+        """Wait until libvirt sees the guest open (connected) or close the agent's port."""
+        return self._poll(
+            timeout, f"agent channel {state}", lambda: self.agent_channel_state() == state
+        )
 
     # -- vCPUs --
 
@@ -462,7 +530,10 @@ class LabVM:
                 return False
         except LabError:
             return False
-        return not self.behaviour.agent_expected or self.dom.guestVcpus() is not None
+        try:
+            return not self.behaviour.agent_expected or self._agent_answers()
+        except AgentTimeout:
+            return False
 
     def _poll(self, timeout: float, what: str, ready: Callable[[], bool]) -> float:
         started = time.monotonic()
@@ -597,16 +668,22 @@ class Lab:
     def start_many(
         self, requests: Sequence[VMRequest], timeout: float = READY_TIMEOUT
     ) -> list[LabVM]:
-        """Define and boot all VMs in parallel; raise LabError naming each one that failed."""
+        """Define and boot VMs in parallel; raise LabError naming each one that failed."""
         vms = [self.define(r) for r in requests]
+        self.boot(vms, timeout)
+        return vms
+
+    def boot(self, vms: Sequence[LabVM], timeout: float = READY_TIMEOUT) -> None:
+        """Boot defined VMs in parallel; raise LabError naming each one that failed."""
         if not vms:
-            return []
+            return
         with ThreadPoolExecutor(max_workers=len(vms), thread_name_prefix="lab-boot") as pool:
             futures = [pool.submit(vm.start, timeout) for vm in vms]
-        failures = [f"{vm.name}: {f.exception()}" for vm, f in zip(vms, futures) if f.exception()]
+        errors = [(vm, f.exception()) for vm, f in zip(vms, futures) if f.exception()]
+        # LabError messages name their domain already.
+        failures = [str(e) if isinstance(e, LabError) else f"{vm.name}: {e}" for vm, e in errors]
         if failures:
             raise LabError("lab VMs failed to boot:\n" + "\n".join(failures))
-        return vms
 
     def create(
         self,
@@ -655,6 +732,32 @@ class Lab:
             if found and found.group(1) != self.run_id and not _run_alive(found.group(1)):
                 path.unlink(missing_ok=True)
         return removed
+
+
+class VMFactory:
+    """Boots VMs for one user (a test); remove_all() removes exactly those."""
+
+    def __init__(self, lab: Lab) -> None:
+        self._lab = lab
+        self._made: list[LabVM] = []
+
+    def __call__(
+        self, behaviour: Behaviour = MANUAL, max_vcpus: int = 4, memory_mib: int = 160
+    ) -> LabVM:
+        (vm,) = self.many([VMRequest(behaviour, max_vcpus, memory_mib, label="own")])
+        return vm
+
+    def many(self, requests: Sequence[VMRequest]) -> list[LabVM]:
+        """Boot several VMs in parallel."""
+        vms = [self._lab.define(r) for r in requests]
+        self._made.extend(vms)
+        self._lab.boot(vms)
+        return vms
+
+    def remove_all(self) -> None:
+        for vm in self._made:
+            self._lab.remove(vm)
+        self._made.clear()
 
 
 def remove_domain(dom: libvirt.virDomain) -> None:

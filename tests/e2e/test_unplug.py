@@ -1,0 +1,45 @@
+"""The stale unplug of libvirt 9.0 + QEMU 7.2, reproduced (see the lab notes).
+
+The guest ejects the CPU and QEMU removes it, but QEMU never sends DEVICE_DELETED for the
+vCPU itself: libvirt times out, keeps counting the vCPU, and the next hot-add of it crashes
+QEMU. This is drift that virthotplug must detect and guard against. The lab refuses that
+hot-add; the domain in this test is the test's own and is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from domains import MANUAL
+from lab import Lab, LabError, MonitorEvent, VMFactory
+
+EJECT_REQUEST = 3
+SUCCESS = 0
+
+
+def is_eject_done(event: MonitorEvent) -> bool:
+    info = event.details.get("info", {})
+    return info.get("source") == EJECT_REQUEST and info.get("status") == SUCCESS
+
+
+def test_failed_unplug_leaves_a_stale_vcpu(lab: Lab, make_vm: VMFactory) -> None:
+    vm = make_vm(MANUAL)
+    vm.hot_add(2)
+    vm.wait_cpu_state(lambda s: s.present == {0, 1}, what="cpu1 present")
+
+    since = time.monotonic()
+    error = vm.unplug(1)
+
+    lab.ost.wait_for(vm.name, since=since, where=is_eject_done)
+    vm.wait_cpu_state(lambda s: s.present == {0}, what="cpu1 ejected")
+    assert vm.guest_vcpus().vcpus == {0}
+    if error is None:
+        # A stack where unplug works: every layer agrees.
+        assert vm.live_vcpus() == 1
+        return
+    assert "vcpu unplug request timed out" in str(error)
+    assert vm.live_vcpus() == 2, "libvirt should still count the ejected vCPU"
+    with pytest.raises(LabError, match="failed unplug"):
+        vm.hot_add(3)
+    assert vm.dom.isActive()
