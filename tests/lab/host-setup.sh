@@ -11,7 +11,7 @@ PACKAGES=(
     libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
     qemu-system-x86 qemu-guest-agent busybox-static
     libvirt-dev pkg-config gcc python3-dev python3-venv
-    mandoc python3-docutils procps
+    mandoc python3-docutils procps man-db groff-base
 )
 
 log() { printf '[host-setup] %s\n' "$*" >&2; }
