@@ -306,6 +306,9 @@ def _drift_notes(after: VcpuView, error: Optional[str]) -> list[str]:
     notes = []
     if error is not None:
         notes.append(f"libvirt reported: {error}")
+    if after.guest is None:
+        detail = f": {after.agent.error}" if after.agent.error else ""
+        notes.append(f"the guest cannot be verified: guest agent {after.agent.state}{detail}")
     for finding in after.findings:
         if finding.code == GUEST_MISSING_VCPUS and after.live is not None:
             present = len(after.guest.present) if after.guest is not None else 0

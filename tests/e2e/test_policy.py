@@ -250,6 +250,29 @@ def test_match_restores_two_online_cpus_after_the_agent_restarts(
     assert vm.cpu_state().online == {0, 1}
 
 
+def test_hung_agent_bounds_apply_and_changes_nothing(
+    lab: Lab, vm_agent_control: LabVM, vh: Cli, policy_for: Callable[..., None]
+) -> None:
+    vm = vm_agent_control
+    policy_for(vm, "online")
+    started = time.monotonic()
+    vm.hot_add(2)
+    wait_detected(lab, vm, started, 2)
+    vm.control_ok("agent-hang")
+    try:
+        began = time.monotonic()
+        status, doc = vh.json("apply", vm.name, "--agent-timeout", "1")
+        elapsed = time.monotonic() - began
+    finally:
+        vm.control_ok("agent-cont")
+    assert status == EXIT_OK
+    (result,) = doc["results"]
+    assert [o["code"] for o in result["outcomes"]] == [SKIPPED]
+    assert "unresponsive" in result["plan"]["note"]
+    assert elapsed < 4, f"apply took {elapsed:.1f} s with a 1 s agent timeout"
+    assert vm.cpu_state().online == {0}
+
+
 # --- setvcpus ------------------------------------------------------------------------------
 
 
@@ -288,6 +311,14 @@ def test_setvcpus_no_online_leaves_the_cpu_offline(vm_manual: LabVM, vh: Cli) ->
     assert status == EXIT_OK, out + err
     assert "present in the guest but offline" in out
     assert vm_manual.cpu_state() == CpuState(frozenset({0, 1}), frozenset({0}))
+
+
+def test_setvcpus_without_agent_channel_is_incomplete(vm_noagent_channel: LabVM, vh: Cli) -> None:
+    status, doc = vh.json("setvcpus", vm_noagent_channel.name, "2")
+    assert status == EXIT_INCOMPLETE
+    checks = {c["layer"]: c["ok"] for c in doc["checks"]}
+    assert checks == {"live": True, "hypervisor": True, "guest present": False}
+    assert any("cannot be verified" in note for note in doc["notes"])
 
 
 def test_shrink_is_reported_and_a_later_grow_refused(make_vm: Any, vh: Cli) -> None:
