@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
-from lxml import etree
-
 from virthotplug.config import HostConfig
 from virthotplug.connection import Connection, Domain
-from virthotplug.domxml import METADATA_ELEMENT, METADATA_KEY, NAMESPACE, parse_policy_element
+from virthotplug.domxml import METADATA_KEY, NAMESPACE, parse_policy_element, policy_element
 from virthotplug.policy import EffectivePolicy, merge_policy
 
 SOURCE_LIVE = "metadata (live)"
@@ -49,15 +47,6 @@ def metadata_layer(conn: Connection, dom: Domain) -> Optional[tuple[str, Mapping
     return None
 
 
-def metadata_xml(fields: Mapping[str, str]) -> str:
-    """The element as ``virDomainSetMetadata`` wants it: unqualified (libvirt adds the
-    namespace itself and refuses an element that already declares the prefix)."""
-    elem = etree.Element(METADATA_ELEMENT)
-    for key in sorted(fields):
-        elem.set(key, fields[key])
-    return etree.tostring(elem, encoding="unicode")
-
-
 def write_policy(
     conn: Connection,
     dom: Domain,
@@ -67,5 +56,5 @@ def write_policy(
     config: bool,
 ) -> None:
     """Replace our metadata element with ``fields``, or remove it when ``fields`` is None."""
-    xml = None if fields is None else metadata_xml(fields)
+    xml = None if fields is None else policy_element(fields)
     conn.set_metadata(dom, xml, METADATA_KEY, NAMESPACE, live=live, config=config)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from virthotplug.domxml import NAMESPACE, parse_domain_xml, parse_policy_element
+from virthotplug.domxml import NAMESPACE, parse_domain_xml, parse_policy_element, policy_element
 from virthotplug.errors import ConfigError, MalformedXMLError
 from virthotplug.policy import merge_policy
-from virthotplug.policysource import SOURCE_LIVE, metadata_xml
+from virthotplug.policysource import SOURCE_LIVE
 
 
 def test_virdomaingetmetadata_form_is_accepted() -> None:
@@ -23,16 +23,16 @@ def test_namespaced_form_is_accepted() -> None:
     assert parse_policy_element(text, domain="d") == {"mode": "match", "count": "2"}
 
 
-def test_metadata_xml_is_unqualified_for_setmetadata() -> None:
+def test_policy_element_is_unqualified_for_setmetadata() -> None:
     # virDomainSetMetadata adds the namespace itself and refuses an element declaring it.
-    text = metadata_xml({"mode": "online", "exclude": "3"})
+    text = policy_element({"mode": "online", "exclude": "3"})
     assert text == '<policy exclude="3" mode="online"/>'
     assert "xmlns" not in text
 
 
-def test_metadata_xml_round_trips_and_escapes() -> None:
+def test_policy_element_round_trips_and_escapes() -> None:
     fields = {"mode": "a\"b'<c>&d", "grace": "1"}
-    assert parse_policy_element(metadata_xml(fields), domain="d") == fields
+    assert parse_policy_element(policy_element(fields), domain="d") == fields
 
 
 def test_metadata_in_domain_xml_keeps_raw_strings() -> None:
