@@ -11,6 +11,17 @@ DESTDIR ?=
 SYSCONFDIR ?= /etc
 BINDIR := $(PREFIX)/bin
 MANDIR := $(PREFIX)/share/man
+DATADIR := $(PREFIX)/share
+PKGDATADIR := $(DATADIR)/virthotplug
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+COMPLETIONDIR ?= $(DATADIR)/bash-completion/completions
+HOOKDIR ?= $(SYSCONFDIR)/libvirt/hooks/qemu.d
+CONFDIR ?= $(SYSCONFDIR)/virthotplug
+INSTALL ?= install
+# The interpreter the installed program runs with (its shebang); the system's by default.
+INSTALL_PYTHON ?= /usr/bin/python3
+RST2MAN ?= rst2man
+MAN_PAGES := man/virthotplug.1 man/virthotplug.conf.5 man/virthotplug-hook.8
 PYTEST_ARGS ?=
 
 .PHONY: all host venv lint typecheck unit functional e2e test demo bench clean
@@ -56,3 +67,68 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# --- manual pages, install, uninstall ------------------------------------------------------
+#   make install PREFIX=/usr SYSCONFDIR=/etc DESTDIR=/tmp/pkg     (PREFIX default /usr/local)
+# needs rst2man (python3-docutils) to render the manual pages; no network, no pip.
+
+.PHONY: man man-lint install uninstall clean-man
+
+man: $(MAN_PAGES)
+
+# man/fixup.py tidies rst2man's roff until "mandoc -T lint" has nothing to say.
+$(MAN_PAGES): %: %.rst man/fixup.py
+	$(RST2MAN) --halt=warning --no-generator --no-datestamp $< $@.tmp
+	$(PYTHON) man/fixup.py < $@.tmp > $@
+	rm -f $@.tmp
+
+man-lint: man
+	mandoc -T lint -W warning $(MAN_PAGES)
+
+install: man
+	$(INSTALL) -d -m 0755 "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(PKGDATADIR)"
+	find virthotplug -name '*.py' -not -path '*/__pycache__/*' | sort | while read -r f; do \
+		$(INSTALL) -D -m 0644 "$$f" "$(DESTDIR)$(PKGDATADIR)/$$f" || exit 1; done
+	$(INSTALL_PYTHON) -m compileall -q -d "$(PKGDATADIR)/virthotplug" \
+		"$(DESTDIR)$(PKGDATADIR)/virthotplug"
+	sed -e 's|@PYTHON@|$(INSTALL_PYTHON)|' -e 's|@PKGDATADIR@|$(PKGDATADIR)|' \
+		bin/virthotplug.in > "$(DESTDIR)$(BINDIR)/virthotplug.tmp"
+	chmod 0755 "$(DESTDIR)$(BINDIR)/virthotplug.tmp"
+	mv "$(DESTDIR)$(BINDIR)/virthotplug.tmp" "$(DESTDIR)$(BINDIR)/virthotplug"
+	$(INSTALL) -D -m 0755 hooks/qemu "$(DESTDIR)$(HOOKDIR)/virthotplug"
+	$(INSTALL) -D -m 0644 man/virthotplug.1 "$(DESTDIR)$(MANDIR)/man1/virthotplug.1"
+	$(INSTALL) -D -m 0644 man/virthotplug.conf.5 "$(DESTDIR)$(MANDIR)/man5/virthotplug.conf.5"
+	$(INSTALL) -D -m 0644 man/virthotplug-hook.8 "$(DESTDIR)$(MANDIR)/man8/virthotplug-hook.8"
+	$(INSTALL) -d -m 0755 "$(DESTDIR)$(UNITDIR)"
+	sed -e 's|@BINDIR@|$(BINDIR)|g' systemd/virthotplug.service.in \
+		> "$(DESTDIR)$(UNITDIR)/virthotplug.service"
+	chmod 0644 "$(DESTDIR)$(UNITDIR)/virthotplug.service"
+	$(INSTALL) -D -m 0644 completion/virthotplug.bash "$(DESTDIR)$(COMPLETIONDIR)/virthotplug"
+	$(INSTALL) -d -m 0755 "$(DESTDIR)$(CONFDIR)"
+	@if [ -e "$(DESTDIR)$(CONFDIR)/virthotplug.conf" ]; then \
+		echo "keeping the existing $(DESTDIR)$(CONFDIR)/virthotplug.conf"; \
+	else \
+		echo "$(INSTALL) -m 0600 conf/virthotplug.conf $(DESTDIR)$(CONFDIR)/virthotplug.conf"; \
+		$(INSTALL) -m 0600 conf/virthotplug.conf "$(DESTDIR)$(CONFDIR)/virthotplug.conf"; \
+	fi
+	@echo "libvirtd reads its hooks at start: reload it (systemctl reload libvirtd or virtqemud)"
+
+uninstall:
+	rm -f "$(DESTDIR)$(BINDIR)/virthotplug" "$(DESTDIR)$(HOOKDIR)/virthotplug"
+	rm -rf "$(DESTDIR)$(PKGDATADIR)"
+	rm -f "$(DESTDIR)$(MANDIR)/man1/virthotplug.1" "$(DESTDIR)$(MANDIR)/man5/virthotplug.conf.5" \
+		"$(DESTDIR)$(MANDIR)/man8/virthotplug-hook.8"
+	rm -f "$(DESTDIR)$(UNITDIR)/virthotplug.service" "$(DESTDIR)$(COMPLETIONDIR)/virthotplug"
+	rmdir "$(DESTDIR)$(HOOKDIR)" 2>/dev/null || true
+	@if cmp -s conf/virthotplug.conf "$(DESTDIR)$(CONFDIR)/virthotplug.conf"; then \
+		echo "rm -f $(DESTDIR)$(CONFDIR)/virthotplug.conf"; \
+		rm -f "$(DESTDIR)$(CONFDIR)/virthotplug.conf"; \
+		rmdir "$(DESTDIR)$(CONFDIR)" 2>/dev/null || true; \
+	elif [ -e "$(DESTDIR)$(CONFDIR)/virthotplug.conf" ]; then \
+		echo "keeping $(DESTDIR)$(CONFDIR)/virthotplug.conf (changed from the example)"; \
+	fi
+
+clean: clean-man
+
+clean-man:
+	rm -f $(MAN_PAGES) $(addsuffix .tmp,$(MAN_PAGES))
