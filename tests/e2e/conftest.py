@@ -11,10 +11,10 @@ Fixtures (the VMs are ``lab.LabVM``; see tests/lab/lab.py for their methods):
     vm_noagent_channel    no agent channel in the domain ("agent not configured")
     vm_agent_not_running  agent channel, no agent in the guest ("agent not connected")
     vm_agent_control      agent for tests to stop, hang, continue and restart
+    vm_scratch            like vm_manual, for tests that break the domain (a failed unplug)
     make_vm               factory for VMs of the test's own; removed when the test ends
 A shared VM is handed out as freshly booted: if an earlier test changed it (hot-added a CPU,
-stopped the agent, ...), it is power-cycled first. Tests that break a domain for good (a
-failed unplug) use ``make_vm``.
+stopped the agent, failed an unplug, ...), it is power-cycled first.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ SHARED = {
     "noagent_channel": VMRequest(NO_AGENT_CHANNEL, label="nochannel"),
     "agent_not_running": VMRequest(AGENT_NOT_RUNNING, label="noagent"),
     "agent_control": VMRequest(MANUAL, label="agentctl"),
+    "scratch": VMRequest(MANUAL, label="scratch"),
 }
 _timings: dict[str, float] = {}
 
@@ -136,6 +137,11 @@ def vm_agent_not_running(shared_vms: dict[str, LabVM]) -> LabVM:
 @pytest.fixture
 def vm_agent_control(shared_vms: dict[str, LabVM]) -> LabVM:
     return _fresh(shared_vms["agent_control"])
+
+
+@pytest.fixture
+def vm_scratch(shared_vms: dict[str, LabVM]) -> LabVM:
+    return _fresh(shared_vms["scratch"])
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ import time
 
 import libvirt
 import pytest
-from lab import AgentCallError, AgentTimeout, LabVM
+from domains import AGENT_STOPPED
+from lab import AgentCallError, AgentTimeout, LabVM, VMFactory
 
 # libvirt waits this long for guest-sync before declaring an unsynced agent unavailable.
 GUEST_SYNC_TIMEOUT = 5.0
@@ -98,3 +99,14 @@ def test_restarted_agent_answers_again(vm_agent_control: LabVM) -> None:
     vm.wait_agent(30)
     assert vm.guest_vcpus().online == {0}
     assert vm.taints() == []
+
+
+def test_agent_held_down_at_boot_starts_on_request(make_vm: VMFactory) -> None:
+    vm = make_vm(AGENT_STOPPED)
+    _, error = timed_failure(vm)
+    assert error.code == libvirt.VIR_ERR_AGENT_UNRESPONSIVE
+
+    vm.control_ok("agent-start")
+
+    vm.wait_agent(30)
+    assert vm.guest_vcpus().vcpus == {0}

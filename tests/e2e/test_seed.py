@@ -8,6 +8,7 @@ an auto-online rule it stays offline, while every host-side view says "added".
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from lab import Lab, LabVM, MonitorEvent
 
@@ -18,8 +19,11 @@ SETTLE = 2.0
 
 
 def is_hot_add_ost(event: MonitorEvent) -> bool:
-    info = event.details.get("info", {})
-    return info.get("source") == DEVICE_CHECK and info.get("slot-type") == "CPU"
+    return event.source == DEVICE_CHECK and event.info.get("slot-type") == "CPU"
+
+
+def hot_add_ost_of(device: str) -> Callable[[MonitorEvent], bool]:
+    return lambda event: is_hot_add_ost(event) and event.device == device
 
 
 def hot_add_and_wait_ost(lab: Lab, vm: LabVM, count: int) -> MonitorEvent:
@@ -31,8 +35,8 @@ def hot_add_and_wait_ost(lab: Lab, vm: LabVM, count: int) -> MonitorEvent:
 def test_hot_added_cpu_is_detected_but_stays_offline(lab: Lab, vm_manual: LabVM) -> None:
     event = hot_add_and_wait_ost(lab, vm_manual, 2)
 
-    assert event.details["info"]["status"] == SUCCESS
-    assert event.details["info"]["device"] == "vcpu1"
+    assert event.status == SUCCESS
+    assert event.device == "vcpu1"
     time.sleep(SETTLE)
     guest = vm_manual.guest_vcpus()
     assert guest.vcpus == {0, 1}
@@ -46,7 +50,7 @@ def test_hot_added_cpu_is_detected_but_stays_offline(lab: Lab, vm_manual: LabVM)
 def test_hot_added_cpu_comes_online_with_the_udev_rule(lab: Lab, vm_auto: LabVM) -> None:
     event = hot_add_and_wait_ost(lab, vm_auto, 2)
 
-    assert event.details["info"]["status"] == SUCCESS
+    assert event.status == SUCCESS
     state = vm_auto.wait_cpu_state(lambda s: s.online == {0, 1}, what="cpu1 online")
     assert state.present == {0, 1}
     assert vm_auto.guest_vcpus().online == {0, 1}
@@ -58,13 +62,8 @@ def test_each_hot_added_cpu_reports_its_own_ost(lab: Lab, vm_manual_8: LabVM) ->
     vm_manual_8.hot_add(8)
 
     for n in range(1, 8):
-        device = f"vcpu{n}"
-        event = lab.ost.wait_for(
-            vm_manual_8.name,
-            since=since,
-            where=lambda e, d=device: is_hot_add_ost(e) and e.details["info"].get("device") == d,
-        )
-        assert event.details["info"]["status"] == SUCCESS
+        event = lab.ost.wait_for(vm_manual_8.name, since=since, where=hot_add_ost_of(f"vcpu{n}"))
+        assert event.status == SUCCESS
     state = vm_manual_8.wait_cpu_state(lambda s: len(s.present) == 8, what="8 CPUs present")
     assert state.online == {0}
     assert vm_manual_8.live_vcpus() == 8

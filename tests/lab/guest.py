@@ -258,10 +258,10 @@ def initramfs(modules: dict[str, Path]) -> bytes:
         archive.directory(directory)
     # The kernel opens /dev/console for /init before devtmpfs is mounted.
     archive.char_device("dev/console", 5, 1, 0o600)
-    for path in sorted(files):
-        archive.file(path, *files[path])
-    for path in sorted(links):
-        archive.symlink(path, links[path])
+    for file_path in sorted(files):
+        archive.file(file_path, *files[file_path])
+    for link_path in sorted(links):
+        archive.symlink(link_path, links[link_path])
     return gzip.compress(archive.finish(), compresslevel=6, mtime=0)
 
 
@@ -328,11 +328,21 @@ def prune(cache: Path, keep: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def warn_if_unreachable(directory: Path) -> None:
+    # QEMU runs as its own user (libvirt-qemu on Debian). libvirt relabels the kernel and
+    # initrd for it, but not the directories above them.
+    for path in [directory, *directory.parents]:
+        if not path.stat().st_mode & stat.S_IXOTH:
+            log.warning("%s is not searchable by others: QEMU may not reach the image", path)
+            return
+
+
 def ensure_image(cache: Path | None = None) -> GuestImage:
     """The guest image for the current inputs, built only if the cache has none."""
     cache = cache or cache_root()
     cache.mkdir(mode=0o755, parents=True, exist_ok=True)
     cache.chmod(0o755)
+    warn_if_unreachable(cache)
     inputs = build_inputs()
     key = inputs.key()
     directory = cache / key
