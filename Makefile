@@ -41,8 +41,8 @@ $(VENV)/.installed: setup.py pyproject.toml
 venv: host $(VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check virthotplug tests bench hooks/qemu
-	$(VENV)/bin/ruff format --check virthotplug tests bench
+	$(VENV)/bin/ruff check virthotplug tests bench hooks/qemu man/fixup.py
+	$(VENV)/bin/ruff format --check virthotplug tests bench hooks/qemu man/fixup.py
 
 typecheck: venv
 	$(VENV)/bin/mypy
