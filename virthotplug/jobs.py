@@ -119,7 +119,7 @@ def _outcome(job: Job, result: ReconcileResult) -> Outcome:
         "action": _action(result),
         "outcome": ",".join(codes) or "unchanged",
     }
-    return Outcome(record=record, line=_line(result, since), failed=result.failed)
+    return Outcome(record=record, line=_line(result, since), failed=result.failed, view=view)
 
 
 def _action(result: ReconcileResult) -> str:

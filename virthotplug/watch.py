@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
 
 import tenacity
 
@@ -39,6 +39,9 @@ from virthotplug.events import (
 )
 from virthotplug.listener import Listener
 from virthotplug.schedule import Job, Key, ReconcileQueue
+
+if TYPE_CHECKING:
+    from virthotplug.view import VcpuView
 
 log = logging.getLogger("virthotplug.watch")
 
@@ -75,9 +78,31 @@ class Outcome:
     line: str
     failed: bool = False
     retry_after: Optional[float] = None
+    view: Optional[VcpuView] = None  # the domain as the reconcile left it (for metrics)
 
 
 ReconcileFn = Callable[[Connection, Domain, Job], Outcome]
+
+
+class Observer(Protocol):
+    """Sees what the daemon does (``metrics.Metrics``): every event as the main loop
+    handles it, every reconcile as it ends (on a worker). Must be quick and never raise.
+    """
+
+    def event(self, ev: Event) -> None: ...
+    def reconciled(self, job: Job, outcome: Outcome, seconds: float) -> None: ...
+    def failed(self, job: Job, seconds: float) -> None: ...
+
+
+class _NoObserver:
+    def event(self, ev: Event) -> None:
+        pass
+
+    def reconciled(self, job: Job, outcome: Outcome, seconds: float) -> None:
+        pass
+
+    def failed(self, job: Job, seconds: float) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -239,6 +264,7 @@ class Watch:
         *,
         reload: Optional[Callable[[], Settings]] = None,
         sources: Sequence[EventSource] = (),
+        observer: Optional[Observer] = None,
     ) -> None:
         self.settings = settings
         self._reconcile_fn = reconcile_fn
@@ -253,6 +279,7 @@ class Watch:
         self.stats = WatchStats()
         self._workers: Optional[_Workers] = None
         self._sources = list(sources)
+        self._observer: Observer = observer if observer is not None else _NoObserver()
 
     # control (signal handlers and tests call these)
 
@@ -305,7 +332,9 @@ class Watch:
     def _wait_time(self, next_tick: float) -> float:
         now = time.monotonic()
         wait = min(MAIN_LOOP_WAKEUP, max(0.0, next_tick - now))
-        due = self._sched.next_due()
+        # A due job only matters while a worker is free: when all are busy, the next one to
+        # finish wakes the loop (its _JobDone), so waiting for it never spins.
+        due = self._sched.next_due() if self._sched.running < self.settings.workers else None
         if due is not None:
             wait = min(wait, max(0.0, due - now))
         return wait
@@ -341,6 +370,7 @@ class Watch:
                 log.error("reload failed, keeping the previous configuration: %s", exc)
 
     def _event(self, ev: Event) -> None:
+        self._observer.event(ev)
         if not (isinstance(ev, HostEvent) and ev.what == "listed"):
             self._eventlog.event(ev)
         if isinstance(ev, HostEvent):
@@ -430,6 +460,7 @@ class Watch:
         conn = session.conn if session else None
         if conn is None:
             return None  # the reconnect's resync covers it
+        started = time.monotonic()
         try:
             dom = conn.domain_by_uuid(job.ref.uuid)
             outcome = self._reconcile_fn(conn, dom, job)
@@ -443,9 +474,11 @@ class Watch:
         except errors.VirtHotplugError as exc:
             self.stats.failures += 1
             log.warning("domain '%s': %s", job.ref.name, exc)
+            self._observer.failed(job, time.monotonic() - started)
             return None
         self.stats.reconciles += 1
         self._eventlog.reconcile(outcome.record, outcome.line, failed=outcome.failed)
+        self._observer.reconciled(job, outcome, time.monotonic() - started)
         return outcome.retry_after
 
     def _shutdown(self) -> None:

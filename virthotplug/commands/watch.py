@@ -48,6 +48,13 @@ def register(subparsers: Any) -> None:
         help="do not listen for libvirt hook messages on the hook socket "
         "(default: listen on [watch] hook_socket, /run/virthotplug/hook.sock)",
     )
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="[ADDR:]PORT",
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics, on that address only "
+        "(default address 127.0.0.1; [ADDR]:PORT for IPv6); needs prometheus-client: "
+        "pip install 'virthotplug[metrics]'",
+    )
     parser.set_defaults(run=run)
 
 
@@ -85,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
     sources = []
     if not args.no_hook_socket:
         sources.append(HookServer(settings.hook_socket, local_qemu_uri(hosts)))
+    metrics = None
+    if args.metrics_listen:
+        from virthotplug.metrics import start as start_metrics
+
+        metrics = start_metrics(args.metrics_listen)
     watch = Watch(
         uris(args),
         settings,
@@ -92,7 +104,12 @@ def run(args: argparse.Namespace) -> int:
         EventLog(sys.stdout if args.json else None),
         reload=reload,
         sources=sources,
+        observer=metrics,
     )
     watch.install_signal_handlers()
-    watch.run()
+    try:
+        watch.run()
+    finally:
+        if metrics is not None:
+            metrics.close()
     return EXIT_OK

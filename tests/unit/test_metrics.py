@@ -1,0 +1,291 @@
+"""Prometheus metrics: what the daemon's events and reconciles turn into, as scraped."""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.request
+from typing import Any, Optional
+
+import pytest
+
+pytest.importorskip("prometheus_client")
+from prometheus_client.parser import text_string_to_metric_families
+
+from virthotplug import metrics
+from virthotplug.errors import UsageError
+from virthotplug.events import DomainRef, HostEvent, LifecycleEvent, OstMonitorEvent
+from virthotplug.ost import parse_ost_details
+from virthotplug.schedule import Job
+from virthotplug.view import (
+    AgentStatus,
+    CountLayer,
+    Finding,
+    GuestLayer,
+    HypervisorLayer,
+    VcpuView,
+)
+from virthotplug.watch import Outcome
+
+HOST = "qemu:///system"
+REF = DomainRef(HOST, "9a2b0000-0000-4000-8000-000000000001", "web1")
+
+
+def samples(m: metrics.Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a scrape: (name, labels) → value."""
+    text = metrics.Metrics.text(m).decode()
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(m: metrics.Metrics, name: str, **labels: str) -> Optional[float]:
+    return samples(m).get((name, frozenset(labels.items())))
+
+
+def view(
+    *,
+    name: str = "web1",
+    online: tuple[int, ...] = (0,),
+    present: tuple[int, ...] = (0, 1),
+    findings: tuple[Finding, ...] = (),
+    agent: str = "connected",
+    guest: bool = True,
+) -> VcpuView:
+    return VcpuView(
+        host=HOST,
+        name=name,
+        uuid=REF.uuid,
+        state="running",
+        persistent=True,
+        agent=AgentStatus(configured=True, state=agent),
+        domain_id=3,
+        config=CountLayer(current=1, maximum=4),
+        live=CountLayer(current=2, maximum=4),
+        hypervisor=HypervisorLayer(vcpus={0: "running", 1: "running"}),
+        guest=GuestLayer(
+            present=frozenset(present), online=frozenset(online), offlinable=frozenset({1})
+        )
+        if guest
+        else None,
+        findings=findings,
+    )
+
+
+def outcome(v: Optional[VcpuView], codes: str = "unchanged", failed: bool = False) -> Outcome:
+    return Outcome(record={"outcome": codes}, line="", failed=failed, view=v)
+
+
+def job(first: float = 0.0) -> Job:
+    return Job(REF, due=first, first_request=first)
+
+
+def ost(vcpu: int, source: int = 1, status: int = 0, mono: Optional[float] = None) -> Any:
+    details = json.dumps(
+        {
+            "info": {
+                "device": f"vcpu{vcpu}",
+                "source": source,
+                "status": status,
+                "slot": str(vcpu),
+                "slot-type": "CPU",
+            }
+        }
+    )
+    extra = {} if mono is None else {"mono": mono}
+    return OstMonitorEvent(REF, ost=parse_ost_details(details), **extra)
+
+
+@pytest.fixture
+def m() -> metrics.Metrics:
+    return metrics.Metrics()
+
+
+# --- --metrics-listen ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("9177", ("127.0.0.1", 9177)),
+        (":9177", ("127.0.0.1", 9177)),
+        ("0.0.0.0:9177", ("0.0.0.0", 9177)),
+        ("localhost:0", ("localhost", 0)),
+        ("[::1]:9177", ("::1", 9177)),
+        (" 10.0.0.5:80 ", ("10.0.0.5", 80)),
+    ],
+)
+def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
+    assert metrics.parse_listen(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "http", "1.2.3.4:", "65536", "::1:9177", "a:-1", "1:2x"])
+def test_parse_listen_rejects(text: str) -> None:
+    with pytest.raises(UsageError, match="--metrics-listen"):
+        metrics.parse_listen(text)
+
+
+def test_without_prometheus_client_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails
+    with pytest.raises(UsageError) as info:
+        metrics.start("9177")
+    assert "pip install 'virthotplug[metrics]'" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+# --- per-domain gauges ---------------------------------------------------------------------
+
+
+def test_reconcile_sets_layers_guest_agent_and_findings(m: metrics.Metrics) -> None:
+    offline = Finding("guest-cpu-offline", "warning", "CPU 1 offline", (1,))
+    m.reconciled(job(), outcome(view(findings=(offline,))), 0.02)
+    dom = {"host": HOST, "domain": "web1"}
+    for layer, count in (("config", 1), ("live", 2), ("hypervisor", 2), ("guest", 2)):
+        assert value(m, "virthotplug_domain_vcpus", layer=layer, **dom) == count
+    assert value(m, "virthotplug_domain_vcpus_maximum", **dom) == 4
+    assert value(m, "virthotplug_domain_guest_cpus", state="online", **dom) == 1
+    assert value(m, "virthotplug_domain_guest_cpus", state="offline", **dom) == 1
+    assert value(m, "virthotplug_domain_agent_connected", **dom) == 1
+    finding = {"code": "guest-cpu-offline", "severity": "warning", **dom}
+    assert value(m, "virthotplug_domain_finding", **finding) == 1
+    assert value(m, "virthotplug_reconciles_total", host=HOST, result="ok") == 1
+    assert value(m, "virthotplug_actions_total", host=HOST, outcome="unchanged") == 1
+    assert value(m, "virthotplug_reconcile_duration_seconds_count", host=HOST) == 1
+    assert (value(m, "virthotplug_domain_last_reconcile_timestamp_seconds", **dom) or 0) > 0
+
+
+def test_findings_and_guest_series_go_when_they_clear(m: metrics.Metrics) -> None:
+    offline = Finding("guest-cpu-offline", "warning", "CPU 1 offline", (1,))
+    m.reconciled(job(), outcome(view(findings=(offline,))), 0.01)
+    m.reconciled(job(), outcome(view(online=(0, 1), agent="not-connected", guest=False)), 0.01)
+    dom = {"host": HOST, "domain": "web1"}
+    names = {name for name, _ in samples(m)}
+    assert "virthotplug_domain_finding" not in names
+    assert "virthotplug_domain_guest_cpus" not in names
+    assert value(m, "virthotplug_domain_vcpus", layer="guest", **dom) is None
+    assert value(m, "virthotplug_domain_vcpus", layer="live", **dom) == 2
+    assert value(m, "virthotplug_domain_agent_connected", **dom) == 0
+
+
+def test_stopped_domain_series_are_dropped(m: metrics.Metrics) -> None:
+    m.reconciled(job(), outcome(view()), 0.01)
+    m.event(LifecycleEvent(REF, event=5, detail=1))  # stopped (destroyed)
+    assert not [name for name, _ in samples(m) if name.startswith("virthotplug_domain_")]
+    assert value(m, "virthotplug_events_total", host=HOST, kind="lifecycle") == 1
+
+
+def test_reconcile_begun_before_the_stop_does_not_bring_series_back(m: metrics.Metrics) -> None:
+    m.event(LifecycleEvent(REF, event=5, detail=1))
+    m.reconciled(job(), outcome(view()), 5.0)  # started 5 s ago, before the stop
+    assert not [name for name, _ in samples(m) if name.startswith("virthotplug_domain_")]
+    m.reconciled(job(), outcome(view()), 0.0)  # a later start: back
+    assert value(m, "virthotplug_domain_vcpus", host=HOST, domain="web1", layer="live") == 2
+
+
+def test_renamed_domain_keeps_one_set_of_series(m: metrics.Metrics) -> None:
+    m.reconciled(job(), outcome(view(name="old")), 0.01)
+    m.reconciled(job(), outcome(view(name="new")), 0.01)
+    domains = {dict(labels).get("domain") for name, labels in samples(m) if "domain_" in name}
+    assert domains == {"new"}
+
+
+def test_deferred_and_failed_outcomes_are_counted(m: metrics.Metrics) -> None:
+    m.reconciled(job(), outcome(None, codes="deferred"), 0.001)
+    m.reconciled(job(), outcome(view(), codes="onlined,failed", failed=True), 0.3)
+    m.failed(job(), 0.1)
+    for code in ("deferred", "onlined", "failed"):
+        assert value(m, "virthotplug_actions_total", host=HOST, outcome=code) == 1
+    assert value(m, "virthotplug_reconciles_total", host=HOST, result="failed") == 1
+    assert value(m, "virthotplug_reconciles_total", host=HOST, result="error") == 1
+    assert value(m, "virthotplug_reconcile_duration_seconds_count", host=HOST) == 3
+
+
+# --- events, OST and hot-add latency -------------------------------------------------------
+
+
+def test_ost_events_counted_by_decoded_names(m: metrics.Metrics) -> None:
+    m.event(ost(1))
+    m.event(ost(1, source=3, status=0x84))
+    labels = {"host": HOST, "device": "cpu"}
+    hotadd = {"source": "device check", "status": "success", **labels}
+    assert value(m, "virthotplug_ost_events_total", **hotadd) == 1
+    eject = {"source": "eject request", "status": "ejection in progress", **labels}
+    assert value(m, "virthotplug_ost_events_total", **eject) == 1
+
+
+def test_hostile_ost_codes_cannot_create_series_at_will(m: metrics.Metrics) -> None:
+    for code in range(0x20, 0x60):
+        m.event(ost(1, source=code, status=code))
+    ost_series = [labels for name, labels in samples(m) if name == "virthotplug_ost_events_total"]
+    assert len(ost_series) <= 2
+    statuses = {dict(labels)["status"] for labels in ost_series}
+    assert statuses == {"reserved"}
+
+
+def test_hotadd_latency_from_ost_to_the_reconcile_that_sees_it_online(m: metrics.Metrics) -> None:
+    m.event(ost(1, mono=100.0))
+    m.clock = lambda: 100.2
+    m.reconciled(job(), outcome(view(online=(0,))), 0.01)  # not online yet: no sample
+    assert value(m, "virthotplug_hotadd_online_latency_seconds_count", host=HOST) in (None, 0)
+    m.clock = lambda: 100.45
+    m.reconciled(job(), outcome(view(online=(0, 1))), 0.01)
+    assert value(m, "virthotplug_hotadd_online_latency_seconds_count", host=HOST) == 1
+    assert value(m, "virthotplug_hotadd_online_latency_seconds_sum", host=HOST) == pytest.approx(
+        0.45
+    )
+    bucket = {"host": HOST, "le": "0.5"}
+    assert value(m, "virthotplug_hotadd_online_latency_seconds_bucket", **bucket) == 1
+    m.reconciled(job(), outcome(view(online=(0, 1))), 0.01)  # counted once
+    assert value(m, "virthotplug_hotadd_online_latency_seconds_count", host=HOST) == 1
+
+
+def test_pending_hotadds_are_bounded(m: metrics.Metrics, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "MAX_PENDING_HOTADDS", 3)
+    for vcpu in range(1, 10):
+        m.event(ost(vcpu))
+    assert len(m._hotadds) == 3
+
+
+def test_connections_and_reconnects(m: metrics.Metrics) -> None:
+    m.event(HostEvent(None, host=HOST, what="connected"))
+    assert value(m, "virthotplug_host_connected", host=HOST) == 1
+    assert value(m, "virthotplug_reconnects_total", host=HOST) in (None, 0)
+    m.event(HostEvent(None, host=HOST, what="lost", reason="end of file"))
+    assert value(m, "virthotplug_host_connected", host=HOST) == 0
+    m.event(HostEvent(None, host=HOST, what="connected"))
+    assert value(m, "virthotplug_reconnects_total", host=HOST) == 1
+    assert value(m, "virthotplug_events_total", host=HOST, kind="host") == 3
+
+
+def test_a_broken_record_never_raises(m: metrics.Metrics) -> None:
+    bad = Outcome(record={"outcome": 42}, line="", view=object())  # type: ignore[arg-type]
+    m.reconciled(job(), bad, 0.01)  # logged, not raised
+
+
+# --- serving ---------------------------------------------------------------------------------
+
+
+def test_serves_the_registry_on_the_given_address_only(m: metrics.Metrics) -> None:
+    address, port = m.serve("127.0.0.1", 0)
+    try:
+        assert address == "127.0.0.1" and port > 0
+        m.reconciled(job(), outcome(view()), 0.01)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        assert 'virthotplug_domain_vcpus{domain="web1",host="qemu:///system",layer="live"} 2.0' in (
+            text
+        )
+    finally:
+        m.close()
+
+
+def test_port_in_use_is_a_one_line_usage_error(m: metrics.Metrics) -> None:
+    _, port = m.serve("127.0.0.1", 0)
+    try:
+        other = metrics.Metrics()
+        with pytest.raises(UsageError, match=r"cannot listen on 127\.0\.0\.1:"):
+            other.serve("127.0.0.1", port)
+    finally:
+        m.close()

@@ -1,0 +1,68 @@
+"""The daemon's main loop: it sleeps while every worker is busy (no spinning), and it
+reports what it handles to an observer (the metrics)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from virthotplug.config import WatchSettings
+from virthotplug.connection import Connection, Domain
+from virthotplug.eventlog import EventLog
+from virthotplug.events import DomainRef, LifecycleEvent
+from virthotplug.schedule import Job
+from virthotplug.watch import MAIN_LOOP_WAKEUP, Outcome, Watch
+
+
+def _never(_conn: Connection, _dom: Domain, _job: Job) -> Outcome:
+    raise AssertionError("not reached")
+
+
+def _watch(workers: int, observer: Any = None) -> Watch:
+    settings = WatchSettings(workers=workers, resync_interval=3600)
+    return Watch([], settings, _never, EventLog(None), observer=observer)
+
+
+def _ref(i: int) -> DomainRef:
+    return DomainRef("test:///default", f"uuid-{i}", f"dom{i}")
+
+
+def test_no_spinning_while_every_worker_is_busy() -> None:
+    watch = _watch(workers=2)
+    sched = watch._sched
+    for i in range(3):
+        sched.request(_ref(i), due=0.0, at=0.0, reason="lifecycle")
+    assert len(sched.pop_due(time.monotonic(), 2)) == 2  # both workers busy, one job due
+    next_tick = time.monotonic() + 3600
+    assert watch._wait_time(next_tick) >= MAIN_LOOP_WAKEUP * 0.9
+    sched.finish(_ref(0).key)  # a worker is free: the due job is dispatched at once
+    assert watch._wait_time(next_tick) == 0.0
+
+
+def test_future_jobs_still_bound_the_wait() -> None:
+    watch = _watch(workers=2)
+    watch._sched.request(_ref(0), due=time.monotonic() + 0.05, at=0.0, reason="ost")
+    assert 0.0 < watch._wait_time(time.monotonic() + 3600) <= 0.05
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def event(self, ev: Any) -> None:
+        self.events.append(ev)
+
+    def reconciled(self, job: Job, outcome: Outcome, seconds: float) -> None:
+        pass
+
+    def failed(self, job: Job, seconds: float) -> None:
+        pass
+
+
+def test_the_observer_sees_every_event() -> None:
+    recorder = _Recorder()
+    watch = _watch(workers=1, observer=recorder)
+    ev = LifecycleEvent(_ref(1), event=2, detail=0)  # started: a reconcile is scheduled
+    watch._event(ev)
+    assert recorder.events == [ev]
+    assert len(watch._sched) == 1
