@@ -12,6 +12,7 @@ Pure bookkeeping (no threads, no libvirt), driven by the daemon's main loop:
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -65,14 +66,16 @@ class ReconcileQueue:
 
     def pop_due(self, now: float, limit: int) -> list[Job]:
         """Up to ``limit`` jobs due by ``now``, earliest first; they are marked running."""
-        ready = sorted(
+        # nsmallest: the same as sorted()[:limit], without sorting every pending job.
+        ready = heapq.nsmallest(
+            max(0, limit),
             (
                 job
                 for key, job in self._pending.items()
                 if job.due <= now and key not in self._running
             ),
             key=lambda job: job.due,
-        )[: max(0, limit)]
+        )
         for job in ready:
             del self._pending[job.ref.key]
             self._running.add(job.ref.key)
