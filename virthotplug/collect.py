@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 DEFAULT_AGENT_TIMEOUT = 5.0
 DEFAULT_WORKERS = 8
 DEFINITION_WORKERS = 4  # definition reads in flight at once (libvirtd serves 5 per client)
+MAX_HOSTS_AT_ONCE = 16  # hosts read in parallel by read_hosts
 VIR_ERR_NO_SUPPORT = 3  # virErrorNumber (ABI-stable): the driver lacks the API altogether
 
 
@@ -62,6 +63,7 @@ class DomainError:
 class ReadResult:
     views: list[VcpuView] = field(default_factory=list)
     errors: list[DomainError] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # names not found (with ``missing_ok``)
 
 
 @dataclass(frozen=True)
@@ -79,14 +81,19 @@ def read_views(
     *,
     agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
     workers: int = DEFAULT_WORKERS,
+    missing_ok: bool = False,
 ) -> ReadResult:
-    """Views of the named domains (virsh-style identifiers), or of every domain."""
-    domains = _unique([conn.lookup(name) for name in names]) if names else None
+    """Views of the named domains (virsh-style identifiers), or of every domain.
+
+    A name that matches no domain raises ``NoDomainError``; with ``missing_ok`` it goes
+    into ``ReadResult.missing`` instead (several hosts: a domain lives on some of them).
+    """
+    result = ReadResult()
+    domains = _unique(_lookup_all(conn, names, result.missing, missing_ok)) if names else None
     stats = conn.bulk_stats(domains)
     if domains is None:
         stats.sort(key=_listing_order)
     transient = conn.transient_uuids() if stats else set()
-    result = ReadResult()
     raws = []
     for item in _read_all_definitions(conn, stats, transient, min(workers, DEFINITION_WORKERS)):
         if isinstance(item, DomainError):
@@ -105,23 +112,58 @@ def read_hosts(
     agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
     workers: int = DEFAULT_WORKERS,
 ) -> ReadResult:
-    """Read several hosts. With one host its errors propagate (like virsh); with several,
-    a host that is down or fails is reported in ``errors`` and the others still are read.
+    """Read several hosts at once, results in the order of ``uris``.
+
+    With one host its errors propagate (like virsh). With several, a host that is down or
+    fails is reported in ``errors`` and the others still are read, and a named domain needs
+    to exist on one host only: a name found on none of the hosts read is an error.
     """
-    result = ReadResult()
-    for uri in uris:
+    if len(uris) == 1:
+        with Connection(uris[0], readonly=readonly).open() as conn:
+            return read_views(conn, names, agent_timeout=agent_timeout, workers=workers)
+
+    def one(uri: Optional[str]) -> Union[ReadResult, DomainError]:
         conn = Connection(uri, readonly=readonly)
         try:
             with conn.open():
-                part = read_views(conn, names, agent_timeout=agent_timeout, workers=workers)
+                return read_views(
+                    conn, names, agent_timeout=agent_timeout, workers=workers, missing_ok=True
+                )
         except errors.VirtHotplugError as exc:
-            if len(uris) == 1:
-                raise
-            result.errors.append(DomainError(conn.uri, "", str(exc)))
+            return DomainError(conn.uri, "", str(exc))
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(len(uris), MAX_HOSTS_AT_ONCE)) as pool:
+        parts = list(pool.map(one, uris))
+    result = ReadResult()
+    found: set[str] = set()
+    for part in parts:
+        if isinstance(part, DomainError):
+            result.errors.append(part)
             continue
         result.views.extend(part.views)
         result.errors.extend(part.errors)
+        found.update(name for name in names or () if name not in part.missing)
+    nowhere = [name for name in dict.fromkeys(names or ()) if name not in found]
+    where = "any host" if len(result.errors) == 0 else "any host that could be read"
+    for name in nowhere:
+        result.errors.append(DomainError("", name, f"no such domain on {where}"))
     return result
+
+
+def _lookup_all(
+    conn: Connection, names: Sequence[str], missing: list[str], missing_ok: bool
+) -> list[Domain]:
+    domains = []
+    for name in names:
+        try:
+            domains.append(conn.lookup(name))
+        except errors.NoDomainError:
+            if not missing_ok:
+                raise
+            missing.append(name)
+    return domains
 
 
 def read_view(conn: Connection, dom: Domain, *, agent_timeout: float) -> VcpuView:
