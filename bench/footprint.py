@@ -1,0 +1,350 @@
+"""Daemon footprint: ``virthotplug watch`` over 1,000 test domains, idle and under a burst.
+
+libvirtd's test driver gives every connection to a node *file* its own private copy of the
+node, so events caused through one connection never reach another. Its built-in default
+node (``test+unix:///default``) is shared by every client of the daemon instead; the
+benchmark defines and starts its domains there (same layouts as the sweep's node files,
+all running, names prefixed ``vhpbench-``) through a holder connection, and removes them
+at the end.
+
+    start-up   until the first resync has reconciled every domain
+    idle       ``idle_seconds`` with no events at the default settings: RSS and CPU from
+               /proc/PID; the default periodic resync (every 60 s) falls inside such a
+               window, so the window's CPU includes one full resync, also reported apart
+    burst      suspend, then resume, every domain through the holder connection: every
+               lifecycle event must show up in ``watch --json`` and every domain must be
+               reconciled after its resume; time to drain
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import nodes
+from common import child_env, proc_cpu_seconds, proc_rss_bytes, virthotplug_command
+
+SHARED_URI = "test+unix:///default"
+PREFIX = "vhpbench-"
+MIB = 1024 * 1024
+
+
+@dataclass
+class Line:
+    mono: float
+    record: dict[str, Any]
+
+
+@dataclass
+class Sample:
+    mono: float
+    cpu: float
+    rss: int
+
+
+@dataclass
+class FootprintResult:
+    domains: int
+    uri: str = SHARED_URI
+    extra_args: list[str] = field(default_factory=list)
+    startup_seconds: float = 0.0
+    startup_rss_mib: float = 0.0
+    idle_seconds: float = 0.0
+    idle_cpu_percent: float = 0.0  # whole window, periodic resync included
+    idle_between_resyncs_cpu_percent: Optional[float] = None
+    idle_between_resyncs_seconds: float = 0.0
+    resync_cpu_seconds: Optional[float] = None
+    resync_seconds: Optional[float] = None
+    idle_rss_mib: float = 0.0
+    burst_api_seconds: float = 0.0
+    burst_drain_seconds: float = 0.0  # from the first suspend to the last reconcile
+    burst_drain_after_last_event_seconds: float = 0.0
+    burst_suspended_events: int = 0
+    burst_resumed_events: int = 0
+    burst_reconciled_domains: int = 0
+    burst_cpu_seconds: float = 0.0
+    peak_rss_mib: float = 0.0
+    lost_domains: list[str] = field(default_factory=list)
+
+    @property
+    def no_event_lost(self) -> bool:
+        n = self.domains
+        return (
+            self.burst_suspended_events == n
+            and self.burst_resumed_events == n
+            and self.burst_reconciled_domains == n
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["no_event_lost"] = self.no_event_lost
+        return data
+
+
+class _Watcher:
+    """The daemon under test, with a thread collecting its JSON lines as they arrive."""
+
+    def __init__(self, argv: list[str], stderr_path: Path) -> None:
+        self._stderr = stderr_path.open("w", encoding="utf-8")
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            env=child_env(),
+            bufsize=1,
+        )
+        self.lines: list[Line] = []
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for text in self.proc.stdout:
+            try:
+                record = json.loads(text)
+            except ValueError:
+                continue
+            with self._lock:
+                self.lines.append(Line(time.monotonic(), record))
+
+    def snapshot(self) -> list[Line]:
+        with self._lock:
+            return list(self.lines)
+
+    def sample(self) -> Sample:
+        rss, _ = proc_rss_bytes(self.proc.pid)
+        return Sample(time.monotonic(), proc_cpu_seconds(self.proc.pid), rss)
+
+    def peak_rss(self) -> int:
+        return proc_rss_bytes(self.proc.pid)[1]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=5)
+        self._stderr.close()
+
+
+def _reconciled(lines: list[Line], since: float, names: set[str]) -> dict[str, float]:
+    """Domain → arrival of its first reconcile line after ``since``."""
+    seen: dict[str, float] = {}
+    for line in lines:
+        record = line.record
+        name = record.get("domain")
+        if line.mono >= since and record.get("event") == "reconcile" and name in names:
+            seen.setdefault(name, line.mono)
+    return seen
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+class Footprint:
+    def __init__(
+        self, count: int, idle_seconds: float, extra_args: Optional[list[str]] = None
+    ) -> None:
+        self.count = count
+        self.idle_seconds = idle_seconds
+        self.extra_args = list(extra_args or [])
+        self.names = [PREFIX + layout.name for layout in nodes.layouts(count)]
+        self._holder: Any = None
+
+    # the domains, on the shared test node
+
+    def _open_holder(self) -> Any:
+        import libvirt
+
+        libvirt.registerErrorHandler(lambda _c, _e: None, None)
+        return libvirt.open(SHARED_URI)
+
+    def _remove_domains(self) -> None:
+        conn = self._holder
+        for dom in conn.listAllDomains(0):
+            if dom.name().startswith(PREFIX):
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+
+    def _create_domains(self) -> list[Any]:
+        conn = self._holder
+        domains = []
+        for layout in nodes.layouts(self.count):
+            running = dataclasses.replace(layout, name=PREFIX + layout.name, runstate=nodes.RUNNING)
+            dom = conn.defineXML(nodes.domain_xml(running))
+            dom.create()
+            domains.append(dom)
+        return domains
+
+    # the measurement
+
+    def run(self, log: Callable[[str], None]) -> FootprintResult:
+        result = FootprintResult(self.count, extra_args=self.extra_args)
+        self._holder = self._open_holder()
+        try:
+            self._remove_domains()  # leftovers of an interrupted run
+            domains = self._create_domains()
+            log(f"  {self.count} domains defined and running on {SHARED_URI}")
+            with tempfile.TemporaryDirectory(prefix="vhp-footprint-") as tmp:
+                self._measure(domains, Path(tmp), result, log)
+        finally:
+            self._remove_domains()
+            self._holder.close()
+        return result
+
+    def _measure(
+        self, domains: list[Any], tmp: Path, result: FootprintResult, log: Callable[[str], None]
+    ) -> None:
+        config = tmp / "empty.conf"
+        config.write_text("", encoding="utf-8")
+        argv = [
+            *virthotplug_command(),
+            "--config-file",
+            str(config),
+            "-c",
+            SHARED_URI,
+            "watch",
+            "--json",
+            *self.extra_args,
+        ]
+        names = set(self.names)
+        started = time.monotonic()
+        watcher = _Watcher(argv, tmp / "watch.log")
+        try:
+            _wait_until(
+                lambda: (
+                    len(_reconciled(watcher.snapshot(), started, names)) == self.count
+                    or not watcher.alive()
+                ),
+                300,
+                "the start-up resync",
+            )
+            if not watcher.alive():
+                raise RuntimeError(f"watch exited: {(tmp / 'watch.log').read_text()[-800:]}")
+            result.startup_seconds = time.monotonic() - started
+            result.startup_rss_mib = watcher.sample().rss / MIB
+            log(f"  start-up resync done in {result.startup_seconds:.1f} s")
+            self._idle(watcher, names, result)
+            log(f"  idle: {result.idle_cpu_percent:.2f} % CPU, {result.idle_rss_mib:.1f} MiB")
+            self._burst(watcher, domains, names, result)
+            log(f"  burst drained in {result.burst_drain_seconds:.1f} s")
+            result.peak_rss_mib = watcher.peak_rss() / MIB
+        finally:
+            watcher.stop()
+
+    def _idle(self, watcher: _Watcher, names: set[str], result: FootprintResult) -> None:
+        time.sleep(1.0)  # let the start-up resync's last writes settle
+        samples = [watcher.sample()]
+        end = samples[0].mono + self.idle_seconds
+        while time.monotonic() < end:
+            time.sleep(min(1.0, max(0.0, end - time.monotonic())))
+            samples.append(watcher.sample())
+        first, last = samples[0], samples[-1]
+        result.idle_seconds = last.mono - first.mono
+        result.idle_cpu_percent = 100 * (last.cpu - first.cpu) / result.idle_seconds
+        result.idle_rss_mib = max(s.rss for s in samples) / MIB
+        # The periodic resync inside the window: from its first to its last reconcile line.
+        resync = sorted(_reconciled(watcher.snapshot(), first.mono, names).values())
+        resync = [t for t in resync if t <= last.mono]
+        quiet_end = resync[0] - 1.0 if resync else last.mono
+        quiet = [s for s in samples if s.mono <= quiet_end]
+        if len(quiet) >= 2 and quiet[-1].mono - quiet[0].mono >= 5:
+            span = quiet[-1].mono - quiet[0].mono
+            result.idle_between_resyncs_seconds = span
+            result.idle_between_resyncs_cpu_percent = 100 * (quiet[-1].cpu - quiet[0].cpu) / span
+        if resync:
+            before = [s for s in samples if s.mono <= resync[0] - 1.0]
+            after = [s for s in samples if s.mono >= resync[-1] + 1.0]
+            if before and after:
+                result.resync_cpu_seconds = after[0].cpu - before[-1].cpu
+            result.resync_seconds = resync[-1] - resync[0]
+
+    def _burst(
+        self, watcher: _Watcher, domains: list[Any], names: set[str], result: FootprintResult
+    ) -> None:
+        cpu_before = watcher.sample().cpu
+        start = time.monotonic()
+        for dom in domains:
+            dom.suspend()
+        for dom in domains:
+            dom.resume()
+        api_done = time.monotonic()
+        result.burst_api_seconds = api_done - start
+
+        def resumed_at() -> dict[str, float]:
+            seen: dict[str, float] = {}
+            for line in watcher.snapshot():
+                record = line.record
+                if line.mono >= start and record.get("event") == "lifecycle":
+                    details = record.get("details") or {}
+                    if details.get("event") == "resumed" and record.get("domain") in names:
+                        seen.setdefault(record["domain"], line.mono)
+            return seen
+
+        def drained() -> bool:
+            resumed = resumed_at()
+            reconciled = _reconciled(watcher.snapshot(), start, names)
+            done = [n for n, t in resumed.items() if reconciled.get(n, -1.0) >= t]
+            return len(done) == self.count
+
+        with contextlib.suppress(TimeoutError):  # reported below as lost domains
+            _wait_until(drained, 300, "every domain to be reconciled after the burst")
+        time.sleep(2.0)  # late stragglers would show up as extra lines, not change counts
+        lines = watcher.snapshot()
+        events: dict[str, dict[str, int]] = {"suspended": {}, "resumed": {}}
+        for line in lines:
+            record = line.record
+            if line.mono < start or record.get("event") != "lifecycle":
+                continue
+            kind = (record.get("details") or {}).get("event")
+            if kind in events and record.get("domain") in names:
+                events[kind][record["domain"]] = events[kind].get(record["domain"], 0) + 1
+        resumed = resumed_at()
+        reconciled_after: list[float] = []
+        lost = []
+        for name in self.names:
+            arrival = resumed.get(name)
+            times = [
+                line.mono
+                for line in lines
+                if line.record.get("event") == "reconcile"
+                and line.record.get("domain") == name
+                and arrival is not None
+                and line.mono >= arrival
+            ]
+            if times:
+                reconciled_after.append(min(times))
+            else:
+                lost.append(name)
+        result.burst_suspended_events = len(events["suspended"])
+        result.burst_resumed_events = len(events["resumed"])
+        result.burst_reconciled_domains = len(reconciled_after)
+        result.lost_domains = lost[:20]
+        last = max(reconciled_after) if reconciled_after else api_done
+        result.burst_drain_seconds = last - start
+        last_event = max(resumed.values()) if resumed else api_done
+        result.burst_drain_after_last_event_seconds = max(0.0, last - last_event)
+        result.burst_cpu_seconds = watcher.sample().cpu - cpu_before

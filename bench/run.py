@@ -1,0 +1,349 @@
+"""``make bench``: virthotplug's benchmarks, side by side, in one run.
+
+    sweep       ``status --all --json`` vs the floor vs a virsh loop, N = 10 ... 5000
+    footprint   ``watch`` with 1,000 domains: RSS and CPU idle, and a lifecycle-event burst
+
+Absolute times on a shared machine are noisy; the ratios are what count: every comparison
+is measured in the same run, repetitions interleaved, medians. Prints tables and writes
+``bench/results/bench-<time>.json`` (and ``latest.json``).
+
+Needs libvirtd running (``make host`` / ``bash tests/lab/host-setup.sh`` starts it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+from common import RESULTS, fmt_ms, fmt_ratio, fmt_seconds, load_average, table
+from footprint import SHARED_URI, Footprint, FootprintResult
+from sweep import SizeResult, Sweep
+
+TARGET_FLOOR_RATIO = 2.0  # status within 2x of the floor at 1,000 domains
+TARGET_VIRSH_RATIO = 50.0  # at least 50x faster than the virsh loop
+TARGET_RSS_MIB = 60.0
+TARGET_IDLE_CPU = 1.0  # percent of one core
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10,100,1000,5000", help="domain counts")
+    parser.add_argument("--repetitions", type=int, default=5, help="rounds per size")
+    parser.add_argument("--virsh-sample", type=int, default=20, help="virsh loop sample size")
+    parser.add_argument("--footprint-domains", type=int, default=1000)
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--no-footprint", action="store_true")
+    parser.add_argument(
+        "--quick", action="store_true", help="small and short (a smoke test of the benchmark)"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.repetitions, args.virsh_sample = "10,100", 2, 5
+        args.footprint_domains, args.idle_seconds = 100, 10.0
+    return args
+
+
+def check_daemon() -> None:
+    if shutil.which("virsh") is None:
+        sys.exit("bench: virsh not found: run 'make host' first")
+    done = subprocess.run(
+        ["virsh", "-c", SHARED_URI, "version"], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        sys.exit(
+            "bench: cannot reach libvirtd's test driver "
+            f"({done.stderr.strip()}): run 'bash tests/lab/host-setup.sh'"
+        )
+
+
+# --- the sweep ------------------------------------------------------------------------------
+
+
+def run_sweep(args: argparse.Namespace) -> list[SizeResult]:
+    results = []
+    for size in (int(x) for x in args.sizes.split(",")):
+        repetitions = args.repetitions if size < 5000 else max(2, args.repetitions - 2)
+        sample = min(size, args.virsh_sample if size < 5000 else max(2, args.virsh_sample // 2))
+        log(f"sweep: {size} domains, {repetitions} rounds, virsh over {sample} domains")
+        results.append(Sweep(size, repetitions, sample).run(log))
+    return results
+
+
+def paired_ratio(result: SizeResult, num: str, den: str) -> float:
+    """Median over rounds of num/den measured in the same round (robust to load drift)."""
+    ratios = sorted(a / b for a, b in zip(result.seconds[num], result.seconds[den]) if b > 0)
+    return ratios[len(ratios) // 2] if ratios else float("nan")
+
+
+def sweep_tables(results: list[SizeResult]) -> str:
+    rows = []
+    for r in results:
+        extrapolated = "*" if r.virsh_sample < r.domains else ""
+        rows.append(
+            [
+                str(r.domains),
+                fmt_seconds(r.median("virthotplug")),
+                fmt_seconds(r.median("floor")),
+                fmt_seconds(r.median("virsh")) + extrapolated,
+                fmt_seconds(r.median("connect")),
+                fmt_ratio(paired_ratio(r, "virthotplug", "floor")),
+                fmt_ratio(paired_ratio(r, "virsh", "virthotplug")),
+            ]
+        )
+    times = table(
+        ["N", "virthotplug", "floor", "virsh loop", "connect only", "vhp/floor", "virsh/vhp"],
+        rows,
+    )
+    rows = []
+    previous: Optional[SizeResult] = None
+    for r in results:
+        marginal = ["-", "-"]
+        if previous is not None:
+            span = r.domains - previous.domains
+            marginal = [
+                fmt_ms((r.median(m) - previous.median(m)) / span) for m in ("virthotplug", "floor")
+            ]
+        rows.append(
+            [
+                str(r.domains),
+                fmt_ms(r.per_domain("virthotplug")),
+                fmt_ms(r.per_domain("floor")),
+                fmt_ms(r.per_domain("virsh")),
+                *marginal,
+            ]
+        )
+        previous = r
+    per_domain = table(
+        ["N", "vhp/domain", "floor/domain", "virsh/domain", "vhp marginal", "floor marginal"],
+        rows,
+    )
+    rows = []
+    for r in results:
+        calls = r.calls
+        rows.append(
+            [
+                str(r.domains),
+                str(calls.get("virthotplug", "-")),
+                str(calls.get("floor", "-")),
+                str(calls.get("virsh", "-")) + ("*" if r.virsh_sample < r.domains else ""),
+                f"{calls.get('virthotplug', 0) / r.domains:.2f}",
+                f"{calls.get('floor', 0) / r.domains:.2f}",
+                f"{calls.get('virsh', 0) / r.domains:.2f}",
+            ]
+        )
+    calls_table = table(
+        ["N", "virthotplug", "floor", "virsh loop", "vhp/domain", "floor/domain", "virsh/domain"],
+        rows,
+    )
+    return "\n\n".join(
+        [
+            "Sweep: wall time, medians of interleaved rounds (ratios: median of per-round ratios)",
+            times,
+            "Per-domain cost (total / N) and marginal cost between consecutive N",
+            per_domain,
+            "libvirt API calls that reach the daemon (from libvirt's public-API debug log)",
+            calls_table,
+            "* virsh loop over an evenly spread sample of domains, extrapolated linearly to N.",
+        ]
+    )
+
+
+def sweep_breakdown(results: list[SizeResult]) -> str:
+    lines = ["Calls by API (virthotplug | floor), largest N:"]
+    r = results[-1]
+    apis = sorted(set(r.call_breakdown.get("virthotplug", {})) | set(r.call_breakdown["floor"]))
+    for api in apis:
+        vhp = r.call_breakdown["virthotplug"].get(api, 0)
+        floor = r.call_breakdown["floor"].get(api, 0)
+        lines.append(f"  {api:<32} {vhp:>7} | {floor:>7}")
+    return "\n".join(lines)
+
+
+# --- the footprint --------------------------------------------------------------------------
+
+
+def footprint_table(result: FootprintResult) -> str:
+    def opt(value: Optional[float], unit: str, digits: int = 2) -> str:
+        return "-" if value is None else f"{value:.{digits}f}{unit}"
+
+    rows = [
+        ["domains", str(result.domains)],
+        ["start-up: first resync of every domain", f"{result.startup_seconds:.1f} s"],
+        ["RSS after start-up", f"{result.startup_rss_mib:.1f} MiB"],
+        [f"idle window ({result.idle_seconds:.0f} s): RSS max", f"{result.idle_rss_mib:.1f} MiB"],
+        ["idle window: CPU (one periodic resync included)", f"{result.idle_cpu_percent:.2f} %"],
+        [
+            f"idle between resyncs ({result.idle_between_resyncs_seconds:.0f} s): CPU",
+            opt(result.idle_between_resyncs_cpu_percent, " %"),
+        ],
+        ["one periodic resync: CPU time", opt(result.resync_cpu_seconds, " s")],
+        ["one periodic resync: duration", opt(result.resync_seconds, " s", 1)],
+        ["burst: suspend+resume API calls took", f"{result.burst_api_seconds:.1f} s"],
+        [
+            "burst: events seen (suspended / resumed)",
+            f"{result.burst_suspended_events} / {result.burst_resumed_events}",
+        ],
+        ["burst: domains reconciled after their resume", str(result.burst_reconciled_domains)],
+        ["burst: drain, first suspend to last reconcile", f"{result.burst_drain_seconds:.1f} s"],
+        [
+            "burst: drain after the last resume event",
+            f"{result.burst_drain_after_last_event_seconds:.1f} s",
+        ],
+        ["burst: CPU time", f"{result.burst_cpu_seconds:.1f} s"],
+        ["peak RSS (VmHWM)", f"{result.peak_rss_mib:.1f} MiB"],
+    ]
+    return "Daemon footprint: watch over test+unix:///default\n" + table(
+        ["", "value"], rows, right=1
+    )
+
+
+# --- targets --------------------------------------------------------------------------------
+
+
+def targets(sweep: list[SizeResult], footprint: Optional[FootprintResult]) -> list[dict[str, Any]]:
+    checks: list[dict[str, Any]] = []
+    by_size = {r.domains: r for r in sweep}
+    if 1000 in by_size:
+        r = by_size[1000]
+        ratio = paired_ratio(r, "virthotplug", "floor")
+        checks.append(
+            {
+                "target": "status --all within 2x of the floor at 1,000 domains",
+                "value": f"{ratio:.2f}x",
+                "met": ratio <= TARGET_FLOOR_RATIO,
+            }
+        )
+        virsh = paired_ratio(r, "virsh", "virthotplug")
+        checks.append(
+            {
+                "target": "at least 50x faster than the virsh loop at 1,000 domains",
+                "value": f"{virsh:.0f}x",
+                "met": virsh >= TARGET_VIRSH_RATIO,
+            }
+        )
+        if 10 in by_size:
+            # virsh connects once per command, and libvirtd's test driver re-reads the whole
+            # node file at every connect: per-command cost grows with N here, unlike on a
+            # real host. The per-domain cost measured at N=10 takes that out.
+            small = by_size[10]
+            conservative = small.per_domain("virsh") * 1000 / r.median("virthotplug")
+            checks.append(
+                {
+                    "target": "... with virsh's per-domain cost measured at N=10 "
+                    "(without the test driver's node re-parse per connect)",
+                    "value": f"{conservative:.0f}x",
+                    "met": conservative >= TARGET_VIRSH_RATIO,
+                }
+            )
+    if 100 in by_size and 1000 in by_size and 5000 in by_size:
+        a, b, c = by_size[100], by_size[1000], by_size[5000]
+        early = (b.median("virthotplug") - a.median("virthotplug")) / (b.domains - a.domains)
+        late = (c.median("virthotplug") - b.median("virthotplug")) / (c.domains - b.domains)
+        growth = late / early if early > 0 else float("nan")
+        floor_early = (b.median("floor") - a.median("floor")) / (b.domains - a.domains)
+        floor_late = (c.median("floor") - b.median("floor")) / (c.domains - b.domains)
+        floor_growth = floor_late / floor_early if floor_early > 0 else float("nan")
+        checks.append(
+            {
+                "target": "linear growth: marginal cost per domain, 1000-5000 vs 100-1000 "
+                f"(floor: {floor_growth:.2f})",
+                "value": f"{growth:.2f}",
+                "met": growth <= max(1.5, floor_growth * 1.25),
+            }
+        )
+    if footprint is not None:
+        checks += [
+            {
+                "target": "watch RSS under 60 MiB with 1,000 domains (peak)",
+                "value": f"{footprint.peak_rss_mib:.1f} MiB",
+                "met": footprint.peak_rss_mib < TARGET_RSS_MIB,
+            },
+            {
+                "target": "watch idle CPU under 1 % of a core (60 s, resync included)",
+                "value": f"{footprint.idle_cpu_percent:.2f} %",
+                "met": footprint.idle_cpu_percent < TARGET_IDLE_CPU,
+            },
+            {
+                "target": "burst: no event lost, every domain reconciled",
+                "value": f"{footprint.burst_reconciled_domains}/{footprint.domains}",
+                "met": footprint.no_event_lost,
+            },
+        ]
+    return checks
+
+
+def targets_table(checks: list[dict[str, Any]]) -> str:
+    rows = [[c["target"], c["value"], "met" if c["met"] else "MISSED"] for c in checks]
+    return "Targets\n" + table(["target", "value", ""], rows, right=1)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    check_daemon()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    document: dict[str, Any] = {
+        "started": started.isoformat(timespec="seconds"),
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": _cpu_count(),
+            "load_average_start": load_average(),
+            "libvirt": _libvirt_version(),
+        },
+    }
+    sweep: list[SizeResult] = []
+    footprint: Optional[FootprintResult] = None
+    output = []
+    if not args.no_sweep:
+        sweep = run_sweep(args)
+        document["sweep"] = [r.to_dict() for r in sweep]
+        output += [sweep_tables(sweep), sweep_breakdown(sweep)]
+    if not args.no_footprint:
+        log(f"footprint: watch over {args.footprint_domains} domains")
+        footprint = Footprint(args.footprint_domains, args.idle_seconds).run(log)
+        document["footprint"] = footprint.to_dict()
+        output.append(footprint_table(footprint))
+    checks = targets(sweep, footprint)
+    document["targets"] = checks
+    document["machine"]["load_average_end"] = load_average()
+    output.append(targets_table(checks))
+    output.append(
+        f"load average: start {document['machine']['load_average_start']}, "
+        f"end {document['machine']['load_average_end']}"
+    )
+    print("\n\n".join(output))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"bench-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    shutil.copyfile(path, RESULTS / "latest.json")
+    print(f"\nresults: {path.relative_to(RESULTS.parent.parent)}")
+    return 0
+
+
+def _cpu_count() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def _libvirt_version() -> str:
+    done = subprocess.run(["virsh", "--version"], capture_output=True, text=True, check=False)
+    return done.stdout.strip()
+
+
+if __name__ == "__main__":
+    started_at = time.monotonic()
+    status = main()
+    log(f"bench: done in {time.monotonic() - started_at:.0f} s")
+    sys.exit(status)
