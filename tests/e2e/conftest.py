@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -92,56 +92,80 @@ def lab() -> Iterator[Lab]:
         the_lab.close()
 
 
+class SharedVMs:
+    """The session's shared VMs, booted in parallel up front or, if unforeseen, on demand."""
+
+    def __init__(self, lab: Lab) -> None:
+        self._lab = lab
+        self._vms: dict[str, LabVM] = {}
+
+    def boot(self, keys: Iterable[str]) -> None:
+        wanted = set(keys)
+        missing = [k for k in SHARED if k in wanted and k not in self._vms]
+        if not missing:
+            return
+        started = time.monotonic()
+        vms = self._lab.start_many([SHARED[k] for k in missing])
+        self._vms.update(zip(missing, vms))
+        _timings[f"boot of shared VMs ({', '.join(missing)})"] = time.monotonic() - started
+
+    def fresh(self, key: str) -> LabVM:
+        """The VM as freshly booted: power-cycled if an earlier test changed it."""
+        self.boot([key])
+        vm = self._vms[key]
+        if not vm.is_pristine():
+            vm.restart()
+        return vm
+
+    def values(self) -> list[LabVM]:
+        return list(self._vms.values())
+
+
 @pytest.fixture(scope="session")
-def shared_vms(lab: Lab) -> dict[str, LabVM]:
-    started = time.monotonic()
+def shared_vms(lab: Lab, request: pytest.FixtureRequest) -> SharedVMs:
+    # Boot every shared VM that the selected tests use, all at once.
+    used = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+    shared = SharedVMs(lab)
     try:
-        vms = lab.start_many(list(SHARED.values()))
+        shared.boot(key for key in SHARED if f"vm_{key}" in used)
     except LabError as exc:
         pytest.fail(str(exc), pytrace=False)
-    _timings[f"boot of {len(vms)} shared VMs in parallel"] = time.monotonic() - started
-    return dict(zip(SHARED, vms))
-
-
-def _fresh(vm: LabVM) -> LabVM:
-    if not vm.is_pristine():
-        vm.restart()
-    return vm
+    return shared
 
 
 @pytest.fixture
-def vm_manual(shared_vms: dict[str, LabVM]) -> LabVM:
-    return _fresh(shared_vms["manual"])
+def vm_manual(shared_vms: SharedVMs) -> LabVM:
+    return shared_vms.fresh("manual")
 
 
 @pytest.fixture
-def vm_auto(shared_vms: dict[str, LabVM]) -> LabVM:
-    return _fresh(shared_vms["auto"])
+def vm_auto(shared_vms: SharedVMs) -> LabVM:
+    return shared_vms.fresh("auto")
 
 
 @pytest.fixture
-def vm_manual_8(shared_vms: dict[str, LabVM]) -> LabVM:
-    return _fresh(shared_vms["manual_8"])
+def vm_manual_8(shared_vms: SharedVMs) -> LabVM:
+    return shared_vms.fresh("manual_8")
 
 
 @pytest.fixture
-def vm_noagent_channel(shared_vms: dict[str, LabVM]) -> LabVM:
-    return _fresh(shared_vms["noagent_channel"])
+def vm_noagent_channel(shared_vms: SharedVMs) -> LabVM:
+    return shared_vms.fresh("noagent_channel")
 
 
 @pytest.fixture
-def vm_agent_not_running(shared_vms: dict[str, LabVM]) -> LabVM:
-    return _fresh(shared_vms["agent_not_running"])
+def vm_agent_not_running(shared_vms: SharedVMs) -> LabVM:
+    return shared_vms.fresh("agent_not_running")
 
 
 @pytest.fixture
-def vm_agent_control(shared_vms: dict[str, LabVM]) -> LabVM:
-    return _fresh(shared_vms["agent_control"])
+def vm_agent_control(shared_vms: SharedVMs) -> LabVM:
+    return shared_vms.fresh("agent_control")
 
 
 @pytest.fixture
-def vm_scratch(shared_vms: dict[str, LabVM]) -> LabVM:
-    return _fresh(shared_vms["scratch"])
+def vm_scratch(shared_vms: SharedVMs) -> LabVM:
+    return shared_vms.fresh("scratch")
 
 
 @pytest.fixture

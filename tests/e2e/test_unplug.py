@@ -26,6 +26,7 @@ def test_failed_unplug_leaves_a_stale_vcpu(lab: Lab, vm_scratch: LabVM) -> None:
     vm.hot_add(2)
     vm.wait_cpu_state(lambda s: s.present == {0, 1}, what="cpu1 present")
 
+    deleted = lab.monitor("DEVICE_DELETED", vm)
     since = time.monotonic()
     error = vm.unplug(1)
 
@@ -38,6 +39,10 @@ def test_failed_unplug_leaves_a_stale_vcpu(lab: Lab, vm_scratch: LabVM) -> None:
         return
     assert "vcpu unplug request timed out" in str(error)
     assert vm.live_vcpus() == 2, "libvirt should still count the ejected vCPU"
+    # The root cause: QEMU reports the deletion of the vCPU's LAPIC but not of the vCPU.
+    paths = [e.details.get("path") for e in deleted.events()]
+    assert any(str(p).endswith("/lapic") for p in paths)
+    assert "vcpu1" not in [e.details.get("device") for e in deleted.events()]
     with pytest.raises(LabError, match="failed unplug"):
         vm.hot_add(3)
     assert vm.dom.isActive()

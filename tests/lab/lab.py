@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, Callable, TextIO, TypeVar
+from typing import Any, Callable, TextIO, TypeVar, cast
 
 import libvirt
 import libvirt_qemu
@@ -98,7 +98,7 @@ def bounded(call: Callable[[], T], timeout: float, what: str) -> T:
         raise AgentTimeout(f"{what} did not return within {timeout:.1f} s") from None
     if not ok:
         raise value
-    return value  # type: ignore[no-any-return]
+    return cast(T, value)
 
 
 # ---- host facts ---------------------------------------------------------------------------
@@ -261,18 +261,23 @@ def _int_or_none(value: object) -> int | None:
 
 
 class MonitorEvents:
-    """Collects one QEMU monitor event (for all domains) from registration until close().
+    """Collects one QEMU monitor event (of one domain or all) from registration until close().
 
     The registration does not taint domains (qemuMonitorCommand would).
     """
 
-    def __init__(self, conn: libvirt.virConnect, event: str = "ACPI_DEVICE_OST") -> None:
+    def __init__(
+        self,
+        conn: libvirt.virConnect,
+        event: str = "ACPI_DEVICE_OST",
+        dom: libvirt.virDomain | None = None,
+    ) -> None:
         self.event = event
         self._conn = conn
         self._events: list[MonitorEvent] = []
         self._cond = threading.Condition()
         self._id: int | None = libvirt_qemu.qemuMonitorEventRegister(
-            conn, None, event, self._on_event, None, 0
+            conn, dom, event, self._on_event, None, 0
         )
 
     def _on_event(
@@ -527,8 +532,14 @@ class LabVM:
         self, want: Callable[[CpuState], bool], timeout: float = 10.0, what: str = "CPU state"
     ) -> CpuState:
         """Poll the guest's sysfs view (via the control channel) until ``want`` holds."""
-        self._poll(timeout, what, lambda: want(self.cpu_state()))
-        return self.cpu_state()
+        seen: list[CpuState] = []
+
+        def wanted() -> bool:
+            seen.append(self.cpu_state())
+            return want(seen[-1])
+
+        self._poll(timeout, what, wanted)
+        return seen[-1]
 
     # -- facts for reports --
 
@@ -586,6 +597,7 @@ class Lab:
         self._image = image
         self._conn: libvirt.virConnect | None = None
         self._ost: MonitorEvents | None = None
+        self._monitors: list[MonitorEvents] = []
         self._lock_fd: int | None = None
         self._serial = 0
         self._vms_lock = threading.Lock()
@@ -602,7 +614,7 @@ class Lab:
             self._connect()
             self.sweep()
             self._image = self._image or ensure_image()
-            self._ost = MonitorEvents(self.conn, "ACPI_DEVICE_OST")
+            self._ost = self.monitor("ACPI_DEVICE_OST")
         except BaseException:
             self.close()
             raise
@@ -624,9 +636,10 @@ class Lab:
             # Destroying a busy TCG guest takes a second or two: do them all at once.
             with ThreadPoolExecutor(len(vms), thread_name_prefix="lab-destroy") as pool:
                 pool.map(_destroy_logged, vms)
-        if self._ost is not None:
-            self._ost.close()
-            self._ost = None
+        for monitor in self._monitors:
+            monitor.close()
+        self._monitors.clear()
+        self._ost = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -659,6 +672,12 @@ class Lab:
         if self._ost is None:
             raise LabError("the lab is not open")
         return self._ost
+
+    def monitor(self, event: str, vm: LabVM | None = None) -> MonitorEvents:
+        """Start collecting a QEMU monitor event (e.g. DEVICE_DELETED) of one VM or all."""
+        monitor = MonitorEvents(self.conn, event, vm.dom if vm else None)
+        self._monitors.append(monitor)
+        return monitor
 
     @property
     def image(self) -> GuestImage:
@@ -738,8 +757,15 @@ class Lab:
 
     def _claim_run(self) -> None:
         LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-        self._lock_fd = os.open(self._lock_path(), os.O_CREAT | os.O_RDWR, 0o644)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        path = self._lock_path()
+        while True:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # A sweep may have taken the fresh file for a dead run's and unlinked it.
+            if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                self._lock_fd = fd
+                return
+            os.close(fd)
 
     def sweep(self) -> list[str]:
         """Remove lab domains (and logs) of runs that are no longer alive; return their names."""
@@ -807,11 +833,12 @@ def _run_alive(run_id: str) -> bool:
     try:
         with open(path) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Unlink while holding the lock; see Lab._claim_run for the other side.
+            path.unlink(missing_ok=True)
     except FileNotFoundError:
         return False
     except BlockingIOError:
         return True
-    path.unlink(missing_ok=True)
     return False
 
 
