@@ -21,11 +21,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import signal
 import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -64,6 +66,7 @@ class FootprintResult:
     idle_between_resyncs_seconds: float = 0.0
     resync_cpu_seconds: Optional[float] = None
     resync_seconds: Optional[float] = None
+    resync_reconciles: int = 0
     idle_rss_mib: float = 0.0
     burst_api_seconds: float = 0.0
     burst_drain_seconds: float = 0.0  # from the first suspend to the last reconcile
@@ -74,6 +77,9 @@ class FootprintResult:
     burst_cpu_seconds: float = 0.0
     peak_rss_mib: float = 0.0
     lost_domains: list[str] = field(default_factory=list)
+    metrics_series: Optional[int] = None  # samples in one scrape (with --metrics-listen)
+    metrics_scrape_seconds: Optional[float] = None
+    metrics_lifecycle_events: Optional[float] = None  # virthotplug_events_total, lifecycle
 
     @property
     def no_event_lost(self) -> bool:
@@ -155,6 +161,17 @@ def _reconciled(lines: list[Line], since: float, names: set[str]) -> dict[str, f
     return seen
 
 
+def _reconciled_all(lines: list[Line], since: float, names: set[str]) -> list[float]:
+    """Arrival of every reconcile line of ``names`` after ``since``."""
+    return [
+        line.mono
+        for line in lines
+        if line.mono >= since
+        and line.record.get("event") == "reconcile"
+        and line.record.get("domain") in names
+    ]
+
+
 def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -228,6 +245,7 @@ class Footprint:
             SHARED_URI,
             "watch",
             "--json",
+            "--no-hook-socket",  # never the host's hook socket
             *self.extra_args,
         ]
         names = set(self.names)
@@ -251,6 +269,8 @@ class Footprint:
             log(f"  idle: {result.idle_cpu_percent:.2f} % CPU, {result.idle_rss_mib:.1f} MiB")
             self._burst(watcher, domains, names, result)
             log(f"  burst drained in {result.burst_drain_seconds:.1f} s")
+            if "--metrics-listen" in self.extra_args:
+                self._scrape(tmp / "watch.log", result)
             result.peak_rss_mib = watcher.peak_rss() / MIB
         finally:
             watcher.stop()
@@ -260,27 +280,54 @@ class Footprint:
         samples = [watcher.sample()]
         end = samples[0].mono + self.idle_seconds
         while time.monotonic() < end:
-            time.sleep(min(1.0, max(0.0, end - time.monotonic())))
+            time.sleep(min(0.5, max(0.0, end - time.monotonic())))
             samples.append(watcher.sample())
         first, last = samples[0], samples[-1]
         result.idle_seconds = last.mono - first.mono
         result.idle_cpu_percent = 100 * (last.cpu - first.cpu) / result.idle_seconds
         result.idle_rss_mib = max(s.rss for s in samples) / MIB
-        # The periodic resync inside the window: from its first to its last reconcile line.
-        resync = sorted(_reconciled(watcher.snapshot(), first.mono, names).values())
-        resync = [t for t in resync if t <= last.mono]
-        quiet_end = resync[0] - 1.0 if resync else last.mono
+
+        # A periodic resync that began in the window: follow it to its end (not counted in
+        # the window's figures), then measure it from its first to its last reconcile line.
+        def resync_lines() -> list[float]:
+            return sorted(_reconciled_all(watcher.snapshot(), first.mono, names))
+
+        while True:
+            lines = resync_lines()
+            if not lines or time.monotonic() - lines[-1] > 2.0:
+                break
+            time.sleep(0.5)
+            samples.append(watcher.sample())
+        quiet_end = lines[0] - 0.5 if lines else last.mono
         quiet = [s for s in samples if s.mono <= quiet_end]
         if len(quiet) >= 2 and quiet[-1].mono - quiet[0].mono >= 5:
             span = quiet[-1].mono - quiet[0].mono
             result.idle_between_resyncs_seconds = span
             result.idle_between_resyncs_cpu_percent = 100 * (quiet[-1].cpu - quiet[0].cpu) / span
-        if resync:
-            before = [s for s in samples if s.mono <= resync[0] - 1.0]
-            after = [s for s in samples if s.mono >= resync[-1] + 1.0]
+        if lines:
+            before = [s for s in samples if s.mono <= lines[0]]
+            after = [s for s in samples if s.mono >= lines[-1]]
             if before and after:
                 result.resync_cpu_seconds = after[0].cpu - before[-1].cpu
-            result.resync_seconds = resync[-1] - resync[0]
+            result.resync_seconds = lines[-1] - lines[0]
+            result.resync_reconciles = len(lines)
+
+    @staticmethod
+    def _scrape(log_path: Path, result: FootprintResult) -> None:
+        found = re.search(r"metrics: serving (http://\S+/metrics)", log_path.read_text())
+        if found is None:
+            return
+        start = time.monotonic()
+        with urllib.request.urlopen(found.group(1), timeout=30) as reply:
+            text = reply.read().decode()
+        result.metrics_scrape_seconds = time.monotonic() - start
+        lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+        result.metrics_series = len(lines)
+        lifecycle = re.search(
+            r'^virthotplug_events_total\{[^}]*kind="lifecycle"[^}]*\} (\S+)$', text, re.M
+        )
+        if lifecycle is not None:
+            result.metrics_lifecycle_events = float(lifecycle.group(1))
 
     def _burst(
         self, watcher: _Watcher, domains: list[Any], names: set[str], result: FootprintResult
@@ -306,8 +353,11 @@ class Footprint:
 
         def drained() -> bool:
             resumed = resumed_at()
-            reconciled = _reconciled(watcher.snapshot(), start, names)
-            done = [n for n, t in resumed.items() if reconciled.get(n, -1.0) >= t]
+            latest: dict[str, float] = {}  # domain → its latest reconcile line
+            for line in watcher.snapshot():
+                if line.record.get("event") == "reconcile":
+                    latest[line.record.get("domain") or ""] = line.mono
+            done = [n for n, t in resumed.items() if latest.get(n, -1.0) >= t]
             return len(done) == self.count
 
         with contextlib.suppress(TimeoutError):  # reported below as lost domains
