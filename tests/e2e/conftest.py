@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -37,7 +38,6 @@ from domains import (  # noqa: E402
 )
 from lab import (  # noqa: E402
     Lab,
-    LabError,
     LabVM,
     VMFactory,
     VMRequest,
@@ -77,14 +77,22 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(f"{what}: {seconds:.1f} s")
 
 
+def fail_on_error(what: str, action: Callable[[], object]) -> None:
+    """Run ``action``; whatever stops it fails the test with the reason (never a skip)."""
+    try:
+        action()
+        return
+    except Exception as exc:
+        message = f"{what}: {type(exc).__name__}: {exc}"
+    # Outside the except block: the report shows the reason, not a chain of tracebacks.
+    pytest.fail(message, pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
     started = time.monotonic()
     the_lab = Lab()
-    try:
-        the_lab.open()
-    except (LabError, OSError) as exc:
-        pytest.fail(f"the lab cannot start: {exc}", pytrace=False)
+    fail_on_error("the lab cannot start", the_lab.open)
     _timings["lab start (sweep, guest image)"] = time.monotonic() - started
     try:
         yield the_lab
@@ -117,19 +125,14 @@ class SharedVMs:
             vm.restart()
         return vm
 
-    def values(self) -> list[LabVM]:
-        return list(self._vms.values())
-
 
 @pytest.fixture(scope="session")
 def shared_vms(lab: Lab, request: pytest.FixtureRequest) -> SharedVMs:
     # Boot every shared VM that the selected tests use, all at once.
     used = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+    needed = [key for key in SHARED if f"vm_{key}" in used]
     shared = SharedVMs(lab)
-    try:
-        shared.boot(key for key in SHARED if f"vm_{key}" in used)
-    except LabError as exc:
-        pytest.fail(str(exc), pytrace=False)
+    fail_on_error("the shared lab VMs cannot boot", lambda: shared.boot(needed))
     return shared
 
 

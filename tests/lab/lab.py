@@ -48,7 +48,8 @@ from guest import GuestImage, ensure_image
 log = logging.getLogger("lab")
 
 PREFIX = "vhplab"
-DEFAULT_URI = "qemu:///system"
+URI_ENV = "VIRTHOTPLUG_LAB_URI"
+DEFAULT_URI = os.environ.get(URI_ENV) or "qemu:///system"
 LOCK_DIR = Path("/run/virthotplug-lab")
 LOG_DIR = Path("/var/log/libvirt/qemu")
 READY_TIMEOUT = 120.0
