@@ -100,3 +100,7 @@ def for_domain(name: str, event: str, **details: Any) -> Callable[[Record], bool
         return all(record["details"].get(k) == v for k, v in details.items())
 
     return match
+
+
+def host_event(what: str) -> Callable[[Record], bool]:
+    return lambda r: r["event"] == "host" and r["details"]["what"] == what

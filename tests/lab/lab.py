@@ -30,6 +30,7 @@ import re
 import secrets
 import signal
 import socket
+import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -56,6 +57,7 @@ READY_TIMEOUT = 120.0
 # libvirt fails a call to an unsynced hung agent after 5 s (its guest-sync timeout).
 AGENT_CALL_TIMEOUT = 10.0
 POLL = 0.2
+LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
 
 
 class LabError(RuntimeError):
@@ -630,6 +632,42 @@ class Lab:
             raise LabError(f"cannot connect to {self.uri}: {exc} ({hint})") from exc
         self._conn.setKeepAlive(5, 3)
 
+    def restart_libvirtd(self, timeout: float = 30.0) -> None:
+        """Stop libvirtd (the PID in its pid file), start it again and reconnect the lab.
+
+        Guests keep running. Only for a libvirtd started by hand, as host-setup.sh does where
+        no init system runs; a libvirtd managed by systemd is left alone.
+        """
+        if Path("/run/systemd/system").is_dir():
+            raise LabError("libvirtd is managed by systemd here: not restarting it by hand")
+        pid = int(LIBVIRTD_PIDFILE.read_text().strip())
+        os.kill(pid, signal.SIGTERM)
+        self._poll_until(timeout, "libvirtd to stop", lambda: not Path(f"/proc/{pid}").exists())
+        subprocess.run(["libvirtd", "-d"], check=True)
+        self._poll_until(timeout, "libvirtd to answer", _libvirtd_answers(self.uri))
+        self._reconnect()
+
+    @staticmethod
+    def _poll_until(timeout: float, what: str, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise LabError(f"timed out waiting for {what}")
+            time.sleep(POLL)
+
+    def _reconnect(self) -> None:
+        """A new connection after a daemon restart: domain handles and monitors renewed."""
+        stale = [m.event for m in self._monitors]
+        self._monitors.clear()
+        with contextlib.suppress(libvirt.libvirtError):
+            if self._conn is not None:
+                self._conn.close()
+        self._connect()
+        for vm in self.vms:
+            vm.dom = self.conn.lookupByUUIDString(vm.dom.UUIDString())
+        self._ost = self.monitor("ACPI_DEVICE_OST")
+        log.info("reconnected to %s; monitors renewed: %s", self.uri, ", ".join(stale))
+
     def close(self) -> None:
         """Destroy and undefine every domain of this run; idempotent."""
         vms = self._take_vms()
@@ -815,6 +853,17 @@ def _destroy_logged(vm: LabVM) -> None:
         vm.destroy()
     except libvirt.libvirtError as exc:
         log.error("could not remove %s: %s", vm.name, exc)
+
+
+def _libvirtd_answers(uri: str) -> Callable[[], bool]:
+    def answers() -> bool:
+        try:
+            libvirt.open(uri).close()
+        except libvirt.libvirtError:
+            return False
+        return True
+
+    return answers
 
 
 def remove_domain(dom: libvirt.virDomain) -> None:
