@@ -214,7 +214,11 @@ class Connection:
         return self
 
     def close(self) -> None:
-        self.unsubscribe()
+        if self.is_alive():
+            self.unsubscribe()
+        else:  # a dead connection's registrations died with it; deregistering only warns
+            self._domain_callbacks, self._monitor_callbacks = [], []
+            self._close_registered = False
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
