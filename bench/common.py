@@ -7,6 +7,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
@@ -97,6 +98,37 @@ def proc_rss_bytes(pid: int) -> tuple[int, int]:
             elif line.startswith("VmHWM:"):
                 hwm = int(line.split()[1]) * 1024
     return rss, hwm
+
+
+def daemon_restarted(message: str) -> bool:
+    """Whether a failure looks like libvirtd going away (restarted by other work)."""
+    text = message.lower()
+    return any(
+        hint in text
+        for hint in (
+            "failed to connect",
+            "cannot connect",
+            "cannot recv data",
+            "end of file",
+            "connection reset",
+            "is libvirtd running",
+            "client socket is closed",
+        )
+    )
+
+
+def wait_for_daemon(uri: str, timeout: float = 180.0) -> None:
+    """Until ``virsh -c URI version`` answers again (then a little more, to settle)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = subprocess.run(
+            ["virsh", "-c", uri, "version"], capture_output=True, check=False, timeout=60
+        )
+        if done.returncode == 0:
+            time.sleep(2.0)
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"libvirtd did not come back within {timeout:.0f} s")
 
 
 def median(values: Sequence[float]) -> float:

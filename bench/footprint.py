@@ -33,9 +33,23 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import nodes
-from common import child_env, proc_cpu_seconds, proc_rss_bytes, virthotplug_command
+from common import (
+    child_env,
+    daemon_restarted,
+    proc_cpu_seconds,
+    proc_rss_bytes,
+    virthotplug_command,
+    wait_for_daemon,
+)
 
 SHARED_URI = "test+unix:///default"
+ATTEMPTS = 3
+
+
+class DaemonRestarted(RuntimeError):
+    """libvirtd went away during the measurement."""
+
+
 PREFIX = "vhpbench-"
 MIB = 1024 * 1024
 
@@ -219,6 +233,21 @@ class Footprint:
     # the measurement
 
     def run(self, log: Callable[[str], None]) -> FootprintResult:
+        """Measure; start over when libvirtd restarts meanwhile (other work on a shared
+        machine may restart it, and the shared node and its domains go with it)."""
+        for attempt in range(ATTEMPTS):
+            try:
+                return self._run_once(log)
+            except DaemonRestarted as exc:
+                if attempt + 1 == ATTEMPTS:
+                    raise
+                log(f"  libvirtd went away ({exc}); waiting, then starting over")
+                wait_for_daemon(SHARED_URI)
+        raise AssertionError("not reached")
+
+    def _run_once(self, log: Callable[[str], None]) -> FootprintResult:
+        import libvirt
+
         result = FootprintResult(self.count, extra_args=self.extra_args)
         self._holder = self._open_holder()
         try:
@@ -227,9 +256,15 @@ class Footprint:
             log(f"  {self.count} domains defined and running on {SHARED_URI}")
             with tempfile.TemporaryDirectory(prefix="vhp-footprint-") as tmp:
                 self._measure(domains, Path(tmp), result, log)
+        except libvirt.libvirtError as exc:
+            if not self._holder.isAlive() or daemon_restarted(str(exc)):
+                raise DaemonRestarted(str(exc)) from None
+            raise
         finally:
-            self._remove_domains()
-            self._holder.close()
+            with contextlib.suppress(libvirt.libvirtError):
+                self._remove_domains()
+            with contextlib.suppress(libvirt.libvirtError):
+                self._holder.close()
         return result
 
     def _measure(
@@ -256,10 +291,13 @@ class Footprint:
                 lambda: (
                     len(_reconciled(watcher.snapshot(), started, names)) == self.count
                     or not watcher.alive()
+                    or not self._holder.isAlive()
                 ),
                 300,
                 "the start-up resync",
             )
+            if not self._holder.isAlive():
+                raise DaemonRestarted("the holder connection died during start-up")
             if not watcher.alive():
                 raise RuntimeError(f"watch exited: {(tmp / 'watch.log').read_text()[-800:]}")
             result.startup_seconds = time.monotonic() - started
@@ -272,6 +310,14 @@ class Footprint:
             if "--metrics-listen" in self.extra_args:
                 self._scrape(tmp / "watch.log", result)
             result.peak_rss_mib = watcher.peak_rss() / MIB
+            lost = [
+                line
+                for line in watcher.snapshot()
+                if line.record.get("event") == "host"
+                and (line.record.get("details") or {}).get("what") == "lost"
+            ]
+            if lost or not self._holder.isAlive():
+                raise DaemonRestarted("the watch lost its connection during the measurement")
         finally:
             watcher.stop()
 

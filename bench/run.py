@@ -327,10 +327,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     sweep: list[SizeResult] = []
     footprints: list[FootprintResult] = []
     output = []
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"bench-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     if not args.no_sweep:
         sweep = run_sweep(args)
         document["sweep"] = [r.to_dict() for r in sweep]
         output += [sweep_tables(sweep), sweep_breakdown(sweep)]
+        path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")  # so far
+        print("\n\n".join(output), flush=True)
+        output = []
     if not args.no_footprint:
         variants: list[list[str]] = [[]]
         if not args.no_metrics_footprint:
@@ -348,9 +353,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"load average: start {document['machine']['load_average_start']}, "
         f"end {document['machine']['load_average_end']}"
     )
-    print("\n\n".join(output))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"bench-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    print("\n\n" + "\n\n".join(output) if sweep else "\n\n".join(output))
     path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     shutil.copyfile(path, RESULTS / "latest.json")
     print(f"\nresults: {path.relative_to(RESULTS.parent.parent)}")
