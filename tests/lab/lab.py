@@ -57,6 +57,8 @@ READY_TIMEOUT = 120.0
 # libvirt fails a call to an unsynced hung agent after 5 s (its guest-sync timeout).
 AGENT_CALL_TIMEOUT = 10.0
 POLL = 0.2
+# How long the lab keeps trying to reach a libvirtd that went away (e.g. is restarting).
+RECONNECT_TIMEOUT = 30.0
 LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
 
 
@@ -264,24 +266,29 @@ def _int_or_none(value: object) -> int | None:
 
 
 class MonitorEvents:
-    """Collects one QEMU monitor event (of one domain or all) from registration until close().
+    """Collects one QEMU monitor event (of one domain or all) until close().
 
-    The registration does not taint domains (qemuMonitorCommand would).
+    The registration does not taint domains (qemuMonitorCommand would). It belongs to one
+    connection: after a reconnect, register() again; events in between are lost.
     """
 
-    def __init__(
-        self,
-        conn: libvirt.virConnect,
-        event: str = "ACPI_DEVICE_OST",
-        dom: libvirt.virDomain | None = None,
-    ) -> None:
+    def __init__(self, event: str = "ACPI_DEVICE_OST", domain: str | None = None) -> None:
         self.event = event
-        self._conn = conn
+        self.domain = domain
+        self._conn: libvirt.virConnect | None = None
+        self._conn_lock = threading.RLock()
+        self._open = False
+        self._id: int | None = None
         self._events: list[MonitorEvent] = []
         self._cond = threading.Condition()
-        self._id: int | None = libvirt_qemu.qemuMonitorEventRegister(
-            conn, dom, event, self._on_event, None, 0
+
+    def register(self, conn: libvirt.virConnect) -> None:
+        self.close()
+        dom = conn.lookupByName(self.domain) if self.domain else None
+        self._id = libvirt_qemu.qemuMonitorEventRegister(
+            conn, dom, self.event, self._on_event, None, 0
         )
+        self._conn = conn
 
     def _on_event(
         self,
@@ -329,6 +336,7 @@ class MonitorEvents:
             with contextlib.suppress(libvirt.libvirtError):
                 libvirt_qemu.qemuMonitorEventDeregister(self._conn, self._id)
             self._id = None
+            self._conn = None
 
 
 # ---- one VM -------------------------------------------------------------------------------
@@ -347,8 +355,9 @@ class VMRequest:
 class LabVM:
     """One lab domain. ``hot_add``/``unplug`` take the new total vCPU count, like libvirt."""
 
-    dom: libvirt.virDomain
+    lab: Lab = field(repr=False)
     spec: DomainSpec
+    _dom: libvirt.virDomain = field(repr=False)
     # Set by a failed unplug: QEMU 7.2 segfaults on the next hot-add until a restart.
     hotplug_broken: bool = False
     boot_seconds: float = 0.0
@@ -357,6 +366,14 @@ class LabVM:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def dom(self) -> libvirt.virDomain:
+        """The domain on the lab's current connection (renewed after libvirtd restarts)."""
+        conn = self.lab.conn
+        if self._dom.connect() is not conn:
+            self._dom = conn.lookupByName(self.name)
+        return self._dom
 
     @property
     def behaviour(self) -> Behaviour:
@@ -599,6 +616,8 @@ class Lab:
         self.vms: list[LabVM] = []
         self._image = image
         self._conn: libvirt.virConnect | None = None
+        self._conn_lock = threading.RLock()
+        self._open = False
         self._ost: MonitorEvents | None = None
         self._monitors: list[MonitorEvents] = []
         self._lock_fd: int | None = None
@@ -613,6 +632,7 @@ class Lab:
         self._claim_run()
         atexit.register(self.close)
         _close_on_sigterm()
+        self._open = True
         try:
             self._connect()
             self.sweep()
@@ -624,13 +644,15 @@ class Lab:
         log.info("lab run %s on %s, %s", self.run_id, self.uri, accelerator_description())
         return self
 
-    def _connect(self) -> None:
+    def _connect(self) -> libvirt.virConnect:
         try:
-            self._conn = libvirt.open(self.uri)
+            conn = libvirt.open(self.uri)
         except libvirt.libvirtError as exc:
             hint = "is libvirtd running? see tests/lab/host-setup.sh"
             raise LabError(f"cannot connect to {self.uri}: {exc} ({hint})") from exc
-        self._conn.setKeepAlive(5, 3)
+        conn.setKeepAlive(5, 3)
+        self._conn = conn
+        return conn
 
     def restart_libvirtd(self, timeout: float = 30.0) -> None:
         """Stop libvirtd (the PID in its pid file), start it again and reconnect the lab.
@@ -644,8 +666,7 @@ class Lab:
         os.kill(pid, signal.SIGTERM)
         self._poll_until(timeout, "libvirtd to stop", lambda: not Path(f"/proc/{pid}").exists())
         subprocess.run(["libvirtd", "-d"], check=True)
-        self._poll_until(timeout, "libvirtd to answer", _libvirtd_answers(self.uri))
-        self._reconnect()
+        self._reconnect(timeout)
 
     @staticmethod
     def _poll_until(timeout: float, what: str, done: Callable[[], bool]) -> None:
@@ -655,18 +676,29 @@ class Lab:
                 raise LabError(f"timed out waiting for {what}")
             time.sleep(POLL)
 
-    def _reconnect(self) -> None:
-        """A new connection after a daemon restart: domain handles and monitors renewed."""
-        stale = [m.event for m in self._monitors]
-        self._monitors.clear()
-        with contextlib.suppress(libvirt.libvirtError):
-            if self._conn is not None:
-                self._conn.close()
-        self._connect()
-        for vm in self.vms:
-            vm.dom = self.conn.lookupByUUIDString(vm.dom.UUIDString())
-        self._ost = self.monitor("ACPI_DEVICE_OST")
-        log.info("reconnected to %s; monitors renewed: %s", self.uri, ", ".join(stale))
+    def _reconnect(self, timeout: float = RECONNECT_TIMEOUT) -> libvirt.virConnect:
+        """A new connection after the daemon went away; monitors are registered on it again.
+
+        LabVM.dom follows by itself. Events between the two connections are lost.
+        """
+        with self._conn_lock:
+            stale, self._conn = self._conn, None
+            if stale is not None:
+                with contextlib.suppress(libvirt.libvirtError):
+                    stale.close()
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    conn = self._connect()
+                    break
+                except LabError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(POLL)
+            for monitor in self._monitors:
+                monitor.register(conn)
+        log.warning("reconnected to %s (libvirtd went away)", self.uri)
+        return conn
 
     def close(self) -> None:
         """Destroy and undefine every domain of this run; idempotent."""
@@ -679,8 +711,10 @@ class Lab:
             monitor.close()
         self._monitors.clear()
         self._ost = None
+        self._open = False
         if self._conn is not None:
-            self._conn.close()
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.close()
             self._conn = None
         if self._lock_fd is not None:
             os.unlink(self._lock_path())
@@ -701,9 +735,13 @@ class Lab:
 
     @property
     def conn(self) -> libvirt.virConnect:
-        if self._conn is None:
-            raise LabError("the lab is not open")
-        return self._conn
+        """The lab's connection; a new one if libvirtd has gone away (restarted) meanwhile."""
+        with self._conn_lock:
+            if not self._open:
+                raise LabError("the lab is not open")
+            if self._conn is None or not self._conn.isAlive():
+                return self._reconnect()
+            return self._conn
 
     @property
     def ost(self) -> MonitorEvents:
@@ -714,7 +752,8 @@ class Lab:
 
     def monitor(self, event: str, vm: LabVM | None = None) -> MonitorEvents:
         """Start collecting a QEMU monitor event (e.g. DEVICE_DELETED) of one VM or all."""
-        monitor = MonitorEvents(self.conn, event, vm.dom if vm else None)
+        monitor = MonitorEvents(event, vm.name if vm else None)
+        monitor.register(self.conn)
         self._monitors.append(monitor)
         return monitor
 
@@ -741,7 +780,7 @@ class Lab:
             memory_mib=request.memory_mib,
             domain_type=self.domain_type,
         )
-        vm = LabVM(self.conn.defineXML(domain_xml(spec)), spec)
+        vm = LabVM(self, spec, self.conn.defineXML(domain_xml(spec)))
         with self._vms_lock:
             self.vms.append(vm)
         return vm
@@ -853,17 +892,6 @@ def _destroy_logged(vm: LabVM) -> None:
         vm.destroy()
     except libvirt.libvirtError as exc:
         log.error("could not remove %s: %s", vm.name, exc)
-
-
-def _libvirtd_answers(uri: str) -> Callable[[], bool]:
-    def answers() -> bool:
-        try:
-            libvirt.open(uri).close()
-        except libvirt.libvirtError:
-            return False
-        return True
-
-    return answers
 
 
 def remove_domain(dom: libvirt.virDomain) -> None:
