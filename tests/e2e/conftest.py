@@ -12,7 +12,8 @@ Fixtures (the VMs are ``lab.LabVM``; see tests/lab/lab.py for their methods):
     vm_agent_not_running  agent channel, no agent in the guest ("agent not connected")
     vm_agent_control      agent for tests to stop, hang, continue and restart
     vm_scratch            like vm_manual, for tests that break the domain (a failed unplug)
-    make_vm               factory for VMs of the test's own; removed when the test ends
+    make_vm               VMs of the test's own, removed when it ends: make_vm(behaviour=...,
+                          max_vcpus=..., memory_mib=...), make_vm.many([VMRequest(...), ...])
 A shared VM is handed out as freshly booted: if an earlier test changed it (hot-added a CPU,
 stopped the agent, failed an unplug, ...), it is power-cycled first.
 """
@@ -27,6 +28,8 @@ from typing import Callable
 
 import pytest
 
+# tests/lab is not a package: its modules import each other by plain name, as they do when
+# run as scripts (guest.py, demo.py).
 LAB_DIR = Path(__file__).resolve().parents[1] / "lab"
 sys.path.insert(0, str(LAB_DIR))
 
