@@ -1,0 +1,95 @@
+"""The read path's call budget on the test driver: definition reads a few at a time, in
+order; no more agent calls once the driver says it has no such API; names missing on a host.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tdriver import MIXED
+
+from virthotplug import collect, errors
+from virthotplug.connection import Connection
+
+AGENT = '<devices><channel type="unix"><target type="virtio" name="org.qemu.guest_agent.0"/>'
+AGENT += "</channel></devices>"
+
+
+def node(path: Path, count: int) -> str:
+    domains = "".join(
+        f'<domain type="test"><name>d{i:02d}</name>'
+        f"<uuid>6b0e4c1a-0000-4000-8000-{i:012d}</uuid>"
+        f'<memory unit="MiB">64</memory><vcpu current="1">4</vcpu>'
+        f'<os><type arch="x86_64">hvm</type></os>{AGENT}</domain>'
+        for i in range(count)
+    )
+    path.write_text(f'<?xml version="1.0"?><node>{domains}</node>')
+    return f"test://{path}"
+
+
+@pytest.fixture
+def many(tmp_path: Path) -> str:
+    return node(tmp_path / "many.xml", 30)
+
+
+def test_no_agent_calls_once_the_driver_lacks_the_api(
+    many: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real = Connection.guest_vcpus
+
+    def counted(self: Connection, dom: Any) -> Any:
+        calls.append(dom.name())
+        return real(self, dom)
+
+    monkeypatch.setattr(Connection, "guest_vcpus", counted)
+    with Connection(many) as conn:
+        result = collect.read_views(conn, None, workers=4)
+    assert len(result.views) == 30 and not result.errors
+    assert len(calls) == 4  # the first batch only
+    for view in result.views:
+        assert view.agent.state == "unsupported"
+        assert view.agent.error == (
+            f"domain '{view.name}': this function is not supported by the connection "
+            "driver: virDomainGetGuestVcpus"
+        )
+
+
+def test_definitions_read_concurrently_and_in_order(
+    many: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: set[str] = set()
+    real = Connection.xml
+
+    def xml(self: Connection, dom: Any, *, inactive: bool) -> str:
+        threads.add(threading.current_thread().name)
+        return real(self, dom, inactive=inactive)
+
+    monkeypatch.setattr(Connection, "xml", xml)
+    with Connection(many) as conn:
+        views = collect.read_views(conn, None).views
+    assert [v.name for v in views] == [f"d{i:02d}" for i in range(30)]
+    assert 1 < len(threads) <= collect.DEFINITION_WORKERS
+
+
+def test_a_lost_connection_during_the_reads_is_raised(
+    many: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def gone(self: Connection, dom: Any, *, inactive: bool) -> str:
+        raise errors.ConnectError("connection lost")
+
+    monkeypatch.setattr(Connection, "xml", gone)
+    with Connection(many) as conn, pytest.raises(errors.ConnectError):
+        collect.read_views(conn, None)
+
+
+def test_missing_names_are_collected_with_missing_ok() -> None:
+    with Connection(MIXED) as conn:
+        result = collect.read_views(conn, ["nosuch", "fixed-noagent"], missing_ok=True)
+        assert [v.name for v in result.views] == ["fixed-noagent"]
+        assert result.missing == ["nosuch"]
+        with pytest.raises(errors.NoDomainError):
+            collect.read_views(conn, ["nosuch", "fixed-noagent"])
