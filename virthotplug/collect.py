@@ -3,8 +3,8 @@
     1 bulk call      state + vCPU stats of every domain (live and hypervisor layers)
     1 call           which domains are transient
     1 per domain     inactive XML (config layer, agent channel, metadata)
-    1 per domain     vCPU info, only for active domains where the driver has no vCPU stats
-                     (the test driver); both per-domain reads a few at a time in flight
+    1 per domain     live XML, only for active persistent domains where the driver has no
+                     vCPU stats (the test driver); per-domain reads a few at a time in flight
     1 per domain     guest agent, only for running domains with an agent channel;
                      in parallel with a bounded pool and a bounded wait each; none once
                      the driver said it has no such API at all
@@ -239,9 +239,10 @@ def _read_definitions(conn: Connection, dom: Domain, stats: Stats, persistent: b
     hypervisor: Optional[HypervisorLayer] = None
     if active:
         live, hypervisor = _live_from_stats(stats), _hypervisor_from_stats(stats)
-        if live is None:  # this driver has no vCPU stats (the test driver): one more call
-            hypervisor = _hypervisor_from_info(conn.vcpu_info(dom))
-            live = CountLayer(current=hypervisor.count, maximum=xml.vcpu_max)
+        if live is None:  # this driver has no vCPU stats (the test driver)
+            live_xml = xml if not persistent else _live_xml(conn, dom, name)
+            hypervisor = _hypervisor_from_xml(live_xml)
+            live = CountLayer(current=live_xml.vcpu_current, maximum=live_xml.vcpu_max)
         if not persistent:
             live = dataclasses.replace(live, vcpus=xml.vcpus)
     view = VcpuView(
@@ -283,9 +284,19 @@ def _hypervisor_from_stats(stats: Stats) -> HypervisorLayer:
     return HypervisorLayer(vcpus=vcpus)
 
 
-def _hypervisor_from_info(info: list[tuple[int, int, int, int]]) -> HypervisorLayer:
-    """From ``virDomainGetVcpus`` rows: (number, state, cpu time, physical cpu)."""
-    return HypervisorLayer(vcpus={row[0]: VCPU_STATES.get(row[1], "unknown") for row in info})
+def _live_xml(conn: Connection, dom: Domain, name: str) -> DomainXML:
+    """The running definition: one call (``virDomainGetVcpus`` through libvirt-python is
+    three: it asks for the node's CPU map and the domain's info first)."""
+    return parse_domain_xml(conn.xml(dom, inactive=False), domain=name)
+
+
+def _hypervisor_from_xml(live: DomainXML) -> HypervisorLayer:
+    """Without vCPU stats, the vCPUs the running definition has enabled (libvirt's own view
+    of what is plugged, as in the design's table), reported running like the test driver's
+    ``virDomainGetVcpus`` does. With no ``<vcpus>`` element, vCPUs 0..current-1 are on."""
+    enabled = [v.id for v in live.vcpus if v.enabled] if live.vcpus else []
+    ids = enabled or list(range(live.vcpu_current))
+    return HypervisorLayer(vcpus=dict.fromkeys(ids, VCPU_STATES[1]))
 
 
 def _with_guest_layers(
