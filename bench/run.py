@@ -24,6 +24,8 @@ from typing import Any, Callable, Optional
 
 from common import RESULTS, fmt_ms, fmt_ratio, fmt_seconds, load_average, table
 from footprint import SHARED_URI, Footprint, FootprintResult
+from hotadd import METHODS as HOTADD_METHODS
+from hotadd import Hotadd, HotaddResult
 from sweep import SizeResult, Sweep
 
 TARGET_FLOOR_RATIO = 2.0  # status within 2x of the floor at 1,000 domains
@@ -48,6 +50,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-metrics-footprint", action="store_true", help="skip watch --metrics-listen"
     )
+    parser.add_argument("--no-hotadd", action="store_true", help="skip the lab VM benchmarks")
+    parser.add_argument("--hotadd-rounds", type=int, default=21, help="hot-adds per method")
+    parser.add_argument("--burst-vms", type=int, default=10, help="VMs hot-added at once")
+    parser.add_argument("--burst-rounds", type=int, default=2)
     parser.add_argument(
         "--quick", action="store_true", help="small and short (a smoke test of the benchmark)"
     )
@@ -55,6 +61,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.quick:
         args.sizes, args.repetitions, args.virsh_sample = "10,100", 2, 5
         args.footprint_domains, args.idle_seconds = 100, 10.0
+        args.hotadd_rounds, args.burst_vms, args.burst_rounds = 3, 3, 1
     return args
 
 
@@ -225,6 +232,88 @@ def footprint_table(results: list[FootprintResult]) -> str:
     return f"Daemon footprint: watch over {SHARED_URI}\n" + table(header, body)
 
 
+# --- hot-add to online on lab VMs -----------------------------------------------------------
+
+HOTADD_LABELS = {
+    "auto-online": "(a) guest auto-online rule",
+    "watch": "(b) watch, policy online",
+    "poll-1s": "(c) 1-s guestVcpus polling loop",
+}
+
+
+def hotadd_tables(result: HotaddResult) -> str:
+    rows = []
+    for method in HOTADD_METHODS:
+        lat = result.latency[method].summary()
+        ost = result.ost[method].summary()
+        rows.append(
+            [
+                HOTADD_LABELS[method],
+                str(lat["n"]),
+                fmt_seconds(lat["p50"]),
+                fmt_seconds(lat["p95"]),
+                fmt_seconds(lat["max"]),
+                str(lat["failures"]),
+                fmt_seconds(ost["p50"]),
+            ]
+        )
+    header = ["method", "n", "p50", "p95", "max", "failed", "hot-add->OST p50"]
+    text = (
+        f"Hot-add to online on lab VMs ({result.accelerator}): from setVcpusFlags returning to "
+        f"the CPU online in the guest's sysfs; rounds interleaved, {result.restarts} restarts\n"
+        + table(header, rows)
+    )
+    if result.burst_vms:
+        burst = [
+            ("OST event -> online", result.burst_ost_to_online.summary()),
+            ("hot-add returned -> online", result.burst_hotadd_to_online.summary()),
+        ]
+        rows = [
+            [
+                what,
+                str(s["n"]),
+                fmt_seconds(s["p50"]),
+                fmt_seconds(s["p95"]),
+                fmt_seconds(s["max"]),
+                str(s["failures"]),
+            ]
+            for what, s in burst
+        ]
+        text += (
+            f"\n\n{result.burst_vms} VMs hot-added at once under watch (policy online)\n"
+            + table(["", "n", "p50", "p95", "max", "failed"], rows)
+        )
+    return text
+
+
+def hotadd_targets(result: HotaddResult) -> list[dict[str, Any]]:
+    a = result.latency["auto-online"].summary()
+    b = result.latency["watch"].summary()
+    c = result.latency["poll-1s"].summary()
+    checks = [
+        {
+            "target": "hot-add to online: watch p50 within 0.3 s of the guest's own rule",
+            "value": f"+{b['p50'] - a['p50']:.2f} s",
+            "met": b["p50"] - a["p50"] <= 0.3 and not b["failures"],
+        },
+        {
+            "target": "hot-add to online: watch p50 at least 2x better than 1-s polling",
+            "value": f"{c['p50'] / b['p50']:.2f}x" if b["p50"] > 0 else "-",
+            "met": b["p50"] > 0 and c["p50"] / b["p50"] >= 2.0,
+        },
+    ]
+    if result.burst_vms:
+        burst = result.burst_ost_to_online.summary()
+        checks.append(
+            {
+                "target": f"{result.burst_vms} VMs at once: every CPU online within 3 s of its OST",
+                "value": f"max {burst['max']:.2f} s",
+                "met": burst["max"] <= 3.0 and not burst["failures"],
+            }
+        )
+    return checks
+
+
 # --- targets --------------------------------------------------------------------------------
 
 
@@ -345,7 +434,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             footprints.append(Footprint(args.footprint_domains, args.idle_seconds, extra).run(log))
         document["footprint"] = [f.to_dict() for f in footprints]
         output.append(footprint_table(footprints))
+    hotadd: Optional[HotaddResult] = None
+    if not args.no_hotadd:
+        log(f"hot-add to online: {args.hotadd_rounds} rounds, then {args.burst_vms} VMs at once")
+        try:
+            hotadd = Hotadd(args.hotadd_rounds, args.burst_vms, args.burst_rounds).run(log)
+        except Exception as exc:  # the lab could not start: report it, keep the rest
+            log(f"hot-add benchmark failed: {exc}")
+            document["hotadd"] = {"error": str(exc)}
+            output.append(f"Hot-add to online: not measured: {exc}")
+        else:
+            document["hotadd"] = hotadd.to_dict()
+            output.append(hotadd_tables(hotadd))
     checks = targets(sweep, footprints)
+    if hotadd is not None:
+        checks += hotadd_targets(hotadd)
     document["targets"] = checks
     document["machine"]["load_average_end"] = load_average()
     output.append(targets_table(checks))

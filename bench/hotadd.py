@@ -1,0 +1,282 @@
+"""Hot-add to online on real VMs (the lab of tests/lab: tiny guests, real QEMU and qemu-ga).
+
+Time from ``setVcpusFlags(n, AFFECT_LIVE)`` returning to the new CPU online in the guest,
+read from the guest's sysfs over the lab's control channel (no agent involved), for
+
+    (a) auto-online  the guest onlines it itself (the distro udev rule): the floor
+    (b) watch        ``virthotplug watch`` with policy ``online`` (defaults otherwise)
+    (c) poll 1 s     a loop that asks ``guestVcpus`` once a second and onlines what is
+                     offline (``setGuestVcpus``): the simple alternative
+
+one VM each, hot-adds interleaved round by round; a VM that reaches its maximum is restarted
+(vCPU unplug is broken on libvirt 9.0 + QEMU 7.2). Then ten VMs hot-added at once under
+``watch``: from each one's ACPI_DEVICE_OST event to its CPU online.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from common import ROOT, child_env, virthotplug_command
+
+sys.path.insert(0, str(ROOT / "tests" / "lab"))
+
+METHODS = ("auto-online", "watch", "poll-1s")
+MAX_VCPUS = 8
+ONLINE_TIMEOUT = 20.0
+CONTROL_POLL = 0.05  # between two reads of the guest's sysfs (each costs the guest CPU time)
+
+
+@dataclass
+class Latencies:
+    seconds: list[float] = field(default_factory=list)
+    failures: int = 0
+
+    def percentile(self, p: float) -> float:
+        if not self.seconds:
+            return float("nan")
+        ordered = sorted(self.seconds)
+        rank = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
+        return ordered[rank]
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "n": len(self.seconds),
+            "failures": self.failures,
+            "p50": statistics.median(self.seconds) if self.seconds else float("nan"),
+            "p95": self.percentile(95),
+            "max": max(self.seconds) if self.seconds else float("nan"),
+        }
+
+
+@dataclass
+class HotaddResult:
+    rounds: int
+    accelerator: str = ""
+    latency: dict[str, Latencies] = field(default_factory=dict)  # hot-add → online
+    ost: dict[str, Latencies] = field(default_factory=dict)  # hot-add → OST event
+    restarts: int = 0
+    burst_vms: int = 0
+    burst_ost_to_online: Latencies = field(default_factory=Latencies)
+    burst_hotadd_to_online: Latencies = field(default_factory=Latencies)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["summary"] = {m: lat.summary() for m, lat in self.latency.items()}
+        data["ost_summary"] = {m: lat.summary() for m, lat in self.ost.items()}
+        data["burst_summary"] = {
+            "ost_to_online": self.burst_ost_to_online.summary(),
+            "hotadd_to_online": self.burst_hotadd_to_online.summary(),
+        }
+        return data
+
+
+class _Poller:
+    """(c): once a second, online whatever the agent reports offline."""
+
+    def __init__(self, dom: Any) -> None:
+        self._dom = dom
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="poll-1s", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        import libvirt
+
+        while not self._stop.wait(1.0):
+            try:
+                info = self._dom.guestVcpus(0)
+                if not info:
+                    continue
+                offline = _cpulist(info.get("vcpus", "")) - _cpulist(info.get("online", ""))
+                if offline:
+                    self._dom.setGuestVcpus(",".join(map(str, sorted(offline))), 1, 0)
+            except libvirt.libvirtError:
+                continue  # the guest is restarting, or the agent is not up yet
+
+
+def _cpulist(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+class _Watch:
+    """``virthotplug watch`` on qemu:///system; policy online only for the given globs."""
+
+    def __init__(self, tmp: Path, online_globs: list[str]) -> None:
+        config = tmp / "virthotplug.conf"
+        sections = "".join(f"[domain:{glob}]\nmode = online\n\n" for glob in online_globs)
+        config.write_text(f"[defaults]\nmode = report\n\n{sections}", encoding="utf-8")
+        config.chmod(0o600)
+        self.log = tmp / "watch.log"
+        self._stderr = self.log.open("w", encoding="utf-8")
+        argv = [*virthotplug_command(), "--config-file", str(config), "-c", "qemu:///system"]
+        self.proc = subprocess.Popen(
+            [*argv, "watch", "--no-hook-socket"],
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+            env=child_env(),
+        )
+        deadline = time.monotonic() + 60
+        while "connected" not in self.log.read_text(encoding="utf-8", errors="replace"):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"watch did not connect: {self.log.read_text()[-800:]}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()
+
+
+def _wait_online(vm: Any, cpu: int, timeout: float = ONLINE_TIMEOUT) -> Optional[float]:
+    """Monotonic time at which ``cpu`` was first seen online in the guest, or None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cpu in vm.cpu_state().online:
+            return time.monotonic()
+        time.sleep(CONTROL_POLL)
+    return None
+
+
+class Hotadd:
+    def __init__(self, rounds: int, burst_vms: int, burst_rounds: int) -> None:
+        self.rounds = rounds
+        self.burst_vms = burst_vms
+        self.burst_rounds = burst_rounds
+
+    def run(self, log: Callable[[str], None]) -> HotaddResult:
+        from domains import AUTO, MANUAL
+        from lab import Lab, VMRequest, accelerator_description
+
+        result = HotaddResult(self.rounds, accelerator=accelerator_description())
+        with Lab() as lab, tempfile.TemporaryDirectory(prefix="vhp-hotadd-") as tmp:
+            requests = [
+                VMRequest(AUTO, max_vcpus=MAX_VCPUS, label="bench-auto"),
+                VMRequest(MANUAL, max_vcpus=MAX_VCPUS, label="bench-watch"),
+                VMRequest(MANUAL, max_vcpus=MAX_VCPUS, label="bench-poll"),
+            ]
+            burst = [VMRequest(MANUAL, label=f"bench-ten{i}") for i in range(self.burst_vms)]
+            log(f"  booting {len(requests) + len(burst)} lab VMs ({result.accelerator})")
+            vms = lab.start_many(requests + burst)
+            by_method = dict(zip(METHODS, vms[:3]))
+            watch = _Watch(Path(tmp), ["*-bench-watch", "*-bench-ten*"])
+            poller = _Poller(by_method["poll-1s"].dom)
+            poller.start()
+            try:
+                self._sequential(lab, by_method, result, log)
+                if burst:
+                    self._ten_at_once(lab, vms[3:], result, log)
+            finally:
+                poller.stop()
+                watch.stop()
+        return result
+
+    def _sequential(
+        self, lab: Any, vms: dict[str, Any], result: HotaddResult, log: Callable[[str], None]
+    ) -> None:
+        for method in METHODS:
+            result.latency[method] = Latencies()
+            result.ost[method] = Latencies()
+        for index in range(self.rounds):
+            order = METHODS[index % 3 :] + METHODS[: index % 3]
+            for method in order:
+                vm = vms[method]
+                if vm.live_vcpus() >= vm.max_vcpus:
+                    vm.restart()
+                    result.restarts += 1
+                    time.sleep(1.0)  # let the watch see the agent connect and settle
+                cpu = vm.live_vcpus()  # the new vCPU's id: vCPUs are added in order
+                since = time.monotonic()
+                vm.hot_add(cpu + 1)
+                returned = time.monotonic()
+                online = _wait_online(vm, cpu)
+                if online is None:
+                    result.latency[method].failures += 1
+                else:
+                    result.latency[method].seconds.append(online - returned)
+                try:
+                    event = lab.ost.wait_for(vm.name, since=since, timeout=5.0)
+                    result.ost[method].seconds.append(event.received - returned)
+                except Exception:
+                    result.ost[method].failures += 1
+            log(
+                f"  round {index + 1}/{self.rounds}: "
+                + ", ".join(
+                    f"{m} {result.latency[m].seconds[-1]:.2f}s"
+                    if result.latency[m].seconds
+                    else f"{m} -"
+                    for m in METHODS
+                )
+            )
+
+    def _ten_at_once(
+        self, lab: Any, vms: list[Any], result: HotaddResult, log: Callable[[str], None]
+    ) -> None:
+        result.burst_vms = len(vms)
+        for index in range(self.burst_rounds):
+            for vm in vms:
+                if vm.live_vcpus() >= vm.max_vcpus:
+                    vm.restart()
+            worst = 0.0
+            for vm, since, returned, online in _all_at_once(vms):
+                if online is None:
+                    result.burst_ost_to_online.failures += 1
+                    result.burst_hotadd_to_online.failures += 1
+                    continue
+                result.burst_hotadd_to_online.seconds.append(online - returned)
+                try:
+                    event = lab.ost.wait_for(vm.name, since=since, timeout=5.0)
+                except Exception:
+                    result.burst_ost_to_online.failures += 1
+                    continue
+                result.burst_ost_to_online.seconds.append(online - event.received)
+                worst = max(worst, online - event.received)
+            log(f"  {len(vms)} VMs at once, round {index + 1}: worst OST to online {worst:.2f} s")
+
+
+def _all_at_once(vms: list[Any]) -> list[tuple[Any, float, float, Optional[float]]]:
+    """Hot-add one vCPU to every VM at the same moment; per VM (vm, call started, call
+    returned, CPU seen online or None)."""
+    barrier = threading.Barrier(len(vms))
+    outcomes: list[tuple[Any, float, float, Optional[float]]] = []
+    lock = threading.Lock()
+
+    def one(vm: Any) -> None:
+        cpu = vm.live_vcpus()
+        barrier.wait()
+        since = time.monotonic()
+        vm.hot_add(cpu + 1)
+        returned = time.monotonic()
+        online = _wait_online(vm, cpu)
+        with lock:
+            outcomes.append((vm, since, returned, online))
+
+    threads = [threading.Thread(target=one, args=(vm,)) for vm in vms]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(ONLINE_TIMEOUT + 30)
+    return outcomes
