@@ -23,6 +23,7 @@ INSTALL_PYTHON ?= /usr/bin/python3
 RST2MAN ?= rst2man
 MAN_PAGES := man/virthotplug.1 man/virthotplug.conf.5 man/virthotplug-hook.8
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: all host venv lint typecheck unit functional e2e test demo bench clean
 
@@ -63,7 +64,7 @@ demo: venv
 	$(PY) tests/lab/demo.py
 
 bench: venv
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
