@@ -53,7 +53,10 @@ URI_ENV = "VIRTHOTPLUG_LAB_URI"
 DEFAULT_URI = os.environ.get(URI_ENV) or "qemu:///system"
 LOCK_DIR = Path("/run/virthotplug-lab")
 LOG_DIR = Path("/var/log/libvirt/qemu")
-READY_TIMEOUT = 120.0
+# Bounds for waits that normally end in well under a second (or, for boots, seconds): they
+# only matter when something is wrong, and a host running many guests on TCG is slow.
+READY_TIMEOUT = 180.0
+WAIT_TIMEOUT = 30.0
 # libvirt fails a call to an unsynced hung agent after 5 s (its guest-sync timeout).
 AGENT_CALL_TIMEOUT = 10.0
 POLL = 0.2
@@ -316,7 +319,7 @@ class MonitorEvents:
         domain: str,
         since: float = 0.0,
         where: Callable[[MonitorEvent], bool] = lambda _e: True,
-        timeout: float = 10.0,
+        timeout: float = WAIT_TIMEOUT,
     ) -> MonitorEvent:
         """The first event for ``domain`` received at or after ``since`` matching ``where``."""
 
@@ -511,7 +514,7 @@ class LabVM:
         target = channel.find("target") if channel is not None else None
         return target.get("state") if target is not None else None
 
-    def wait_agent_channel(self, state: str, timeout: float = 10.0) -> float:
+    def wait_agent_channel(self, state: str, timeout: float = WAIT_TIMEOUT) -> float:
         """Wait until libvirt sees the guest open (connected) or close the agent's port."""
         return self._poll(
             timeout, f"agent channel {state}", lambda: self.agent_channel_state() == state
@@ -549,7 +552,10 @@ class LabVM:
         return None
 
     def wait_cpu_state(
-        self, want: Callable[[CpuState], bool], timeout: float = 10.0, what: str = "CPU state"
+        self,
+        want: Callable[[CpuState], bool],
+        timeout: float = WAIT_TIMEOUT,
+        what: str = "CPU state",
     ) -> CpuState:
         """Poll the guest's sysfs view (via the control channel) until ``want`` holds."""
         seen: list[CpuState] = []
