@@ -8,6 +8,7 @@ installed program.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -168,3 +169,15 @@ def test_installed_program_runs(tmp_path: Path) -> None:
     assert "virthotplug-hook" in shown.stdout
     make("uninstall", f"PREFIX={prefix}", f"SYSCONFDIR={etc}")
     assert files(tmp_path) == {}
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
+    prefix = tmp_path / "usr"
+    make("install", f"PREFIX={prefix}", f"SYSCONFDIR={tmp_path / 'etc'}")
+    unit = prefix / "lib/systemd/system/virthotplug.service"
+    assert f"ExecStart={prefix}/bin/virthotplug watch" in unit.read_text()
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", unit], capture_output=True, text=True
+    )
+    assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
