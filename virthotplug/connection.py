@@ -189,6 +189,57 @@ def _one_line(text: str) -> str:
 # --- the connection ---------------------------------------------------------------------
 
 
+class _AgentLeases:
+    """Connections for guest-agent calls: one call per connection at a time.
+
+    A call to a hung guest agent can block inside libvirtd indefinitely, and libvirt's client
+    then holds back every other call on the same connection until its next keepalive
+    wake-up (measured: exactly the keepalive interval; without keepalive, until the stuck
+    call returns). So an agent call never shares its connection: it leases one, and a call
+    stuck on a hung guest ties up only its own lease, never other domains.
+    """
+
+    MAX_IDLE = 8
+
+    def __init__(self, open_connection: Callable[[], Any]) -> None:
+        self._open = open_connection
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+
+    def run(self, uuid: str, fn: Callable[[Domain], T]) -> T:
+        conn = self._lease()
+        try:
+            return fn(conn.lookupByUUIDString(uuid))
+        finally:
+            self._release(conn)
+
+    def _lease(self) -> Any:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return self._open()
+
+    def _release(self, conn: Any) -> None:
+        with self._lock:
+            if len(self._idle) < self.MAX_IDLE:
+                self._idle.append(conn)
+                return
+        _close_quietly(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            _close_quietly(conn)
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception as exc:  # closing a dead connection is not worth reporting
+        log.debug("closing an agent connection: %s", exc)
+
+
 class Connection:
     """One libvirt connection. Thread-safe for calls (libvirt connections are)."""
 
@@ -196,6 +247,7 @@ class Connection:
         self.uri = resolve_uri(uri)
         self.readonly = readonly
         self._conn: Any = None
+        self._agents = _AgentLeases(self._open_raw)
         self._domain_callbacks: list[int] = []
         self._monitor_callbacks: list[int] = []
         self._close_registered = False
@@ -204,16 +256,20 @@ class Connection:
 
     def open(self) -> Connection:
         libvirt = libvirt_module()
-        opener = libvirt.openReadOnly if self.readonly else libvirt.open
         try:
-            self._conn = opener(self.uri)
+            self._conn = self._open_raw()
         except libvirt.libvirtError as exc:
             raise _open_error(exc, self.uri) from None
         if self._conn is None:  # very old bindings return None instead of raising
             raise errors.ConnectError(f"cannot connect to '{self.uri}'")
         return self
 
+    def _open_raw(self) -> Any:
+        libvirt = libvirt_module()
+        return (libvirt.openReadOnly if self.readonly else libvirt.open)(self.uri)
+
     def close(self) -> None:
+        self._agents.close()
         if self.is_alive():
             self.unsubscribe()
         else:  # a dead connection's registrations died with it; deregistering only warns
@@ -304,13 +360,18 @@ class Connection:
         """The guest agent's view; always raises on failure (the binding returns None)."""
         libvirt = libvirt_module()
         context = f"domain '{dom.name()}'"
+
+        def query(leased: Domain) -> dict[str, Any]:
+            reply = leased.guestVcpus(0)
+            if reply is None:
+                # Read now: freeing the leased handle resets the thread's last error.
+                raise _last_error(libvirt, context)
+            return reply  # type: ignore[no-any-return]
+
         try:
-            reply = dom.guestVcpus(0)
+            return self._agents.run(dom.UUIDString(), query)
         except libvirt.libvirtError as exc:
             raise classify(exc, context=context) from None
-        if reply is None:
-            raise _last_error(libvirt, context)
-        return reply  # type: ignore[no-any-return]
 
     def vcpu_info(self, dom: Domain) -> list[tuple[int, int, int, int]]:
         """``virDomainGetVcpus`` rows (number, state, cpu time, cpu) of a running domain."""
@@ -460,7 +521,9 @@ class Connection:
         A failure may follow a partial success: re-read the guest afterwards.
         """
         self.call(
-            lambda: dom.setGuestVcpus(cpulist, 1 if online else 0, 0),
+            lambda: self._agents.run(
+                dom.UUIDString(), lambda leased: leased.setGuestVcpus(cpulist, int(online), 0)
+            ),
             context=f"domain '{dom.name()}'",
         )
 

@@ -10,16 +10,18 @@ vCPUs are added in order, which is how libvirt hot-adds them.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from typing import Any
 
+from virthotplug.actions import ONLINED
 from virthotplug.config import HostConfig, WatchSettings
 from virthotplug.connection import Connection, Domain
 from virthotplug.cpulist import format_cpulist
 from virthotplug.eventlog import iso_time
 from virthotplug.policysource import effective_policy
 from virthotplug.reconcile import ReconcileResult, reconcile
-from virthotplug.schedule import Job
+from virthotplug.schedule import Job, Key
 from virthotplug.view import to_dict
 from virthotplug.watch import Outcome
 
@@ -36,6 +38,10 @@ class JobRunner:
     def __init__(self, config: HostConfig, settings: WatchSettings) -> None:
         self.config = config
         self.settings = settings
+        # Guest CPUs this daemon onlined, per domain, until seen offline again: a later job
+        # carrying the same hot-add hint must not credit our own write to the guest.
+        self._ours: dict[Key, set[int]] = {}
+        self._ours_lock = threading.Lock()
 
     def update(self, config: HostConfig, settings: WatchSettings) -> None:
         self.config, self.settings = config, settings
@@ -46,18 +52,32 @@ class JobRunner:
             wait = self._grace_left(conn, dom, job, config)
             if wait > 0:
                 return _deferred(job, dom, wait)
+        with self._ours_lock:
+            hotadded = frozenset(job.hotadded - self._ours.get(job.ref.key, set()))
         result = reconcile(
             conn,
             dom,
             config,
             trigger="+".join(job.reasons),
-            hotadded=frozenset(job.hotadded),
+            hotadded=hotadded,
             agent_timeout=self.settings.agent_timeout,
         )
+        self._remember_ours(job.ref.key, result)
         outcome = _outcome(job, result)
         if _hotadd_not_seen_yet(job, result):
             return dataclasses.replace(outcome, retry_after=NOT_YET_SEEN_RETRY)
         return outcome
+
+    def _remember_ours(self, key: Key, result: ReconcileResult) -> None:
+        view = result.after or result.before
+        onlined = {cpu for o in result.outcomes if o.code == ONLINED for cpu in o.cpus}
+        with self._ours_lock:
+            ours = self._ours.setdefault(key, set())
+            ours |= onlined
+            if view.guest is not None:
+                ours -= view.guest.offline | (ours - view.guest.present)
+            if not ours:
+                del self._ours[key]
 
     @staticmethod
     def _grace_left(conn: Connection, dom: Domain, job: Job, config: HostConfig) -> float:

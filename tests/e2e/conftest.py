@@ -26,7 +26,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Callable
 
+import libvirt
 import pytest
+
+from virthotplug.domxml import NAMESPACE
 
 # tests/lab is not a package: its modules import each other by plain name, as they do when
 # run as scripts (guest.py, demo.py).
@@ -121,12 +124,21 @@ class SharedVMs:
         _timings[f"boot of shared VMs ({', '.join(missing)})"] = time.monotonic() - started
 
     def fresh(self, key: str) -> LabVM:
-        """The VM as freshly booted: power-cycled if an earlier test changed it."""
+        """The VM as freshly booted: power-cycled if an earlier test changed it, and without
+        a virthotplug policy in its metadata (a restart keeps metadata, and a policy there
+        would override the configuration file of the next test).
+        """
         self.boot([key])
         vm = self._vms[key]
         if not vm.is_pristine():
             vm.restart()
+        _clear_policy(vm)
         return vm
+
+
+def _clear_policy(vm: LabVM) -> None:
+    for flags in (libvirt.VIR_DOMAIN_AFFECT_LIVE, libvirt.VIR_DOMAIN_AFFECT_CONFIG):
+        vm.dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, NAMESPACE, flags)
 
 
 @pytest.fixture(scope="session")

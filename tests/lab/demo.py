@@ -158,7 +158,7 @@ def second_hot_add(demo: Demo) -> None:
     vm = demo.the_vm
     state = vm.wait_cpu_state(lambda s: 2 in s.online, timeout=30, what="CPU 2 online")
     latency = time.monotonic() - demo.hot_add_started
-    _wait_for_watch_line(demo, "onlined 2")
+    _wait_for_watch_line(demo, "guest online 0-2")
     say(f"guest sysfs: online {cpus(state.online)} -- {latency:.2f} s after the hot-add,")
     say("with no step by anyone: watch saw the OST event and applied the policy")
 
