@@ -14,7 +14,7 @@ class FakeConnection:
         FakeConnection.opened += 1
         self.closed = False
 
-    def lookupByUUIDString(self, uuid: str) -> tuple[FakeConnection, str]:  # noqa: N802
+    def lookupByUUIDString(self, uuid: str) -> tuple[FakeConnection, str]:
         return (self, uuid)
 
     def close(self) -> None:
