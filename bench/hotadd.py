@@ -82,8 +82,8 @@ class HotaddResult:
 class _Poller:
     """(c): once a second, online whatever the agent reports offline."""
 
-    def __init__(self, dom: Any) -> None:
-        self._dom = dom
+    def __init__(self, vm: Any) -> None:
+        self._vm = vm  # vm.dom follows the lab's connection when libvirtd restarts
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="poll-1s", daemon=True)
 
@@ -96,18 +96,17 @@ class _Poller:
             self._thread.join(5)
 
     def _loop(self) -> None:
-        import libvirt
-
         while not self._stop.wait(1.0):
             try:
-                info = self._dom.guestVcpus(0)
+                dom = self._vm.dom
+                info = dom.guestVcpus(0)
                 if not info:
                     continue
                 offline = _cpulist(info.get("vcpus", "")) - _cpulist(info.get("online", ""))
                 if offline:
-                    self._dom.setGuestVcpus(",".join(map(str, sorted(offline))), 1, 0)
-            except libvirt.libvirtError:
-                continue  # the guest is restarting, or the agent is not up yet
+                    dom.setGuestVcpus(",".join(map(str, sorted(offline))), 1, 0)
+            except Exception:  # restarting guest, agent not up yet, libvirtd restarting
+                continue
 
 
 def _cpulist(text: str) -> set[int]:
@@ -185,7 +184,7 @@ class Hotadd:
             vms = lab.start_many(requests)
             by_method = dict(zip(METHODS, vms))
             watch = _Watch(Path(tmp), ["*-bench-watch", "*-bench-ten*"])
-            poller = _Poller(by_method["poll-1s"].dom)
+            poller = _Poller(by_method["poll-1s"])
             poller.start()
             try:
                 self._sequential(lab, by_method, result, log)
@@ -208,35 +207,38 @@ class Hotadd:
             result.ost[method] = Latencies()
         for index in range(self.rounds):
             order = METHODS[index % 3 :] + METHODS[: index % 3]
+            line = []
             for method in order:
-                vm = vms[method]
-                if vm.live_vcpus() >= vm.max_vcpus:
-                    vm.restart()
-                    result.restarts += 1
-                    time.sleep(1.0)  # let the watch see the agent connect and settle
-                cpu = vm.live_vcpus()  # the new vCPU's id: vCPUs are added in order
-                since = time.monotonic()
-                vm.hot_add(cpu + 1)
-                returned = time.monotonic()
-                online = _wait_online(vm, cpu)
-                if online is None:
-                    result.latency[method].failures += 1
-                else:
-                    result.latency[method].seconds.append(online - returned)
-                try:
-                    event = lab.ost.wait_for(vm.name, since=since, timeout=5.0)
-                    result.ost[method].seconds.append(event.received - returned)
-                except Exception:
-                    result.ost[method].failures += 1
-            log(
-                f"  round {index + 1}/{self.rounds}: "
-                + ", ".join(
-                    f"{m} {result.latency[m].seconds[-1]:.2f}s"
-                    if result.latency[m].seconds
-                    else f"{m} -"
-                    for m in METHODS
-                )
-            )
+                for attempt in range(3):
+                    try:
+                        line.append(f"{method} {self._one(lab, vms[method], method, result)}")
+                        break
+                    except Exception as exc:  # e.g. libvirtd restarted by other work
+                        log(f"  {method}: {exc}; measuring again")
+                        time.sleep(5.0 * (attempt + 1))
+            log(f"  round {index + 1}/{self.rounds}: " + ", ".join(line))
+
+    def _one(self, lab: Any, vm: Any, method: str, result: HotaddResult) -> str:
+        """One hot-add on ``vm``; a VM at its maximum is restarted first."""
+        if vm.live_vcpus() >= vm.max_vcpus:
+            vm.restart()
+            result.restarts += 1
+            time.sleep(1.0)  # let the watch see the agent connect and settle
+        cpu = vm.live_vcpus()  # the new vCPU's id: vCPUs are added in order
+        since = time.monotonic()
+        vm.hot_add(cpu + 1)
+        returned = time.monotonic()
+        online = _wait_online(vm, cpu)
+        try:
+            event = lab.ost.wait_for(vm.name, since=since, timeout=5.0)
+            result.ost[method].seconds.append(event.received - returned)
+        except Exception:
+            result.ost[method].failures += 1
+        if online is None:
+            result.latency[method].failures += 1
+            return "not online"
+        result.latency[method].seconds.append(online - returned)
+        return f"{online - returned:.2f}s"
 
     def _ten_at_once(
         self, lab: Any, vms: list[Any], result: HotaddResult, log: Callable[[str], None]
