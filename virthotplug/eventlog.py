@@ -82,8 +82,15 @@ class EventLog:
             }
         )
 
-    def reconcile(self, record: dict[str, Any], line: str, *, failed: bool = False) -> None:
-        log.log(logging.WARNING if failed else logging.INFO, "%s", line)
+    def reconcile(
+        self, record: dict[str, Any], line: str, *, failed: bool = False, routine: bool = False
+    ) -> None:
+        """A reconcile's outcome. Routine ones (a periodic resync that changed nothing and
+        found nothing new) are logged at debug level, so a large host's log stays quiet;
+        the JSON line is always written.
+        """
+        level = logging.WARNING if failed else logging.DEBUG if routine else logging.INFO
+        log.log(level, "%s", line)
         self._emit(record)
 
     def _emit(self, record: dict[str, Any]) -> None:

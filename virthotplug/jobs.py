@@ -42,6 +42,8 @@ class JobRunner:
         # carrying the same hot-add hint must not credit our own write to the guest.
         self._ours: dict[Key, set[int]] = {}
         self._ours_lock = threading.Lock()
+        # The findings last reported per domain, to tell a routine resync from news.
+        self._last_findings: dict[Key, tuple[str, ...]] = {}
 
     def update(self, config: HostConfig, settings: WatchSettings) -> None:
         self.config, self.settings = config, settings
@@ -63,10 +65,24 @@ class JobRunner:
             agent_timeout=self.settings.agent_timeout,
         )
         self._remember_ours(job.ref.key, result)
-        outcome = _outcome(job, result)
+        outcome = dataclasses.replace(_outcome(job, result), routine=self._routine(job, result))
         if _hotadd_not_seen_yet(job, result):
             return dataclasses.replace(outcome, retry_after=NOT_YET_SEEN_RETRY)
         return outcome
+
+    def _routine(self, job: Job, result: ReconcileResult) -> bool:
+        """A resync that wrote nothing and found what the last reconcile found."""
+        view = result.after or result.before
+        codes = tuple(sorted(f.code for f in view.findings))
+        with self._ours_lock:
+            previous = self._last_findings.get(job.ref.key)
+            self._last_findings[job.ref.key] = codes
+        quiet_outcomes = {"skipped", "unchanged", "excluded"}
+        return (
+            set(job.reasons) <= {"host"}
+            and previous == codes
+            and all(o.code in quiet_outcomes for o in result.outcomes)
+        )
 
     def _remember_ours(self, key: Key, result: ReconcileResult) -> None:
         view = result.after or result.before

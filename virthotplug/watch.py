@@ -79,6 +79,7 @@ class Outcome:
     failed: bool = False
     retry_after: Optional[float] = None
     view: Optional[VcpuView] = None  # the domain as the reconcile left it (for metrics)
+    routine: bool = False  # nothing done, nothing new: a log line only at debug level
 
 
 ReconcileFn = Callable[[Connection, Domain, Job], Outcome]
@@ -477,7 +478,9 @@ class Watch:
             self._observer.failed(job, time.monotonic() - started)
             return None
         self.stats.reconciles += 1
-        self._eventlog.reconcile(outcome.record, outcome.line, failed=outcome.failed)
+        self._eventlog.reconcile(
+            outcome.record, outcome.line, failed=outcome.failed, routine=outcome.routine
+        )
         self._observer.reconciled(job, outcome, time.monotonic() - started)
         return outcome.retry_after
 
