@@ -304,7 +304,7 @@ def _with_guest_layers(
 ) -> list[VcpuView]:
     """Query the agent of every running domain that has one, in parallel, then find drift."""
     queried = [r for r in raws if r.view.agent.configured and r.view.state == "running"]
-    outcomes = _query_agents(conn, queried, workers, timeout)
+    outcomes = _query_agents(conn, raws, queried, workers, timeout)
     agent_views = {}
     for raw, outcome in zip(queried, outcomes):
         error: Optional[BaseException] = outcome.error
@@ -316,16 +316,28 @@ def _with_guest_layers(
 
 
 def _query_agents(
-    conn: Connection, queried: list[_Raw], workers: int, timeout: float
+    conn: Connection, raws: list[_Raw], queried: list[_Raw], workers: int, timeout: float
 ) -> list[CallOutcome[Any]]:
     """``guest_vcpus`` of every domain in ``queried``, ``workers`` at a time.
 
     A driver that has no such API at all (the test driver) says so for every domain of the
-    host: the first batch finds out, and the rest are not asked (each ask costs a call and
-    a thread). The price is one batch boundary: a hung agent in the first batch delays the
-    rest by at most one ``timeout``.
+    host, and the rest are then not asked (each ask costs a call, a thread and an agent
+    connection). With a domain at hand whose agent cannot be reached (not running, or no
+    agent channel), the driver is asked once with it, at once, on the shared connection.
+    Without one, the first batch finds out; the price of that batch boundary is that a hung
+    agent in the first batch delays the rest by at most one ``timeout``.
     """
-    no_support: list[str] = []  # the driver's reason, once known
+    if not queried:
+        return []
+    probe = next(
+        (r for r in raws if r.view.state != "running" or not r.view.agent.configured), None
+    )
+    missing = conn.agent_api_missing(probe.dom) if probe is not None else None
+    if probe is not None and missing is None:
+        return bounded_map(
+            conn.guest_vcpus, [r.dom for r in queried], workers=workers, timeout=timeout
+        )
+    no_support: list[str] = [missing] if missing is not None else []
 
     def query(raw: _Raw) -> Any:
         try:
@@ -335,11 +347,14 @@ def _query_agents(
                 no_support.append(_without_prefix(str(exc), raw.view.name))
             raise
 
-    first = max(1, workers)
-    outcomes = bounded_map(query, queried[:first], workers=workers, timeout=timeout)
+    outcomes: list[CallOutcome[Any]] = []
     if not no_support:
-        return outcomes + bounded_map(query, queried[first:], workers=workers, timeout=timeout)
-    for raw in queried[first:]:
+        first = max(1, workers)
+        outcomes = bounded_map(query, queried[:first], workers=workers, timeout=timeout)
+        if not no_support:
+            rest = bounded_map(query, queried[first:], workers=workers, timeout=timeout)
+            return outcomes + rest
+    for raw in queried[len(outcomes) :]:
         error = errors.UnsupportedError(
             f"domain '{raw.view.name}': {no_support[0]}", code=VIR_ERR_NO_SUPPORT
         )

@@ -373,6 +373,23 @@ class Connection:
         except libvirt.libvirtError as exc:
             raise classify(exc, context=context) from None
 
+    def agent_api_missing(self, dom: Domain) -> Optional[str]:
+        """The driver's message when it has no guest-agent vCPU API at all (the test
+        driver), else None. Asked on the shared connection with a domain whose agent cannot
+        be reached (not running, or no agent channel): the driver answers from its argument
+        checks at once, no guest is involved, so no agent lease is needed (opening one can
+        be costly: the test driver re-reads its whole node file for every connection)."""
+        libvirt = libvirt_module()
+        no_support = getattr(libvirt, "VIR_ERR_NO_SUPPORT", 3)
+        try:
+            if dom.guestVcpus(0) is not None:
+                return None
+            last = libvirt.virGetLastError()  # the binding returns None instead of raising
+            code, message = (last[0], str(last[2] or "")) if last else (0, "")
+        except libvirt.libvirtError as exc:
+            code, message = exc.get_error_code(), exc.get_error_message() or str(exc)
+        return _one_line(message) if code == no_support else None
+
     def vcpu_info(self, dom: Domain) -> list[tuple[int, int, int, int]]:
         """``virDomainGetVcpus`` rows (number, state, cpu time, cpu) of a running domain."""
         return self.call(lambda: list(dom.vcpus()[0]), context=f"domain '{dom.name()}'")

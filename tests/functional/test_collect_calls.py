@@ -93,3 +93,45 @@ def test_missing_names_are_collected_with_missing_ok() -> None:
         assert result.missing == ["nosuch"]
         with pytest.raises(errors.NoDomainError):
             collect.read_views(conn, ["nosuch", "fixed-noagent"])
+
+
+def test_the_driver_is_asked_once_with_a_domain_no_agent_can_answer_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+    real = Connection.agent_api_missing
+
+    def probe(self: Connection, dom: Any) -> Any:
+        calls.append(dom.name())
+        return real(self, dom)
+
+    monkeypatch.setattr(Connection, "agent_api_missing", probe)
+    monkeypatch.setattr(Connection, "guest_vcpus", lambda *_: pytest.fail("asked an agent"))
+    with Connection(MIXED) as conn:
+        views = {v.name: v for v in collect.read_views(conn, None).views}
+    [probed] = calls
+    assert views[probed].state != "running" or not views[probed].agent.configured
+    agent = views["hotplug-agent"].agent
+    assert (agent.state, agent.error) == (
+        "unsupported",
+        "domain 'hotplug-agent': this function is not supported by the connection driver: "
+        "virDomainGetGuestVcpus",
+    )
+
+
+def test_a_driver_with_the_api_gets_every_agent_asked_without_a_batch_boundary(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[str] = []
+
+    def reply(self: Connection, dom: Any) -> dict[str, str]:
+        asked.append(dom.name())
+        return {"vcpus": "0", "online": "0", "offlinable": ""}
+
+    monkeypatch.setattr(Connection, "agent_api_missing", lambda *_: None)
+    monkeypatch.setattr(Connection, "guest_vcpus", reply)
+    with Connection(MIXED) as conn:
+        views = {v.name: v for v in collect.read_views(conn, None).views}
+    assert asked == ["hotplug-agent"]  # the one running domain with an agent channel
+    assert views["hotplug-agent"].agent.state == "connected"
+    assert views["hotplug-agent"].guest is not None
