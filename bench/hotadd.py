@@ -62,6 +62,7 @@ class Latencies:
 class HotaddResult:
     rounds: int
     accelerator: str = ""
+    watch_args: list[str] = field(default_factory=list)
     latency: dict[str, Latencies] = field(default_factory=dict)  # hot-add → online
     ost: dict[str, Latencies] = field(default_factory=dict)  # hot-add → OST event
     restarts: int = 0
@@ -121,7 +122,7 @@ def _cpulist(text: str) -> set[int]:
 class _Watch:
     """``virthotplug watch`` on qemu:///system; policy online only for the given globs."""
 
-    def __init__(self, tmp: Path, online_globs: list[str]) -> None:
+    def __init__(self, tmp: Path, online_globs: list[str], extra: list[str]) -> None:
         config = tmp / "virthotplug.conf"
         sections = "".join(f"[domain:{glob}]\nmode = online\n\n" for glob in online_globs)
         config.write_text(f"[defaults]\nmode = report\n\n{sections}", encoding="utf-8")
@@ -130,7 +131,7 @@ class _Watch:
         self._stderr = self.log.open("w", encoding="utf-8")
         argv = [*virthotplug_command(), "--config-file", str(config), "-c", "qemu:///system"]
         self.proc = subprocess.Popen(
-            [*argv, "watch", "--json", "--no-hook-socket"],
+            [*argv, "watch", "--json", "--no-hook-socket", *extra],
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             env=child_env(),
@@ -190,16 +191,19 @@ def _wait_online(vm: Any, cpu: int, timeout: float = ONLINE_TIMEOUT) -> Optional
 
 
 class Hotadd:
-    def __init__(self, rounds: int, burst_vms: int, burst_rounds: int) -> None:
+    def __init__(
+        self, rounds: int, burst_vms: int, burst_rounds: int, watch_args: list[str]
+    ) -> None:
         self.rounds = rounds
         self.burst_vms = burst_vms
         self.burst_rounds = burst_rounds
+        self.watch_args = watch_args  # extra options of the watch under test
 
     def run(self, log: Callable[[str], None]) -> HotaddResult:
         from domains import AUTO, MANUAL
         from lab import Lab, VMRequest, accelerator_description
 
-        result = HotaddResult(self.rounds, accelerator=accelerator_description())
+        result = HotaddResult(self.rounds, accelerator_description(), list(self.watch_args))
         with Lab() as lab, tempfile.TemporaryDirectory(prefix="vhp-hotadd-") as tmp:
             requests = [
                 VMRequest(AUTO, max_vcpus=MAX_VCPUS, label="bench-auto"),
@@ -209,13 +213,15 @@ class Hotadd:
             burst = [VMRequest(MANUAL, label=f"bench-ten{i}") for i in range(self.burst_vms)]
             # Only the VMs of one part run at a time: an idle TCG guest still costs CPU.
             log(f"  booting {len(requests)} lab VMs ({result.accelerator})")
-            vms = lab.start_many(requests)
+            vms = lab.start_many(requests if self.rounds else [])
             by_method = dict(zip(METHODS, vms))
-            watch = _Watch(Path(tmp), ["*-bench-watch", "*-bench-ten*"])
-            poller = _Poller(by_method["poll-1s"])
-            poller.start()
+            watch = _Watch(Path(tmp), ["*-bench-watch", "*-bench-ten*"], self.watch_args)
+            poller = _Poller(by_method.get("poll-1s"))
+            if self.rounds:
+                poller.start()
             try:
-                self._sequential(lab, by_method, result, log)
+                if self.rounds:
+                    self._sequential(lab, by_method, result, log)
                 poller.stop()
                 for vm in vms:
                     lab.remove(vm)

@@ -55,6 +55,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--burst-vms", type=int, default=10, help="VMs hot-added at once")
     parser.add_argument("--burst-rounds", type=int, default=2)
     parser.add_argument(
+        "--watch-workers", type=int, help="watch --workers for the hot-add part (default: its own)"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="small and short (a smoke test of the benchmark)"
     )
     args = parser.parse_args(argv)
@@ -243,7 +246,7 @@ HOTADD_LABELS = {
 
 def hotadd_tables(result: HotaddResult) -> str:
     rows = []
-    for method in HOTADD_METHODS:
+    for method in HOTADD_METHODS if result.latency else ():
         lat = result.latency[method].summary()
         ost = result.ost[method].summary()
         rows.append(
@@ -287,26 +290,30 @@ def hotadd_tables(result: HotaddResult) -> str:
 
 
 def hotadd_targets(result: HotaddResult) -> list[dict[str, Any]]:
-    a = result.latency["auto-online"].summary()
-    b = result.latency["watch"].summary()
-    c = result.latency["poll-1s"].summary()
-    checks = [
-        {
-            "target": "hot-add to online: watch p50 within 0.3 s of the guest's own rule",
-            "value": f"+{b['p50'] - a['p50']:.2f} s",
-            "met": b["p50"] - a["p50"] <= 0.3 and not b["failures"],
-        },
-        {
-            "target": "hot-add to online: watch p50 at least 2x better than 1-s polling",
-            "value": f"{c['p50'] / b['p50']:.2f}x" if b["p50"] > 0 else "-",
-            "met": b["p50"] > 0 and c["p50"] / b["p50"] >= 2.0,
-        },
-    ]
+    checks: list[dict[str, Any]] = []
+    label = " ".join(["watch", *result.watch_args])
+    if result.latency:
+        a = result.latency["auto-online"].summary()
+        b = result.latency["watch"].summary()
+        c = result.latency["poll-1s"].summary()
+        checks += [
+            {
+                "target": f"hot-add to online: {label} p50 within 0.3 s of the guest's own rule",
+                "value": f"+{b['p50'] - a['p50']:.2f} s",
+                "met": b["p50"] - a["p50"] <= 0.3 and not b["failures"],
+            },
+            {
+                "target": f"hot-add to online: {label} p50 at least 2x better than 1-s polling",
+                "value": f"{c['p50'] / b['p50']:.2f}x" if b["p50"] > 0 else "-",
+                "met": b["p50"] > 0 and c["p50"] / b["p50"] >= 2.0,
+            },
+        ]
     if result.burst_vms:
         burst = result.burst_ost_to_online.summary()
         checks.append(
             {
-                "target": f"{result.burst_vms} VMs at once: every CPU online within 3 s of its OST",
+                "target": f"{result.burst_vms} VMs at once under {label}: every CPU online "
+                "within 3 s of its OST",
                 "value": f"max {burst['max']:.2f} s",
                 "met": burst["max"] <= 3.0 and not burst["failures"],
             }
@@ -438,7 +445,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.no_hotadd:
         log(f"hot-add to online: {args.hotadd_rounds} rounds, then {args.burst_vms} VMs at once")
         try:
-            hotadd = Hotadd(args.hotadd_rounds, args.burst_vms, args.burst_rounds).run(log)
+            extra = ["--workers", str(args.watch_workers)] if args.watch_workers else []
+            hotadd = Hotadd(args.hotadd_rounds, args.burst_vms, args.burst_rounds, extra).run(log)
         except Exception as exc:  # the lab could not start: report it, keep the rest
             log(f"hot-add benchmark failed: {exc}")
             document["hotadd"] = {"error": str(exc)}
