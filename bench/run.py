@@ -268,8 +268,12 @@ def hotadd_tables(result: HotaddResult) -> str:
     )
     if result.burst_vms:
         burst = [
-            ("OST event -> online", result.burst_ost_to_online.summary()),
-            ("hot-add returned -> online", result.burst_hotadd_to_online.summary()),
+            ("watch: OST event -> online", result.burst_ost_to_online.summary()),
+            ("watch: hot-add returned -> online", result.burst_hotadd_to_online.summary()),
+            (
+                "no watch, agent onlines at OST: OST -> online",
+                result.burst_direct_ost_to_online.summary(),
+            ),
         ]
         rows = [
             [
@@ -283,7 +287,8 @@ def hotadd_tables(result: HotaddResult) -> str:
             for what, s in burst
         ]
         text += (
-            f"\n\n{result.burst_vms} VMs hot-added at once under watch (policy online)\n"
+            f"\n\n{result.burst_vms} VMs hot-added at once, under watch (policy online), then "
+            "onlined by the benchmark itself at each OST event (the floor)\n"
             + table(["", "n", "p50", "p95", "max", "failed"], rows)
         )
     return text
@@ -310,11 +315,12 @@ def hotadd_targets(result: HotaddResult) -> list[dict[str, Any]]:
         ]
     if result.burst_vms:
         burst = result.burst_ost_to_online.summary()
+        floor = result.burst_direct_ost_to_online.summary()
         checks.append(
             {
                 "target": f"{result.burst_vms} VMs at once under {label}: every CPU online "
-                "within 3 s of its OST",
-                "value": f"max {burst['max']:.2f} s",
+                "within 3 s of its OST (floor: onlined at OST without watch)",
+                "value": f"max {burst['max']:.2f} s (floor {floor['max']:.2f} s)",
                 "met": burst["max"] <= 3.0 and not burst["failures"],
             }
         )
