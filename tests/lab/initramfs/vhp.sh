@@ -6,7 +6,9 @@ link_ports() {
     for f in /sys/class/virtio-ports/vport*/name; do
         [ -s "$f" ] || continue
         dev=${f%/name}
-        ln -sf "../${dev##*/}" "/dev/virtio-ports/$(cat "$f")"
+        # The boot loop and the uevent handler may both link a port: a private name
+        # renamed into place is atomic where "ln -sf" (unlink, then link) races.
+        ln -s "../${dev##*/}" "/dev/virtio-ports/.$$" && mv -f "/dev/virtio-ports/.$$" "/dev/virtio-ports/$(cat "$f")"
     done
 }
 
