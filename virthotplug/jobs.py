@@ -19,6 +19,7 @@ from virthotplug.config import HostConfig, WatchSettings
 from virthotplug.connection import Connection, Domain
 from virthotplug.cpulist import format_cpulist
 from virthotplug.eventlog import iso_time
+from virthotplug.policy import Policy
 from virthotplug.policysource import effective_policy
 from virthotplug.reconcile import ReconcileResult, reconcile
 from virthotplug.schedule import Job, Key
@@ -50,8 +51,10 @@ class JobRunner:
 
     def run(self, conn: Connection, dom: Domain, job: Job) -> Outcome:
         config = self.config
+        effective = None
         if job.hotadded:
-            wait = self._grace_left(conn, dom, job, config)
+            effective = effective_policy(conn, dom, config)
+            wait = _grace_left(effective.policy, job)
             if wait > 0:
                 return _deferred(job, dom, wait)
         with self._ours_lock:
@@ -63,6 +66,7 @@ class JobRunner:
             trigger="+".join(job.reasons),
             hotadded=hotadded,
             agent_timeout=self.settings.agent_timeout,
+            effective=effective,
         )
         self._remember_ours(job.ref.key, result)
         outcome = dataclasses.replace(_outcome(job, result), routine=self._routine(job, result))
@@ -95,12 +99,11 @@ class JobRunner:
             if not ours:
                 del self._ours[key]
 
-    @staticmethod
-    def _grace_left(conn: Connection, dom: Domain, job: Job, config: HostConfig) -> float:
-        policy = effective_policy(conn, dom, config).policy
-        if policy.mode not in ACTING_MODES:
-            return 0.0
-        return policy.grace - (time.monotonic() - job.first_request)
+
+def _grace_left(policy: Policy, job: Job) -> float:
+    if policy.mode not in ACTING_MODES:
+        return 0.0
+    return policy.grace - (time.monotonic() - job.first_request)
 
 
 def _hotadd_not_seen_yet(job: Job, result: ReconcileResult) -> bool:

@@ -78,13 +78,16 @@ def reconcile(
     hotadded: frozenset[int] = frozenset(),
     agent_timeout: Optional[float] = None,
     mode: Optional[str] = None,
+    effective: Optional[EffectivePolicy] = None,
 ) -> ReconcileResult:
     """Reconcile one domain once. ``hotadded``: guest CPU ids a hot-add hint says just
     appeared (online ones we never wrote are reported ``onlined-by-guest``). ``mode``
-    overrides the effective mode (``setvcpus --online/--no-online``)."""
+    overrides the effective mode (``setvcpus --online/--no-online``). ``effective``: the
+    domain's policy when the caller has just resolved it (saves its metadata reads)."""
     timeout = agent_timeout if agent_timeout is not None else config.watch.agent_timeout
     with _lock_for(conn.uri, dom.UUIDString()):
-        effective = _with_mode(effective_policy(conn, dom, config), mode)
+        resolved = effective if effective is not None else effective_policy(conn, dom, config)
+        effective = _with_mode(resolved, mode)
         before = collect.read_view(conn, dom, agent_timeout=timeout)
         plan = decide(before, effective.policy)
         writes: tuple[WriteResult, ...] = ()

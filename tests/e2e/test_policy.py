@@ -7,7 +7,6 @@ as test properties (``record_property``) for the junit report.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -24,16 +23,6 @@ from virthotplug.reconcile import ReconcileResult, reconcile
 
 Capsys = pytest.CaptureFixture[str]
 Record = Callable[[str, object], None]
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """``cli.main`` installs its own root handler; put the previous ones back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture

@@ -5,10 +5,8 @@ Nothing here opens a libvirt connection: usage errors are found before any is ne
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,16 +17,6 @@ from virthotplug.report import CHECK_UNKNOWN
 
 # A URI that would fail loudly if anything tried to connect.
 NOWHERE = "bogus:///never-opened"
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """``cli.main`` installs its own root handler; put the previous ones back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def parse(*argv: str) -> object:
