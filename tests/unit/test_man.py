@@ -19,21 +19,11 @@ import pytest
 
 from virthotplug import actions, cli, drift, errors, events, policy, view
 from virthotplug.config import WatchSettings
+from virthotplug.hookserver import OPERATIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 MAN = ROOT / "man"
 PAGES = ["virthotplug.1", "virthotplug.conf.5", "virthotplug-hook.8"]
-HOOK_OPERATIONS = (
-    "prepare",
-    "start",
-    "started",
-    "stopped",
-    "release",
-    "migrate",
-    "restore",
-    "reconnect",
-    "attach",
-)
 
 
 def source(page: str) -> str:
@@ -258,5 +248,5 @@ def test_documented_defaults_match_the_code() -> None:
 
 def test_hook_operations_are_documented() -> None:
     hook = sections(source("virthotplug-hook.8"), "=")
-    for operation in HOOK_OPERATIONS:
+    for operation in sorted(OPERATIONS):
         assert re.search(rf"^(\w+ \w+, )?{operation} (begin|end)", hook["OPERATIONS"], re.M)
