@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare a Debian 12 host for virthotplug's tests, demo and benchmarks.
 # Idempotent and quick when everything is already in place. Works without systemd.
-#  1. Debian packages (libvirt, QEMU, the guest agent, busybox, build deps of libvirt-python)
+#  1. Debian packages (libvirt, QEMU, the guest agent, busybox, build deps of libvirt-python;
+#     debootstrap and qemu-utils for the second stack and the Debian guests)
 #  2. /dev/kvm permissions (no udev here: without them every define re-probes QEMU for ~64 s)
 #  3. virtlogd and libvirtd, started by hand only when they are not already running
 # and says which accelerator lab guests will use (the same rule as tests/lab/lab.py).
@@ -12,6 +13,7 @@ PACKAGES=(
     qemu-system-x86 qemu-guest-agent busybox-static
     libvirt-dev pkg-config gcc python3-dev python3-venv
     mandoc python3-docutils procps man-db groff-base
+    debootstrap qemu-utils
 )
 
 log() { printf '[host-setup] %s\n' "$*" >&2; }
