@@ -44,6 +44,7 @@ venv: host $(VENV)/.installed
 lint: venv
 	$(VENV)/bin/ruff check virthotplug tests bench hooks/qemu man/fixup.py
 	$(VENV)/bin/ruff format --check virthotplug tests bench hooks/qemu man/fixup.py
+	$(VENV)/bin/lint-imports --no-cache
 
 typecheck: venv
 	$(VENV)/bin/mypy

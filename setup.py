@@ -24,10 +24,11 @@ setup(
             "ruff>=0.4",
             "mypy>=1.5",
             "lxml-stubs",
+            "import-linter>=2",
             "prometheus-client>=0.12",
         ],
     },
-    entry_points={"console_scripts": ["virthotplug = virthotplug.cli:main"]},
+    entry_points={"console_scripts": ["virthotplug = virthotplug.cli.main:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Operating System :: POSIX :: Linux",

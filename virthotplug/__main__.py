@@ -2,6 +2,6 @@
 
 import sys
 
-from virthotplug.cli import main
+from virthotplug.cli.main import main
 
 sys.exit(main())

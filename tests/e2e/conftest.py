@@ -29,7 +29,7 @@ from typing import Callable
 import libvirt
 import pytest
 
-from virthotplug.domxml import NAMESPACE
+from virthotplug.host.domxml import NAMESPACE
 
 # tests/lab is not a package: its modules import each other by plain name, as they do when
 # run as scripts (guest.py, demo.py).

@@ -14,12 +14,12 @@ from typing import Any, Callable
 import pytest
 from lab import CpuState, Lab, LabVM
 
-from virthotplug import cli
-from virthotplug.actions import EXCLUDED, ONLINED, ONLINED_BY_GUEST, SKIPPED, UNCHANGED
-from virthotplug.config import HostConfig
-from virthotplug.connection import Connection
-from virthotplug.errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_UNSUPPORTED
-from virthotplug.reconcile import ReconcileResult, reconcile
+from virthotplug.cli import main as cli
+from virthotplug.core.config import HostConfig
+from virthotplug.core.errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_UNSUPPORTED
+from virthotplug.host.actions import EXCLUDED, ONLINED, ONLINED_BY_GUEST, SKIPPED, UNCHANGED
+from virthotplug.host.connection import Connection
+from virthotplug.host.reconcile import ReconcileResult, reconcile
 
 Capsys = pytest.CaptureFixture[str]
 Record = Callable[[str, object], None]

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import pytest
 
-from virthotplug import cli
+from virthotplug.cli import main as cli
 
 NODES = Path(__file__).resolve().parent / "nodes"
 

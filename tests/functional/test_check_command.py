@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tdriver import MIXED, node_uri, run_cli, run_module
 
-from virthotplug.report import CHECK_OK, CHECK_UNKNOWN, CHECK_WARNING
+from virthotplug.core.report import CHECK_OK, CHECK_UNKNOWN, CHECK_WARNING
 
 PLUGIN_LINE = re.compile(
     r"^VIRTHOTPLUG (?P<status>OK|WARNING|CRITICAL|UNKNOWN) - (?P<summary>[^|\n]+) \| "

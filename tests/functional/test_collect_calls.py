@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from tdriver import MIXED
 
-from virthotplug import collect, errors
-from virthotplug.connection import Connection
+from virthotplug.core import errors
+from virthotplug.host import collect
+from virthotplug.host.connection import Connection
 
 AGENT = '<devices><channel type="unix"><target type="virtio" name="org.qemu.guest_agent.0"/>'
 AGENT += "</channel></devices>"

@@ -13,19 +13,19 @@ import libvirt
 import pytest
 from tdriver import MIXED, node_uri
 
-from virthotplug import errors
-from virthotplug.collect import read_view, read_views
-from virthotplug.connection import Connection, classify
-from virthotplug.domxml import (
+from virthotplug.core import errors
+from virthotplug.core.drift import CONFIG_LIVE_MISMATCH
+from virthotplug.core.view import AGENT_UNSUPPORTED, INFO
+from virthotplug.core.workpool import call_with_timeout
+from virthotplug.host.collect import read_view, read_views
+from virthotplug.host.connection import Connection, classify
+from virthotplug.host.domxml import (
     NAMESPACE,
     Topology,
     parse_domain_xml,
     parse_policy_element,
     policy_element,
 )
-from virthotplug.drift import CONFIG_LIVE_MISMATCH
-from virthotplug.view import AGENT_UNSUPPORTED, INFO
-from virthotplug.workpool import call_with_timeout
 
 
 @pytest.fixture

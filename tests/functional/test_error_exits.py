@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tdriver import MIXED, Result, node_uri, run_cli, run_module
 
-from virthotplug.errors import (
+from virthotplug.core.errors import (
     EXIT_CONNECT,
     EXIT_INVALID_URI,
     EXIT_NO_DOMAIN,
@@ -16,7 +16,7 @@ from virthotplug.errors import (
     EXIT_PERMISSION,
     EXIT_USAGE,
 )
-from virthotplug.report import CHECK_UNKNOWN
+from virthotplug.core.report import CHECK_UNKNOWN
 
 ERROR = "virthotplug: error: "
 

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 from tdriver import MIXED, run_cli
 
-from virthotplug.config import HostConfig
-from virthotplug.connection import Connection
-from virthotplug.errors import (
+from virthotplug.core.config import HostConfig
+from virthotplug.core.errors import (
     EXIT_CONFIG,
     EXIT_INCOMPLETE,
     EXIT_NOT_RUNNING,
@@ -23,14 +22,15 @@ from virthotplug.errors import (
     EXIT_USAGE,
     ConfigError,
 )
-from virthotplug.policysource import (
+from virthotplug.host.connection import Connection
+from virthotplug.host.policysource import (
     SOURCE_LIVE,
     SOURCE_PERSISTENT,
     effective_policy,
     metadata_layer,
     write_policy,
 )
-from virthotplug.reconcile import ReconcileResult, reconcile
+from virthotplug.host.reconcile import ReconcileResult, reconcile
 
 Capsys = pytest.CaptureFixture[str]
 

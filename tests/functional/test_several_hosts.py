@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from tdriver import MIXED, node_uri, run_cli
 
-from virthotplug.errors import EXIT_FAILURE, EXIT_NO_DOMAIN, EXIT_OK
-from virthotplug.report import CHECK_OK, CHECK_UNKNOWN
+from virthotplug.core.errors import EXIT_FAILURE, EXIT_NO_DOMAIN, EXIT_OK
+from virthotplug.core.report import CHECK_OK, CHECK_UNKNOWN
 
 EDGE = node_uri("edge")
 SYSTEM = "qemu:///system"

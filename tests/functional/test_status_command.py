@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from tdriver import MIXED, node_uri, run_cli, run_module
 
-from virthotplug.errors import EXIT_FAILURE, EXIT_OK
+from virthotplug.core.errors import EXIT_FAILURE, EXIT_OK
 
 LAYERS = ("config", "live", "hypervisor", "guest")
 MIXED_ORDER = [  # like virsh list --all: running (and paused) by id, then the others by name

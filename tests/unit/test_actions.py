@@ -1,4 +1,4 @@
-"""Tests for virthotplug.actions: writes with bounded retries, and outcome codes."""
+"""Tests for virthotplug.host.actions: writes with bounded retries, and outcome codes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,19 @@ from typing import Any, Optional
 
 import pytest
 
-from virthotplug import actions, errors
-from virthotplug.actions import (
+from virthotplug.core import errors
+from virthotplug.core.cpulist import format_cpulist, parse_cpulist
+from virthotplug.core.policy import Plan, Policy, decide
+from virthotplug.core.view import (
+    AGENT_CONNECTED,
+    AGENT_NOT_CONNECTED,
+    AgentStatus,
+    CountLayer,
+    GuestLayer,
+    VcpuView,
+)
+from virthotplug.host import actions
+from virthotplug.host.actions import (
     EXCLUDED,
     FAILED,
     OFFLINED,
@@ -21,16 +32,6 @@ from virthotplug.actions import (
     WriteResult,
     execute,
     outcomes,
-)
-from virthotplug.cpulist import format_cpulist, parse_cpulist
-from virthotplug.policy import Plan, Policy, decide
-from virthotplug.view import (
-    AGENT_CONNECTED,
-    AGENT_NOT_CONNECTED,
-    AgentStatus,
-    CountLayer,
-    GuestLayer,
-    VcpuView,
 )
 
 

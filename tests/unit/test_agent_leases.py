@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from virthotplug.connection import _AgentLeases
+from virthotplug.host.connection import _AgentLeases
 
 
 class FakeConnection:

@@ -10,10 +10,11 @@ import sys
 
 import pytest
 
-from virthotplug import __version__, cli
-from virthotplug.commands.common import DEFAULT_AGENT_TIMEOUT
-from virthotplug.errors import EXIT_USAGE
-from virthotplug.report import CHECK_UNKNOWN
+from virthotplug import __version__
+from virthotplug.cli import main as cli
+from virthotplug.cli.commands.common import DEFAULT_AGENT_TIMEOUT
+from virthotplug.core.errors import EXIT_USAGE
+from virthotplug.core.report import CHECK_UNKNOWN
 
 # A URI that would fail loudly if anything tried to connect.
 NOWHERE = "bogus:///never-opened"
@@ -128,9 +129,10 @@ def test_pure_modules_do_not_import_libvirt() -> None:
     # Start-up stays light, and the pure tier never needs libvirt.
     code = (
         "import sys\n"
-        "import virthotplug.cli, virthotplug.domxml, virthotplug.view, virthotplug.drift\n"
-        "import virthotplug.report, virthotplug.workpool, virthotplug.collect\n"
-        "virthotplug.cli.build_parser()\n"
+        "import virthotplug.cli.main, virthotplug.host.domxml, virthotplug.core.view\n"
+        "import virthotplug.core.drift\n"
+        "import virthotplug.core.report, virthotplug.core.workpool, virthotplug.host.collect\n"
+        "virthotplug.cli.main.build_parser()\n"
         "print('libvirt' in sys.modules)\n"
     )
     result = subprocess.run(

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from virthotplug import cli, policy
+from virthotplug.cli import main as cli
+from virthotplug.core import policy
 
 SCRIPT = Path(__file__).resolve().parents[2] / "completion" / "virthotplug.bash"
 PARSER = cli.build_parser()

@@ -1,4 +1,4 @@
-"""Tests for virthotplug.config: the host configuration file."""
+"""Tests for virthotplug.core.config: the host configuration file."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from virthotplug import config
-from virthotplug.config import HostConfig, WatchSettings, load_config, parse_config
-from virthotplug.errors import ConfigError
-from virthotplug.policy import merge_policy
+from virthotplug.core import config
+from virthotplug.core.config import HostConfig, WatchSettings, load_config, parse_config
+from virthotplug.core.errors import ConfigError
+from virthotplug.core.policy import merge_policy
 
 EXAMPLE = """\
 # comments are fine

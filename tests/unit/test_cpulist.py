@@ -1,4 +1,4 @@
-"""Tests for virthotplug.cpulist: strict, bounded parsing of untrusted cpulist strings."""
+"""Tests for virthotplug.core.cpulist: strict, bounded parsing of untrusted cpulist strings."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from virthotplug.cpulist import (
+from virthotplug.core.cpulist import (
     MAX_CPU_ID,
     MAX_CPULIST_CHARS,
     CpulistError,

@@ -1,4 +1,4 @@
-"""Tests for virthotplug.domxml: the domain XML model and the project's metadata element."""
+"""Tests for virthotplug.host.domxml: the domain XML model and the project's metadata element."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from virthotplug.domxml import (
+from virthotplug.core.errors import EXIT_CONFIG, ConfigError, MalformedXMLError
+from virthotplug.host.domxml import (
     AGENT_CHANNEL,
     MAX_XML_BYTES,
     NAMESPACE,
@@ -18,7 +19,6 @@ from virthotplug.domxml import (
     parse_policy_element,
     policy_element,
 )
-from virthotplug.errors import EXIT_CONFIG, ConfigError, MalformedXMLError
 
 UUID = "3b3c0e4f-8a6e-4d9a-9f0e-1d4a5c6b7e01"
 

@@ -1,4 +1,4 @@
-"""Tests for virthotplug.drift: each finding code, its severity and when it appears."""
+"""Tests for virthotplug.core.drift: each finding code, its severity and when it appears."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Optional
 
 import pytest
 
-from virthotplug import drift
-from virthotplug.view import (
+from virthotplug.core import drift
+from virthotplug.core.view import (
     AGENT_BAD_REPLY,
     AGENT_CONNECTED,
     AGENT_NOT_CONFIGURED,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from virthotplug.events import (
+from virthotplug.core.events import (
     FORGET,
     RECONCILE,
     REPORT,
@@ -19,8 +19,8 @@ from virthotplug.events import (
     LifecycleEvent,
     OstMonitorEvent,
 )
-from virthotplug.listener import Listener
-from virthotplug.ost import parse_device_deleted, parse_ost_details
+from virthotplug.core.ost import parse_device_deleted, parse_ost_details
+from virthotplug.daemon.listener import Listener
 
 REF = DomainRef("qemu:///system", "9a2b", "guest1")
 

@@ -9,8 +9,8 @@ import dataclasses
 import re
 from pathlib import Path
 
-from virthotplug.config import WatchSettings, parse_config
-from virthotplug.policy import FIELDS, Policy, parse_policy_fields
+from virthotplug.core.config import WatchSettings, parse_config
+from virthotplug.core.policy import FIELDS, Policy, parse_policy_fields
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "conf" / "virthotplug.conf"
 SETTING = re.compile(r"(?m)^#(\w+) =(.*)$")  # "#key = value": a setting at its default

@@ -40,8 +40,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from virthotplug.config import WatchSettings, parse_config
-from virthotplug.hookserver import HookMessage, MessageError, parse_message
+from virthotplug.core.config import WatchSettings, parse_config
+from virthotplug.daemon.hookserver import HookMessage, MessageError, parse_message
 
 ROOT = Path(__file__).resolve().parents[2]
 HOOK = ROOT / "hooks" / "qemu"

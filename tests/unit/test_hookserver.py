@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from virthotplug.events import RECONCILE, DomainRef, Event, HookEvent
-from virthotplug.hookserver import (
+from virthotplug.core.events import RECONCILE, DomainRef, Event, HookEvent
+from virthotplug.daemon.hookserver import (
     MAX_MESSAGE_BYTES,
     HookMessage,
     HookServer,

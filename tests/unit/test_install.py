@@ -111,7 +111,9 @@ def test_installed_contents(destdir: Path) -> None:
 
 
 def test_bytecode_is_compiled_for_the_final_path(destdir: Path) -> None:
-    caches = list((destdir / "usr/share/virthotplug/virthotplug/__pycache__").glob("cli.*.pyc"))
+    caches = list(
+        (destdir / "usr/share/virthotplug/virthotplug/cli/__pycache__").glob("main.*.pyc")
+    )
     assert caches
     assert str(destdir).encode() not in caches[0].read_bytes()
 

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from virthotplug import actions, cli, drift, errors, events, policy, view
-from virthotplug.config import WatchSettings
-from virthotplug.hookserver import OPERATIONS
+from virthotplug.cli import main as cli
+from virthotplug.core import drift, errors, events, policy, view
+from virthotplug.core.config import WatchSettings
+from virthotplug.daemon.hookserver import OPERATIONS
+from virthotplug.host import actions
 
 ROOT = Path(__file__).resolve().parents[2]
 MAN = ROOT / "man"

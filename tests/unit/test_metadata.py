@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from virthotplug.domxml import NAMESPACE, parse_domain_xml, parse_policy_element, policy_element
-from virthotplug.errors import ConfigError, MalformedXMLError
-from virthotplug.policy import merge_policy
-from virthotplug.policysource import SOURCE_LIVE
+from virthotplug.core.errors import ConfigError, MalformedXMLError
+from virthotplug.core.policy import merge_policy
+from virthotplug.host.domxml import (
+    NAMESPACE,
+    parse_domain_xml,
+    parse_policy_element,
+    policy_element,
+)
+from virthotplug.host.policysource import SOURCE_LIVE
 
 
 def test_virdomaingetmetadata_form_is_accepted() -> None:

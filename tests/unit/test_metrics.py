@@ -12,12 +12,11 @@ import pytest
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families
 
-from virthotplug import metrics
-from virthotplug.errors import UsageError
-from virthotplug.events import DomainRef, HostEvent, LifecycleEvent, OstMonitorEvent
-from virthotplug.ost import parse_ost_details
-from virthotplug.schedule import Job
-from virthotplug.view import (
+from virthotplug.core.errors import UsageError
+from virthotplug.core.events import DomainRef, HostEvent, LifecycleEvent, OstMonitorEvent
+from virthotplug.core.ost import parse_ost_details
+from virthotplug.core.schedule import Job
+from virthotplug.core.view import (
     AgentStatus,
     CountLayer,
     Finding,
@@ -25,7 +24,8 @@ from virthotplug.view import (
     HypervisorLayer,
     VcpuView,
 )
-from virthotplug.watch import Outcome
+from virthotplug.daemon import metrics
+from virthotplug.daemon.watch import Outcome
 
 HOST = "qemu:///system"
 REF = DomainRef(HOST, "9a2b0000-0000-4000-8000-000000000001", "web1")

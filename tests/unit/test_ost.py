@@ -1,4 +1,4 @@
-"""Tests for virthotplug.ost: _OST decoding and untrusted QEMU event details."""
+"""Tests for virthotplug.core.ost: _OST decoding and untrusted QEMU event details."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virthotplug.ost import (
+from virthotplug.core.ost import (
     MAX_EVENT_JSON,
     DeviceDeleted,
     EventDataError,

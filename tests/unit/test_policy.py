@@ -1,4 +1,4 @@
-"""Tests for virthotplug.policy: raw value validation, layer merging and decide()."""
+"""Tests for virthotplug.core.policy: raw value validation, layer merging and decide()."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from virthotplug.errors import ConfigError
-from virthotplug.policy import (
+from virthotplug.core.errors import ConfigError
+from virthotplug.core.policy import (
     DEFAULT_SOURCE,
     FIELDS,
     MODE_IGNORE,
@@ -24,7 +24,7 @@ from virthotplug.policy import (
     merge_policy,
     parse_policy_fields,
 )
-from virthotplug.view import (
+from virthotplug.core.view import (
     AGENT_CONNECTED,
     AGENT_NOT_CONFIGURED,
     AGENT_NOT_CONNECTED,

@@ -1,4 +1,4 @@
-"""Tests for virthotplug.report: the status table, the JSON document and the plugin line."""
+"""Tests for virthotplug.core.report: the status table, the JSON document and the plugin line."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from virthotplug import report
-from virthotplug.view import (
+from virthotplug.core import report
+from virthotplug.core.view import (
     AGENT_CONNECTED,
     CRITICAL,
     INFO,

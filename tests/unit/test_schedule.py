@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from virthotplug.events import DomainRef
-from virthotplug.schedule import MAX_REASONS, ReconcileQueue
+from virthotplug.core.events import DomainRef
+from virthotplug.core.schedule import MAX_REASONS, ReconcileQueue
 
 A = DomainRef("qemu:///system", "uuid-a", "a")
 B = DomainRef("qemu:///system", "uuid-b", "b")

@@ -1,4 +1,4 @@
-"""Tests for virthotplug.view: validating untrusted guest-agent replies, and the JSON form."""
+"""Tests for virthotplug.core.view: validating untrusted guest-agent replies, and the JSON form."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from virthotplug.cpulist import MAX_CPU_ID, MAX_CPULIST_CHARS
-from virthotplug.domxml import VcpuEntry
-from virthotplug.errors import EXIT_AGENT, AgentError, GuestDataError
-from virthotplug.view import (
+from virthotplug.core.cpulist import MAX_CPU_ID, MAX_CPULIST_CHARS
+from virthotplug.core.errors import EXIT_AGENT, AgentError, GuestDataError
+from virthotplug.core.view import (
     AGENT_CONNECTED,
     CRITICAL,
     INFO,
@@ -25,6 +24,7 @@ from virthotplug.view import (
     Finding,
     GuestLayer,
     HypervisorLayer,
+    VcpuEntry,
     VcpuView,
     parse_guest_reply,
     to_dict,

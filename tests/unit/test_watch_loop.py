@@ -6,12 +6,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from virthotplug.config import WatchSettings
-from virthotplug.connection import Connection, Domain
-from virthotplug.eventlog import EventLog
-from virthotplug.events import DomainRef, LifecycleEvent
-from virthotplug.schedule import Job
-from virthotplug.watch import MAIN_LOOP_WAKEUP, Outcome, Watch
+from virthotplug.core.config import WatchSettings
+from virthotplug.core.events import DomainRef, LifecycleEvent
+from virthotplug.core.schedule import Job
+from virthotplug.daemon.eventlog import EventLog
+from virthotplug.daemon.watch import MAIN_LOOP_WAKEUP, Outcome, Watch
+from virthotplug.host.connection import Connection, Domain
 
 
 def _never(_conn: Connection, _dom: Domain, _job: Job) -> Outcome:

@@ -1,4 +1,4 @@
-"""Tests for virthotplug.workpool: bounded waits and bounded fan-out.
+"""Tests for virthotplug.core.workpool: bounded waits and bounded fan-out.
 
 Timing assertions use generous margins: a hung call is simulated by an Event that is only
 set when the test ends, and "fast" means well under the timeout, never a tight bound.
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from virthotplug.workpool import CallTimeout, bounded_map, call_with_timeout
+from virthotplug.core.workpool import CallTimeout, bounded_map, call_with_timeout
 
 
 @pytest.fixture

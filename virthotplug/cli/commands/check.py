@@ -1,0 +1,34 @@
+"""``virthotplug check``: the status evaluation as a Nagios/Icinga monitoring plugin."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from virthotplug.cli.commands.common import add_selection, selected_names, uris
+
+CHECK_UNKNOWN = 3  # report.CHECK_UNKNOWN; importing report here would load lxml at start-up
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "check",
+        help="monitoring plugin: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN",
+        description="Evaluate vCPU drift like 'status' and print one monitoring-plugin line; "
+        "the exit status is 0 OK, 1 WARNING, 2 CRITICAL or 3 UNKNOWN.",
+    )
+    add_selection(parser)
+    parser.set_defaults(run=run, plugin_unknown_status=CHECK_UNKNOWN)
+
+
+def run(args: argparse.Namespace) -> int:
+    from virthotplug.core import report
+    from virthotplug.host import collect
+
+    result = collect.read_hosts(
+        uris(args), selected_names(args), readonly=args.readonly, agent_timeout=args.agent_timeout
+    )
+    failures = [f"{e.host} {e.name}".strip() + f": {e.error}" for e in result.errors]
+    status = report.check_status(result.views, len(failures))
+    print(report.check_line(result.views, failures, status))
+    return status

@@ -1,0 +1,111 @@
+"""``virthotplug policy``: show a domain's effective policy, or set/clear its metadata."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from virthotplug.cli.commands.common import uris
+from virthotplug.core.errors import EXIT_OK, UsageError
+
+MODES = ("online", "match", "report", "ignore")  # policy.MODES, without importing it here
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "policy",
+        help="show a domain's onlining policy and where each value comes from, or set it",
+        description="Without --set/--clear: show the domain's effective onlining policy and "
+        "the source of every value (metadata, configuration file, default). With --set: "
+        "replace the policy stored in the domain's metadata; with --clear: remove it. "
+        "Without --live/--config the running definition (if running) and the persistent one "
+        "(if persistent) are both changed.",
+    )
+    parser.add_argument("domain", metavar="DOMAIN", help="domain name, UUID or id")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--set", choices=MODES, metavar="MODE", help=f"one of {', '.join(MODES)}")
+    action.add_argument("--clear", action="store_true", help="remove the metadata element")
+    parser.add_argument("--count", metavar="N", help="online CPUs for mode match")
+    parser.add_argument("--grace", metavar="SECONDS", help="wait after a hot-add before acting")
+    parser.add_argument("--exclude", metavar="CPULIST", help="guest CPUs never changed by us")
+    parser.add_argument("--retries", metavar="N", help="retries of transient agent errors")
+    parser.add_argument("--live", action="store_true", help="change the running definition")
+    parser.add_argument("--config", action="store_true", help="change the persistent definition")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from virthotplug.core.config import load_config
+    from virthotplug.host.connection import Connection
+
+    options = _field_options(args)
+    if (options or args.live or args.config) and not (args.set or args.clear):
+        raise UsageError("--count, --grace, --exclude, --retries, --live and --config need --set")
+    if args.clear and options:
+        raise UsageError("--clear takes no policy values")
+    config = load_config(args.config_file)
+    with Connection(_one_uri(args), readonly=args.readonly) as conn:
+        dom = conn.lookup(args.domain)
+        if args.set or args.clear:
+            _write(conn, dom, args, options)
+        _show(conn, dom, config, args.json)
+    return EXIT_OK
+
+
+def _field_options(args: argparse.Namespace) -> dict[str, str]:
+    names = ("count", "grace", "exclude", "retries")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _one_uri(args: argparse.Namespace) -> Any:
+    hosts = uris(args)
+    if len(hosts) > 1:
+        raise UsageError("policy works on one host: give -c once")
+    return hosts[0]
+
+
+def _write(conn: Any, dom: Any, args: argparse.Namespace, options: dict[str, str]) -> None:
+    from virthotplug.core.policy import format_field, parse_policy_fields
+    from virthotplug.host.policysource import write_policy
+
+    fields = None
+    if args.set:
+        raw = {"mode": args.set, **options}
+        if "count" in raw and args.set != "match":
+            raise UsageError("--count applies only to --set match")
+        # Validate and normalise before anything is written.
+        values = parse_policy_fields(raw, source="the command line", domain=dom.name())
+        fields = {name: format_field(name, value) for name, value in values.items()}
+    live, persistent = _affect(conn, dom, args)
+    write_policy(conn, dom, fields, live=live, config=persistent)
+
+
+def _affect(conn: Any, dom: Any, args: argparse.Namespace) -> tuple[bool, bool]:
+    """--live/--config as given; neither: running definition if running + persistent if so."""
+    if args.live or args.config:
+        return bool(args.live), bool(args.config)
+    context = f"domain '{dom.name()}'"
+    active = conn.call(dom.isActive, context=context) == 1
+    persistent = conn.call(dom.isPersistent, context=context) == 1
+    return active, persistent
+
+
+def _show(conn: Any, dom: Any, config: Any, as_json: bool) -> None:
+    from virthotplug.core.policy import FIELDS, format_field
+    from virthotplug.host.policysource import effective_policy
+
+    effective = effective_policy(conn, dom, config)
+    if as_json:
+        doc = {"domain": dom.name(), "uuid": dom.UUIDString(), "policy": effective.to_dict()}
+        print(json.dumps(doc, indent=2))
+        return
+    print(f"Domain: {dom.name()}")
+    rows = [
+        (name, format_field(name, getattr(effective.policy, name)) or "-", effective.sources[name])
+        for name in FIELDS
+    ]
+    width = max(len(row[1]) for row in rows)
+    for name, value, source in rows:
+        print(f"  {name:<8} {value:<{width}}  {source}")

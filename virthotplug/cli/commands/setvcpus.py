@@ -1,0 +1,142 @@
+"""``virthotplug setvcpus``: a safe, verified ``virsh setvcpus``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any, Optional
+
+from virthotplug.cli.commands.common import positive_float, uris
+from virthotplug.core.errors import EXIT_INCOMPLETE, EXIT_OK, UsageError
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "setvcpus",
+        help="hot-add or unplug vCPUs, bring them online, verify every layer",
+        description="Change a domain's vCPU count like 'virsh setvcpus', then wait for the "
+        "guest to see the change, bring new CPUs online (per the domain's policy, or "
+        "--online/--no-online) and verify every layer. Refuses to touch a domain whose guest "
+        "has fewer CPUs than libvirt counts (a hot-add then crashes QEMU 7.2) unless --force. "
+        "Exit status 0 only when every layer reached the target, 11 otherwise.",
+    )
+    parser.add_argument("domain", metavar="DOMAIN", help="domain name, UUID or id")
+    parser.add_argument("count", metavar="COUNT", type=_count, help="the new vCPU count")
+    parser.add_argument("--live", action="store_true", help="change the running domain")
+    parser.add_argument("--config", action="store_true", help="change the persistent definition")
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="longest wait for the guest to see the change (default: %(default)s)",
+    )
+    online = parser.add_mutually_exclusive_group()
+    online.add_argument(
+        "--online",
+        dest="online",
+        action="store_const",
+        const=True,
+        help="bring the new CPUs online now, whatever the policy",
+    )
+    online.add_argument(
+        "--no-online",
+        dest="online",
+        action="store_const",
+        const=False,
+        help="leave the new CPUs as the guest has them",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="skip the stale-unplug check (may crash QEMU 7.2)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(run=run)
+
+
+def _count(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 16384:
+        raise argparse.ArgumentTypeError(f"not a vCPU count from 1 to 16384: {text!r}")
+    return int(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    from virthotplug.cli import resize
+    from virthotplug.core.config import load_config
+    from virthotplug.host.connection import Connection, ensure_event_loop
+
+    hosts = uris(args)
+    if len(hosts) > 1:
+        raise UsageError("setvcpus works on one host: give -c once")
+    config = load_config(args.config_file)
+    ensure_event_loop()  # before open(): monitor events need it
+    with Connection(hosts[0], readonly=args.readonly) as conn:
+        dom = conn.lookup(args.domain)
+        log = _monitor(conn, dom)
+        live, persistent = _affect(conn, dom, args)
+        mode = {True: "online", False: "report", None: None}[args.online]
+        request = resize.Request(args.count, live, persistent, args.timeout, mode, args.force)
+        started = time.monotonic()
+        result = resize.resize(conn, dom, config, request)
+        if log is not None:
+            log.wait_quiet(0.3, 1.0)  # the final eject report trails the unplug
+        _print(result, log, started, args.json)
+    return EXIT_OK if result.complete else EXIT_INCOMPLETE
+
+
+def _affect(conn: Any, dom: Any, args: argparse.Namespace) -> tuple[bool, bool]:
+    """--live/--config as given; neither: the current state, like virsh (live if running)."""
+    if args.live or args.config:
+        return bool(args.live), bool(args.config)
+    running = conn.call(dom.isActive, context=f"domain '{dom.name()}'") == 1
+    return running, not running
+
+
+def _monitor(conn: Any, dom: Any) -> Optional[Any]:
+    """Subscribe to the domain's OST/DEVICE_DELETED hints; None where the driver can't."""
+    from virthotplug.core.errors import VirtHotplugError
+    from virthotplug.daemon.listener import Listener
+    from virthotplug.daemon.monitorlog import MonitorLog
+
+    log = MonitorLog(dom.UUIDString())
+    try:
+        conn.subscribe(Listener(conn.uri, log.put, lambda: None))
+    except VirtHotplugError:
+        return None  # e.g. the test driver, or a read-only connection: hints are optional
+    return log
+
+
+def _print(result: Any, log: Optional[Any], started: float, as_json: bool) -> None:
+    from virthotplug.cli.commands.apply import describe
+    from virthotplug.cli import resize
+    from virthotplug.daemon.monitorlog import describe as describe_event
+
+    events = log.events(since=started) if log is not None else []
+    if as_json:
+        doc = resize.to_dict(result)
+        doc["events"] = [{"t": round(e.mono - started, 3), "event": e.describe()} for e in events]
+        print(json.dumps(doc, indent=2))
+        return
+    before = result.before.live.current if result.before.live is not None else "?"
+    where = "+".join(
+        w for w, on in (("live", result.request.live), ("config", result.request.config)) if on
+    )
+    print(f"{result.name}: {before} -> {result.request.count} vCPUs ({where})")
+    for event in events:
+        print(f"  {describe_event(event, started)}")
+    for key, seconds in result.timings.items():
+        print(f"  {key}: {seconds:.3f} s")
+    if result.reconcile is not None:
+        print("\n".join("  " + line for line in describe(result.reconcile)[1:]))
+    _print_checks(result.checks)
+    for note in result.notes:
+        print(f"  note: {note}")
+
+
+def _print_checks(checks: Any) -> None:
+    rows = [("layer", "now", "target", "")]
+    rows += [(c.layer, c.now, c.target, "ok" if c.ok else "NOT REACHED") for c in checks]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        print(f"  {'  '.join(cells)}  {row[3]}".rstrip())

@@ -1,0 +1,41 @@
+"""``virthotplug status``: per-layer vCPU counts and drift findings."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from virthotplug.cli.commands.common import add_selection, selected_names, uris
+from virthotplug.core.errors import EXIT_FAILURE, EXIT_OK
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "status",
+        help="show vCPUs at every layer and where they drift",
+        description="Show each domain's vCPUs as the persistent config, the live definition, "
+        "the hypervisor and the guest see them, and the drift findings between them.",
+    )
+    add_selection(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON (stable schema)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from virthotplug.core import report
+    from virthotplug.host import collect
+
+    hosts = uris(args)
+    result = collect.read_hosts(
+        hosts, selected_names(args), readonly=args.readonly, agent_timeout=args.agent_timeout
+    )
+    if args.json:
+        print(report.status_json(result.views, result.errors))
+    else:
+        if result.views:
+            print(report.status_table(result.views, show_host=len(hosts) > 1))
+        for failure in result.errors:
+            where = f"{failure.host} {failure.name}".strip()
+            print(f"virthotplug: error: {where}: {failure.error}", file=sys.stderr)
+    return EXIT_FAILURE if result.errors else EXIT_OK

@@ -1,0 +1,115 @@
+"""``virthotplug watch``: the daemon (see ``virthotplug.daemon.watch``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from virthotplug.cli.commands.common import positive_float, uris
+from virthotplug.core.errors import EXIT_OK
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "watch",
+        help="daemon: follow vCPU events on every domain and apply policies",
+        description="Listen to libvirt and QEMU-monitor events for every domain, re-read the "
+        "vCPU layers of a domain on each event and periodically, and apply its onlining "
+        "policy. Log lines go to stderr; --json writes one JSON object per line to stdout. "
+        "SIGTERM/SIGINT stop it, SIGHUP reloads the configuration file.",
+    )
+    parser.add_argument("--json", action="store_true", help="JSON lines on stdout")
+    parser.add_argument(
+        "--resync-interval",
+        type=positive_float,
+        metavar="SECONDS",
+        help="full resync period, the safety net for lost events (default: 60)",
+    )
+    parser.add_argument(
+        "--agent-timeout",
+        type=positive_float,
+        metavar="SECONDS",
+        help="longest wait for one guest agent call (default: 5)",
+    )
+    parser.add_argument(
+        "--workers", type=int, metavar="N", help="reconciles at once across domains (default: 8)"
+    )
+    parser.add_argument(
+        "--hotadd-settle",
+        type=positive_float,
+        metavar="SECONDS",
+        help="wait after a hot-add event before judging the guest (default: 0.1)",
+    )
+    parser.add_argument(
+        "--no-hook-socket",
+        action="store_true",
+        help="do not listen for libvirt hook messages on the hook socket "
+        "(default: listen on [watch] hook_socket, /run/virthotplug/hook.sock)",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="[ADDR:]PORT",
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics, on that address only "
+        "(default address 127.0.0.1; [ADDR]:PORT for IPv6); needs prometheus-client: "
+        "pip install 'virthotplug[metrics]'",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from virthotplug.core.config import load_config
+    from virthotplug.daemon.eventlog import EventLog, setup_daemon_logging
+    from virthotplug.daemon.hookserver import HookServer, local_qemu_uri
+    from virthotplug.daemon.jobs import JobRunner
+    from virthotplug.daemon.watch import Watch
+    from virthotplug.host.connection import resolve_uri
+
+    setup_daemon_logging(args.debug, args.quiet)
+    config_path = getattr(args, "config_file", None)
+
+    def load() -> Any:
+        config = load_config(config_path)
+        config.check_policies()
+        overrides = {
+            name: getattr(args, name)
+            for name in ("resync_interval", "agent_timeout", "workers", "hotadd_settle")
+            if getattr(args, name) is not None
+        }
+        return dataclasses.replace(config.watch, **overrides), config
+
+    settings, config = load()
+    runner = JobRunner(config, settings)
+
+    def reload() -> Any:
+        new_settings, new_config = load()
+        runner.update(new_config, new_settings)
+        return new_settings
+
+    # The hook socket is read at start only; a new hook_socket needs a restart.
+    hosts = [resolve_uri(uri) for uri in uris(args)]
+    sources = []
+    if not args.no_hook_socket:
+        sources.append(HookServer(settings.hook_socket, local_qemu_uri(hosts)))
+    metrics = None
+    if args.metrics_listen:
+        from virthotplug.daemon.metrics import start as start_metrics
+
+        metrics = start_metrics(args.metrics_listen)
+    watch = Watch(
+        uris(args),
+        settings,
+        runner.run,
+        EventLog(sys.stdout if args.json else None),
+        reload=reload,
+        sources=sources,
+        observer=metrics,
+    )
+    watch.install_signal_handlers()
+    try:
+        watch.run()
+    finally:
+        if metrics is not None:
+            metrics.close()
+    return EXIT_OK

@@ -1,0 +1,13 @@
+"""The pure core: data and decisions, no I/O to libvirt.
+
+Open this package for: cpulist parsing (``cpulist``), ACPI _OST and DEVICE_DELETED decoding
+(``ost``), the event records every source turns into (``events``), the four-layer vCPU view
+(``view``), drift findings (``drift``), onlining policy decisions (``policy``), the
+per-domain job schedule (``schedule``), report rendering (``report``), the configuration
+file (``config``), bounded worker pools (``workpool``) and the project's exceptions and exit
+statuses (``errors``).
+
+Imports: the standard library only. Nothing here imports libvirt, libvirt_qemu or lxml, nor
+``virthotplug.host``, ``virthotplug.daemon`` or ``virthotplug.cli`` (checked by
+``tests/unit/test_layers.py``, run by ``make lint``).
+"""

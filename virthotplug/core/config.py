@@ -1,0 +1,232 @@
+"""The host configuration file, ``/etc/virthotplug/virthotplug.conf`` (INI)::
+
+    [defaults]              policy fields for every domain (mode, count, grace, exclude, retries)
+    mode = report
+
+    [domain:web-*]          a domain name glob (fnmatch, case-sensitive) ...
+    mode = online
+    grace = 2
+
+    [domain:3b3c0e4f-8a6e-4d9a-9f0e-1d4a5c6b7e01]   ... or a domain UUID
+    mode = match
+    count = 2
+
+    [watch]                 daemon settings (see ``WatchSettings``)
+    resync_interval = 60
+
+The first ``[domain:...]`` section that matches, in file order, wins; its fields override
+``[defaults]``, and the domain's own metadata element overrides both.
+
+The file drives actions taken as root, so it is refused when anyone but its owner (root or
+the user running virthotplug) can write it. Structure and ``[watch]`` are validated when the
+file is loaded; policy values are validated per domain when they are used, so a bad value
+skips the domains it applies to, with an error naming the section and the domain.
+"""
+
+from __future__ import annotations
+
+import configparser
+import fnmatch
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+from virthotplug.core.errors import ConfigError
+from virthotplug.core.policy import parse_policy_fields
+
+DEFAULT_CONFIG_PATH = "/etc/virthotplug/virthotplug.conf"
+MAX_CONFIG_BYTES = 1024 * 1024
+DOMAIN_PREFIX = "domain:"
+DEFAULTS_SECTION = "defaults"
+WATCH_SECTION = "watch"
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    """Settings of the daemon (``[watch]``)."""
+
+    resync_interval: float = 60.0  # seconds between full resyncs (the safety net)
+    agent_timeout: float = 5.0  # longest wait on one guest-agent call
+    workers: int = 8  # reconciles running at once, across domains
+    hotadd_settle: float = 0.1  # after an OST insert; the CPU is in sysfs by then
+    hook_socket: str = "/run/virthotplug/hook.sock"
+    strict_agent: bool = False  # treat a missing/unreachable agent as an error
+
+
+@dataclass(frozen=True)
+class DomainSection:
+    """One ``[domain:PATTERN]`` section with its raw (not yet validated) policy fields."""
+
+    pattern: str
+    raw: Mapping[str, str]
+
+    def matches(self, name: str, uuid: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.pattern) or self.pattern.lower() == uuid.lower()
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    path: Optional[str] = None  # None: no file was read (built-in defaults)
+    defaults: Mapping[str, str] = field(default_factory=dict)
+    domains: tuple[DomainSection, ...] = ()
+    watch: WatchSettings = field(default_factory=WatchSettings)
+
+    def policy_layers(self, name: str, uuid: str) -> list[tuple[str, Mapping[str, str]]]:
+        """The file's raw policy layers for one domain, highest precedence first."""
+        layers: list[tuple[str, Mapping[str, str]]] = []
+        section = next((s for s in self.domains if s.matches(name, uuid)), None)
+        if section is not None:
+            layers.append((self.source(DOMAIN_PREFIX + section.pattern), section.raw))
+        if self.defaults:
+            layers.append((self.source(DEFAULTS_SECTION), self.defaults))
+        return layers
+
+    def source(self, section: str) -> str:
+        return f"config {self.path}: [{section}]"
+
+    def check_policies(self) -> None:
+        """Validate every policy section now (e.g. when the daemon starts)."""
+        if self.defaults:
+            parse_policy_fields(self.defaults, source=self.source(DEFAULTS_SECTION), domain="*")
+        for section in self.domains:
+            source = self.source(DOMAIN_PREFIX + section.pattern)
+            parse_policy_fields(section.raw, source=source, domain=section.pattern)
+
+
+def load_config(path: Optional[str] = None) -> HostConfig:
+    """Load ``path``, or the default file when None. Only the default file may be missing."""
+    explicit = path is not None
+    path = path if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        text = _read_private_file(path)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path}: not found") from None
+        return HostConfig()
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    return parse_config(text, path=path)
+
+
+def _read_private_file(path: str) -> str:
+    """Read a regular file that only its owner (root or us) can write.
+
+    The checks use the opened file's own status, so the file cannot be swapped between the
+    check and the read.
+    """
+    with open(path, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"config file {path}: not a regular file")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ConfigError(
+                f"config file {path}: refusing a file writable by group or others "
+                f"(mode {stat.S_IMODE(info.st_mode):04o}); it drives actions taken as root: "
+                f"chmod go-w {path}"
+            )
+        if info.st_uid not in (0, os.geteuid()):
+            raise ConfigError(
+                f"config file {path}: refusing a file owned by uid {info.st_uid}, "
+                "neither root nor the current user"
+            )
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not valid UTF-8") from None
+
+
+def parse_config(text: str, *, path: str) -> HostConfig:
+    """Parse the file's text; ``path`` names it in errors and policy sources."""
+    parser = configparser.ConfigParser(
+        interpolation=None, strict=True, empty_lines_in_values=False, default_section="\0"
+    )
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as exc:
+        raise ConfigError(f"config file {path}: {_one_line(str(exc))}") from None
+    defaults: Mapping[str, str] = {}
+    domains: list[DomainSection] = []
+    watch = WatchSettings()
+    for name in parser.sections():
+        values = dict(parser.items(name))
+        if name == DEFAULTS_SECTION:
+            defaults = values
+        elif name == WATCH_SECTION:
+            watch = _parse_watch(values, path)
+        elif name.startswith(DOMAIN_PREFIX) and name[len(DOMAIN_PREFIX) :].strip():
+            domains.append(DomainSection(pattern=name[len(DOMAIN_PREFIX) :].strip(), raw=values))
+        else:
+            raise ConfigError(
+                f"config file {path}: unknown section [{name}] "
+                "(expected [defaults], [watch] or [domain:NAME-GLOB-OR-UUID])"
+            )
+    return HostConfig(path=path, defaults=defaults, domains=tuple(domains), watch=watch)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# --- [watch] -------------------------------------------------------------------------------
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("not a number") from None
+        if not low <= value <= high:  # also refuses nan
+            raise ValueError(f"must be between {low:g} and {high:g} seconds")
+        return value
+
+    return parse
+
+
+def _workers(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 256:
+        raise ValueError("must be an integer from 1 to 256")
+    return int(text)
+
+
+def _socket_path(text: str) -> str:
+    if not text.startswith("/") or len(text) > 107:  # sun_path holds 108 bytes with the NUL
+        raise ValueError("must be an absolute path of at most 107 characters")
+    return text
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("yes", "true", "on", "1"):
+        return True
+    if lowered in ("no", "false", "off", "0"):
+        return False
+    raise ValueError("must be yes or no")
+
+
+_WATCH_PARSERS: dict[str, Callable[[str], Any]] = {
+    "resync_interval": _seconds(1.0, 86400.0),
+    "agent_timeout": _seconds(0.1, 600.0),
+    "workers": _workers,
+    "hotadd_settle": _seconds(0.0, 60.0),
+    "hook_socket": _socket_path,
+    "strict_agent": _boolean,
+}
+
+
+def _parse_watch(raw: Mapping[str, str], path: str) -> WatchSettings:
+    values: dict[str, Any] = {}
+    for key, text in raw.items():
+        parser = _WATCH_PARSERS.get(key)
+        if parser is None:
+            known = ", ".join(_WATCH_PARSERS)
+            raise ConfigError(f"config file {path}: [watch]: unknown setting {key!r} ({known})")
+        try:
+            values[key] = parser(text.strip())
+        except ValueError as exc:
+            raise ConfigError(f"config file {path}: [watch] {key}={text!r}: {exc}") from None
+    return WatchSettings(**values)

@@ -1,0 +1,96 @@
+"""Per-domain reconcile scheduling: level-triggered, coalescing, one at a time per domain.
+
+Pure bookkeeping (no threads, no libvirt), driven by the daemon's main loop:
+
+* ``request`` asks for a reconcile of a domain no earlier than ``due``. Requests for a
+  domain that already has one pending merge into it: the latest ``due`` wins (so a tick
+  never cuts short a grace period after a hot-add), reasons and hot-added CPUs accumulate.
+* ``pop_due`` hands out pending jobs whose time has come, skipping domains with a job
+  still running; a request that arrives while one runs waits as the next pending job.
+* ``finish`` marks a domain's job done; ``forget`` drops pending work for a gone domain.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Optional
+
+from virthotplug.core.events import DomainRef
+
+Key = tuple[str, str]  # (host URI, domain UUID)
+MAX_REASONS = 8  # a burst of a thousand events still makes one short job description
+
+
+@dataclass
+class Job:
+    ref: DomainRef
+    due: float
+    first_request: float  # monotonic time of the earliest event behind this job
+    reasons: list[str] = field(default_factory=list)
+    hotadded: set[int] = field(default_factory=set)
+    coalesced: int = 1
+
+    def merge(self, due: float, at: float, reason: str, hotadded: frozenset[int]) -> None:
+        self.due = max(self.due, due)
+        self.first_request = min(self.first_request, at)
+        if reason not in self.reasons and len(self.reasons) < MAX_REASONS:
+            self.reasons.append(reason)
+        self.hotadded |= hotadded
+        self.coalesced += 1
+
+
+class ReconcileQueue:
+    def __init__(self) -> None:
+        self._pending: dict[Key, Job] = {}
+        self._running: set[Key] = set()
+
+    def request(
+        self,
+        ref: DomainRef,
+        *,
+        due: float,
+        at: float,
+        reason: str,
+        hotadded: frozenset[int] = frozenset(),
+    ) -> None:
+        job = self._pending.get(ref.key)
+        if job is None:
+            self._pending[ref.key] = Job(ref, due, at, [reason], set(hotadded))
+        else:
+            job.ref = ref  # the newest name wins (domains can be renamed)
+            job.merge(due, at, reason, hotadded)
+
+    def forget(self, key: Key) -> None:
+        self._pending.pop(key, None)
+
+    def pop_due(self, now: float, limit: int) -> list[Job]:
+        """Up to ``limit`` jobs due by ``now``, earliest first; they are marked running."""
+        # nsmallest: the same as sorted()[:limit], without sorting every pending job.
+        ready = heapq.nsmallest(
+            max(0, limit),
+            (
+                job
+                for key, job in self._pending.items()
+                if job.due <= now and key not in self._running
+            ),
+            key=lambda job: job.due,
+        )
+        for job in ready:
+            del self._pending[job.ref.key]
+            self._running.add(job.ref.key)
+        return ready
+
+    def finish(self, key: Key) -> None:
+        self._running.discard(key)
+
+    def next_due(self) -> Optional[float]:
+        dues = [job.due for key, job in self._pending.items() if key not in self._running]
+        return min(dues) if dues else None
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def __len__(self) -> int:
+        return len(self._pending)

@@ -1,0 +1,499 @@
+"""The daemon: listen to libvirt and QEMU-monitor events on every host, reconcile domains.
+
+Data flows one way:
+
+    libvirt event thread ─► Listener ─► queue of Event records ─► main loop
+        main loop: report the event, turn its intent into a scheduled per-domain job
+        (ReconcileQueue: coalesced, one at a time per domain) ─► worker pool
+    worker: read the layers, decide, act (``reconcile_fn``) ─► EventLog
+
+Level-triggered: every event is only a hint to re-read a domain, and a periodic resync tick
+re-reads every running domain, so a lost event (or a whole libvirtd restart) delays but
+never loses work. Each host has a ``HostSession`` thread that owns its connection,
+reconnects with backoff and jitter, and re-registers every callback on the new connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
+
+import tenacity
+
+from virthotplug.core import errors
+from virthotplug.core.events import (
+    FORGET,
+    RECONCILE,
+    AgentEvent,
+    DomainRef,
+    Event,
+    HostEvent,
+    OstMonitorEvent,
+)
+from virthotplug.core.schedule import Job, Key, ReconcileQueue
+from virthotplug.daemon.eventlog import EventLog
+from virthotplug.daemon.listener import Listener
+from virthotplug.host.connection import Connection, Domain, ensure_event_loop
+
+if TYPE_CHECKING:
+    from virthotplug.core.view import VcpuView
+
+log = logging.getLogger("virthotplug.daemon.watch")
+
+LIVENESS_POLL = 5.0  # seconds between isAlive checks, in case no close callback arrives
+MAIN_LOOP_WAKEUP = 0.25  # bounds how long a stop request or a due job waits
+SHUTDOWN_GRACE = 1.5  # SIGTERM to exit stays under 2 s even with a slow daemon
+
+
+class EventSource(Protocol):
+    """An extra producer of events (e.g. the hook socket): started with the daemon's
+    enqueue function, closed on shutdown. It must only enqueue, never block the caller.
+    """
+
+    def start(self, enqueue: Callable[[Event], None]) -> None: ...
+    def close(self) -> None: ...
+
+
+class Settings(Protocol):
+    """The daemon settings it reads (``config.WatchSettings``)."""
+
+    resync_interval: float
+    agent_timeout: float
+    workers: int
+    hotadd_settle: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one reconcile did, for the event log. ``retry_after`` re-schedules the domain
+    (e.g. a grace period after a hot-add that has not expired yet).
+    """
+
+    record: dict[str, Any]
+    line: str
+    failed: bool = False
+    retry_after: Optional[float] = None
+    view: Optional[VcpuView] = None  # the domain as the reconcile left it (for metrics)
+    routine: bool = False  # nothing done, nothing new: a log line only at debug level
+
+
+ReconcileFn = Callable[[Connection, Domain, Job], Outcome]
+
+
+class Observer(Protocol):
+    """Sees what the daemon does (``metrics.Metrics``): every event as the main loop
+    handles it, every reconcile as it ends (on a worker). Must be quick and never raise.
+    """
+
+    def event(self, ev: Event) -> None: ...
+    def reconciled(self, job: Job, outcome: Outcome, seconds: float) -> None: ...
+    def failed(self, job: Job, seconds: float) -> None: ...
+
+
+class _NoObserver:
+    def event(self, ev: Event) -> None:
+        pass
+
+    def reconciled(self, job: Job, outcome: Outcome, seconds: float) -> None:
+        pass
+
+    def failed(self, job: Job, seconds: float) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class _JobDone:
+    key: Key
+    retry_after: Optional[float] = None
+    job: Optional[Job] = None
+
+
+@dataclass(frozen=True)
+class _Control:
+    what: str  # "stop" or "reload"
+
+
+# --- per-host connection owner ------------------------------------------------------------
+
+
+class HostSession:
+    """Owns one host's connection: connect, subscribe, wait for loss, reconnect."""
+
+    def __init__(self, uri: Optional[str], enqueue: Callable[[Any], None], stop: threading.Event):
+        self.uri = Connection(uri).uri
+        self._enqueue = enqueue
+        self._stop = stop
+        self._lost = threading.Event()
+        self._conn: Optional[Connection] = None
+        self._thread = threading.Thread(target=self._run, name=f"host {self.uri}", daemon=True)
+        self.reconnects = 0
+
+    @property
+    def conn(self) -> Optional[Connection]:
+        return self._conn
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def connect_once(self) -> None:
+        """First connection, in the caller's thread: a bad URI fails the start at once."""
+        self._conn = self._open()
+
+    def mark_lost(self) -> None:
+        self._lost.set()
+
+    def join(self, timeout: float) -> None:
+        """Wait for the session thread to close its connection (after a stop request)."""
+        self._lost.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        elif self._conn is not None:  # never started: the first connection is ours to close
+            self._conn.close()
+            self._conn = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._conn is None:
+                conn = self._reconnect()
+                if conn is None:
+                    return
+                self._conn = conn
+                self.reconnects += 1
+            self._enqueue(HostEvent(None, host=self.uri, what="connected"))
+            self._wait_until_lost()
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+    def _open(self) -> Connection:
+        self._lost.clear()
+        conn = Connection(self.uri).open()
+        try:
+            conn.subscribe(Listener(self.uri, self._enqueue, self.mark_lost))
+        except errors.VirtHotplugError:
+            conn.close()
+            raise
+        return conn
+
+    def _reconnect(self) -> Optional[Connection]:
+        """Retry forever with exponential backoff and jitter, until connected or stopped."""
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_worth_reconnecting),
+            wait=tenacity.wait_random_exponential(multiplier=0.5, max=30),
+            stop=lambda _state: self._stop.is_set(),
+            sleep=self._sleep,
+            before_sleep=lambda state: log.warning(
+                "%s: reconnect attempt %d failed: %s",
+                self.uri,
+                state.attempt_number,
+                state.outcome.exception() if state.outcome else "",
+            ),
+            reraise=True,
+        )
+        try:
+            return retrying(self._open)
+        except errors.VirtHotplugError as exc:
+            if not self._stop.is_set():
+                log.error("%s: giving up: %s", self.uri, exc)
+            return None
+
+    def _sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds)  # a stop request cuts the backoff short
+
+    def _wait_until_lost(self) -> None:
+        while not self._stop.is_set():
+            if self._lost.wait(LIVENESS_POLL):
+                return
+            conn = self._conn
+            if conn is None or not conn.is_alive():
+                self._enqueue(HostEvent(None, host=self.uri, what="lost", reason="not alive"))
+                return
+
+
+def _worth_reconnecting(exc: BaseException) -> bool:
+    permanent = (errors.InvalidURIError, errors.PermissionDeniedError)
+    return isinstance(exc, errors.VirtHotplugError) and not isinstance(exc, permanent)
+
+
+# --- worker pool --------------------------------------------------------------------------
+
+
+class _Workers:
+    """A fixed set of daemon threads: a reconcile stuck on a hung guest never blocks exit."""
+
+    def __init__(self, count: int, run: Callable[[Job], None]) -> None:
+        self._jobs: queue.Queue[Job] = queue.Queue()
+        self._threads = [
+            threading.Thread(target=self._loop, args=(run,), name=f"reconcile-{i}", daemon=True)
+            for i in range(max(1, count))
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job: Job) -> None:
+        self._jobs.put(job)
+
+    def _loop(self, run: Callable[[Job], None]) -> None:
+        while True:
+            run(self._jobs.get())
+
+
+# --- the daemon ---------------------------------------------------------------------------
+
+
+@dataclass
+class WatchStats:
+    events: int = 0
+    reconciles: int = 0
+    failures: int = 0
+    coalesced: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Watch:
+    def __init__(
+        self,
+        uris: Sequence[Optional[str]],
+        settings: Settings,
+        reconcile_fn: ReconcileFn,
+        eventlog: EventLog,
+        *,
+        reload: Optional[Callable[[], Settings]] = None,
+        sources: Sequence[EventSource] = (),
+        observer: Optional[Observer] = None,
+    ) -> None:
+        self.settings = settings
+        self._reconcile_fn = reconcile_fn
+        self._eventlog = eventlog
+        self._reload = reload
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._stop = threading.Event()
+        self._sched = ReconcileQueue()
+        self.sessions = {
+            s.uri: s for s in (HostSession(u, self._queue.put, self._stop) for u in uris)
+        }
+        self.stats = WatchStats()
+        self._workers: Optional[_Workers] = None
+        self._sources = list(sources)
+        self._observer: Observer = observer if observer is not None else _NoObserver()
+
+    # control (signal handlers and tests call these)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        for session in self.sessions.values():
+            session.mark_lost()  # wakes its liveness wait at once
+        self._queue.put(_Control("stop"))
+
+    def request_reload(self) -> None:
+        self._queue.put(_Control("reload"))
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+
+    # main loop
+
+    def run(self) -> None:
+        ensure_event_loop()  # before the first open()
+        for session in self.sessions.values():
+            self._first_connect(session)
+        self._workers = _Workers(self.settings.workers, self._run_job)
+        for session in self.sessions.values():
+            session.start()
+        for source in self._sources:
+            source.start(self._queue.put)
+        next_tick = time.monotonic() + self.settings.resync_interval
+        while not self._stop.is_set():
+            self._drain(self._wait_time(next_tick))
+            now = time.monotonic()
+            if now >= next_tick:
+                self._tick()
+                next_tick = now + self.settings.resync_interval
+            self._dispatch(now)
+        self._shutdown()
+
+    def _first_connect(self, session: HostSession) -> None:
+        try:
+            session.connect_once()
+        except (errors.InvalidURIError, errors.PermissionDeniedError):
+            raise
+        except errors.VirtHotplugError as exc:
+            if len(self.sessions) == 1 and isinstance(exc, errors.ConnectError):
+                log.warning("%s: %s; retrying in the background", session.uri, exc)
+            else:
+                log.warning("%s: %s", session.uri, exc)
+
+    def _wait_time(self, next_tick: float) -> float:
+        now = time.monotonic()
+        wait = min(MAIN_LOOP_WAKEUP, max(0.0, next_tick - now))
+        # A due job only matters while a worker is free: when all are busy, the next one to
+        # finish wakes the loop (its _JobDone), so waiting for it never spins.
+        due = self._sched.next_due() if self._sched.running < self.settings.workers else None
+        if due is not None:
+            wait = min(wait, max(0.0, due - now))
+        return wait
+
+    def _drain(self, timeout: float) -> None:
+        """Handle everything queued: a burst becomes one pass, and so coalesces."""
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            self._handle(item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, item: Any) -> None:
+        if isinstance(item, _JobDone):
+            self._job_done(item)
+        elif isinstance(item, _Control):
+            self._control(item)
+        elif isinstance(item, Event):
+            self.stats.events += 1
+            self._event(item)
+
+    def _control(self, item: _Control) -> None:
+        if item.what == "reload" and self._reload is not None:
+            try:
+                self.settings = self._reload()
+                log.info("configuration reloaded")
+            except errors.VirtHotplugError as exc:
+                log.error("reload failed, keeping the previous configuration: %s", exc)
+
+    def _event(self, ev: Event) -> None:
+        self._observer.event(ev)
+        if not (isinstance(ev, HostEvent) and ev.what == "listed"):
+            self._eventlog.event(ev)
+        if isinstance(ev, HostEvent):
+            self._host_event(ev)
+        elif ev.domain is not None and ev.intent == FORGET:
+            self._sched.forget(ev.domain.key)
+        elif ev.domain is not None and ev.intent == RECONCILE:
+            self._request(ev.domain, ev)
+
+    def _host_event(self, ev: HostEvent) -> None:
+        session = self.sessions.get(ev.host)
+        if ev.what == "lost" and session is not None:
+            session.mark_lost()
+        elif ev.what == "connected" and session is not None:
+            self._resync(session)  # events in the gap are lost: re-read everything
+        elif ev.what == "listed":
+            for ref in ev.domains:
+                self._request(ref, ev)
+
+    def _request(self, ref: DomainRef, ev: Event) -> None:
+        delay, hotadded = 0.0, frozenset[int]()
+        if isinstance(ev, OstMonitorEvent) and ev.ost is not None and ev.ost.is_cpu:
+            # The CPU appears in the guest a little after OST: judge it once settled.
+            delay = self.settings.hotadd_settle
+            if ev.hotadd_vcpu is not None:
+                hotadded = frozenset({ev.hotadd_vcpu})
+        elif isinstance(ev, AgentEvent):
+            delay = 0.1  # the agent needs a moment after connecting to answer
+        self._sched.request(ref, due=ev.mono + delay, at=ev.mono, reason=ev.kind, hotadded=hotadded)
+
+    def _tick(self) -> None:
+        for session in self.sessions.values():
+            if session.conn is not None:
+                self._resync(session)
+
+    def _resync(self, session: HostSession) -> None:
+        """List the host's running domains off the main thread, then reconcile each."""
+        assert self._workers is not None
+        conn = session.conn
+        if conn is None:
+            return
+
+        def list_running() -> None:
+            try:
+                refs = tuple(
+                    DomainRef(conn.uri, d.UUIDString(), d.name()) for d in conn.list_running()
+                )
+            except errors.VirtHotplugError as exc:
+                log.warning("%s: resync failed: %s", conn.uri, exc)
+                return
+            self._queue.put(HostEvent(None, host=conn.uri, what="listed", domains=refs))
+
+        threading.Thread(target=list_running, name="resync", daemon=True).start()
+
+    def _dispatch(self, now: float) -> None:
+        assert self._workers is not None
+        free = self.settings.workers - self._sched.running
+        for job in self._sched.pop_due(now, free):
+            self.stats.coalesced += job.coalesced - 1
+            self._workers.submit(job)
+
+    def _job_done(self, done: _JobDone) -> None:
+        self._sched.finish(done.key)
+        if done.retry_after is not None and done.job is not None:
+            job = done.job
+            self._sched.request(
+                job.ref,
+                due=time.monotonic() + done.retry_after,
+                at=job.first_request,
+                reason="grace",
+                hotadded=frozenset(job.hotadded),
+            )
+
+    # worker side
+
+    def _run_job(self, job: Job) -> None:
+        retry_after = None
+        try:
+            retry_after = self._reconcile(job)
+        except Exception:  # a bug in one reconcile must not kill a worker
+            log.exception("domain '%s': reconcile crashed", job.ref.name)
+        finally:
+            self._queue.put(_JobDone(job.ref.key, retry_after, job))
+
+    def _reconcile(self, job: Job) -> Optional[float]:
+        session = self.sessions.get(job.ref.host)
+        conn = session.conn if session else None
+        if conn is None:
+            return None  # the reconnect's resync covers it
+        started = time.monotonic()
+        try:
+            dom = conn.domain_by_uuid(job.ref.uuid)
+            outcome = self._reconcile_fn(conn, dom, job)
+        except errors.NoDomainError:
+            return None
+        except errors.ConnectError as exc:
+            log.warning("%s: %s", conn.uri, exc)
+            if session is not None:
+                session.mark_lost()
+            return None
+        except errors.VirtHotplugError as exc:
+            self.stats.failures += 1
+            log.warning("domain '%s': %s", job.ref.name, exc)
+            self._observer.failed(job, time.monotonic() - started)
+            return None
+        self.stats.reconciles += 1
+        self._eventlog.reconcile(
+            outcome.record, outcome.line, failed=outcome.failed, routine=outcome.routine
+        )
+        self._observer.reconciled(job, outcome, time.monotonic() - started)
+        return outcome.retry_after
+
+    def _shutdown(self) -> None:
+        for source in self._sources:
+            source.close()
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        for session in self.sessions.values():
+            session.join(max(0.0, deadline - time.monotonic()))
+        log.info(
+            "stopped: %d events, %d reconciles (%d coalesced), %d failures",
+            self.stats.events,
+            self.stats.reconciles,
+            self.stats.coalesced,
+            self.stats.failures,
+        )

@@ -1,0 +1,399 @@
+"""Read the four vCPU layers of many domains with as few libvirt calls as possible.
+
+    1 bulk call      state + vCPU stats of every domain (live and hypervisor layers)
+    1 call           which domains are transient
+    1 per domain     inactive XML (config layer, agent channel, metadata)
+    1 per domain     live XML, only for active persistent domains where the driver has no
+                     vCPU stats (the test driver); per-domain reads a few at a time in flight
+    1 per domain     guest agent, only for running domains with an agent channel;
+                     in parallel with a bounded pool and a bounded wait each; none once
+                     the driver said it has no such API at all
+
+Per-domain failures (bad XML, an agent that hangs or replies garbage) become findings or
+entries in ``ReadResult.errors``; they never stop the other domains from being read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+from virthotplug.core import errors
+from virthotplug.core.drift import find_drift
+from virthotplug.core.view import (
+    AGENT_BAD_REPLY,
+    AGENT_CONNECTED,
+    AGENT_NOT_CONFIGURED,
+    AGENT_NOT_CONNECTED,
+    AGENT_NOT_QUERIED,
+    AGENT_UNRESPONSIVE,
+    AGENT_UNSUPPORTED,
+    VCPU_STATES,
+    AgentStatus,
+    CountLayer,
+    GuestLayer,
+    HypervisorLayer,
+    VcpuView,
+    parse_guest_reply,
+)
+from virthotplug.core.workpool import CallTimeout, bounded_map
+from virthotplug.core.workpool import Outcome as CallOutcome
+from virthotplug.host.connection import DOMAIN_STATES, Connection, Domain, Stats
+from virthotplug.host.domxml import DomainXML, parse_domain_xml
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AGENT_TIMEOUT = 5.0
+DEFAULT_WORKERS = 8
+DEFINITION_WORKERS = 4  # definition reads in flight at once (libvirtd serves 5 per client)
+MAX_HOSTS_AT_ONCE = 16  # hosts read in parallel by read_hosts
+VIR_ERR_NO_SUPPORT = 3  # virErrorNumber (ABI-stable): the driver lacks the API altogether
+
+
+@dataclass(frozen=True)
+class DomainError:
+    host: str
+    name: str
+    error: str
+
+
+@dataclass
+class ReadResult:
+    views: list[VcpuView] = field(default_factory=list)
+    errors: list[DomainError] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # names not found (with ``missing_ok``)
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """What was read for one domain before the guest layer."""
+
+    dom: Domain
+    xml: DomainXML
+    view: VcpuView
+
+
+def read_views(
+    conn: Connection,
+    names: Optional[Sequence[str]] = None,
+    *,
+    agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
+    workers: int = DEFAULT_WORKERS,
+    missing_ok: bool = False,
+) -> ReadResult:
+    """Views of the named domains (virsh-style identifiers), or of every domain.
+
+    A name that matches no domain raises ``NoDomainError``; with ``missing_ok`` it goes
+    into ``ReadResult.missing`` instead (several hosts: a domain lives on some of them).
+    """
+    result = ReadResult()
+    domains = _unique(_lookup_all(conn, names, result.missing, missing_ok)) if names else None
+    stats = conn.bulk_stats(domains)
+    if domains is None:
+        stats.sort(key=_listing_order)
+    transient = conn.transient_uuids() if stats else set()
+    raws = []
+    for item in _read_all_definitions(conn, stats, transient, min(workers, DEFINITION_WORKERS)):
+        if isinstance(item, DomainError):
+            result.errors.append(item)
+        elif item is not None:
+            raws.append(item)
+    result.views = _with_guest_layers(conn, raws, agent_timeout, workers)
+    return result
+
+
+def read_hosts(
+    uris: Sequence[Optional[str]],
+    names: Optional[Sequence[str]],
+    *,
+    readonly: bool = False,
+    agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
+    workers: int = DEFAULT_WORKERS,
+) -> ReadResult:
+    """Read several hosts at once, results in the order of ``uris``.
+
+    With one host its errors propagate (like virsh). With several, a host that is down or
+    fails is reported in ``errors`` and the others still are read, and a named domain needs
+    to exist on one host only: a name found on none of the hosts read is an error.
+    """
+    if len(uris) == 1:
+        with Connection(uris[0], readonly=readonly).open() as conn:
+            return read_views(conn, names, agent_timeout=agent_timeout, workers=workers)
+
+    def one(uri: Optional[str]) -> Union[ReadResult, DomainError]:
+        conn = Connection(uri, readonly=readonly)
+        try:
+            with conn.open():
+                return read_views(
+                    conn, names, agent_timeout=agent_timeout, workers=workers, missing_ok=True
+                )
+        except errors.VirtHotplugError as exc:
+            return DomainError(conn.uri, "", str(exc))
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(len(uris), MAX_HOSTS_AT_ONCE)) as pool:
+        parts = list(pool.map(one, uris))
+    result = ReadResult()
+    found: set[str] = set()
+    for part in parts:
+        if isinstance(part, DomainError):
+            result.errors.append(part)
+            continue
+        result.views.extend(part.views)
+        result.errors.extend(part.errors)
+        found.update(name for name in names or () if name not in part.missing)
+    nowhere = [name for name in dict.fromkeys(names or ()) if name not in found]
+    where = "any host" if len(result.errors) == 0 else "any host that could be read"
+    for name in nowhere:
+        result.errors.append(DomainError("", name, f"no such domain on {where}"))
+    return result
+
+
+def _lookup_all(
+    conn: Connection, names: Sequence[str], missing: list[str], missing_ok: bool
+) -> list[Domain]:
+    domains = []
+    for name in names:
+        try:
+            domains.append(conn.lookup(name))
+        except errors.NoDomainError:
+            if not missing_ok:
+                raise
+            missing.append(name)
+    return domains
+
+
+def read_view(conn: Connection, dom: Domain, *, agent_timeout: float) -> VcpuView:
+    """One domain's view (the reconciler's read path)."""
+    stats = conn.bulk_stats([dom])
+    if not stats:
+        raise errors.NoDomainError(f"domain '{dom.name()}' disappeared")
+    _, record = stats[0]
+    persistent = conn.call(dom.isPersistent, context=f"domain '{dom.name()}'") == 1
+    raw = _read_definitions(conn, dom, record, persistent)
+    return _with_guest_layers(conn, [raw], agent_timeout, 1)[0]
+
+
+def _read_all_definitions(
+    conn: Connection, stats: list[tuple[Domain, Stats]], transient: set[str], workers: int
+) -> list[Union[_Raw, DomainError, None]]:
+    """``_read_definitions`` of every domain, in order; a few calls in flight at once.
+
+    libvirt calls on one connection may be in flight concurrently (and the binding releases
+    the GIL while one waits), so a small pool hides most of the per-call round trip. The
+    daemon serves a few requests per client at once (``max_client_requests``, default 5):
+    more threads would only queue there. Per-domain failures come back as ``DomainError``
+    (or None for a domain undefined meanwhile); anything else, such as a lost connection,
+    is raised.
+    """
+
+    def one(item: tuple[Domain, Stats]) -> Union[_Raw, DomainError, None]:
+        dom, record = item
+        try:
+            return _read_definitions(conn, dom, record, dom.UUIDString() not in transient)
+        except errors.NoDomainError:
+            return None  # undefined between the listing and now
+        except (errors.ConfigError, errors.UnsupportedError) as exc:
+            return DomainError(conn.uri, dom.name(), str(exc))
+
+    if workers <= 1 or len(stats) <= 1:
+        return [one(item) for item in stats]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
+        try:
+            return list(pool.map(one, stats))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # e.g. the connection is gone
+            raise
+
+
+def _unique(domains: list[Domain]) -> list[Domain]:
+    """Drop repeats (the same domain named by name and by id), keeping the given order."""
+    seen: set[str] = set()
+    unique = []
+    for dom in domains:
+        if dom.UUIDString() not in seen:
+            seen.add(dom.UUIDString())
+            unique.append(dom)
+    return unique
+
+
+def _listing_order(item: tuple[Domain, Stats]) -> tuple[int, int, str]:
+    """Like ``virsh list --all``: running domains by id, then the others by name."""
+    dom, _ = item
+    dom_id = dom.ID()
+    return (0, dom_id, "") if dom_id > 0 else (1, 0, dom.name())
+
+
+def _read_definitions(conn: Connection, dom: Domain, stats: Stats, persistent: bool) -> _Raw:
+    name = dom.name()
+    state = int(stats.get("state.state", 0))
+    active = dom.ID() > 0  # inactive domains have id -1
+    xml = parse_domain_xml(conn.xml(dom, inactive=persistent), domain=name)
+    config = _count_layer(xml) if persistent else None
+    live: Optional[CountLayer] = None
+    hypervisor: Optional[HypervisorLayer] = None
+    if active:
+        live, hypervisor = _live_from_stats(stats), _hypervisor_from_stats(stats)
+        if live is None:  # this driver has no vCPU stats (the test driver)
+            live_xml = xml if not persistent else _live_xml(conn, dom, name)
+            hypervisor = _hypervisor_from_xml(live_xml)
+            live = CountLayer(current=live_xml.vcpu_current, maximum=live_xml.vcpu_max)
+        if not persistent:
+            live = dataclasses.replace(live, vcpus=xml.vcpus)
+    view = VcpuView(
+        host=conn.uri,
+        name=name,
+        uuid=dom.UUIDString(),
+        domain_id=dom.ID() if active else None,
+        state=DOMAIN_STATES.get(state, "unknown"),
+        persistent=persistent,
+        agent=AgentStatus(
+            configured=xml.agent_channel,
+            state=AGENT_NOT_QUERIED if xml.agent_channel else AGENT_NOT_CONFIGURED,
+        ),
+        config=config,
+        live=live,
+        hypervisor=hypervisor,
+    )
+    return _Raw(dom=dom, xml=xml, view=view)
+
+
+def _count_layer(xml: DomainXML) -> CountLayer:
+    return CountLayer(current=xml.vcpu_current, maximum=xml.vcpu_max, vcpus=xml.vcpus)
+
+
+def _live_from_stats(stats: Stats) -> Optional[CountLayer]:
+    current, maximum = stats.get("vcpu.current"), stats.get("vcpu.maximum")
+    if not isinstance(current, int) or not isinstance(maximum, int):
+        return None
+    return CountLayer(current=current, maximum=maximum)
+
+
+def _hypervisor_from_stats(stats: Stats) -> HypervisorLayer:
+    """``vcpu.N.state`` entries; sparse after hotplug, so N comes from the key."""
+    vcpus = {}
+    for key, value in stats.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "vcpu" and parts[2] == "state" and parts[1].isdigit():
+            vcpus[int(parts[1])] = VCPU_STATES.get(int(value), "unknown")
+    return HypervisorLayer(vcpus=vcpus)
+
+
+def _live_xml(conn: Connection, dom: Domain, name: str) -> DomainXML:
+    """The running definition: one call (``virDomainGetVcpus`` through libvirt-python is
+    three: it asks for the node's CPU map and the domain's info first)."""
+    return parse_domain_xml(conn.xml(dom, inactive=False), domain=name)
+
+
+def _hypervisor_from_xml(live: DomainXML) -> HypervisorLayer:
+    """Without vCPU stats, the vCPUs the running definition has enabled (libvirt's own view
+    of what is plugged, as in the design's table), reported running like the test driver's
+    ``virDomainGetVcpus`` does. With no ``<vcpus>`` element, vCPUs 0..current-1 are on."""
+    enabled = [v.id for v in live.vcpus if v.enabled] if live.vcpus else []
+    ids = enabled or list(range(live.vcpu_current))
+    return HypervisorLayer(vcpus=dict.fromkeys(ids, VCPU_STATES[1]))
+
+
+def _with_guest_layers(
+    conn: Connection, raws: list[_Raw], timeout: float, workers: int
+) -> list[VcpuView]:
+    """Query the agent of every running domain that has one, in parallel, then find drift."""
+    queried = [r for r in raws if r.view.agent.configured and r.view.state == "running"]
+    outcomes = _query_agents(conn, raws, queried, workers, timeout)
+    agent_views = {}
+    for raw, outcome in zip(queried, outcomes):
+        error: Optional[BaseException] = outcome.error
+        if outcome.timed_out:
+            error = CallTimeout(f"no answer within {timeout:g} s")
+        agent_views[raw.view.uuid] = _guest_view(raw, outcome.value, error)
+    views = [agent_views.get(r.view.uuid, r.view) for r in raws]
+    return [dataclasses.replace(v, findings=find_drift(v)) for v in views]
+
+
+def _query_agents(
+    conn: Connection, raws: list[_Raw], queried: list[_Raw], workers: int, timeout: float
+) -> list[CallOutcome[Any]]:
+    """``guest_vcpus`` of every domain in ``queried``, ``workers`` at a time.
+
+    A driver that has no such API at all (the test driver) says so for every domain of the
+    host, and the rest are then not asked (each ask costs a call, a thread and an agent
+    connection). With a domain at hand whose agent cannot be reached (not running, or no
+    agent channel), the driver is asked once with it, at once, on the shared connection.
+    Without one, the first batch finds out; the price of that batch boundary is that a hung
+    agent in the first batch delays the rest by at most one ``timeout``.
+    """
+    if not queried:
+        return []
+    probe = next(
+        (r for r in raws if r.view.state != "running" or not r.view.agent.configured), None
+    )
+    missing = conn.agent_api_missing(probe.dom) if probe is not None else None
+    if probe is not None and missing is None:
+        return bounded_map(
+            conn.guest_vcpus, [r.dom for r in queried], workers=workers, timeout=timeout
+        )
+    no_support: list[str] = [missing] if missing is not None else []
+
+    def query(raw: _Raw) -> Any:
+        try:
+            return conn.guest_vcpus(raw.dom)
+        except errors.UnsupportedError as exc:
+            if exc.code == VIR_ERR_NO_SUPPORT:
+                no_support.append(_without_prefix(str(exc), raw.view.name))
+            raise
+
+    outcomes: list[CallOutcome[Any]] = []
+    if not no_support:
+        first = max(1, workers)
+        outcomes = bounded_map(query, queried[:first], workers=workers, timeout=timeout)
+        if not no_support:
+            rest = bounded_map(query, queried[first:], workers=workers, timeout=timeout)
+            return outcomes + rest
+    for raw in queried[len(outcomes) :]:
+        error = errors.UnsupportedError(
+            f"domain '{raw.view.name}': {no_support[0]}", code=VIR_ERR_NO_SUPPORT
+        )
+        outcomes.append(CallOutcome(error=error))
+    return outcomes
+
+
+def _without_prefix(message: str, name: str) -> str:
+    prefix = f"domain '{name}': "
+    return message[len(prefix) :] if message.startswith(prefix) else message
+
+
+def _guest_view(raw: _Raw, reply: Any, error: Optional[BaseException]) -> VcpuView:
+    view = raw.view
+    guest: Optional[GuestLayer] = None
+    if error is None:
+        maximum = view.live.maximum if view.live else raw.xml.vcpu_max
+        try:
+            guest = parse_guest_reply(reply, maximum=maximum, domain=view.name)
+        except errors.GuestDataError as exc:
+            log.warning("%s", exc)
+            error = exc
+    state = AGENT_CONNECTED if error is None else _agent_state_for(error)
+    agent = AgentStatus(configured=True, state=state, error=str(error) if error else None)
+    return dataclasses.replace(view, guest=guest, agent=agent)
+
+
+def _agent_state_for(error: BaseException) -> str:
+    """Map an agent failure to an agent state; host-level failures are re-raised."""
+    if isinstance(error, (errors.PermissionDeniedError, errors.ConnectError)):
+        raise error
+    if isinstance(error, errors.GuestDataError):
+        return AGENT_BAD_REPLY
+    if isinstance(error, errors.AgentNotConfiguredError):
+        return AGENT_NOT_CONFIGURED
+    if isinstance(error, errors.UnsupportedError):
+        return AGENT_UNSUPPORTED
+    if isinstance(error, errors.NotRunningError):
+        return AGENT_NOT_QUERIED
+    if "not connected" in str(error):
+        return AGENT_NOT_CONNECTED
+    return AGENT_UNRESPONSIVE

@@ -1,0 +1,231 @@
+"""Domain XML model: maps the parts of libvirt's domain XML that virthotplug needs to objects.
+
+Only mapping lives here (XML ↔ objects); what the values mean for drift or policy is decided
+elsewhere. No libvirt import: the XML comes in as text.
+
+The project's metadata element lives in its own namespace (see ``NAMESPACE``)::
+
+    <metadata>
+      <virthotplug:policy xmlns:virthotplug="http://virthotplug.org/xmlns/policy/1.0"
+                          mode="online" grace="2" exclude="3" count="2"/>
+    </metadata>
+
+Its attribute values are kept as raw strings; the policy module validates them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from lxml import etree
+
+from virthotplug.core.errors import MalformedXMLError
+from virthotplug.core.view import VcpuEntry
+
+NAMESPACE = "http://virthotplug.org/xmlns/policy/1.0"
+METADATA_KEY = "virthotplug"  # the prefix libvirt uses when it stores the element
+METADATA_ELEMENT = "policy"
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+MAX_XML_BYTES = 8 * 1024 * 1024  # far above any real domain; bounds what we hand to lxml
+
+# Entities are never resolved and the network is never touched: domain XML may carry
+# metadata written by anyone with write access to the domain.
+_PARSER = etree.XMLParser(
+    resolve_entities=False, no_network=True, huge_tree=False, remove_blank_text=True
+)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """``<cpu><topology .../></cpu>``; absent attributes are None."""
+
+    sockets: Optional[int] = None
+    dies: Optional[int] = None
+    cores: Optional[int] = None
+    threads: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class DomainXML:
+    """What virthotplug reads from one domain XML document (inactive or live)."""
+
+    name: str
+    uuid: str
+    domain_type: str
+    vcpu_max: int
+    vcpu_current: int
+    placement: Optional[str] = None
+    vcpus: tuple[VcpuEntry, ...] = ()
+    topology: Optional[Topology] = None
+    agent_channel: bool = False
+    policy: Optional[Mapping[str, str]] = None  # raw attributes of our metadata element
+    domain_id: Optional[int] = None  # only in live XML of a running domain
+
+    @property
+    def hotpluggable_ids(self) -> frozenset[int]:
+        return frozenset(v.id for v in self.vcpus if v.hotpluggable)
+
+    @property
+    def enabled_ids(self) -> frozenset[int]:
+        return frozenset(v.id for v in self.vcpus if v.enabled)
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    """Names the document in error messages."""
+
+    label: str
+
+    def error(self, what: str) -> MalformedXMLError:
+        return MalformedXMLError(f"{self.label}: malformed domain XML: {what}")
+
+
+def parse_domain_xml(text: str | bytes, *, domain: str = "") -> DomainXML:
+    """Parse domain XML. ``domain`` names the domain in errors when the XML cannot."""
+    ctx = _Ctx(f"domain '{domain}'" if domain else "domain XML")
+    root = _parse_root(text, ctx)
+    if root.tag != "domain":
+        raise ctx.error(f"root element is <{root.tag}>, expected <domain>")
+    name = _required_text(root, "name", ctx)
+    ctx = _Ctx(f"domain '{name}'")
+    vcpu_max, vcpu_current, placement = _parse_vcpu(root, ctx)
+    return DomainXML(
+        name=name,
+        uuid=_required_text(root, "uuid", ctx),
+        domain_type=root.get("type", ""),
+        vcpu_max=vcpu_max,
+        vcpu_current=vcpu_current,
+        placement=placement,
+        vcpus=_parse_vcpus(root, vcpu_max, ctx),
+        topology=_parse_topology(root, ctx),
+        agent_channel=_has_agent_channel(root),
+        policy=_parse_policy(root),
+        domain_id=_optional_int(root.get("id"), "domain id", ctx),
+    )
+
+
+def policy_element(attributes: Mapping[str, str]) -> str:
+    """Serialize our metadata element, as ``virDomainSetMetadata`` expects it: unqualified
+    (libvirt adds the namespace under ``METADATA_KEY`` and refuses an element that already
+    declares that prefix: "failed to create a new XML namespace")."""
+    elem = etree.Element(METADATA_ELEMENT)
+    for key in sorted(attributes):
+        elem.set(key, attributes[key])
+    return etree.tostring(elem, encoding="unicode")
+
+
+def parse_policy_element(text: str, *, domain: str) -> dict[str, str]:
+    """Parse our metadata element as returned by ``virDomainGetMetadata``."""
+    ctx = _Ctx(f"domain '{domain}' metadata")
+    root = _parse_root(text, ctx)
+    # virDomainGetMetadata returns the element without its namespace prefix.
+    if root.tag not in (f"{{{NAMESPACE}}}{METADATA_ELEMENT}", METADATA_ELEMENT):
+        raise ctx.error(f"unexpected element <{root.tag}>")
+    return _attributes(root)
+
+
+def _parse_root(text: str | bytes, ctx: _Ctx) -> etree._Element:
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    if not data.strip():
+        raise ctx.error("empty document")
+    if len(data) > MAX_XML_BYTES:
+        raise ctx.error(f"document larger than {MAX_XML_BYTES} bytes")
+    try:
+        return etree.fromstring(data, _PARSER)
+    except etree.XMLSyntaxError as exc:
+        raise ctx.error(str(exc).splitlines()[0]) from None
+
+
+def _required_text(root: etree._Element, tag: str, ctx: _Ctx) -> str:
+    elem = root.find(tag)
+    value = (elem.text or "").strip() if elem is not None else ""
+    if not value:
+        raise ctx.error(f"missing <{tag}>")
+    return value
+
+
+def _int(value: Optional[str], what: str, ctx: _Ctx, *, minimum: int = 0) -> int:
+    if value is None:
+        raise ctx.error(f"missing {what}")
+    text = value.strip()
+    # libvirt stores these as (unsigned) int: 10-digit values such as order='2147483647'
+    # are valid domain XML.
+    if not text.isascii() or not text.isdigit() or len(text) > 10:
+        raise ctx.error(f"{what} is not a non-negative integer: {text[:20]!r}")
+    number = int(text)
+    if number > 0xFFFFFFFF:
+        raise ctx.error(f"{what} is out of range: {number}")
+    if number < minimum:
+        raise ctx.error(f"{what} must be at least {minimum}, got {number}")
+    return number
+
+
+def _optional_int(value: Optional[str], what: str, ctx: _Ctx) -> Optional[int]:
+    return None if value is None else _int(value, what, ctx)
+
+
+def _yes_no(value: Optional[str], what: str, ctx: _Ctx) -> bool:
+    if value in ("yes", "no"):
+        return value == "yes"
+    raise ctx.error(f"{what} must be 'yes' or 'no', got {value!r}")
+
+
+def _parse_vcpu(root: etree._Element, ctx: _Ctx) -> tuple[int, int, Optional[str]]:
+    elem = root.find("vcpu")
+    if elem is None:
+        # libvirt defaults to one vCPU when <vcpu> is absent.
+        return 1, 1, None
+    maximum = _int(elem.text, "<vcpu> count", ctx, minimum=1)
+    current = _int(elem.get("current", str(maximum)), "<vcpu current>", ctx, minimum=1)
+    if current > maximum:
+        raise ctx.error(f"<vcpu current='{current}'> exceeds the maximum {maximum}")
+    return maximum, current, elem.get("placement")
+
+
+def _parse_vcpus(root: etree._Element, vcpu_max: int, ctx: _Ctx) -> tuple[VcpuEntry, ...]:
+    entries = []
+    seen: set[int] = set()
+    for elem in root.findall("vcpus/vcpu"):
+        vcpu_id = _int(elem.get("id"), "<vcpus><vcpu id>", ctx)
+        if vcpu_id >= vcpu_max or vcpu_id in seen:
+            raise ctx.error(f"<vcpus><vcpu id='{vcpu_id}'> is duplicate or beyond {vcpu_max}")
+        seen.add(vcpu_id)
+        entries.append(
+            VcpuEntry(
+                id=vcpu_id,
+                enabled=_yes_no(elem.get("enabled"), f"vcpu {vcpu_id} enabled", ctx),
+                hotpluggable=_yes_no(
+                    elem.get("hotpluggable", "no"), f"vcpu {vcpu_id} hotpluggable", ctx
+                ),
+                order=_optional_int(elem.get("order"), f"vcpu {vcpu_id} order", ctx),
+            )
+        )
+    return tuple(sorted(entries, key=lambda v: v.id))
+
+
+def _parse_topology(root: etree._Element, ctx: _Ctx) -> Optional[Topology]:
+    elem = root.find("cpu/topology")
+    if elem is None:
+        return None
+    values = {
+        key: _optional_int(elem.get(key), f"topology {key}", ctx)
+        for key in ("sockets", "dies", "cores", "threads")
+    }
+    return Topology(**values)
+
+
+def _has_agent_channel(root: etree._Element) -> bool:
+    return any(
+        target.get("type") == "virtio" and target.get("name") == AGENT_CHANNEL
+        for target in root.findall("devices/channel/target")
+    )
+
+
+def _parse_policy(root: etree._Element) -> Optional[dict[str, str]]:
+    elem = root.find(f"metadata/{{{NAMESPACE}}}{METADATA_ELEMENT}")
+    return None if elem is None else _attributes(elem)
+
+
+def _attributes(elem: etree._Element) -> dict[str, str]:
+    return {str(key): str(value) for key, value in elem.attrib.items()}

@@ -1,0 +1,60 @@
+"""Where a domain's policy comes from, highest precedence first:
+
+1. the domain's metadata element (the live definition's, else the persistent one's);
+2. the host configuration file (first matching ``[domain:...]`` section, then ``[defaults]``);
+3. the built-in default (``report``).
+
+Fields merge one by one, and each value keeps the label of its source. The element is read
+and written through the connection module (``virDomainGetMetadata``/``SetMetadata``).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+from virthotplug.core.config import HostConfig
+from virthotplug.core.policy import EffectivePolicy, merge_policy
+from virthotplug.host.connection import Connection, Domain
+from virthotplug.host.domxml import METADATA_KEY, NAMESPACE, parse_policy_element, policy_element
+
+SOURCE_LIVE = "metadata (live)"
+SOURCE_PERSISTENT = "metadata (persistent)"
+
+
+def effective_policy(conn: Connection, dom: Domain, config: HostConfig) -> EffectivePolicy:
+    """The domain's policy with the source of every field; ``ConfigError`` when invalid."""
+    name = dom.name()
+    layers = list(config.policy_layers(name, dom.UUIDString()))
+    metadata = metadata_layer(conn, dom)
+    if metadata is not None:
+        layers.insert(0, metadata)
+    return merge_policy(layers, domain=name)
+
+
+def metadata_layer(conn: Connection, dom: Domain) -> Optional[tuple[str, Mapping[str, str]]]:
+    """The raw fields of our metadata element, live definition first, with their source."""
+    name = dom.name()
+    context = f"domain '{name}'"
+    candidates = []
+    if conn.call(dom.isActive, context=context) == 1:
+        candidates.append((True, SOURCE_LIVE))
+    if conn.call(dom.isPersistent, context=context) == 1:
+        candidates.append((False, SOURCE_PERSISTENT))
+    for live, source in candidates:
+        text = conn.metadata(dom, NAMESPACE, live=live)
+        if text is not None:
+            return source, parse_policy_element(text, domain=name)
+    return None
+
+
+def write_policy(
+    conn: Connection,
+    dom: Domain,
+    fields: Optional[Mapping[str, str]],
+    *,
+    live: bool,
+    config: bool,
+) -> None:
+    """Replace our metadata element with ``fields``, or remove it when ``fields`` is None."""
+    xml = None if fields is None else policy_element(fields)
+    conn.set_metadata(dom, xml, METADATA_KEY, NAMESPACE, live=live, config=config)
