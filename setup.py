@@ -1,10 +1,23 @@
 """Packaging for virthotplug."""
 
+import re
+
 from setuptools import find_packages, setup
+
+
+def version() -> str:
+    """The one version, ``__version__`` in virthotplug/__init__.py (read, not imported);
+    debian/changelog must agree (debian/rules refuses to build otherwise)."""
+    with open("virthotplug/__init__.py", encoding="utf-8") as init:
+        found = re.search(r'^__version__ = "([^"]+)"$', init.read(), re.MULTILINE)
+    if found is None:
+        raise RuntimeError("no __version__ in virthotplug/__init__.py")
+    return found.group(1)
+
 
 setup(
     name="virthotplug",
-    version="0.1.0",
+    version=version(),
     description="Make vCPU hotplug on libvirt/QEMU hosts work end to end",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

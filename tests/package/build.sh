@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Build the Debian package from a copy of the working tree (tracked and new files, nothing
+# ignored): dpkg-buildpackage writes beside the source tree and cleans it, which must not
+# touch the checkout or its .venv.
+#   tests/package/build.sh OUTDIR     -> OUTDIR/virthotplug_VERSION_all.deb, lintian.txt
+# Installs the build dependencies (from debian/control) and lintian when missing.
+set -euo pipefail
+out=$(realpath -m "${1:?usage: build.sh OUTDIR}")
+root=$(cd "$(dirname "$0")/../.." && pwd)
+# The distribution's tools with the distribution's interpreter, whatever else is on PATH.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+export DEBIAN_FRONTEND=noninteractive
+
+log() { printf '[package] %s\n' "$*" >&2; }
+
+mkdir -p "$out"
+work=$(mktemp -d "$out/build.XXXXXX")
+src="$work/virthotplug"
+mkdir "$src"
+(cd "$root" && git ls-files -z --cached --others --exclude-standard) |
+    (cd "$root" && xargs -0 cp --parents -t "$src" 2>/dev/null || true)
+# Deleted-but-tracked files make cp fail for that name only; the copy is what exists.
+
+if ! (cd "$src" && dpkg-checkbuilddeps) >/dev/null 2>&1 || ! command -v lintian >/dev/null; then
+    log "installing build dependencies and lintian"
+    apt-get install -y -qq --no-install-recommends lintian >/dev/null
+    (cd "$src" && apt-get build-dep -y -qq ./ >/dev/null)
+fi
+
+(cd "$src" && dpkg-buildpackage -us -uc -b) >"$work/build.log" 2>&1 || {
+    tail -n 40 "$work/build.log" >&2
+    exit 1
+}
+rm -f "$out"/virthotplug_*.deb
+mv "$work"/virthotplug_*_all.deb "$out"/
+deb=$(ls "$out"/virthotplug_*_all.deb)
+log "built $(basename "$deb")"
+lintian --info --display-level '>=pedantic' "$deb" | tee "$out/lintian.txt" >&2 || true
+if grep -q '^E: ' "$out/lintian.txt"; then
+    log "lintian reports errors"
+    exit 1
+fi
+rm -rf "$work"
+echo "$deb"
