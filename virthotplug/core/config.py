@@ -44,14 +44,19 @@ WATCH_SECTION = "watch"
 
 @dataclass(frozen=True)
 class WatchSettings:
-    """Settings of the daemon (``[watch]``)."""
+    """The ``[watch]`` section: the daemon's settings, and the hook's ``strict_agent``.
+
+    ``strict_agent`` is read by the libvirt hook (``hooks/qemu`` parses the file itself),
+    never by the daemon; it is validated here so that a bad value fails ``watch`` and every
+    command that loads the file, not only the hook at a domain's start.
+    """
 
     resync_interval: float = 60.0  # seconds between full resyncs (the safety net)
     agent_timeout: float = 5.0  # longest wait on one guest-agent call
     workers: int = 8  # reconciles running at once, across domains
     hotadd_settle: float = 0.1  # after an OST insert; the CPU is in sysfs by then
     hook_socket: str = "/run/virthotplug/hook.sock"
-    strict_agent: bool = False  # treat a missing/unreachable agent as an error
+    strict_agent: bool = False  # the hook's: refuse to start a domain without an agent channel
 
 
 @dataclass(frozen=True)

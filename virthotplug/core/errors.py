@@ -117,9 +117,3 @@ class TransientError(VirtHotplugError):
     """Worth a bounded retry with backoff (e.g. a state-change lock timeout)."""
 
     exit_status = EXIT_FAILURE
-
-
-class IncompleteError(VirtHotplugError):
-    """An operation ran, but verification shows not every layer reached the target."""
-
-    exit_status = EXIT_INCOMPLETE

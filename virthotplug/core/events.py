@@ -268,10 +268,10 @@ class HookEvent(Event):
 
 @dataclass(frozen=True)
 class HostEvent(Event):
-    """Connection-level happenings: connected, lost, periodic resync tick."""
+    """Connection-level happenings: connected, lost, and the resync's list of running domains."""
 
     host: str = ""
-    what: str = ""  # "connected", "lost", "tick", "listed"
+    what: str = ""  # "connected", "lost", "listed"
     reason: str = ""
     domains: tuple[DomainRef, ...] = ()  # with "listed": the running domains to reconcile
 

@@ -131,7 +131,6 @@ class HostSession:
         self._lost = threading.Event()
         self._conn: Optional[Connection] = None
         self._thread = threading.Thread(target=self._run, name=f"host {self.uri}", daemon=True)
-        self.reconnects = 0
 
     @property
     def conn(self) -> Optional[Connection]:
@@ -163,7 +162,6 @@ class HostSession:
                 if conn is None:
                     return
                 self._conn = conn
-                self.reconnects += 1
             self._enqueue(HostEvent(None, host=self.uri, what="connected"))
             self._wait_until_lost()
             conn, self._conn = self._conn, None
