@@ -14,6 +14,7 @@ PACKAGES=(
     libvirt-dev pkg-config gcc python3-dev python3-venv
     mandoc python3-docutils procps man-db groff-base
     debootstrap qemu-utils
+    prometheus  # promtool for the rules' unit tests; tests/e2e runs the server itself
 )
 
 log() { printf '[host-setup] %s\n' "$*" >&2; }
