@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("lab.guest")
@@ -51,6 +51,9 @@ GUEST_SCRIPTS = {
     "sbin/shutdown": ("shutdown", 0o755),
     "lib/vhp.sh": ("vhp.sh", 0o644),
 }
+# Guest path -> C source, built static with the host's compiler (libc.a from libc6-dev).
+GUEST_PROGRAMS = {"sbin/ost-flood": Path(__file__).resolve().parent / "flood" / "ost-flood.c"}
+CC = ("gcc", "-static", "-O2", "-s")
 # Dependency order: the .deb ships no modules.dep, and /init insmods them in this order.
 VIRTIO_MODULES = (
     "virtio_ring",
@@ -154,6 +157,8 @@ class BuildInputs:
     guest_files: dict[str, str]
     modules: list[str]
     builder: int = BUILDER_VERSION
+    # Guest programs built from source: their sources' hashes and the compiler's version.
+    programs: dict[str, str] = field(default_factory=dict)
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -169,7 +174,25 @@ def build_inputs() -> BuildInputs:
         host_files={str(p): sha256_file(p) for p in [BUSYBOX, *agent_files()]},
         guest_files={g: sha256_file(GUEST_FILES / src) for g, (src, _) in GUEST_SCRIPTS.items()},
         modules=list(VIRTIO_MODULES),
+        programs={
+            **{g: sha256_file(src) for g, src in GUEST_PROGRAMS.items()},
+            "cc": run(CC[0], "--version").splitlines()[0],
+        },
     )
+
+
+def compile_programs(scratch: Path) -> dict[str, bytes]:
+    """Each of GUEST_PROGRAMS built static (the guest has no libc) from its source."""
+    built: dict[str, bytes] = {}
+    for guest, source in GUEST_PROGRAMS.items():
+        out = scratch / Path(guest).name
+        try:
+            run(*CC, "-o", str(out), str(source))
+        except BuildError as exc:
+            hint = "a static build needs libc6-dev: tests/lab/host-setup.sh"
+            raise BuildError(f"{exc} ({hint})") from exc
+        built[guest] = out.read_bytes()
+    return built
 
 
 # ---- the newc archive ---------------------------------------------------------------------
@@ -241,7 +264,7 @@ def module_bytes(path: Path) -> bytes:
     return lzma.decompress(data) if path.name.endswith(".xz") else data
 
 
-def initramfs(modules: dict[str, Path]) -> bytes:
+def initramfs(modules: dict[str, Path], programs: dict[str, bytes]) -> bytes:
     """The gzip'd newc initramfs: busybox, qemu-ga with its libraries, modules, scripts."""
     archive = NewcArchive()
     files: dict[str, tuple[bytes, int]] = {"bin/busybox": (BUSYBOX.read_bytes(), 0o755)}
@@ -252,6 +275,8 @@ def initramfs(modules: dict[str, Path]) -> bytes:
         files[f"lib/modules/{name}.ko"] = (module_bytes(path), 0o644)
     for guest, (src, mode) in GUEST_SCRIPTS.items():
         files[guest] = ((GUEST_FILES / src).read_bytes(), mode)
+    for guest, data in programs.items():
+        files[guest] = (data, 0o755)
     links = {p: "/bin/busybox" for p in busybox_links() if p not in files}
     links["var/run"] = "../run"
     for directory in sorted(_parents([*files, *links]) | set(GUEST_DIRS) | set(MOUNT_POINTS)):
@@ -298,7 +323,8 @@ def build_image(cache: Path, inputs: BuildInputs) -> Path:
         with tempfile.TemporaryDirectory(prefix="vhplab-kernel-") as scratch:
             vmlinuz, modules = kernel_tree(deb, Path(scratch))
             shutil.copyfile(vmlinuz, tmp / KERNEL_FILE)
-            (tmp / INITRD_FILE).write_bytes(initramfs(modules))
+            programs = compile_programs(Path(scratch))
+            (tmp / INITRD_FILE).write_bytes(initramfs(modules, programs))
         manifest = json.dumps(asdict(inputs), indent=2, sort_keys=True)
         (tmp / MANIFEST_FILE).write_text(manifest + "\n")
         for path in tmp.iterdir():

@@ -5,13 +5,15 @@
 #     debootstrap and qemu-utils for the second stack and the Debian guests)
 #  2. /dev/kvm permissions (no udev here: without them every define re-probes QEMU for ~64 s)
 #  3. virtlogd and libvirtd, started by hand only when they are not already running
+#  4. the unprivileged lab user whose session-mode libvirtd the flood tests use
+#     (tests/lab/private_libvirtd.py), so that they never load the host's system daemon
 # and says which accelerator lab guests will use (the same rule as tests/lab/lab.py).
 set -euo pipefail
 
 PACKAGES=(
     libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
     qemu-system-x86 qemu-guest-agent busybox-static
-    libvirt-dev pkg-config gcc python3-dev python3-venv
+    libvirt-dev pkg-config gcc libc6-dev python3-dev python3-venv
     mandoc python3-docutils procps man-db groff-base
     debootstrap qemu-utils
     prometheus  # promtool for the rules' unit tests; tests/e2e runs the server itself
@@ -62,6 +64,13 @@ start_daemon() {  # name
 }
 start_daemon virtlogd
 start_daemon libvirtd
+
+# No login, no groups beyond its own (no kvm: the session daemon runs TCG guests only).
+LAB_USER=vhplab
+if ! getent passwd "$LAB_USER" >/dev/null; then
+    log "creating the lab user $LAB_USER"
+    useradd --system --user-group --home-dir /var/lib/vhplab --shell /usr/sbin/nologin "$LAB_USER"
+fi
 
 report_accelerator
 for _ in $(seq 1 50); do
