@@ -1,5 +1,6 @@
 """The read path's call budget on the test driver: definition reads a few at a time, in
-order; no more agent calls once the driver says it has no such API; names missing on a host.
+order; one agent call per read where the capability record says the driver has no such API;
+names missing on a host.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from tdriver import MIXED
 from virthotplug.core import errors
 from virthotplug.host import collect
 from virthotplug.host.connection import Connection
+from virthotplug.host.domain import Domain
+from virthotplug.host.support import Capabilities
 
 AGENT = '<devices><channel type="unix"><target type="virtio" name="org.qemu.guest_agent.0"/>'
 AGENT += "</channel></devices>"
@@ -43,14 +46,14 @@ def test_no_agent_calls_once_the_driver_lacks_the_api(
     real = Connection.guest_vcpus
 
     def counted(self: Connection, dom: Any) -> Any:
-        calls.append(dom.name())
+        calls.append(dom.name)
         return real(self, dom)
 
     monkeypatch.setattr(Connection, "guest_vcpus", counted)
     with Connection(many) as conn:
         result = collect.read_views(conn, None, workers=4)
     assert len(result.views) == 30 and not result.errors
-    assert len(calls) == 4  # the first batch only
+    assert len(calls) == 1  # the driver's answer for one is every domain's
     for view in result.views:
         assert view.agent.state == "unsupported"
         assert view.agent.error == (
@@ -63,13 +66,13 @@ def test_definitions_read_concurrently_and_in_order(
     many: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     threads: set[str] = set()
-    real = Connection.xml
+    real = Domain.xml
 
-    def xml(self: Connection, dom: Any, *, inactive: bool) -> str:
+    def xml(self: Domain, *, inactive: bool) -> str:
         threads.add(threading.current_thread().name)
-        return real(self, dom, inactive=inactive)
+        return real(self, inactive=inactive)
 
-    monkeypatch.setattr(Connection, "xml", xml)
+    monkeypatch.setattr(Domain, "xml", xml)
     with Connection(many) as conn:
         views = collect.read_views(conn, None).views
     assert [v.name for v in views] == [f"d{i:02d}" for i in range(30)]
@@ -79,10 +82,10 @@ def test_definitions_read_concurrently_and_in_order(
 def test_a_lost_connection_during_the_reads_is_raised(
     many: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def gone(self: Connection, dom: Any, *, inactive: bool) -> str:
+    def gone(self: Domain, *, inactive: bool) -> str:
         raise errors.ConnectError("connection lost")
 
-    monkeypatch.setattr(Connection, "xml", gone)
+    monkeypatch.setattr(Domain, "xml", gone)
     with Connection(many) as conn, pytest.raises(errors.ConnectError):
         collect.read_views(conn, None)
 
@@ -96,28 +99,14 @@ def test_missing_names_are_collected_with_missing_ok() -> None:
             collect.read_views(conn, ["nosuch", "fixed-noagent"])
 
 
-def test_the_driver_is_asked_once_with_a_domain_no_agent_can_answer_for(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    calls: list[str] = []
-    real = Connection.agent_api_missing
-
-    def probe(self: Connection, dom: Any) -> Any:
-        calls.append(dom.name())
-        return real(self, dom)
-
-    monkeypatch.setattr(Connection, "agent_api_missing", probe)
-    monkeypatch.setattr(Connection, "guest_vcpus", lambda *_: pytest.fail("asked an agent"))
+def test_the_capability_record_is_read_once_at_open() -> None:
     with Connection(MIXED) as conn:
-        views = {v.name: v for v in collect.read_views(conn, None).views}
-    [probed] = calls
-    assert views[probed].state != "running" or not views[probed].agent.configured
-    agent = views["hotplug-agent"].agent
-    assert (agent.state, agent.error) == (
-        "unsupported",
-        "domain 'hotplug-agent': this function is not supported by the connection driver: "
-        "virDomainGetGuestVcpus",
-    )
+        support = conn.support
+        assert support.driver == "TEST"
+        assert not support.guest_agent_api and not support.monitor_events
+        assert support.libvirt_version is not None and support.libvirt_version > 0
+        assert support.describe().startswith("libvirt ")
+        assert conn.support is support
 
 
 def test_a_driver_with_the_api_gets_every_agent_asked_without_a_batch_boundary(
@@ -126,13 +115,12 @@ def test_a_driver_with_the_api_gets_every_agent_asked_without_a_batch_boundary(
     asked: list[str] = []
 
     def reply(self: Connection, dom: Any) -> dict[str, str]:
-        asked.append(dom.name())
+        asked.append(dom.name)
         return {"vcpus": "0", "online": "0", "offlinable": ""}
 
-    monkeypatch.setattr(Connection, "agent_api_missing", lambda *_: None)
+    monkeypatch.setattr(Capabilities, "guest_agent_api", property(lambda _self: True))
     monkeypatch.setattr(Connection, "guest_vcpus", reply)
     with Connection(MIXED) as conn:
         views = {v.name: v for v in collect.read_views(conn, None).views}
     assert asked == ["hotplug-agent"]  # the one running domain with an agent channel
     assert views["hotplug-agent"].agent.state == "connected"
-    assert views["hotplug-agent"].guest is not None

@@ -59,14 +59,14 @@ def test_no_domain(conn: Connection) -> None:
 
 
 def test_operation_on_an_inactive_domain(conn: Connection) -> None:
-    exc = libvirt_error(lambda: conn.lookup("stopped-big").vcpus())
+    exc = libvirt_error(lambda: conn.lookup("stopped-big").raw.vcpus())
     assert exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID
     assert isinstance(classify(exc), errors.InvalidRequestError)
 
 
 def test_invalid_argument(conn: Connection) -> None:
     dom = conn.lookup("hotplug-agent")
-    exc = libvirt_error(lambda: dom.setVcpusFlags(99, libvirt.VIR_DOMAIN_AFFECT_LIVE))
+    exc = libvirt_error(lambda: dom.raw.setVcpusFlags(99, libvirt.VIR_DOMAIN_AFFECT_LIVE))
     err = classify(exc)
     assert type(err) is errors.InvalidRequestError
     assert "\n" not in str(err)
@@ -74,7 +74,7 @@ def test_invalid_argument(conn: Connection) -> None:
 
 def test_unsupported_by_the_driver(conn: Connection) -> None:
     dom = conn.lookup("hotplug-agent")
-    exc = libvirt_error(lambda: dom.setGuestVcpus("1", 1, 0))
+    exc = libvirt_error(lambda: dom.raw.setGuestVcpus("1", 1, 0))
     err = classify(exc)
     assert isinstance(err, errors.UnsupportedError)
     assert err.exit_status == errors.EXIT_UNSUPPORTED
@@ -89,7 +89,7 @@ def test_malformed_xml(conn: Connection) -> None:
 
 def test_read_only_write_is_permission_denied(ro_conn: Connection) -> None:
     dom = ro_conn.lookup("hotplug-agent")
-    exc = libvirt_error(lambda: dom.setVcpusFlags(2, libvirt.VIR_DOMAIN_AFFECT_LIVE))
+    exc = libvirt_error(lambda: dom.raw.setVcpusFlags(2, libvirt.VIR_DOMAIN_AFFECT_LIVE))
     assert exc.get_error_code() == libvirt.VIR_ERR_OPERATION_DENIED
     err = classify(exc)
     assert isinstance(err, errors.PermissionDeniedError)
@@ -112,7 +112,7 @@ def test_call_translates(conn: Connection) -> None:
 
 def test_binding_returns_none_on_failure(conn: Connection) -> None:
     # The quirk guest_vcpus papers over: no exception from the binding itself.
-    assert conn.lookup("hotplug-agent").guestVcpus(0) is None
+    assert conn.lookup("hotplug-agent").raw.guestVcpus(0) is None
 
 
 def test_guest_vcpus_raises_unsupported(conn: Connection) -> None:
@@ -148,7 +148,7 @@ def test_guest_vcpus_read_only(ro_conn: Connection) -> None:
     ],
 )
 def test_lookup(conn: Connection, ident: str, name: str) -> None:
-    assert conn.lookup(ident).name() == name
+    assert conn.lookup(ident).name == name
 
 
 def test_lookup_numeric_name_falls_back_to_the_name(conn: Connection) -> None:
@@ -157,7 +157,7 @@ def test_lookup_numeric_name_falls_back_to_the_name(conn: Connection) -> None:
         "<os><type arch='x86_64'>hvm</type></os></domain>"
     )
     conn.raw.defineXML(xml)
-    assert conn.lookup("42").name() == "42"
+    assert conn.lookup("42").name == "42"
 
 
 def test_lookup_unknown(conn: Connection) -> None:
@@ -184,8 +184,8 @@ def test_transient_uuids() -> None:
 
 def test_model_of_libvirt_xml(conn: Connection) -> None:
     dom = conn.lookup("hotplug-agent")
-    config = parse_domain_xml(conn.xml(dom, inactive=True), domain="hotplug-agent")
-    live = parse_domain_xml(conn.xml(dom, inactive=False), domain="hotplug-agent")
+    config = parse_domain_xml(dom.xml(inactive=True), domain="hotplug-agent")
+    live = parse_domain_xml(dom.xml(inactive=False), domain="hotplug-agent")
     assert (config.vcpu_current, config.vcpu_max, config.placement) == (1, 4, "static")
     assert config.topology == Topology(sockets=1, dies=1, cores=4, threads=1)
     assert config.hotpluggable_ids == frozenset({1, 2, 3})
@@ -198,19 +198,19 @@ def test_model_of_libvirt_xml(conn: Connection) -> None:
 
 def test_model_without_agent_channel(conn: Connection) -> None:
     dom = conn.lookup("fixed-noagent")
-    xml = parse_domain_xml(conn.xml(dom, inactive=False))
+    xml = parse_domain_xml(dom.xml(inactive=False))
     assert not xml.agent_channel
     assert xml.topology is None
 
 
 def test_stopped_domain_topology(conn: Connection) -> None:
-    xml = parse_domain_xml(conn.xml(conn.lookup("stopped-big"), inactive=True))
+    xml = parse_domain_xml(conn.lookup("stopped-big").xml(inactive=True))
     assert xml.topology == Topology(sockets=2, dies=1, cores=2, threads=2)
 
 
 def test_metadata_as_libvirt_returns_it(conn: Connection) -> None:
     dom = conn.lookup("hotplug-agent")
-    text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE, 0)
+    text = dom.raw.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE, 0)
     assert parse_policy_element(text, domain="hotplug-agent") == {
         "mode": "online",
         "grace": "1.5",
@@ -222,16 +222,16 @@ def test_policy_element_round_trip_through_libvirt(conn: Connection) -> None:
     dom = conn.lookup("stopped-big")
     attributes = {"mode": "report", "grace": "2", "exclude": "0,3"}
     flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
-    dom.setMetadata(
+    dom.raw.setMetadata(
         libvirt.VIR_DOMAIN_METADATA_ELEMENT,
         policy_element(attributes),
         "virthotplug",
         NAMESPACE,
         flags,
     )
-    text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE, flags)
+    text = dom.raw.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE, flags)
     assert parse_policy_element(text, domain="stopped-big") == attributes
-    stored = parse_domain_xml(conn.xml(dom, inactive=True))
+    stored = parse_domain_xml(dom.xml(inactive=True))
     assert stored.policy == attributes
 
 
@@ -240,7 +240,7 @@ def test_policy_element_round_trip_through_libvirt(conn: Connection) -> None:
 
 def test_live_hot_add_shows_config_live_mismatch(conn: Connection) -> None:
     dom = conn.lookup("hotplug-agent")
-    dom.setVcpusFlags(3, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    dom.raw.setVcpusFlags(3, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     [view] = read_views(conn, ["hotplug-agent"]).views
     assert view.config is not None and view.live is not None and view.hypervisor is not None
     assert (view.config.current, view.live.current, view.hypervisor.count) == (1, 3, 3)
@@ -252,7 +252,7 @@ def test_live_hot_add_shows_config_live_mismatch(conn: Connection) -> None:
 
 def test_config_change_of_a_stopped_domain(conn: Connection) -> None:
     dom = conn.lookup("stopped-big")
-    dom.setVcpusFlags(6, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    dom.raw.setVcpusFlags(6, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
     view = read_view(conn, dom, agent_timeout=5.0)
     assert view.config is not None
     assert (view.config.current, view.config.maximum) == (6, 8)
@@ -261,7 +261,7 @@ def test_config_change_of_a_stopped_domain(conn: Connection) -> None:
 
 def test_started_domain_gets_live_layers(conn: Connection) -> None:
     dom = conn.lookup("stopped-big")
-    dom.create()
+    dom.raw.create()
     view = read_view(conn, dom, agent_timeout=5.0)
     assert view.state == "running"
     assert view.domain_id is not None and view.domain_id > 0

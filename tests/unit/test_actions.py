@@ -42,8 +42,18 @@ def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class FakeDom:
-    def name(self) -> str:
-        return "dom"
+    """The ``host.domain.Domain`` calls actions makes, answered by a FakeGuest."""
+
+    name = "dom"
+
+    def __init__(self, guest: FakeGuest) -> None:
+        self.guest = guest
+
+    def guest_vcpus(self) -> dict[str, str]:
+        return self.guest.guest_vcpus(self)
+
+    def set_guest_vcpus(self, cpulist: str, online: bool) -> None:
+        self.guest.set_guest_vcpus(self, cpulist, online)
 
 
 class FakeGuest:
@@ -57,7 +67,7 @@ class FakeGuest:
         self.apply_before_failing = False  # a failure after the guest changed (partial)
         self.hang: Optional[threading.Event] = None
 
-    # the Connection methods actions uses
+    # what FakeDom forwards
     def guest_vcpus(self, _dom: Any) -> dict[str, str]:
         self.calls.append(("read", ""))
         return {
@@ -97,8 +107,7 @@ def plan(online: str = "", offline: str = "") -> Plan:
 
 def run(guest: FakeGuest, the_plan: Plan, retries: int = 3, timeout: float = 2.0) -> Any:
     return execute(
-        guest,  # type: ignore[arg-type]
-        FakeDom(),
+        FakeDom(guest),  # type: ignore[arg-type]
         the_plan,
         policy=Policy(mode="online", retries=retries),
         agent_timeout=timeout,

@@ -26,7 +26,8 @@ from virthotplug.core.policy import Policy, decide
 from virthotplug.core.view import GuestLayer, VcpuView, parse_guest_reply
 from virthotplug.core.workpool import CallTimeout, call_with_timeout
 from virthotplug.host import collect
-from virthotplug.host.connection import Connection, Domain
+from virthotplug.host.connection import Connection
+from virthotplug.host.domain import Domain
 from virthotplug.host.domxml import parse_domain_xml
 from virthotplug.host.reconcile import ReconcileResult, reconcile
 
@@ -95,7 +96,7 @@ def resize(conn: Connection, dom: Domain, config: HostConfig, request: Request) 
     if after is None:
         after = collect.read_view(conn, dom, agent_timeout=timeout)
     checks, notes = _verify(after, request, outcome, error)
-    return ResizeResult(dom.name(), request, before, after, checks, error, outcome, notes, timings)
+    return ResizeResult(dom.name, request, before, after, checks, error, outcome, notes, timings)
 
 
 # --- preflight -----------------------------------------------------------------------------
@@ -130,7 +131,7 @@ def _stale_unplug(view: VcpuView) -> bool:
 
 
 def _check_hotpluggable(conn: Connection, dom: Domain, view: VcpuView, needed: int) -> None:
-    xml = parse_domain_xml(conn.xml(dom, inactive=False), domain=view.name)
+    xml = parse_domain_xml(dom.xml(inactive=False), domain=view.name)
     if not xml.vcpus:  # no per-vCPU detail (older libvirt, test driver): libvirt decides
         return
     free = [v.id for v in xml.vcpus if not v.enabled and v.hotpluggable]
@@ -149,7 +150,7 @@ def _set_vcpus(conn: Connection, dom: Domain, before: VcpuView, request: Request
     """Ask libvirt; a failed shrink (or a grow that changed something) is verified, not
     raised: the unplug timeout of libvirt 9.0 + QEMU 7.2 fails although the guest ejected."""
     try:
-        conn.set_vcpus(dom, request.count, live=request.live, config=request.config)
+        dom.set_vcpus(request.count, live=request.live, config=request.config)
     except (errors.ConnectError, errors.PermissionDeniedError):
         raise
     except errors.VirtHotplugError as exc:

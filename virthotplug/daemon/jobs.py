@@ -22,7 +22,8 @@ from virthotplug.core.view import to_dict
 from virthotplug.daemon.eventlog import iso_time
 from virthotplug.daemon.watch import Outcome
 from virthotplug.host.actions import ONLINED
-from virthotplug.host.connection import Connection, Domain
+from virthotplug.host.connection import Connection
+from virthotplug.host.domain import Domain
 from virthotplug.host.policysource import effective_policy
 from virthotplug.host.reconcile import ReconcileResult, reconcile
 
@@ -116,7 +117,7 @@ def _hotadd_not_seen_yet(job: Job, result: ReconcileResult) -> bool:
 
 def _deferred(job: Job, dom: Domain, wait: float) -> Outcome:
     cpus = format_cpulist(job.hotadded)
-    line = f"domain '{dom.name()}': grace period: CPU {cpus} left to the guest for {wait:.1f} s"
+    line = f"domain '{dom.name}': grace period: CPU {cpus} left to the guest for {wait:.1f} s"
     record = {
         "time": iso_time(time.time()),
         "host": job.ref.host,

@@ -22,7 +22,7 @@ from virthotplug.core.events import (
     OstMonitorEvent,
 )
 from virthotplug.core.ost import EventDataError, parse_device_deleted, parse_ost_details
-from virthotplug.host.connection import Domain
+from virthotplug.host.libvirt_types import VirDomain
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +37,16 @@ class Listener:
         self._enqueue = enqueue
         self._on_lost = on_lost
 
-    def on_lifecycle(self, dom: Domain, event: int, detail: int) -> None:
+    def on_lifecycle(self, dom: VirDomain, event: int, detail: int) -> None:
         self._put(lambda: LifecycleEvent(self._ref(dom), event=event, detail=detail))
 
-    def on_agent(self, dom: Domain, state: int, reason: int) -> None:
+    def on_agent(self, dom: VirDomain, state: int, reason: int) -> None:
         self._put(lambda: AgentEvent(self._ref(dom), state=state, reason=reason))
 
-    def on_device_removed(self, dom: Domain, alias: str, failed: bool) -> None:
+    def on_device_removed(self, dom: VirDomain, alias: str, failed: bool) -> None:
         self._put(lambda: DeviceRemovalEvent(self._ref(dom), alias=str(alias), failed=failed))
 
-    def on_monitor(self, dom: Domain, event: str, details: Any) -> None:
+    def on_monitor(self, dom: VirDomain, event: str, details: Any) -> None:
         if event == "ACPI_DEVICE_OST":
             self._put(lambda: _ost_record(self._ref(dom), details))
         elif event == "DEVICE_DELETED":
@@ -57,7 +57,7 @@ class Listener:
         self._put(lambda: HostEvent(None, host=self.host, what="lost", reason=why))
         self._on_lost()
 
-    def _ref(self, dom: Domain) -> DomainRef:
+    def _ref(self, dom: VirDomain) -> DomainRef:
         return DomainRef(self.host, dom.UUIDString(), dom.name())
 
     def _put(self, build: Callable[[], Event]) -> None:

@@ -38,7 +38,9 @@ from virthotplug.core.events import (
 from virthotplug.core.schedule import Job, Key, ReconcileQueue
 from virthotplug.daemon.eventlog import EventLog
 from virthotplug.daemon.listener import Listener
-from virthotplug.host.connection import Connection, Domain, ensure_event_loop
+from virthotplug.host.connection import Connection
+from virthotplug.host.domain import Domain
+from virthotplug.host.libvirt_module import ensure_event_loop
 
 if TYPE_CHECKING:
     from virthotplug.core.view import VcpuView
@@ -414,9 +416,7 @@ class Watch:
 
         def list_running() -> None:
             try:
-                refs = tuple(
-                    DomainRef(conn.uri, d.UUIDString(), d.name()) for d in conn.list_running()
-                )
+                refs = tuple(DomainRef(conn.uri, d.uuid, d.name) for d in conn.list_running())
             except errors.VirtHotplugError as exc:
                 log.warning("%s: resync failed: %s", conn.uri, exc)
                 return

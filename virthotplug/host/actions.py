@@ -35,7 +35,7 @@ from virthotplug.core.cpulist import format_cpulist
 from virthotplug.core.policy import Plan, Policy
 from virthotplug.core.view import GuestLayer, VcpuView, parse_guest_reply
 from virthotplug.core.workpool import CallTimeout, call_with_timeout
-from virthotplug.host.connection import Connection, Domain
+from virthotplug.host.domain import Domain
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,6 @@ class WriteResult:
 
 
 def execute(
-    conn: Connection,
     dom: Domain,
     plan: Plan,
     *,
@@ -90,7 +89,7 @@ def execute(
     results = []
     for online, cpus in ((True, plan.online), (False, plan.offline)):
         if cpus:
-            writer = _Writer(conn, dom, cpus, online, agent_timeout, maximum)
+            writer = _Writer(dom, cpus, online, agent_timeout, maximum)
             results.append(writer.run(policy.retries))
     return tuple(results)
 
@@ -100,14 +99,13 @@ class _Writer:
 
     def __init__(
         self,
-        conn: Connection,
         dom: Domain,
         cpus: frozenset[int],
         online: bool,
         timeout: float,
         maximum: int,
     ) -> None:
-        self.conn, self.dom, self.cpus, self.online = conn, dom, cpus, online
+        self.dom, self.cpus, self.online = dom, cpus, online
         self.timeout, self.maximum = timeout, maximum
         self.attempts = 0
 
@@ -141,8 +139,8 @@ class _Writer:
                 return
         cpulist = format_cpulist(pending)
         verb = "online" if self.online else "offline"
-        log.info("domain '%s': %s guest CPU %s", self.dom.name(), verb, cpulist)
-        self._bounded(lambda: self.conn.set_guest_vcpus(self.dom, cpulist, self.online))
+        log.info("domain '%s': %s guest CPU %s", self.dom.name, verb, cpulist)
+        self._bounded(lambda: self.dom.set_guest_vcpus(cpulist, self.online))
 
     def _pending(self, guest: GuestLayer) -> frozenset[int]:
         if self.online:
@@ -150,15 +148,15 @@ class _Writer:
         return self.cpus & guest.online
 
     def _read_guest(self) -> GuestLayer:
-        reply = self._bounded(lambda: self.conn.guest_vcpus(self.dom))
-        return parse_guest_reply(reply, maximum=self.maximum, domain=self.dom.name())
+        reply = self._bounded(self.dom.guest_vcpus)
+        return parse_guest_reply(reply, maximum=self.maximum, domain=self.dom.name)
 
     def _bounded(self, fn: Any) -> Any:
         try:
             return call_with_timeout(fn, self.timeout)
         except CallTimeout:
             raise errors.AgentTimeoutError(
-                f"domain '{self.dom.name()}': guest agent gave no answer within "
+                f"domain '{self.dom.name}': guest agent gave no answer within "
                 f"{self.timeout:g} s (outcome unknown until re-read)"
             ) from None
 

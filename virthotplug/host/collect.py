@@ -40,8 +40,10 @@ from virthotplug.core.view import (
 )
 from virthotplug.core.workpool import CallTimeout, bounded_map
 from virthotplug.core.workpool import Outcome as CallOutcome
-from virthotplug.host.connection import DOMAIN_STATES, Connection, Domain, Stats
+from virthotplug.host.connection import DOMAIN_STATES, Connection
+from virthotplug.host.domain import Domain
 from virthotplug.host.domxml import DomainXML, parse_domain_xml
+from virthotplug.host.libvirt_types import Stats
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,6 @@ DEFAULT_AGENT_TIMEOUT = 5.0
 DEFAULT_WORKERS = 8
 DEFINITION_WORKERS = 4  # definition reads in flight at once (libvirtd serves 5 per client)
 MAX_HOSTS_AT_ONCE = 16  # hosts read in parallel by read_hosts
-VIR_ERR_NO_SUPPORT = 3  # virErrorNumber (ABI-stable): the driver lacks the API altogether
 
 
 @dataclass(frozen=True)
@@ -170,9 +171,9 @@ def read_view(conn: Connection, dom: Domain, *, agent_timeout: float) -> VcpuVie
     """One domain's view (the reconciler's read path)."""
     stats = conn.bulk_stats([dom])
     if not stats:
-        raise errors.NoDomainError(f"domain '{dom.name()}' disappeared")
+        raise errors.NoDomainError(f"domain '{dom.name}' disappeared")
     _, record = stats[0]
-    persistent = conn.call(dom.isPersistent, context=f"domain '{dom.name()}'") == 1
+    persistent = dom.is_persistent()
     raw = _read_definitions(conn, dom, record, persistent)
     return _with_guest_layers(conn, [raw], agent_timeout, 1)[0]
 
@@ -193,11 +194,11 @@ def _read_all_definitions(
     def one(item: tuple[Domain, Stats]) -> Union[_Raw, DomainError, None]:
         dom, record = item
         try:
-            return _read_definitions(conn, dom, record, dom.UUIDString() not in transient)
+            return _read_definitions(conn, dom, record, dom.uuid not in transient)
         except errors.NoDomainError:
             return None  # undefined between the listing and now
         except (errors.ConfigError, errors.UnsupportedError) as exc:
-            return DomainError(conn.uri, dom.name(), str(exc))
+            return DomainError(conn.uri, dom.name, str(exc))
 
     if workers <= 1 or len(stats) <= 1:
         return [one(item) for item in stats]
@@ -216,8 +217,8 @@ def _unique(domains: list[Domain]) -> list[Domain]:
     seen: set[str] = set()
     unique = []
     for dom in domains:
-        if dom.UUIDString() not in seen:
-            seen.add(dom.UUIDString())
+        if dom.uuid not in seen:
+            seen.add(dom.uuid)
             unique.append(dom)
     return unique
 
@@ -225,15 +226,16 @@ def _unique(domains: list[Domain]) -> list[Domain]:
 def _listing_order(item: tuple[Domain, Stats]) -> tuple[int, int, str]:
     """Like ``virsh list --all``: running domains by id, then the others by name."""
     dom, _ = item
-    dom_id = dom.ID()
-    return (0, dom_id, "") if dom_id > 0 else (1, 0, dom.name())
+    dom_id = dom.id()
+    return (0, dom_id, "") if dom_id is not None else (1, 0, dom.name)
 
 
 def _read_definitions(conn: Connection, dom: Domain, stats: Stats, persistent: bool) -> _Raw:
-    name = dom.name()
+    name = dom.name
     state = int(stats.get("state.state", 0))
-    active = dom.ID() > 0  # inactive domains have id -1
-    xml = parse_domain_xml(conn.xml(dom, inactive=persistent), domain=name)
+    domain_id = dom.id()
+    active = domain_id is not None
+    xml = parse_domain_xml(dom.xml(inactive=persistent), domain=name)
     config = _count_layer(xml) if persistent else None
     live: Optional[CountLayer] = None
     hypervisor: Optional[HypervisorLayer] = None
@@ -248,8 +250,8 @@ def _read_definitions(conn: Connection, dom: Domain, stats: Stats, persistent: b
     view = VcpuView(
         host=conn.uri,
         name=name,
-        uuid=dom.UUIDString(),
-        domain_id=dom.ID() if active else None,
+        uuid=dom.uuid,
+        domain_id=domain_id,
         state=DOMAIN_STATES.get(state, "unknown"),
         persistent=persistent,
         agent=AgentStatus(
@@ -287,7 +289,7 @@ def _hypervisor_from_stats(stats: Stats) -> HypervisorLayer:
 def _live_xml(conn: Connection, dom: Domain, name: str) -> DomainXML:
     """The running definition: one call (``virDomainGetVcpus`` through libvirt-python is
     three: it asks for the node's CPU map and the domain's info first)."""
-    return parse_domain_xml(conn.xml(dom, inactive=False), domain=name)
+    return parse_domain_xml(dom.xml(inactive=False), domain=name)
 
 
 def _hypervisor_from_xml(live: DomainXML) -> HypervisorLayer:
@@ -304,7 +306,7 @@ def _with_guest_layers(
 ) -> list[VcpuView]:
     """Query the agent of every running domain that has one, in parallel, then find drift."""
     queried = [r for r in raws if r.view.agent.configured and r.view.state == "running"]
-    outcomes = _query_agents(conn, raws, queried, workers, timeout)
+    outcomes = _query_agents(conn, queried, workers, timeout)
     agent_views = {}
     for raw, outcome in zip(queried, outcomes):
         error: Optional[BaseException] = outcome.error
@@ -316,55 +318,37 @@ def _with_guest_layers(
 
 
 def _query_agents(
-    conn: Connection, raws: list[_Raw], queried: list[_Raw], workers: int, timeout: float
+    conn: Connection, queried: list[_Raw], workers: int, timeout: float
 ) -> list[CallOutcome[Any]]:
     """``guest_vcpus`` of every domain in ``queried``, ``workers`` at a time.
 
-    A driver that has no such API at all (the test driver) says so for every domain of the
-    host, and the rest are then not asked (each ask costs a call, a thread and an agent
-    connection). With a domain at hand whose agent cannot be reached (not running, or no
-    agent channel), the driver is asked once with it, at once, on the shared connection.
-    Without one, the first batch finds out; the price of that batch boundary is that a hung
-    agent in the first batch delays the rest by at most one ``timeout``.
+    A driver without the guest-agent API (the capability record says so: the test driver)
+    is asked once, not once per domain: every call would fail the same way without reaching
+    a guest, so the driver's own answer for one (e.g. "read only access prevents ..." or
+    "not supported") is every domain's.
     """
     if not queried:
         return []
-    probe = next(
-        (r for r in raws if r.view.state != "running" or not r.view.agent.configured), None
-    )
-    missing = conn.agent_api_missing(probe.dom) if probe is not None else None
-    if probe is not None and missing is None:
+    if conn.support.guest_agent_api:
         return bounded_map(
             conn.guest_vcpus, [r.dom for r in queried], workers=workers, timeout=timeout
         )
-    no_support: list[str] = [missing] if missing is not None else []
-
-    def query(raw: _Raw) -> Any:
-        try:
-            return conn.guest_vcpus(raw.dom)
-        except errors.UnsupportedError as exc:
-            if exc.code == VIR_ERR_NO_SUPPORT:
-                no_support.append(_without_prefix(str(exc), raw.view.name))
-            raise
-
-    outcomes: list[CallOutcome[Any]] = []
-    if not no_support:
-        first = max(1, workers)
-        outcomes = bounded_map(query, queried[:first], workers=workers, timeout=timeout)
-        if not no_support:
-            rest = bounded_map(query, queried[first:], workers=workers, timeout=timeout)
-            return outcomes + rest
-    for raw in queried[len(outcomes) :]:
-        error = errors.UnsupportedError(
-            f"domain '{raw.view.name}': {no_support[0]}", code=VIR_ERR_NO_SUPPORT
-        )
-        outcomes.append(CallOutcome(error=error))
-    return outcomes
+    first = bounded_map(conn.guest_vcpus, [queried[0].dom], workers=1, timeout=timeout)[0]
+    if first.error is None or first.timed_out:  # it answered after all: ask every domain
+        rest = [r.dom for r in queried[1:]]
+        return [first, *bounded_map(conn.guest_vcpus, rest, workers=workers, timeout=timeout)]
+    asked = queried[0].view.name
+    return [first] + [
+        CallOutcome(error=_same_error(first.error, asked, raw.view.name)) for raw in queried[1:]
+    ]
 
 
-def _without_prefix(message: str, name: str) -> str:
-    prefix = f"domain '{name}': "
-    return message[len(prefix) :] if message.startswith(prefix) else message
+def _same_error(error: BaseException, asked: str, other: str) -> BaseException:
+    """The error one domain got, as another domain's (same class and code, its name)."""
+    if not isinstance(error, errors.VirtHotplugError):
+        return error
+    message = error.message.replace(f"domain '{asked}': ", f"domain '{other}': ", 1)
+    return type(error)(message, code=error.code)
 
 
 def _guest_view(raw: _Raw, reply: Any, error: Optional[BaseException]) -> VcpuView:

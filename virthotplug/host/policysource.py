@@ -14,7 +14,8 @@ from typing import Mapping, Optional
 
 from virthotplug.core.config import HostConfig
 from virthotplug.core.policy import EffectivePolicy, merge_policy
-from virthotplug.host.connection import Connection, Domain
+from virthotplug.host.connection import Connection
+from virthotplug.host.domain import Domain
 from virthotplug.host.domxml import METADATA_KEY, NAMESPACE, parse_policy_element, policy_element
 
 SOURCE_LIVE = "metadata (live)"
@@ -23,8 +24,8 @@ SOURCE_PERSISTENT = "metadata (persistent)"
 
 def effective_policy(conn: Connection, dom: Domain, config: HostConfig) -> EffectivePolicy:
     """The domain's policy with the source of every field; ``ConfigError`` when invalid."""
-    name = dom.name()
-    layers = list(config.policy_layers(name, dom.UUIDString()))
+    name = dom.name
+    layers = list(config.policy_layers(name, dom.uuid))
     metadata = metadata_layer(conn, dom)
     if metadata is not None:
         layers.insert(0, metadata)
@@ -33,15 +34,14 @@ def effective_policy(conn: Connection, dom: Domain, config: HostConfig) -> Effec
 
 def metadata_layer(conn: Connection, dom: Domain) -> Optional[tuple[str, Mapping[str, str]]]:
     """The raw fields of our metadata element, live definition first, with their source."""
-    name = dom.name()
-    context = f"domain '{name}'"
+    name = dom.name
     candidates = []
-    if conn.call(dom.isActive, context=context) == 1:
+    if dom.is_active():
         candidates.append((True, SOURCE_LIVE))
-    if conn.call(dom.isPersistent, context=context) == 1:
+    if dom.is_persistent():
         candidates.append((False, SOURCE_PERSISTENT))
     for live, source in candidates:
-        text = conn.metadata(dom, NAMESPACE, live=live)
+        text = dom.metadata(NAMESPACE, live=live)
         if text is not None:
             return source, parse_policy_element(text, domain=name)
     return None
@@ -57,4 +57,4 @@ def write_policy(
 ) -> None:
     """Replace our metadata element with ``fields``, or remove it when ``fields`` is None."""
     xml = None if fields is None else policy_element(fields)
-    conn.set_metadata(dom, xml, METADATA_KEY, NAMESPACE, live=live, config=config)
+    dom.set_metadata(xml, METADATA_KEY, NAMESPACE, live=live, config=config)

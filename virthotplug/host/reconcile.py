@@ -26,7 +26,8 @@ from virthotplug.core.policy import MODES, EffectivePolicy, Plan, decide
 from virthotplug.core.view import VcpuView, to_dict
 from virthotplug.host import actions, collect
 from virthotplug.host.actions import FAILED, Outcome, WriteResult
-from virthotplug.host.connection import Connection, Domain
+from virthotplug.host.connection import Connection
+from virthotplug.host.domain import Domain
 from virthotplug.host.policysource import effective_policy
 
 SOURCE_COMMAND_LINE = "command line"
@@ -85,7 +86,7 @@ def reconcile(
     overrides the effective mode (``setvcpus --online/--no-online``). ``effective``: the
     domain's policy when the caller has just resolved it (saves its metadata reads)."""
     timeout = agent_timeout if agent_timeout is not None else config.watch.agent_timeout
-    with _lock_for(conn.uri, dom.UUIDString()):
+    with _lock_for(conn.uri, dom.uuid):
         resolved = effective if effective is not None else effective_policy(conn, dom, config)
         effective = _with_mode(resolved, mode)
         before = collect.read_view(conn, dom, agent_timeout=timeout)
@@ -94,7 +95,6 @@ def reconcile(
         after: Optional[VcpuView] = None if dry_run else before
         if not dry_run and not plan.is_noop:
             writes = actions.execute(
-                conn,
                 dom,
                 plan,
                 policy=effective.policy,

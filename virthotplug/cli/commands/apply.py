@@ -65,7 +65,7 @@ def _reconcile_all(
                 agent_timeout=args.agent_timeout,
             )
         except VirtHotplugError as exc:
-            return (dom.name(), exc)
+            return (dom.name, exc)
 
     workers = max(1, min(config.watch.workers, len(domains)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="apply") as pool:

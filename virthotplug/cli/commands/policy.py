@@ -76,7 +76,7 @@ def _write(conn: Any, dom: Any, args: argparse.Namespace, options: dict[str, str
         if "count" in raw and args.set != "match":
             raise UsageError("--count applies only to --set match")
         # Validate and normalise before anything is written.
-        values = parse_policy_fields(raw, source="the command line", domain=dom.name())
+        values = parse_policy_fields(raw, source="the command line", domain=dom.name)
         fields = {name: format_field(name, value) for name, value in values.items()}
     live, persistent = _affect(conn, dom, args)
     write_policy(conn, dom, fields, live=live, config=persistent)
@@ -86,9 +86,8 @@ def _affect(conn: Any, dom: Any, args: argparse.Namespace) -> tuple[bool, bool]:
     """--live/--config as given; neither: running definition if running + persistent if so."""
     if args.live or args.config:
         return bool(args.live), bool(args.config)
-    context = f"domain '{dom.name()}'"
-    active = conn.call(dom.isActive, context=context) == 1
-    persistent = conn.call(dom.isPersistent, context=context) == 1
+    active = dom.is_active()
+    persistent = dom.is_persistent()
     return active, persistent
 
 
@@ -98,10 +97,10 @@ def _show(conn: Any, dom: Any, config: Any, as_json: bool) -> None:
 
     effective = effective_policy(conn, dom, config)
     if as_json:
-        doc = {"domain": dom.name(), "uuid": dom.UUIDString(), "policy": effective.to_dict()}
+        doc = {"domain": dom.name, "uuid": dom.uuid, "policy": effective.to_dict()}
         print(json.dumps(doc, indent=2))
         return
-    print(f"Domain: {dom.name()}")
+    print(f"Domain: {dom.name}")
     rows = [
         (name, format_field(name, getattr(effective.policy, name)) or "-", effective.sources[name])
         for name in FIELDS

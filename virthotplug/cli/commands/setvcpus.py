@@ -63,7 +63,8 @@ def _count(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from virthotplug.cli import resize
     from virthotplug.core.config import load_config
-    from virthotplug.host.connection import Connection, ensure_event_loop
+    from virthotplug.host.connection import Connection
+    from virthotplug.host.libvirt_module import ensure_event_loop
 
     hosts = uris(args)
     if len(hosts) > 1:
@@ -88,7 +89,7 @@ def _affect(conn: Any, dom: Any, args: argparse.Namespace) -> tuple[bool, bool]:
     """--live/--config as given; neither: the current state, like virsh (live if running)."""
     if args.live or args.config:
         return bool(args.live), bool(args.config)
-    running = conn.call(dom.isActive, context=f"domain '{dom.name()}'") == 1
+    running = dom.is_active()
     return running, not running
 
 
@@ -98,7 +99,7 @@ def _monitor(conn: Any, dom: Any) -> Optional[Any]:
     from virthotplug.daemon.listener import Listener
     from virthotplug.daemon.monitorlog import MonitorLog
 
-    log = MonitorLog(dom.UUIDString())
+    log = MonitorLog(dom.uuid)
     try:
         conn.subscribe(Listener(conn.uri, log.put, lambda: None))
     except VirtHotplugError:
@@ -107,8 +108,8 @@ def _monitor(conn: Any, dom: Any) -> Optional[Any]:
 
 
 def _print(result: Any, log: Optional[Any], started: float, as_json: bool) -> None:
-    from virthotplug.cli.commands.apply import describe
     from virthotplug.cli import resize
+    from virthotplug.cli.commands.apply import describe
     from virthotplug.daemon.monitorlog import describe as describe_event
 
     events = log.events(since=started) if log is not None else []

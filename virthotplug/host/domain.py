@@ -1,0 +1,102 @@
+"""A typed per-domain wrapper (Nova's ``guest.py`` habit).
+
+``Domain`` is what the rest of virthotplug holds for one libvirt domain: its name and UUID,
+read once, and the few calls virthotplug makes on it, each translating libvirt's errors into
+the project's (``host.errors``) with the domain named in the message. Guest-agent calls go
+through the connection's agent leases (see ``Connection.agent_call``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Optional, TypeVar
+
+from virthotplug.host.libvirt_types import VirDomain
+
+if TYPE_CHECKING:
+    from virthotplug.host.connection import Connection
+
+T = TypeVar("T")
+
+
+class Domain:
+    """One domain on one connection. Cheap to make; holds no state besides its identity."""
+
+    __slots__ = ("_conn", "name", "raw", "uuid")
+
+    def __init__(self, conn: Connection, raw: VirDomain) -> None:
+        self._conn = conn
+        self.raw = raw
+        self.name = raw.name()
+        self.uuid = raw.UUIDString()
+
+    def __repr__(self) -> str:
+        return f"Domain({self.name!r}, {self.uuid})"
+
+    @property
+    def connection(self) -> Connection:
+        return self._conn
+
+    @property
+    def context(self) -> str:
+        """How messages name this domain."""
+        return f"domain '{self.name}'"
+
+    def _call(self, fn: Callable[[], T], what: str = "") -> T:
+        return self._conn.call(fn, context=f"{self.context}{what}")
+
+    # state
+
+    def id(self) -> Optional[int]:
+        """The running domain's id; None when it is not running (libvirt says -1)."""
+        dom_id = self._call(self.raw.ID)
+        return dom_id if dom_id > 0 else None
+
+    def is_active(self) -> bool:
+        return self._call(self.raw.isActive) == 1
+
+    def is_persistent(self) -> bool:
+        return self._call(self.raw.isPersistent) == 1
+
+    # reads
+
+    def xml(self, *, inactive: bool) -> str:
+        flags = self._conn.libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        return str(self._call(lambda: self.raw.XMLDesc(flags)))
+
+    def guest_vcpus(self) -> dict[str, str]:
+        """The guest agent's view; always raises on failure (the binding returns None)."""
+        return self._conn.guest_vcpus(self)
+
+    def metadata(self, namespace: str, *, live: bool) -> Optional[str]:
+        """An element of the live (or persistent) definition's metadata; None when absent."""
+        return self._conn.metadata(self, namespace, live=live)
+
+    # writes
+
+    def set_metadata(
+        self, xml: Optional[str], key: str, namespace: str, *, live: bool, config: bool
+    ) -> None:
+        """Write a metadata element, or remove it when ``xml`` is None."""
+        libvirt = self._conn.libvirt
+        flags = self._conn.affect_flags(live=live, config=config)
+        kind = libvirt.VIR_DOMAIN_METADATA_ELEMENT
+        self._call(
+            lambda: self.raw.setMetadata(kind, xml, key if xml else None, namespace, flags),
+            " metadata",
+        )
+
+    def set_guest_vcpus(self, cpulist: str, online: bool) -> None:
+        """Online or offline guest CPUs through the agent (first-class API: no taint).
+
+        A failure may follow a partial success: re-read the guest afterwards.
+        """
+        self._call(
+            lambda: self._conn.agent_call(
+                self.uuid, lambda leased: leased.setGuestVcpus(cpulist, int(online), 0)
+            )
+        )
+
+    def set_vcpus(self, count: int, *, live: bool, config: bool) -> None:
+        """Hot-plug or unplug vCPUs (live) and/or change the persistent count (config)."""
+        flags = self._conn.affect_flags(live=live, config=config)
+        self._call(lambda: self.raw.setVcpusFlags(count, flags))
