@@ -191,6 +191,30 @@ class GuestVcpus:
 
 
 @dataclass(frozen=True)
+class FloodStatus:
+    """The guest's ACPI_DEVICE_OST flood (flood/ost-flood.c), as ``flood-status`` reports it."""
+
+    running: bool
+    pid: int | None
+    sent: int
+    seconds: float
+
+    @classmethod
+    def parse(cls, reply: str) -> FloodStatus:
+        # "running PID sent=N seconds=S" | "stopped [sent=N seconds=S]"
+        words = reply.split()
+        fields = dict(w.split("=", 1) for w in words if "=" in w)
+        pid = int(words[1]) if words[0] == "running" and len(words) > 1 else None
+        sent, seconds = int(fields.get("sent", 0)), float(fields.get("seconds", 0))
+        return cls(words[0] == "running", pid, sent, seconds)
+
+    @property
+    def rate(self) -> float:
+        """Events per second the guest sent (its own count; QEMU emits one per write)."""
+        return self.sent / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
 class CpuState:
     """The guest kernel's view from sysfs, read through the control channel (no agent)."""
 
@@ -365,6 +389,9 @@ class LabVM:
     hotplug_broken: bool = False
     boot_seconds: float = 0.0
     _control_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The control socket of the running domain: known without asking libvirt, so that a
+    # guest that wedges libvirtd (an OST flood) can still be told to stop.
+    _control_path: str | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -391,6 +418,7 @@ class LabVM:
     def start(self, timeout: float = READY_TIMEOUT) -> float:
         """Boot and wait until the guest is ready; returns the seconds it took."""
         started = time.monotonic()
+        self._control_path = None
         self.dom.create()
         self.hotplug_broken = False
         self.wait_ready(timeout)
@@ -422,7 +450,7 @@ class LabVM:
         with self._control_lock, socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(timeout)
             try:
-                sock.connect(self._control_socket())
+                self._connect_control(sock)
                 sock.sendall(f"{request} {command}\n".encode())
                 reply = self._read_reply(sock.makefile("r", encoding="utf-8"), request)
             except OSError as exc:
@@ -446,6 +474,16 @@ class LabVM:
         if reply != "ok" and not reply.startswith("ok "):
             raise LabError(f"{self.name}: control '{command}' answered '{reply}'")
         return reply
+
+    def _connect_control(self, sock: socket.socket) -> None:
+        if self._control_path is not None:
+            try:
+                sock.connect(self._control_path)
+                return
+            except (FileNotFoundError, ConnectionRefusedError):
+                pass  # restarted behind the lab's back: another path now
+        self._control_path = self._control_socket()
+        sock.connect(self._control_path)
 
     def _control_socket(self) -> str:
         # libvirt picks the path at start (it names the domain id): read it from the live XML.
@@ -537,6 +575,22 @@ class LabVM:
             )
         self.dom.setVcpusFlags(count, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
+    # -- a hostile guest: the ACPI_DEVICE_OST flood (flood/ost-flood.c) --
+
+    def flood_start(self, rate: int = 0, seconds: int = 60, selector: int = 1) -> int:
+        """Make the guest write QEMU's CPU-hotplug OST registers: ``rate`` ACPI_DEVICE_OST
+        events/s (0: as fast as it can) for at most ``seconds``, faking CPU slot
+        ``selector`` (source 1, status 0: a hot-add). The event names the device (vcpuN)
+        only while that slot's vCPU is plugged. Returns the helper's PID in the guest."""
+        return int(self.control_ok(f"flood-start {rate} {seconds} {selector}").split()[1])
+
+    def flood_stop(self) -> FloodStatus:
+        """Stop the flood (if it runs); what it sent."""
+        return FloodStatus.parse("stopped " + self.control_ok("flood-stop")[2:])
+
+    def flood_status(self) -> FloodStatus:
+        return FloodStatus.parse(self.control("flood-status"))
+
     def unplug(self, count: int) -> libvirt.libvirtError | None:
         """Try to hot-unplug down to ``count`` vCPUs; return libvirt's error, if any.
 
@@ -615,8 +669,19 @@ _DOMAIN_NAME = re.compile(rf"^{PREFIX}-([0-9a-f]{{6}})-")
 class Lab:
     """A libvirt connection, a guest image and the domains of one run (see module doc)."""
 
-    def __init__(self, uri: str = DEFAULT_URI, image: GuestImage | None = None) -> None:
+    def __init__(
+        self,
+        uri: str = DEFAULT_URI,
+        image: GuestImage | None = None,
+        log_dir: Path = LOG_DIR,
+        ost: bool = True,
+    ) -> None:
         self.uri = uri
+        # Serial console logs: QEMU writes them, so a daemon of another user needs its own.
+        self.log_dir = log_dir
+        # False: no ACPI_DEVICE_OST registration for all domains (lab.ost); for measurements
+        # that must have no subscriber, lab.monitor(event, vm) registers for one VM only.
+        self._subscribe_ost = ost
         self.run_id = secrets.token_hex(3)
         self.domain_type = accelerator()
         self.vms: list[LabVM] = []
@@ -643,7 +708,8 @@ class Lab:
             self._connect()
             self.sweep()
             self._image = self._image or ensure_image()
-            self._ost = self.monitor("ACPI_DEVICE_OST")
+            if self._subscribe_ost:
+                self._ost = self.monitor("ACPI_DEVICE_OST")
         except BaseException:
             self.close()
             raise
@@ -753,7 +819,7 @@ class Lab:
     def ost(self) -> MonitorEvents:
         """ACPI_DEVICE_OST events of all domains since the lab opened."""
         if self._ost is None:
-            raise LabError("the lab is not open")
+            raise LabError("the lab is not open (or opened with ost=False)")
         return self._ost
 
     def monitor(self, event: str, vm: LabVM | None = None) -> MonitorEvents:
@@ -780,7 +846,7 @@ class Lab:
             name=name,
             kernel=self.image.kernel,
             initrd=self.image.initrd,
-            serial_log=LOG_DIR / f"{name}-serial.log",
+            serial_log=self.log_dir / f"{name}-serial.log",
             behaviour=request.behaviour,
             max_vcpus=request.max_vcpus,
             memory_mib=request.memory_mib,
@@ -860,7 +926,7 @@ class Lab:
                 log.warning("removing %s left behind by an earlier lab run", dom.name())
                 remove_domain(dom)
                 removed.append(dom.name())
-        for path in LOG_DIR.glob(f"{PREFIX}-*.log"):
+        for path in self.log_dir.glob(f"{PREFIX}-*.log"):
             found = _DOMAIN_NAME.match(path.name)
             if found and found.group(1) != self.run_id and not _run_alive(found.group(1)):
                 path.unlink(missing_ok=True)
