@@ -28,7 +28,7 @@ from virthotplug.host.actions import (
     ONLINED_BY_GUEST,
     SKIPPED,
     UNCHANGED,
-    Outcome,
+    CpuOutcome,
     WriteResult,
     execute,
     outcomes,
@@ -222,7 +222,7 @@ def view(online: str, present: str = "0-3", agent: str = AGENT_CONNECTED) -> Vcp
     )
 
 
-def codes(found: tuple[Outcome, ...]) -> dict[str, tuple[int, ...]]:
+def codes(found: tuple[CpuOutcome, ...]) -> dict[str, tuple[int, ...]]:
     return {o.code: o.cpus for o in found}
 
 
@@ -317,9 +317,9 @@ def test_outcome_dry_run_reports_only_observations() -> None:
 
 
 def test_outcome_to_dict() -> None:
-    assert Outcome(ONLINED, (1, 2), "").to_dict() == {
+    assert CpuOutcome(ONLINED, (1, 2), "").to_dict() == {
         "code": "onlined",
         "cpus": [1, 2],
         "reason": "",
     }
-    assert replace(Outcome(FAILED), reason="x").to_dict()["reason"] == "x"
+    assert replace(CpuOutcome(FAILED), reason="x").to_dict()["reason"] == "x"

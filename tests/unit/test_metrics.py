@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from virthotplug.core.errors import UsageError
 from virthotplug.core.events import DomainRef, HostEvent, LifecycleEvent, OstMonitorEvent
 from virthotplug.core.ost import parse_ost_details
+from virthotplug.core.records import Record
 from virthotplug.core.schedule import Job
 from virthotplug.core.view import (
     AgentStatus,
@@ -25,7 +26,7 @@ from virthotplug.core.view import (
     VcpuView,
 )
 from virthotplug.daemon import metrics
-from virthotplug.daemon.watch import Outcome
+from virthotplug.daemon.watch import JobResult
 
 HOST = "qemu:///system"
 REF = DomainRef(HOST, "9a2b0000-0000-4000-8000-000000000001", "web1")
@@ -74,8 +75,12 @@ def view(
     )
 
 
-def outcome(v: Optional[VcpuView], codes: str = "unchanged", failed: bool = False) -> Outcome:
-    return Outcome(record={"outcome": codes}, line="", failed=failed, view=v)
+def record(codes: Any) -> Record:
+    return Record("2026-01-31T12:00:00.000Z", HOST, REF.name, REF.uuid, "reconcile", outcome=codes)
+
+
+def outcome(v: Optional[VcpuView], codes: str = "unchanged", failed: bool = False) -> JobResult:
+    return JobResult(record=record(codes), line="", failed=failed, view=v)
 
 
 def job(first: float = 0.0) -> Job:
@@ -260,7 +265,7 @@ def test_connections_and_reconnects(m: metrics.Metrics) -> None:
 
 
 def test_a_broken_record_never_raises(m: metrics.Metrics) -> None:
-    bad = Outcome(record={"outcome": 42}, line="", view=object())  # type: ignore[arg-type]
+    bad = JobResult(record=record(42), line="", view=object())  # type: ignore[arg-type]
     m.reconciled(job(), bad, 0.01)  # logged, not raised
 
 

@@ -10,11 +10,11 @@ from virthotplug.core.config import WatchSettings
 from virthotplug.core.events import DomainRef, LifecycleEvent
 from virthotplug.core.schedule import Job
 from virthotplug.daemon.eventlog import EventLog
-from virthotplug.daemon.watch import MAIN_LOOP_WAKEUP, Outcome, Watch
+from virthotplug.daemon.watch import MAIN_LOOP_WAKEUP, JobResult, Watch
 from virthotplug.host.connection import Connection, Domain
 
 
-def _never(_conn: Connection, _dom: Domain, _job: Job) -> Outcome:
+def _never(_conn: Connection, _dom: Domain, _job: Job) -> JobResult:
     raise AssertionError("not reached")
 
 
@@ -52,7 +52,7 @@ class _Recorder:
     def event(self, ev: Any) -> None:
         self.events.append(ev)
 
-    def reconciled(self, job: Job, outcome: Outcome, seconds: float) -> None:
+    def reconciled(self, job: Job, result: JobResult, seconds: float) -> None:
         pass
 
     def failed(self, job: Job, seconds: float) -> None:

@@ -23,7 +23,7 @@ class CallTimeout(Exception):
 
 
 @dataclass
-class Outcome(Generic[R]):
+class CallResult(Generic[R]):
     """Result of one call in ``bounded_map``: a value, an exception, or a timeout."""
 
     value: Optional[R] = None
@@ -35,16 +35,16 @@ class _Call(Generic[R]):
     """One call in a daemon thread; ``done`` is set (and ``wakeup`` notified) when it ends."""
 
     def __init__(self, fn: Callable[[], R], wakeup: Optional[threading.Condition] = None) -> None:
-        self.outcome: Outcome[R] = Outcome()
+        self.result: CallResult[R] = CallResult()
         self.done = threading.Event()
         self._wakeup = wakeup
         self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
 
     def _run(self, fn: Callable[[], R]) -> None:
         try:
-            self.outcome.value = fn()
+            self.result.value = fn()
         except BaseException as exc:  # handed to the waiting caller
-            self.outcome.error = exc
+            self.result.error = exc
         finally:
             self._finish()
 
@@ -63,20 +63,20 @@ def call_with_timeout(fn: Callable[[], R], timeout: float) -> R:
     call.thread.start()
     if not call.done.wait(timeout):
         raise CallTimeout(f"no answer within {timeout:g} s")
-    if call.outcome.error is not None:
-        raise call.outcome.error
-    return call.outcome.value  # type: ignore[return-value]
+    if call.result.error is not None:
+        raise call.result.error
+    return call.result.value  # type: ignore[return-value]
 
 
 def bounded_map(
     fn: Callable[[T], R], items: Sequence[T], *, workers: int, timeout: float
-) -> list[Outcome[R]]:
+) -> list[CallResult[R]]:
     """Apply ``fn`` to every item, at most ``workers`` at a time, each bounded by ``timeout``.
 
     Results come back in the order of ``items``. A call that exceeds its timeout frees its
     slot (its thread is abandoned), so one hung item never holds up the rest.
     """
-    results: list[Outcome[R]] = [Outcome() for _ in items]
+    results: list[CallResult[R]] = [CallResult() for _ in items]
     wakeup = threading.Condition()
     inflight: dict[int, tuple[_Call[R], float]] = {}
     next_index = 0
@@ -94,13 +94,13 @@ def bounded_map(
     return results
 
 
-def _reap(inflight: dict[int, tuple[_Call[R], float]], results: list[Outcome[R]]) -> None:
+def _reap(inflight: dict[int, tuple[_Call[R], float]], results: list[CallResult[R]]) -> None:
     now = time.monotonic()
     for index, (call, deadline) in list(inflight.items()):
         if call.done.is_set():
-            results[index] = call.outcome
+            results[index] = call.result
         elif now >= deadline:
-            results[index] = Outcome(timed_out=True)
+            results[index] = CallResult(timed_out=True)
         else:
             continue
         del inflight[index]

@@ -1,30 +1,19 @@
 """What the daemon tells people and programs: log lines on stderr, JSON lines on stdout.
 
-JSON lines (``watch --json``), one object per line, stable keys (virthotplug(1)):
-
-    time      ISO 8601 UTC with milliseconds
-    host      libvirt URI
-    domain    domain name, or null for host-level records
-    uuid      domain UUID, or null
-    event     "lifecycle", "agent", "ost", "device-removal", "device-deleted", "hook",
-              "host" or "reconcile"
-    details   decoded event details (for "ost": source/status codes and names)
-    findings  drift findings after a reconcile ([] for plain events)
-    action    what virthotplug did or would do ("none" for plain events)
-    outcome   the result ("observed" for plain events)
+JSON lines (``watch --json``): one ``core.records.Record`` per line, the stable schema of
+virthotplug(1).
 """
 
 from __future__ import annotations
 
-import datetime
-import json
 import logging
 import os
 import sys
 import threading
-from typing import Any, Optional, TextIO
+from typing import Optional, TextIO
 
 from virthotplug.core.events import Event, HostEvent
+from virthotplug.core.records import Record, iso_time
 
 log = logging.getLogger("virthotplug.daemon.watch")
 
@@ -51,11 +40,6 @@ class _JournalFormatter(logging.Formatter):
         return f"<{self._PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
 
 
-def iso_time(epoch: float) -> str:
-    moment = datetime.datetime.fromtimestamp(epoch, tz=datetime.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class EventLog:
     """Writes each record as a log line and, with ``json_out``, as one JSON line."""
 
@@ -69,21 +53,18 @@ class EventLog:
         log.log(level, "%s: %s", where, ev.describe())
         host = ev.host if isinstance(ev, HostEvent) else ev.domain.host if ev.domain else ""
         self._emit(
-            {
-                "time": iso_time(ev.at),
-                "host": host,
-                "domain": ev.domain.name if ev.domain else None,
-                "uuid": ev.domain.uuid if ev.domain else None,
-                "event": ev.kind,
-                "details": ev.details(),
-                "findings": [],
-                "action": "none",
-                "outcome": "observed",
-            }
+            Record(
+                time=iso_time(ev.at),
+                host=host,
+                domain=ev.domain.name if ev.domain else None,
+                uuid=ev.domain.uuid if ev.domain else None,
+                event=ev.kind,
+                details=ev.details(),
+            )
         )
 
     def reconcile(
-        self, record: dict[str, Any], line: str, *, failed: bool = False, routine: bool = False
+        self, record: Record, line: str, *, failed: bool = False, routine: bool = False
     ) -> None:
         """A reconcile's outcome. Routine ones (a periodic resync that changed nothing and
         found nothing new) are logged at debug level, so a large host's log stays quiet;
@@ -93,10 +74,10 @@ class EventLog:
         log.log(level, "%s", line)
         self._emit(record)
 
-    def _emit(self, record: dict[str, Any]) -> None:
+    def _emit(self, record: Record) -> None:
         if self._json_out is None:
             return
-        text = json.dumps(record, separators=(",", ":"))
+        text = record.to_json()
         with self._lock:
             self._json_out.write(text + "\n")
             self._json_out.flush()

@@ -12,15 +12,14 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Any
 
 from virthotplug.core.config import HostConfig, WatchSettings
 from virthotplug.core.cpulist import format_cpulist
 from virthotplug.core.policy import Policy
+from virthotplug.core.records import Record, iso_time
 from virthotplug.core.schedule import Job, Key
 from virthotplug.core.view import to_dict
-from virthotplug.daemon.eventlog import iso_time
-from virthotplug.daemon.watch import Outcome
+from virthotplug.daemon.watch import JobResult
 from virthotplug.host.actions import ONLINED
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
@@ -50,7 +49,7 @@ class JobRunner:
     def update(self, config: HostConfig, settings: WatchSettings) -> None:
         self.config, self.settings = config, settings
 
-    def run(self, conn: Connection, dom: Domain, job: Job) -> Outcome:
+    def run(self, conn: Connection, dom: Domain, job: Job) -> JobResult:
         config = self.config
         effective = None
         if job.hotadded:
@@ -70,10 +69,10 @@ class JobRunner:
             effective=effective,
         )
         self._remember_ours(job.ref.key, result)
-        outcome = dataclasses.replace(_outcome(job, result), routine=self._routine(job, result))
+        done = dataclasses.replace(_reconciled(job, result), routine=self._routine(job, result))
         if _hotadd_not_seen_yet(job, result):
-            return dataclasses.replace(outcome, retry_after=NOT_YET_SEEN_RETRY)
-        return outcome
+            return dataclasses.replace(done, retry_after=NOT_YET_SEEN_RETRY)
+        return done
 
     def _routine(self, job: Job, result: ReconcileResult) -> bool:
         """A resync that wrote nothing and found what the last reconcile found."""
@@ -115,35 +114,35 @@ def _hotadd_not_seen_yet(job: Job, result: ReconcileResult) -> bool:
     return bool(job.hotadded - guest.present) and waited < NOT_YET_SEEN_LIMIT
 
 
-def _deferred(job: Job, dom: Domain, wait: float) -> Outcome:
+def _deferred(job: Job, dom: Domain, wait: float) -> JobResult:
     cpus = format_cpulist(job.hotadded)
     line = f"domain '{dom.name}': grace period: CPU {cpus} left to the guest for {wait:.1f} s"
-    record = {
-        "time": iso_time(time.time()),
-        "host": job.ref.host,
-        "domain": job.ref.name,
-        "uuid": job.ref.uuid,
-        "event": "reconcile",
-        "details": {"trigger": list(job.reasons), "hotadded": sorted(job.hotadded)},
-        "findings": [],
-        "action": "wait",
-        "outcome": "deferred",
-    }
-    return Outcome(record=record, line=line, retry_after=wait)
+    record = Record(
+        time=iso_time(time.time()),
+        host=job.ref.host,
+        domain=job.ref.name,
+        uuid=job.ref.uuid,
+        event="reconcile",
+        details={"trigger": list(job.reasons), "hotadded": sorted(job.hotadded)},
+        findings=[],
+        action="wait",
+        outcome="deferred",
+    )
+    return JobResult(record=record, line=line, retry_after=wait)
 
 
-def _outcome(job: Job, result: ReconcileResult) -> Outcome:
+def _reconciled(job: Job, result: ReconcileResult) -> JobResult:
     view = result.after or result.before
     since = time.monotonic() - job.first_request
     codes = [o.code for o in result.outcomes]
     data = to_dict(view)
-    record: dict[str, Any] = {
-        "time": iso_time(time.time()),
-        "host": result.host,
-        "domain": result.name,
-        "uuid": result.uuid,
-        "event": "reconcile",
-        "details": {
+    record = Record(
+        time=iso_time(time.time()),
+        host=result.host,
+        domain=result.name,
+        uuid=result.uuid,
+        event="reconcile",
+        details={
             "trigger": list(job.reasons),
             "coalesced": job.coalesced,
             "hotadded": sorted(job.hotadded),
@@ -155,11 +154,11 @@ def _outcome(job: Job, result: ReconcileResult) -> Outcome:
             "guest": data["guest"],
             "agent": data["agent"],
         },
-        "findings": data["findings"],
-        "action": _action(result),
-        "outcome": ",".join(codes) or "unchanged",
-    }
-    return Outcome(record=record, line=_line(result, since), failed=result.failed, view=view)
+        findings=data["findings"],
+        action=_action(result),
+        outcome=",".join(codes) or "unchanged",
+    )
+    return JobResult(record=record, line=_line(result, since), failed=result.failed, view=view)
 
 
 def _action(result: ReconcileResult) -> str:

@@ -48,7 +48,7 @@ from virthotplug.core.events import FORGET, Event, HostEvent, OstMonitorEvent
 if TYPE_CHECKING:
     from virthotplug.core.schedule import Job
     from virthotplug.core.view import VcpuView
-    from virthotplug.daemon.watch import Outcome
+    from virthotplug.daemon.watch import JobResult
 
 log = logging.getLogger("virthotplug.daemon.watch")
 
@@ -203,9 +203,9 @@ class Metrics:
         except Exception:  # metrics must never take the daemon down
             log.exception("metrics: recording an event failed")
 
-    def reconciled(self, job: Job, outcome: Outcome, seconds: float) -> None:
+    def reconciled(self, job: Job, result: JobResult, seconds: float) -> None:
         try:
-            self._reconciled(job, outcome, seconds)
+            self._reconciled(job, result, seconds)
         except Exception:
             log.exception("metrics: recording a reconcile failed")
 
@@ -255,14 +255,14 @@ class Metrics:
         elif ev.what == "lost":
             self.connected.labels(ev.host).set(0)
 
-    def _reconciled(self, job: Job, outcome: Outcome, seconds: float) -> None:
+    def _reconciled(self, job: Job, result: JobResult, seconds: float) -> None:
         host = job.ref.host
         self.duration.labels(host).observe(seconds)
-        self.reconciles.labels(host, "failed" if outcome.failed else "ok").inc()
-        codes = str(outcome.record.get("outcome") or "")
+        self.reconciles.labels(host, "failed" if result.failed else "ok").inc()
+        codes = str(result.record.outcome or "")
         for code in filter(None, codes.split(",")):
             self.actions.labels(host, code).inc()
-        view = outcome.view
+        view = result.view
         if view is None:
             return
         with self._lock:

@@ -35,6 +35,7 @@ from virthotplug.core.events import (
     HostEvent,
     OstMonitorEvent,
 )
+from virthotplug.core.records import Record
 from virthotplug.core.schedule import Job, Key, ReconcileQueue
 from virthotplug.daemon.eventlog import EventLog
 from virthotplug.daemon.listener import Listener
@@ -71,12 +72,12 @@ class Settings(Protocol):
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """What one reconcile did, for the event log. ``retry_after`` re-schedules the domain
+class JobResult:
+    """What one job did, for the event log. ``retry_after`` re-schedules the domain
     (e.g. a grace period after a hot-add that has not expired yet).
     """
 
-    record: dict[str, Any]
+    record: Record  # its JSON line
     line: str
     failed: bool = False
     retry_after: Optional[float] = None
@@ -84,7 +85,7 @@ class Outcome:
     routine: bool = False  # nothing done, nothing new: a log line only at debug level
 
 
-ReconcileFn = Callable[[Connection, Domain, Job], Outcome]
+ReconcileFn = Callable[[Connection, Domain, Job], JobResult]
 
 
 class Observer(Protocol):
@@ -93,7 +94,7 @@ class Observer(Protocol):
     """
 
     def event(self, ev: Event) -> None: ...
-    def reconciled(self, job: Job, outcome: Outcome, seconds: float) -> None: ...
+    def reconciled(self, job: Job, result: JobResult, seconds: float) -> None: ...
     def failed(self, job: Job, seconds: float) -> None: ...
 
 
@@ -101,7 +102,7 @@ class _NoObserver:
     def event(self, ev: Event) -> None:
         pass
 
-    def reconciled(self, job: Job, outcome: Outcome, seconds: float) -> None:
+    def reconciled(self, job: Job, result: JobResult, seconds: float) -> None:
         pass
 
     def failed(self, job: Job, seconds: float) -> None:
@@ -462,7 +463,7 @@ class Watch:
         started = time.monotonic()
         try:
             dom = conn.domain_by_uuid(job.ref.uuid)
-            outcome = self._reconcile_fn(conn, dom, job)
+            result = self._reconcile_fn(conn, dom, job)
         except errors.NoDomainError:
             return None
         except errors.ConnectError as exc:
@@ -477,10 +478,10 @@ class Watch:
             return None
         self.stats.reconciles += 1
         self._eventlog.reconcile(
-            outcome.record, outcome.line, failed=outcome.failed, routine=outcome.routine
+            result.record, result.line, failed=result.failed, routine=result.routine
         )
-        self._observer.reconciled(job, outcome, time.monotonic() - started)
-        return outcome.retry_after
+        self._observer.reconciled(job, result, time.monotonic() - started)
+        return result.retry_after
 
     def _shutdown(self) -> None:
         for source in self._sources:

@@ -58,7 +58,9 @@ RETRY_INITIAL, RETRY_MAX = 0.2, 5.0
 
 
 @dataclass(frozen=True)
-class Outcome:
+class CpuOutcome:
+    """What became of some guest CPUs in one reconcile: an outcome code (above) and why."""
+
     code: str
     cpus: tuple[int, ...] = ()
     reason: str = ""
@@ -171,23 +173,23 @@ def outcomes(
     after: Optional[VcpuView],
     writes: tuple[WriteResult, ...],
     hotadded: frozenset[int] = frozenset(),
-) -> tuple[Outcome, ...]:
+) -> tuple[CpuOutcome, ...]:
     """Name what happened, from the views before and after (pure).
 
     ``after`` is None for a dry run: only observations are reported then (the plan says what
     would be written).
     """
-    found: list[Outcome] = []
+    found: list[CpuOutcome] = []
     by_guest = _onlined_by_guest(plan, before, after, hotadded)
     if by_guest:
-        found.append(Outcome(ONLINED_BY_GUEST, by_guest, "online without a write from us"))
+        found.append(CpuOutcome(ONLINED_BY_GUEST, by_guest, "online without a write from us"))
     if not policy.acts or before.guest is None:
         offline = tuple(sorted(before.guest.offline)) if before.guest is not None else ()
-        return (*found, Outcome(SKIPPED, offline, plan.note))
+        return (*found, CpuOutcome(SKIPPED, offline, plan.note))
     if plan.excluded:
-        found.append(Outcome(EXCLUDED, tuple(sorted(plan.excluded)), "excluded by policy"))
+        found.append(CpuOutcome(EXCLUDED, tuple(sorted(plan.excluded)), "excluded by policy"))
     if plan.is_noop:
-        found.append(Outcome(UNCHANGED, (), plan.note))
+        found.append(CpuOutcome(UNCHANGED, (), plan.note))
     elif after is not None:
         for write in writes:
             found.extend(_write_outcomes(write, after))
@@ -205,19 +207,19 @@ def _onlined_by_guest(
     return tuple(sorted((hotadded & online) - plan.online))
 
 
-def _write_outcomes(write: WriteResult, after: VcpuView) -> list[Outcome]:
+def _write_outcomes(write: WriteResult, after: VcpuView) -> list[CpuOutcome]:
     guest = after.guest
     if guest is None:
         why = after.agent.error or f"guest agent {after.agent.state}"
         reason = f"{write.error}; " if write.error else ""
-        return [Outcome(FAILED, tuple(sorted(write.cpus)), f"{reason}cannot verify: {why}")]
+        return [CpuOutcome(FAILED, tuple(sorted(write.cpus)), f"{reason}cannot verify: {why}")]
     done = write.cpus & guest.online if write.online else write.cpus - guest.online
     missing = write.cpus - done
     found = []
     if done:
-        found.append(Outcome(ONLINED if write.online else OFFLINED, tuple(sorted(done)), ""))
+        found.append(CpuOutcome(ONLINED if write.online else OFFLINED, tuple(sorted(done)), ""))
     if missing:
         state = "offline" if write.online else "online"
         reason = write.error or f"still {state} after the write"
-        found.append(Outcome(FAILED, tuple(sorted(missing)), reason))
+        found.append(CpuOutcome(FAILED, tuple(sorted(missing)), reason))
     return found

@@ -38,8 +38,7 @@ from virthotplug.core.view import (
     VcpuView,
     parse_guest_reply,
 )
-from virthotplug.core.workpool import CallTimeout, bounded_map
-from virthotplug.core.workpool import Outcome as CallOutcome
+from virthotplug.core.workpool import CallResult, CallTimeout, bounded_map
 from virthotplug.host.connection import DOMAIN_STATES, Connection
 from virthotplug.host.domain import Domain
 from virthotplug.host.domxml import DomainXML, parse_domain_xml
@@ -319,7 +318,7 @@ def _with_guest_layers(
 
 def _query_agents(
     conn: Connection, queried: list[_Raw], workers: int, timeout: float
-) -> list[CallOutcome[Any]]:
+) -> list[CallResult[Any]]:
     """``guest_vcpus`` of every domain in ``queried``, ``workers`` at a time.
 
     A driver without the guest-agent API (the capability record says so: the test driver)
@@ -339,7 +338,7 @@ def _query_agents(
         return [first, *bounded_map(conn.guest_vcpus, rest, workers=workers, timeout=timeout)]
     asked = queried[0].view.name
     return [first] + [
-        CallOutcome(error=_same_error(first.error, asked, raw.view.name)) for raw in queried[1:]
+        CallResult(error=_same_error(first.error, asked, raw.view.name)) for raw in queried[1:]
     ]
 
 

@@ -25,7 +25,7 @@ from virthotplug.core.config import HostConfig
 from virthotplug.core.policy import MODES, EffectivePolicy, Plan, decide
 from virthotplug.core.view import VcpuView, to_dict
 from virthotplug.host import actions, collect
-from virthotplug.host.actions import FAILED, Outcome, WriteResult
+from virthotplug.host.actions import FAILED, CpuOutcome, WriteResult
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
 from virthotplug.host.policysource import effective_policy
@@ -46,7 +46,7 @@ class ReconcileResult:
     policy: EffectivePolicy
     before: VcpuView
     plan: Plan
-    outcomes: tuple[Outcome, ...]
+    outcomes: tuple[CpuOutcome, ...]
     after: Optional[VcpuView]  # None for a dry run
     writes: tuple[WriteResult, ...] = ()
 
