@@ -8,14 +8,24 @@ through the connection's agent leases (see ``Connection.agent_call``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Protocol, TypeVar
 
 from virthotplug.host.libvirt_types import VirDomain
 
-if TYPE_CHECKING:
-    from virthotplug.host.connection import Connection
-
 T = TypeVar("T")
+
+
+class DomainOwner(Protocol):
+    """What a Domain needs of the connection it came from (``host.connection.Connection``)."""
+
+    uri: str
+    libvirt: Any
+
+    def call(self, fn: Callable[[], T], *, context: str = "") -> T: ...
+    def affect_flags(self, *, live: bool, config: bool) -> int: ...
+    def agent_call(self, uuid: str, fn: Callable[[VirDomain], T]) -> T: ...
+    def guest_vcpus(self, dom: Domain) -> dict[str, str]: ...
+    def metadata(self, dom: Domain, namespace: str, *, live: bool) -> Optional[str]: ...
 
 
 class Domain:
@@ -23,7 +33,7 @@ class Domain:
 
     __slots__ = ("_conn", "name", "raw", "uuid")
 
-    def __init__(self, conn: Connection, raw: VirDomain) -> None:
+    def __init__(self, conn: DomainOwner, raw: VirDomain) -> None:
         self._conn = conn
         self.raw = raw
         self.name = raw.name()
@@ -31,10 +41,6 @@ class Domain:
 
     def __repr__(self) -> str:
         return f"Domain({self.name!r}, {self.uuid})"
-
-    @property
-    def connection(self) -> Connection:
-        return self._conn
 
     @property
     def context(self) -> str:

@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from virthotplug.cli.commands.common import add_selection, selected_names, uris
 from virthotplug.core.errors import EXIT_INCOMPLETE, EXIT_OK, UsageError
+
+if TYPE_CHECKING:  # the real imports stay inside run(): start-up stays light
+    from virthotplug.core.config import HostConfig
+    from virthotplug.core.errors import VirtHotplugError
+    from virthotplug.host.connection import Connection
+    from virthotplug.host.domain import Domain
+    from virthotplug.host.reconcile import ReconcileResult
 
 JSON_SCHEMA_VERSION = 1
 
@@ -47,14 +54,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _reconcile_all(
-    conn: Any, domains: list[Any], config: Any, args: argparse.Namespace
-) -> tuple[list[Any], list[tuple[str, Any]]]:
+    conn: Connection, domains: list[Domain], config: HostConfig, args: argparse.Namespace
+) -> tuple[list[ReconcileResult], list[tuple[str, VirtHotplugError]]]:
     from concurrent.futures import ThreadPoolExecutor
 
     from virthotplug.core.errors import VirtHotplugError
     from virthotplug.host.reconcile import reconcile
 
-    def one(dom: Any) -> Any:
+    def one(dom: Domain) -> ReconcileResult | tuple[str, VirtHotplugError]:
         try:
             return reconcile(
                 conn,
@@ -75,7 +82,9 @@ def _reconcile_all(
     return results, failures
 
 
-def _print(results: list[Any], failures: list[tuple[str, Any]], as_json: bool) -> None:
+def _print(
+    results: list[ReconcileResult], failures: list[tuple[str, VirtHotplugError]], as_json: bool
+) -> None:
     if as_json:
         doc = {
             "version": JSON_SCHEMA_VERSION,
@@ -91,7 +100,7 @@ def _print(results: list[Any], failures: list[tuple[str, Any]], as_json: bool) -
         print(f"virthotplug: error: {message}", file=sys.stderr)
 
 
-def describe(result: Any) -> list[str]:
+def describe(result: ReconcileResult) -> list[str]:
     """Lines for one reconcile: the policy, the plan, then every outcome."""
     from virthotplug.core.cpulist import format_cpulist
 
@@ -105,9 +114,9 @@ def describe(result: Any) -> list[str]:
             prefix = "would " if result.dry_run else ""
             lines.append(f"  {prefix}{verb} CPU {format_cpulist(cpus)}")
     for outcome in result.outcomes:
-        cpus = f" CPU {format_cpulist(outcome.cpus)}" if outcome.cpus else ""
+        which = f" CPU {format_cpulist(outcome.cpus)}" if outcome.cpus else ""
         # The plan line already gave the reason shared by the plan as a whole.
         shown = outcome.reason and outcome.reason != plan.note
         reason = f": {outcome.reason}" if shown else ""
-        lines.append(f"  {outcome.code}{cpus}{reason}")
+        lines.append(f"  {outcome.code}{which}{reason}")
     return lines

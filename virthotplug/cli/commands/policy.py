@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from virthotplug.cli.commands.common import uris
 from virthotplug.core.errors import EXIT_OK, UsageError
+
+if TYPE_CHECKING:  # the real imports stay inside run(): start-up stays light
+    from virthotplug.core.config import HostConfig
+    from virthotplug.host.connection import Connection
+    from virthotplug.host.domain import Domain
 
 MODES = ("online", "match", "report", "ignore")  # policy.MODES, without importing it here
 
@@ -59,14 +64,16 @@ def _field_options(args: argparse.Namespace) -> dict[str, str]:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
-def _one_uri(args: argparse.Namespace) -> Any:
+def _one_uri(args: argparse.Namespace) -> str | None:
     hosts = uris(args)
     if len(hosts) > 1:
         raise UsageError("policy works on one host: give -c once")
     return hosts[0]
 
 
-def _write(conn: Any, dom: Any, args: argparse.Namespace, options: dict[str, str]) -> None:
+def _write(
+    conn: Connection, dom: Domain, args: argparse.Namespace, options: dict[str, str]
+) -> None:
     from virthotplug.core.policy import format_field, parse_policy_fields
     from virthotplug.host.policysource import write_policy
 
@@ -78,20 +85,18 @@ def _write(conn: Any, dom: Any, args: argparse.Namespace, options: dict[str, str
         # Validate and normalise before anything is written.
         values = parse_policy_fields(raw, source="the command line", domain=dom.name)
         fields = {name: format_field(name, value) for name, value in values.items()}
-    live, persistent = _affect(conn, dom, args)
+    live, persistent = _affect(dom, args)
     write_policy(conn, dom, fields, live=live, config=persistent)
 
 
-def _affect(conn: Any, dom: Any, args: argparse.Namespace) -> tuple[bool, bool]:
+def _affect(dom: Domain, args: argparse.Namespace) -> tuple[bool, bool]:
     """--live/--config as given; neither: running definition if running + persistent if so."""
     if args.live or args.config:
         return bool(args.live), bool(args.config)
-    active = dom.is_active()
-    persistent = dom.is_persistent()
-    return active, persistent
+    return dom.is_active(), dom.is_persistent()
 
 
-def _show(conn: Any, dom: Any, config: Any, as_json: bool) -> None:
+def _show(conn: Connection, dom: Domain, config: HostConfig, as_json: bool) -> None:
     from virthotplug.core.policy import FIELDS, format_field
     from virthotplug.host.policysource import effective_policy
 

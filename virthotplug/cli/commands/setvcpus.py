@@ -5,10 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from virthotplug.cli.commands.common import positive_float, uris
 from virthotplug.core.errors import EXIT_INCOMPLETE, EXIT_OK, UsageError
+
+if TYPE_CHECKING:  # the real imports stay inside run(): start-up stays light
+    from virthotplug.cli.resize import LayerCheck, ResizeResult
+    from virthotplug.daemon.monitorlog import MonitorLog
+    from virthotplug.host.connection import Connection
+    from virthotplug.host.domain import Domain
 
 
 def register(subparsers: Any) -> None:
@@ -74,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     with Connection(hosts[0], readonly=args.readonly) as conn:
         dom = conn.lookup(args.domain)
         log = _monitor(conn, dom)
-        live, persistent = _affect(conn, dom, args)
+        live, persistent = _affect(dom, args)
         mode = {True: "online", False: "report", None: None}[args.online]
         request = resize.Request(args.count, live, persistent, args.timeout, mode, args.force)
         started = time.monotonic()
@@ -85,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK if result.complete else EXIT_INCOMPLETE
 
 
-def _affect(conn: Any, dom: Any, args: argparse.Namespace) -> tuple[bool, bool]:
+def _affect(dom: Domain, args: argparse.Namespace) -> tuple[bool, bool]:
     """--live/--config as given; neither: the current state, like virsh (live if running)."""
     if args.live or args.config:
         return bool(args.live), bool(args.config)
@@ -93,7 +99,7 @@ def _affect(conn: Any, dom: Any, args: argparse.Namespace) -> tuple[bool, bool]:
     return running, not running
 
 
-def _monitor(conn: Any, dom: Any) -> Optional[Any]:
+def _monitor(conn: Connection, dom: Domain) -> Optional[MonitorLog]:
     """Subscribe to the domain's OST/DEVICE_DELETED hints; None where the driver can't."""
     from virthotplug.core.errors import VirtHotplugError
     from virthotplug.daemon.listener import Listener
@@ -107,7 +113,7 @@ def _monitor(conn: Any, dom: Any) -> Optional[Any]:
     return log
 
 
-def _print(result: Any, log: Optional[Any], started: float, as_json: bool) -> None:
+def _print(result: ResizeResult, log: Optional[MonitorLog], started: float, as_json: bool) -> None:
     from virthotplug.cli import resize
     from virthotplug.cli.commands.apply import describe
     from virthotplug.daemon.monitorlog import describe as describe_event
@@ -134,7 +140,7 @@ def _print(result: Any, log: Optional[Any], started: float, as_json: bool) -> No
         print(f"  note: {note}")
 
 
-def _print_checks(checks: Any) -> None:
+def _print_checks(checks: Sequence[LayerCheck]) -> None:
     rows = [("layer", "now", "target", "")]
     rows += [(c.layer, c.now, c.target, "ok" if c.ok else "NOT REACHED") for c in checks]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
