@@ -63,6 +63,17 @@ e2e: venv
 test: lint typecheck
 	$(VENV)/bin/pytest tests/unit tests/functional tests/e2e $(PYTEST_ARGS)
 
+# The Debian package on this host: build from a copy of the tree, lintian (errors fail),
+# apt-get install, the installed-package tests with the system python3 (tests/package),
+# remove and purge, nothing left. Root; CI runs it after "make test".
+.PHONY: deb package-test
+package-test: host
+	bash tests/package/run.sh
+
+# Only the package (and lintian's report) in build/package: apt install ./build/package/*.deb
+deb:
+	bash tests/package/build.sh build/package
+
 demo: venv
 	$(PY) tests/lab/demo.py
 

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The Debian package on this host, end to end (make package-test; CI runs it after make test):
+#   1. build it from a copy of the tree (tests/package/build.sh) and run lintian: errors fail
+#   2. apt-get install ./virthotplug_*.deb
+#   3. the installed-package tests (tests/package) and the hook e2e test (tests/e2e/test_hook.py)
+#      with the system python3, its python3-libvirt and the package's modules: no venv
+#   4. apt-get remove keeps the conffiles (an admin's change survives), purge leaves nothing
+# Needs root and a running libvirtd (make host). Refuses to run over an installed virthotplug
+# or files of the package that something else put there.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+out="$root/build/package"
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin  # the distribution's python3 and tools only
+export DEBIAN_FRONTEND=noninteractive
+unset LIBVIRT_DEFAULT_URI PYTHONPATH VIRTUAL_ENV
+
+HOOK=/etc/libvirt/hooks/qemu.d/virthotplug
+CONF=/etc/virthotplug/virthotplug.conf
+# Everything the package may leave behind if removal went wrong.
+LEFTOVERS=(
+    /usr/bin/virthotplug "$HOOK" /etc/virthotplug
+    /lib/systemd/system/virthotplug.service /usr/lib/systemd/system/virthotplug.service
+    /etc/systemd/system/multi-user.target.wants/virthotplug.service
+    /var/lib/systemd/deb-systemd-helper-enabled/virthotplug.service.dsh-also
+    /usr/share/bash-completion/completions/virthotplug
+    /usr/share/man/man1/virthotplug.1.gz /usr/share/man/man5/virthotplug.conf.5.gz
+    /usr/share/man/man8/virthotplug-hook.8.gz /usr/share/doc/virthotplug
+    /usr/lib/python3/dist-packages/virthotplug
+)
+
+log() { printf '[package-test] %s\n' "$*" >&2; }
+fail() {
+    log "FAIL: $*"
+    exit 1
+}
+stage_start=$(date +%s.%N)
+elapsed() { awk -v since="$1" -v now="$(date +%s.%N)" 'BEGIN { printf "%.1f s", now - since }'; }
+state() { dpkg-query -W -f='${db:Status-Status}' virthotplug 2>/dev/null || true; }
+
+case "$(state)" in
+"" | not-installed) ;;
+*) fail "virthotplug is $(state) on this host: purge it first" ;;
+esac
+for path in "${LEFTOVERS[@]}"; do
+    [ ! -e "$path" ] || fail "$path exists but belongs to no package (a test in progress?)"
+done
+missing=()
+for p in python3-pytest; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+t=$(date +%s.%N)
+deb=$(bash "$root/tests/package/build.sh" "$out")
+log "built and linted $(basename "$deb") in $(elapsed "$t"); lintian: $(grep -c . "$out/lintian.txt" || true) lines ($out/lintian.txt)"
+
+purge() {
+    case "$(state)" in
+    "" | not-installed) ;;
+    *) apt-get purge -y -qq virthotplug >/dev/null ;;
+    esac
+}
+trap purge EXIT
+
+t=$(date +%s.%N)
+apt-get install -y -qq "$deb" >/dev/null
+log "installed in $(elapsed "$t")"
+
+# From outside the checkout: "python3 -m virthotplug" must find the package's modules.
+t=$(date +%s.%N)
+scratch=$(mktemp -d)
+(cd "$scratch" && python3 -m pytest -p no:cacheprovider --rootdir "$root" \
+    "$root/tests/package" -v) || fail "installed-package tests"
+(cd "$scratch" && python3 -m pytest -p no:cacheprovider --rootdir "$root" \
+    "$root/tests/e2e/test_hook.py" -v) || fail "hook e2e test with the installed package"
+rm -rf "$scratch"
+log "tests against the installed package in $(elapsed "$t")"
+
+t=$(date +%s.%N)
+echo "# changed by the admin" >>"$CONF"
+apt-get remove -y -qq virthotplug >/dev/null
+[ -f "$CONF" ] && grep -q 'changed by the admin' "$CONF" || fail "remove dropped the changed $CONF"
+[ ! -e /usr/bin/virthotplug ] || fail "remove left /usr/bin/virthotplug"
+apt-get purge -y -qq virthotplug >/dev/null
+trap - EXIT
+left=()
+for path in "${LEFTOVERS[@]}"; do
+    [ ! -e "$path" ] || left+=("$path")
+done
+[ ${#left[@]} -eq 0 ] || fail "purge left ${left[*]}"
+case "$(state)" in
+"" | not-installed) ;;
+*) fail "after purge dpkg says virthotplug is $(state)" ;;
+esac
+log "removed and purged in $(elapsed "$t"): nothing left"
+log "package stage: $(elapsed "$stage_start")"
