@@ -74,3 +74,20 @@ def test_reasons_are_bounded() -> None:
         q.request(A, due=0.0, at=0.0, reason=f"r{i}")
     (job,) = q.pop_due(1.0, limit=8)
     assert len(job.reasons) == MAX_REASONS
+
+
+def test_event_driven_jobs_go_before_a_resync_backlog() -> None:
+    # A resync of 1000 domains is due first; a hot-add arriving 0.1 s later still goes first.
+    q = ReconcileQueue()
+    refs = [DomainRef("h", f"u{i}", f"d{i}") for i in range(1000)]
+    for ref in refs:
+        q.request(ref, due=0.0, at=0.0, reason="host")
+    q.request(A, due=0.1, at=0.1, reason="ost", hotadded=frozenset({1}))
+    (first,) = q.pop_due(1.0, limit=1)
+    assert first.ref == A
+    # A resync request merged into an event-driven job keeps the job's priority.
+    q.request(B, due=0.5, at=0.5, reason="agent")
+    q.request(B, due=0.5, at=0.5, reason="host")
+    (second,) = q.pop_due(1.0, limit=1)
+    assert second.ref == B
+    assert [j.ref.name for j in q.pop_due(1.0, limit=2)] == ["d0", "d1"]

@@ -7,6 +7,8 @@ Pure bookkeeping (no threads, no libvirt), driven by the daemon's main loop:
   never cuts short a grace period after a hot-add), reasons and hot-added CPUs accumulate.
 * ``pop_due`` hands out pending jobs whose time has come, skipping domains with a job
   still running; a request that arrives while one runs waits as the next pending job.
+  Event-driven jobs go before resync-only ones, so a hot-add is never queued behind a
+  thousand-domain resync that happened to be due a moment earlier.
 * ``finish`` marks a domain's job done; ``forget`` drops pending work for a gone domain.
 """
 
@@ -20,6 +22,7 @@ from virthotplug.core.events import DomainRef
 
 Key = tuple[str, str]  # (host URI, domain UUID)
 MAX_REASONS = 8  # a burst of a thousand events still makes one short job description
+RESYNC_REASON = "host"  # requests from the periodic or reconnect resync (HostEvent "listed")
 
 
 @dataclass
@@ -30,6 +33,11 @@ class Job:
     reasons: list[str] = field(default_factory=list)
     hotadded: set[int] = field(default_factory=set)
     coalesced: int = 1
+
+    @property
+    def resync_only(self) -> bool:
+        """Nothing but the resync asked for this job: it waits behind event-driven ones."""
+        return all(reason == RESYNC_REASON for reason in self.reasons)
 
     def merge(self, due: float, at: float, reason: str, hotadded: frozenset[int]) -> None:
         self.due = max(self.due, due)
@@ -65,7 +73,8 @@ class ReconcileQueue:
         self._pending.pop(key, None)
 
     def pop_due(self, now: float, limit: int) -> list[Job]:
-        """Up to ``limit`` jobs due by ``now``, earliest first; they are marked running."""
+        """Up to ``limit`` jobs due by ``now``, event-driven ones first, then earliest first;
+        they are marked running."""
         # nsmallest: the same as sorted()[:limit], without sorting every pending job.
         ready = heapq.nsmallest(
             max(0, limit),
@@ -74,7 +83,7 @@ class ReconcileQueue:
                 for key, job in self._pending.items()
                 if job.due <= now and key not in self._running
             ),
-            key=lambda job: job.due,
+            key=lambda job: (job.resync_only, job.due),
         )
         for job in ready:
             del self._pending[job.ref.key]
