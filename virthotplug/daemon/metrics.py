@@ -5,8 +5,9 @@ when metrics are asked for. Everything lives in a private ``CollectorRegistry`` 
 the one address given (loopback when only a port is given), never on all interfaces unless
 asked. A fleet of hosts is aggregated by Prometheus itself.
 
-Per domain (labels ``host``, ``domain``), refreshed by every reconcile, dropped when the
-domain stops or goes away:
+Per domain (labels ``host``, ``domain``), from the view of each domain's last reconcile,
+built at scrape time (``_DomainCollector``); a domain that stops or goes away is dropped
+from the snapshot, and with it every series it had:
 
     virthotplug_domain_vcpus{layer}            config/live: current count; hypervisor:
                                                vCPUs plugged; guest: CPUs present
@@ -34,13 +35,11 @@ Label values that a guest can influence are bounded: _OST names drop their hex d
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from virthotplug.core.errors import UsageError
 from virthotplug.core.events import FORGET, Event, HostEvent, OstMonitorEvent
@@ -58,7 +57,6 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
 MAX_PENDING_HOTADDS = 4096  # hot-adds waiting to be seen online, across all domains
 MAX_FORGOTTEN = 4096  # stopped domains remembered (see ``Metrics.forget``)
-LAYERS = ("config", "live", "hypervisor", "guest")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -92,16 +90,6 @@ def _bounded(name: str) -> str:
     return name.split(" (", 1)[0]
 
 
-@dataclass
-class _DomainSeries:
-    """The label sets one domain has in the registry (to remove them exactly)."""
-
-    name: str
-    layers: set[str] = field(default_factory=set)
-    guest: bool = False
-    findings: set[tuple[str, str]] = field(default_factory=set)
-
-
 class Metrics:
     """The daemon's metrics, and the observer ``Watch`` reports to (see ``watch.Observer``).
 
@@ -114,40 +102,10 @@ class Metrics:
         self.registry = prom.CollectorRegistry(auto_describe=True)
         reg = self.registry
         prom.ProcessCollector(registry=reg)  # process_* : the daemon's own RSS, CPU, fds
-        dom = ["host", "domain"]
-        self.vcpus = prom.Gauge(
-            "virthotplug_domain_vcpus",
-            "vCPUs by layer: config/live current count, hypervisor plugged, guest present",
-            [*dom, "layer"],
-            registry=reg,
-        )
-        self.vcpus_max = prom.Gauge(
-            "virthotplug_domain_vcpus_maximum", "vCPU maximum of the domain", dom, registry=reg
-        )
-        self.guest_cpus = prom.Gauge(
-            "virthotplug_domain_guest_cpus",
-            "guest CPUs by state, from the guest agent",
-            [*dom, "state"],
-            registry=reg,
-        )
-        self.finding = prom.Gauge(
-            "virthotplug_domain_finding",
-            "1 for each drift finding present at the last reconcile",
-            [*dom, "code", "severity"],
-            registry=reg,
-        )
-        self.agent = prom.Gauge(
-            "virthotplug_domain_agent_connected",
-            "1 when the guest agent answered at the last reconcile",
-            dom,
-            registry=reg,
-        )
-        self.last_reconcile = prom.Gauge(
-            "virthotplug_domain_last_reconcile_timestamp_seconds",
-            "when the domain was last reconciled (Unix time)",
-            dom,
-            registry=reg,
-        )
+        # What accumulates over time (counters, histograms) and the per-host connection state
+        # are ordinary prometheus_client metrics: the library keeps their _total, _created and
+        # bucket series. The per-domain gauges describe only the last reconcile of each
+        # running domain, so they are built from ``_views`` at each scrape instead.
         self.events = prom.Counter(
             "virthotplug_events", "events received, by kind", ["host", "kind"], registry=reg
         )
@@ -187,13 +145,15 @@ class Metrics:
             registry=reg,
         )
         self._lock = threading.Lock()
-        self._domains: dict[tuple[str, str], _DomainSeries] = {}
+        # (host, uuid) → the domain's view at its last reconcile, and when (Unix time).
+        self._views: dict[tuple[str, str], tuple[VcpuView, float]] = {}
         self._connected_before: set[str] = set()
         # (host, uuid, vCPU id) → monotonic time of its OST hot-add event; insertion ordered.
         self._hotadds: dict[tuple[str, str, int], float] = {}
         self._forgotten: dict[tuple[str, str], float] = {}  # (host, uuid) → when it stopped
         self._server: Any = None
         self.clock = time.monotonic  # the events' clock (tests replace it)
+        reg.register(_DomainCollector(self._snapshot))
 
     # --- the observer -----------------------------------------------------------------------
 
@@ -271,7 +231,7 @@ class Metrics:
             if forgotten is not None and forgotten >= self.clock() - seconds:
                 return
             self._forgotten.pop((host, view.uuid), None)
-        self._update_domain(host, view)
+            self._views[(host, view.uuid)] = (view, time.time())
         self._hotadd_latency(host, view)
 
     def forget(self, host: str, uuid: str) -> None:
@@ -283,72 +243,11 @@ class Metrics:
                 del self._forgotten[next(iter(self._forgotten))]
             for pending in [k for k in self._hotadds if k[:2] == key]:
                 del self._hotadds[pending]
-            series = self._domains.pop(key, None)
-            if series is not None:
-                self._remove_series(host, series)
+            self._views.pop(key, None)
 
-    # --- per-domain series ------------------------------------------------------------------
-
-    def _update_domain(self, host: str, view: VcpuView) -> None:
-        key = (host, view.uuid)
+    def _snapshot(self) -> list[tuple[str, VcpuView, float]]:
         with self._lock:
-            series = self._domains.get(key)
-            renamed = series is not None and series.name != view.name
-            if series is None or renamed:
-                old, series = series, _DomainSeries(view.name)
-                self._domains[key] = series
-            else:
-                old = None
-            if old is not None:
-                self._remove_series(host, old)
-            self._set_layers(host, view, series)
-            name = view.name
-            if view.guest is not None:
-                self.guest_cpus.labels(host, name, "online").set(len(view.guest.online))
-                self.guest_cpus.labels(host, name, "offline").set(len(view.guest.offline))
-                series.guest = True
-            elif series.guest:
-                for state in ("online", "offline"):
-                    _remove(self.guest_cpus, host, name, state)
-                series.guest = False
-            findings = {(f.code, f.severity) for f in view.findings}
-            for code, severity in series.findings - findings:
-                _remove(self.finding, host, name, code, severity)
-            for code, severity in findings:
-                self.finding.labels(host, name, code, severity).set(1)
-            series.findings = findings
-            self.agent.labels(host, name).set(1 if view.agent.state == "connected" else 0)
-            self.last_reconcile.labels(host, name).set(time.time())
-
-    def _set_layers(self, host: str, view: VcpuView, series: _DomainSeries) -> None:
-        counts = {
-            "config": view.config.current if view.config is not None else None,
-            "live": view.live.current if view.live is not None else None,
-            "hypervisor": view.hypervisor.count if view.hypervisor is not None else None,
-            "guest": len(view.guest.present) if view.guest is not None else None,
-        }
-        for layer, count in counts.items():
-            if count is None:
-                if layer in series.layers:
-                    _remove(self.vcpus, host, view.name, layer)
-                    series.layers.discard(layer)
-            else:
-                self.vcpus.labels(host, view.name, layer).set(count)
-                series.layers.add(layer)
-        maximum = view.live or view.config
-        if maximum is not None:
-            self.vcpus_max.labels(host, view.name).set(maximum.maximum)
-
-    def _remove_series(self, host: str, series: _DomainSeries) -> None:
-        name = series.name
-        for layer in LAYERS:
-            _remove(self.vcpus, host, name, layer)
-        for state in ("online", "offline"):
-            _remove(self.guest_cpus, host, name, state)
-        for code, severity in series.findings:
-            _remove(self.finding, host, name, code, severity)
-        for gauge in (self.vcpus_max, self.agent, self.last_reconcile):
-            _remove(gauge, host, name)
+            return [(host, view, at) for (host, _), (view, at) in self._views.items()]
 
     def _hotadd_latency(self, host: str, view: VcpuView) -> None:
         if view.guest is None:
@@ -386,9 +285,79 @@ class Metrics:
             server.server_close()
 
 
-def _remove(metric: Any, *labels: str) -> None:
-    with contextlib.suppress(KeyError):  # older prometheus-client raises when absent
-        metric.remove(*labels)
+class _DomainCollector:
+    """The per-domain gauges, built at each scrape from a snapshot of the last views
+    (a prometheus_client custom collector: the registry calls ``collect``)."""
+
+    def __init__(self, snapshot: Callable[[], list[tuple[str, VcpuView, float]]]) -> None:
+        from prometheus_client.core import GaugeMetricFamily  # present: _prometheus() checked
+
+        self._family = GaugeMetricFamily
+        self._snapshot = snapshot
+
+    def describe(self) -> list[Any]:
+        return list(self._families([]))
+
+    def collect(self) -> Iterator[Any]:
+        return self._families(self._snapshot())
+
+    def _families(self, views: list[tuple[str, VcpuView, float]]) -> Iterator[Any]:
+        dom = ["host", "domain"]
+        gauge = self._family
+        vcpus = gauge(
+            "virthotplug_domain_vcpus",
+            "vCPUs by layer: config/live current count, hypervisor plugged, guest present",
+            labels=[*dom, "layer"],
+        )
+        maximum = gauge(
+            "virthotplug_domain_vcpus_maximum", "vCPU maximum of the domain", labels=dom
+        )
+        guest_cpus = gauge(
+            "virthotplug_domain_guest_cpus",
+            "guest CPUs by state, from the guest agent",
+            labels=[*dom, "state"],
+        )
+        finding = gauge(
+            "virthotplug_domain_finding",
+            "1 for each drift finding present at the last reconcile",
+            labels=[*dom, "code", "severity"],
+        )
+        agent = gauge(
+            "virthotplug_domain_agent_connected",
+            "1 when the guest agent answered at the last reconcile",
+            labels=dom,
+        )
+        last = gauge(
+            "virthotplug_domain_last_reconcile_timestamp_seconds",
+            "when the domain was last reconciled (Unix time)",
+            labels=dom,
+        )
+        for host, view, at in views:
+            labels = [host, view.name]
+            for layer, count in _layer_counts(view).items():
+                if count is not None:
+                    vcpus.add_metric([*labels, layer], count)
+            limits = view.live or view.config
+            if limits is not None:
+                maximum.add_metric(labels, limits.maximum)
+            if view.guest is not None:
+                guest_cpus.add_metric([*labels, "online"], len(view.guest.online))
+                guest_cpus.add_metric([*labels, "offline"], len(view.guest.offline))
+            for code, severity in sorted({(f.code, f.severity) for f in view.findings}):
+                finding.add_metric([*labels, code, severity], 1)
+            agent.add_metric(labels, 1 if view.agent.state == "connected" else 0)
+            last.add_metric(labels, at)
+        yield from (vcpus, maximum, guest_cpus, finding, agent, last)
+
+
+def _layer_counts(view: VcpuView) -> dict[str, Optional[int]]:
+    """config/live: current count; hypervisor: vCPUs plugged; guest: CPUs present."""
+    return {
+        "config": view.config.current if view.config is not None else None,
+        "live": view.live.current if view.live is not None else None,
+        "hypervisor": view.hypervisor.count if view.hypervisor is not None else None,
+        "guest": len(view.guest.present) if view.guest is not None else None,
+    }
 
 
 def _host_port(host: str, port: int) -> str:
