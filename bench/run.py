@@ -2,6 +2,9 @@
 
     sweep       ``status --all --json`` vs the floor vs a virsh loop, N = 10 ... 5000
     footprint   ``watch`` with 1,000 domains: RSS and CPU idle, and a lifecycle-event burst
+    hotadd      hot-add to online on lab VMs
+    flood       a guest flooding ACPI_DEVICE_OST, on a private libvirtd: nothing subscribed,
+                ``virsh qemu-monitor-event``, ``watch`` (also ``bench/results/flood.json``)
 
 Absolute times on a shared machine are noisy; the ratios are what count: every comparison
 is measured in the same run, repetitions interleaved, medians. Prints tables and writes
@@ -23,6 +26,7 @@ import time
 from typing import Any, Callable, Optional
 
 from common import RESULTS, fmt_ms, fmt_ratio, fmt_seconds, load_average, table
+from flood import Flood, flood_available, flood_table, flood_targets
 from footprint import SHARED_URI, Footprint, FootprintResult
 from hotadd import METHODS as HOTADD_METHODS
 from hotadd import Hotadd, HotaddResult
@@ -57,6 +61,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--watch-workers", type=int, help="watch --workers for the hot-add part (default: its own)"
     )
+    parser.add_argument("--no-flood", action="store_true", help="skip the OST flood cases")
+    parser.add_argument(
+        "--flood-seconds", type=float, default=60.0, help="length of each flood case"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="small and short (a smoke test of the benchmark)"
     )
@@ -65,6 +73,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.sizes, args.repetitions, args.virsh_sample = "10,100", 2, 5
         args.footprint_domains, args.idle_seconds = 100, 10.0
         args.hotadd_rounds, args.burst_vms, args.burst_rounds = 3, 3, 1
+        args.flood_seconds = min(args.flood_seconds, 10.0)
     return args
 
 
@@ -460,9 +469,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             document["hotadd"] = hotadd.to_dict()
             output.append(hotadd_tables(hotadd))
+    flood_checks = [] if args.no_flood else run_flood(args, document, output)
     checks = targets(sweep, footprints)
     if hotadd is not None:
         checks += hotadd_targets(hotadd)
+    checks += flood_checks
     document["targets"] = checks
     document["machine"]["load_average_end"] = load_average()
     output.append(targets_table(checks))
@@ -475,6 +486,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     shutil.copyfile(path, RESULTS / "latest.json")
     print(f"\nresults: {path.relative_to(RESULTS.parent.parent)}")
     return 0
+
+
+def run_flood(
+    args: argparse.Namespace, document: dict[str, Any], output: list[str]
+) -> list[dict[str, Any]]:
+    """The flood cases; their table goes to ``output``, ``flood.json`` beside the results."""
+    why_not = flood_available()
+    if why_not:
+        output.append(f"OST flood: not measured: {why_not}")
+        return []
+    log(f"OST flood: {args.flood_seconds:.0f} s per case, on a private libvirtd")
+    results = Flood(args.flood_seconds).run(log)
+    document["flood"] = [r.to_dict() for r in results]
+    (RESULTS / "flood.json").write_text(
+        json.dumps(document["flood"], indent=1) + "\n", encoding="utf-8"
+    )
+    output.append(flood_table(results))
+    return flood_targets(results)
 
 
 def _cpu_count() -> int:
