@@ -23,8 +23,9 @@ mkdir "$src"
 
 if ! (cd "$src" && dpkg-checkbuilddeps) >/dev/null 2>&1 || ! command -v lintian >/dev/null; then
     log "installing build dependencies and lintian"
+    [ -n "${VIRTHOTPLUG_APT_UPDATED:-}" ] || apt-get update -qq
     apt-get install -y -qq --no-install-recommends lintian >/dev/null
-    (cd "$src" && apt-get build-dep -y -qq ./ >/dev/null)
+    (cd "$src" && apt-get build-dep -y -qq --no-install-recommends ./ >/dev/null)
 fi
 
 (cd "$src" && dpkg-buildpackage -us -uc -b) >"$work/build.log" 2>&1 || {

@@ -44,6 +44,9 @@ esac
 for path in "${LEFTOVERS[@]}"; do
     [ ! -e "$path" ] || fail "$path exists but belongs to no package (a test in progress?)"
 done
+# The package's dependencies (and the build's) come from the archive: fresh lists, once.
+apt-get update -qq
+export VIRTHOTPLUG_APT_UPDATED=1
 missing=()
 for p in python3-pytest; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
