@@ -59,6 +59,12 @@ class DomainSpec:
     memory_mib: int = 160
     # "qemu" (TCG) or "kvm"; see accelerator() in lab.py.
     domain_type: str = "qemu"
+    # A real guest (matrix.py): its own kernel command line and a virtio disk (the domain's
+    # qcow2 overlay), and no lab control channel, since nothing in it would serve one.
+    guest: str = "busybox"
+    cmdline: str | None = None
+    disk: Path | None = None
+    control_channel: bool = True
 
 
 def domain_xml(spec: DomainSpec) -> str:
@@ -98,20 +104,31 @@ def _os(domain: ET.Element, spec: DomainSpec) -> None:
     ET.SubElement(os_el, "type", arch="x86_64", machine="q35").text = "hvm"
     ET.SubElement(os_el, "kernel").text = str(spec.kernel)
     ET.SubElement(os_el, "initrd").text = str(spec.initrd)
-    ET.SubElement(os_el, "cmdline").text = f"{BASE_CMDLINE} {spec.behaviour.kernel_switches()}"
+    cmdline = spec.cmdline or f"{BASE_CMDLINE} {spec.behaviour.kernel_switches()}"
+    ET.SubElement(os_el, "cmdline").text = cmdline
 
 
 def _devices(domain: ET.Element, spec: DomainSpec) -> None:
     devices = ET.SubElement(domain, "devices")
+    if spec.disk is not None:
+        _disk(devices, spec.disk)
     serial = ET.SubElement(devices, "serial", type="pty")
     ET.SubElement(serial, "log", file=str(spec.serial_log), append="off")
     ET.SubElement(serial, "target", port="0")
     ET.SubElement(ET.SubElement(devices, "console", type="pty"), "target", type="serial")
     if spec.behaviour.agent_channel:
         _channel(devices, AGENT_CHANNEL)
-    _channel(devices, CONTROL_CHANNEL)
+    if spec.control_channel:
+        _channel(devices, CONTROL_CHANNEL)
     ET.SubElement(devices, "controller", type="usb", model="none")
     ET.SubElement(devices, "memballoon", model="none")
+
+
+def _disk(devices: ET.Element, overlay: Path) -> None:
+    disk = ET.SubElement(devices, "disk", type="file", device="disk")
+    ET.SubElement(disk, "driver", name="qemu", type="qcow2")
+    ET.SubElement(disk, "source", file=str(overlay))
+    ET.SubElement(disk, "target", dev="vda", bus="virtio")
 
 
 def _channel(devices: ET.Element, name: str) -> None:

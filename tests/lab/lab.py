@@ -45,6 +45,7 @@ import libvirt
 import libvirt_qemu
 from domains import AGENT_CHANNEL, CONTROL_CHANNEL, MANUAL, Behaviour, DomainSpec, domain_xml
 from guest import GuestImage, ensure_image
+from matrix import BUSYBOX, DEBIAN_READY_TIMEOUT, BootFiles, Placement, debian_spec, is_debian
 
 log = logging.getLogger("lab")
 
@@ -376,6 +377,8 @@ class VMRequest:
     memory_mib: int = 160
     # Readable part of the domain name.
     label: str = "vm"
+    # busybox, or a real Debian guest (matrix.GUEST_KINDS).
+    guest: str = BUSYBOX
 
 
 @dataclass(eq=False)
@@ -418,6 +421,8 @@ class LabVM:
     def start(self, timeout: float = READY_TIMEOUT) -> float:
         """Boot and wait until the guest is ready; returns the seconds it took."""
         started = time.monotonic()
+        if not self.spec.control_channel:
+            timeout = max(timeout, DEBIAN_READY_TIMEOUT)
         self._control_path = None
         self.dom.create()
         self.hotplug_broken = False
@@ -434,6 +439,10 @@ class LabVM:
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
+        if not self.spec.control_channel:
+            # A real guest: ready once its own qemu-guest-agent answers.
+            self.wait_agent(timeout)
+            return
         self.wait_control(timeout)
         if self.behaviour.agent_expected:
             self.wait_agent(max(1.0, deadline - time.monotonic()))
@@ -441,11 +450,23 @@ class LabVM:
     def destroy(self) -> None:
         """Destroy (if running) and undefine; safe to call twice."""
         remove_domain(self.dom)
+        if self.spec.disk is not None:
+            self.spec.disk.unlink(missing_ok=True)
+
+    @property
+    def guest(self) -> str:
+        """busybox or the Debian guest kind (matrix.GUEST_KINDS)."""
+        return self.spec.guest
 
     # -- the control channel --
 
     def control(self, command: str, timeout: float = 10.0) -> str:
         """Send one command to the guest's control loop and return its one-line reply."""
+        if not self.spec.control_channel:
+            raise LabError(
+                f"{self.name}: control '{command}': a {self.guest} guest has no lab control "
+                "channel (only the busybox guest serves one)"
+            )
         request = secrets.token_hex(4)
         with self._control_lock, socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(timeout)
@@ -491,7 +512,8 @@ class LabVM:
         source = channel.find("source") if channel is not None else None
         if source is None or not source.get("path"):
             raise LabError(f"{self.name}: no control channel in the live XML")
-        return source.get("path", "")
+        # On stack 2 libvirt names it as seen inside its root.
+        return str(self.lab.placement.host_path(source.get("path", "")))
 
     def _live_channel(self, name: str) -> ET.Element | None:
         for channel in ET.fromstring(self.dom.XMLDesc(0)).iterfind("devices/channel"):
@@ -561,6 +583,10 @@ class LabVM:
     # -- vCPUs --
 
     def cpu_state(self) -> CpuState:
+        """The guest kernel's CPUs: sysfs via the control channel, else the agent's view."""
+        if not self.spec.control_channel:
+            guest = self.guest_vcpus()
+            return CpuState(guest.vcpus, guest.online)
         return CpuState.parse(self.control("cpu-state"))
 
     def live_vcpus(self) -> int:
@@ -626,6 +652,27 @@ class LabVM:
     def taints(self) -> list[str]:
         return list(self.dom.messages(libvirt.VIR_DOMAIN_MESSAGE_TAINTING))
 
+    def serial_text(self) -> str:
+        """The whole serial console log of the current boot ('' before the first line)."""
+        try:
+            return self.spec.serial_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_serial(
+        self, pattern: str, after: int = 0, timeout: float = WAIT_TIMEOUT
+    ) -> re.Match[str]:
+        """The first match of ``pattern`` in the serial log at or after offset ``after``."""
+        found: list[re.Match[str]] = []
+
+        def seen() -> bool:
+            match = re.compile(pattern, re.M).search(self.serial_text(), after)
+            found[:] = [match] if match else []
+            return bool(match)
+
+        self._poll(timeout, f"serial log line /{pattern}/", seen)
+        return found[0]
+
     def serial_tail(self, lines: int = 15) -> str:
         try:
             text = self.spec.serial_log.read_text(errors="replace")
@@ -637,6 +684,11 @@ class LabVM:
         """Running exactly as freshly booted: 1 vCPU everywhere, agent as configured."""
         if not self.dom.isActive() or self.hotplug_broken or self.live_vcpus() != 1:
             return False
+        if not self.spec.control_channel:
+            try:
+                return self.cpu_state() == CpuState(frozenset({0}), frozenset({0}))
+            except LabError:
+                return False
         try:
             if self.cpu_state() != CpuState(frozenset({0}), frozenset({0})):
                 return False
@@ -684,6 +736,13 @@ class Lab:
         self._subscribe_ost = ost
         self.run_id = secrets.token_hex(3)
         self.domain_type = accelerator()
+        # Stack 1 (the host's libvirtd) or stack 2 (stack2.py) behind a socket in its root.
+        self.placement = Placement.for_uri(uri)
+        if self.placement.stack2 is not None:
+            # Its QEMU has no /dev/kvm; serial logs are written inside its root.
+            self.domain_type = "qemu"
+            self.log_dir = self.placement.log_dir if log_dir == LOG_DIR else log_dir
+        self._debian: dict[str, BootFiles] = {}
         self.vms: list[LabVM] = []
         self._image = image
         self._conn: libvirt.virConnect | None = None
@@ -707,7 +766,7 @@ class Lab:
         try:
             self._connect()
             self.sweep()
-            self._image = self._image or ensure_image()
+            self._image = self.placement.busybox(self._image or ensure_image())
             if self._subscribe_ost:
                 self._ost = self.monitor("ACPI_DEVICE_OST")
         except BaseException:
@@ -732,6 +791,10 @@ class Lab:
         Guests keep running. Only for a libvirtd started by hand, as host-setup.sh does where
         no init system runs; a libvirtd managed by systemd is left alone.
         """
+        if self.placement.stack2 is not None:
+            self.placement.stack2.restart_libvirtd(timeout)
+            self._reconnect(timeout)
+            return
         if Path("/run/systemd/system").is_dir():
             raise LabError("libvirtd is managed by systemd here: not restarting it by hand")
         pid = int(LIBVIRTD_PIDFILE.read_text().strip())
@@ -852,10 +915,25 @@ class Lab:
             memory_mib=request.memory_mib,
             domain_type=self.domain_type,
         )
+        if is_debian(request.guest):
+            spec = self._debian_spec(name, request)
         vm = LabVM(self, spec, self.conn.defineXML(domain_xml(spec)))
         with self._vms_lock:
             self.vms.append(vm)
         return vm
+
+    def _debian_spec(self, name: str, request: VMRequest) -> DomainSpec:
+        if request.guest not in self._debian:
+            self._debian[request.guest] = self.placement.debian(request.guest)
+        files = self._debian[request.guest]
+        overlay = self.placement.overlay(name, files)
+        serial_log = self.log_dir / f"{name}-serial.log"
+        return debian_spec(name, request, files, overlay, serial_log, self.domain_type)
+
+    def versions(self) -> tuple[str, str]:
+        """(libvirt, hypervisor) versions as the daemon reports them, e.g. ("11.3.0",
+        "QEMU 10.0.13")."""
+        return _version(self.conn.getLibVersion()), f"QEMU {_version(self.conn.getVersion())}"
 
     def start_many(
         self, requests: Sequence[VMRequest], timeout: float = READY_TIMEOUT
@@ -926,7 +1004,8 @@ class Lab:
                 log.warning("removing %s left behind by an earlier lab run", dom.name())
                 remove_domain(dom)
                 removed.append(dom.name())
-        for path in self.log_dir.glob(f"{PREFIX}-*.log"):
+        logs = self.log_dir.glob(f"{PREFIX}-*.log")
+        for path in [*logs, *self.placement.overlays(_DOMAIN_NAME)]:
             found = _DOMAIN_NAME.match(path.name)
             if found and found.group(1) != self.run_id and not _run_alive(found.group(1)):
                 path.unlink(missing_ok=True)
@@ -957,6 +1036,10 @@ class VMFactory:
         for vm in self._made:
             self._lab.remove(vm)
         self._made.clear()
+
+
+def _version(number: int) -> str:
+    return f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"
 
 
 def _destroy_logged(vm: LabVM) -> None:
