@@ -83,6 +83,7 @@ def test_full_document() -> None:
         ),
         topology=Topology(sockets=1, dies=1, cores=4, threads=1),
         agent_channel=True,
+        agent_channel_state="connected",
         policy={"mode": "online", "grace": "2", "exclude": "3"},
         domain_id=7,
     )

@@ -74,6 +74,10 @@ class AgentUnavailableError(AgentError):
     """The agent is not connected or did not answer: transient, maybe long."""
 
 
+class AgentNotConnectedError(AgentUnavailableError):
+    """No agent is connected to the domain's channel (its live definition says so)."""
+
+
 class AgentTimeoutError(AgentUnavailableError):
     """Our own bounded wait on an agent call expired. After a write: outcome unknown."""
 

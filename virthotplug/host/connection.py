@@ -245,9 +245,16 @@ class Connection:
             rows = self.call(lambda: self.raw.domainListGetStats(raws, groups, 0), context="stats")
         return [(Domain(self, raw), record) for raw, record in rows]
 
-    def agent_call(self, uuid: str, fn: Callable[[VirDomain], T]) -> T:
-        """Run one guest-agent call on a leased connection of its own (see _AgentLeases)."""
-        return self._agents.run(uuid, fn)
+    def agent_call(self, uuid: str, fn: Callable[[VirDomain], T], *, context: str = "") -> T:
+        """Run one guest-agent call on a leased connection of its own (see _AgentLeases).
+
+        Its errors are classified as an agent call's: they stay the domain's unless their
+        code says the host is the problem (see ``host.errors``).
+        """
+        try:
+            return self._agents.run(uuid, fn)
+        except self.libvirt.libvirtError as exc:
+            raise classify(exc, context=context, agent=True) from None
 
     def guest_vcpus(self, dom: Domain) -> dict[str, str]:
         """The guest agent's view; always raises on failure (the binding returns None)."""
@@ -260,10 +267,7 @@ class Connection:
                 raise last_error(libvirt, dom.context)
             return reply
 
-        try:
-            return self.agent_call(dom.uuid, query)
-        except libvirt.libvirtError as exc:
-            raise classify(exc, context=dom.context) from None
+        return self.agent_call(dom.uuid, query, context=dom.context)
 
     def metadata(self, dom: Domain, namespace: str, *, live: bool) -> Optional[str]:
         """An element of the live (or persistent) definition's metadata; None when absent."""

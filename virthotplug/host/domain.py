@@ -23,7 +23,7 @@ class DomainOwner(Protocol):
 
     def call(self, fn: Callable[[], T], *, context: str = "") -> T: ...
     def affect_flags(self, *, live: bool, config: bool) -> int: ...
-    def agent_call(self, uuid: str, fn: Callable[[VirDomain], T]) -> T: ...
+    def agent_call(self, uuid: str, fn: Callable[[VirDomain], T], *, context: str = "") -> T: ...
     def guest_vcpus(self, dom: Domain) -> dict[str, str]: ...
     def metadata(self, dom: Domain, namespace: str, *, live: bool) -> Optional[str]: ...
 
@@ -96,10 +96,10 @@ class Domain:
 
         A failure may follow a partial success: re-read the guest afterwards.
         """
-        self._call(
-            lambda: self._conn.agent_call(
-                self.uuid, lambda leased: leased.setGuestVcpus(cpulist, int(online), 0)
-            )
+        self._conn.agent_call(
+            self.uuid,
+            lambda leased: leased.setGuestVcpus(cpulist, int(online), 0),
+            context=self.context,
         )
 
     def set_vcpus(self, count: int, *, live: bool, config: bool) -> None:

@@ -59,6 +59,8 @@ class DomainXML:
     vcpus: tuple[VcpuEntry, ...] = ()
     topology: Optional[Topology] = None
     agent_channel: bool = False
+    # The agent channel's state in live XML ("connected", "disconnected"); None elsewhere.
+    agent_channel_state: Optional[str] = None
     policy: Optional[Mapping[str, str]] = None  # raw attributes of our metadata element
     domain_id: Optional[int] = None  # only in live XML of a running domain
 
@@ -100,6 +102,7 @@ def parse_domain_xml(text: str | bytes, *, domain: str = "") -> DomainXML:
         vcpus=_parse_vcpus(root, vcpu_max, ctx),
         topology=_parse_topology(root, ctx),
         agent_channel=_has_agent_channel(root),
+        agent_channel_state=_agent_channel_state(root),
         policy=_parse_policy(root),
         domain_id=_optional_int(root.get("id"), "domain id", ctx),
     )
@@ -220,6 +223,14 @@ def _has_agent_channel(root: etree._Element) -> bool:
         target.get("type") == "virtio" and target.get("name") == AGENT_CHANNEL
         for target in root.findall("devices/channel/target")
     )
+
+
+def _agent_channel_state(root: etree._Element) -> Optional[str]:
+    for target in root.findall("devices/channel/target"):
+        if target.get("type") == "virtio" and target.get("name") == AGENT_CHANNEL:
+            state = target.get("state")
+            return state if state in ("connected", "disconnected") else None
+    return None
 
 
 def _parse_policy(root: etree._Element) -> Optional[dict[str, str]]:
