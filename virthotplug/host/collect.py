@@ -33,7 +33,6 @@ from virthotplug.core.view import (
     VCPU_STATES,
     AgentStatus,
     CountLayer,
-    Finding,
     GuestLayer,
     HypervisorLayer,
     VcpuView,
@@ -44,7 +43,6 @@ from virthotplug.host.connection import DOMAIN_STATES, Connection
 from virthotplug.host.domain import Domain
 from virthotplug.host.domxml import DomainXML, parse_domain_xml
 from virthotplug.host.libvirt_types import Stats
-from virthotplug.host.history import ContextFn, DomainContext
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +73,6 @@ class _Raw:
     dom: Domain
     xml: DomainXML
     view: VcpuView
-    context: Optional[DomainContext] = None  # policy and history (``history.contexts``)
 
 
 def read_views(
@@ -85,7 +82,6 @@ def read_views(
     agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
     workers: int = DEFAULT_WORKERS,
     missing_ok: bool = False,
-    context: Optional[ContextFn] = None,
 ) -> ReadResult:
     """Views of the named domains (virsh-style identifiers), or of every domain.
 
@@ -104,21 +100,8 @@ def read_views(
             result.errors.append(item)
         elif item is not None:
             raws.append(item)
-    raws = [_with_context(r, context) for r in raws]
     result.views = _with_guest_layers(conn, raws, agent_timeout, workers)
     return result
-
-
-def _with_context(raw: _Raw, context: Optional[ContextFn]) -> _Raw:
-    """The domain's policy and history, for findings (and 'ignore': no agent query)."""
-    if context is None:
-        return raw
-    found = context(raw.dom, raw.xml, raw.view.active)
-    view = dataclasses.replace(raw.view, history=found.history)
-    if not found.queries_agent and view.agent.configured:
-        why = "policy 'ignore': the guest agent is not asked"
-        view = dataclasses.replace(view, agent=dataclasses.replace(view.agent, error=why))
-    return dataclasses.replace(raw, view=view, context=found)
 
 
 def read_hosts(
@@ -128,7 +111,6 @@ def read_hosts(
     readonly: bool = False,
     agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
     workers: int = DEFAULT_WORKERS,
-    context: Optional[ContextFn] = None,
 ) -> ReadResult:
     """Read several hosts at once, results in the order of ``uris``.
 
@@ -138,21 +120,14 @@ def read_hosts(
     """
     if len(uris) == 1:
         with Connection(uris[0], readonly=readonly).open() as conn:
-            return read_views(
-                conn, names, agent_timeout=agent_timeout, workers=workers, context=context
-            )
+            return read_views(conn, names, agent_timeout=agent_timeout, workers=workers)
 
     def one(uri: Optional[str]) -> Union[ReadResult, DomainError]:
         conn = Connection(uri, readonly=readonly)
         try:
             with conn.open():
                 return read_views(
-                    conn,
-                    names,
-                    agent_timeout=agent_timeout,
-                    workers=workers,
-                    missing_ok=True,
-                    context=context,
+                    conn, names, agent_timeout=agent_timeout, workers=workers, missing_ok=True
                 )
         except errors.VirtHotplugError as exc:
             return DomainError(conn.uri, "", str(exc))
@@ -191,16 +166,14 @@ def _lookup_all(
     return domains
 
 
-def read_view(
-    conn: Connection, dom: Domain, *, agent_timeout: float, context: Optional[ContextFn] = None
-) -> VcpuView:
+def read_view(conn: Connection, dom: Domain, *, agent_timeout: float) -> VcpuView:
     """One domain's view (the reconciler's read path)."""
     stats = conn.bulk_stats([dom])
     if not stats:
         raise errors.NoDomainError(f"domain '{dom.name}' disappeared")
     _, record = stats[0]
     persistent = dom.is_persistent()
-    raw = _with_context(_read_definitions(conn, dom, record, persistent), context)
+    raw = _read_definitions(conn, dom, record, persistent)
     return _with_guest_layers(conn, [raw], agent_timeout, 1)[0]
 
 
@@ -331,13 +304,7 @@ def _with_guest_layers(
     conn: Connection, raws: list[_Raw], timeout: float, workers: int
 ) -> list[VcpuView]:
     """Query the agent of every running domain that has one, in parallel, then find drift."""
-    queried = [
-        r
-        for r in raws
-        if r.view.agent.configured
-        and r.view.state == "running"
-        and (r.context is None or r.context.queries_agent)
-    ]
+    queried = [r for r in raws if r.view.agent.configured and r.view.state == "running"]
     outcomes = _query_agents(conn, queried, workers, timeout)
     agent_views = {}
     for raw, outcome in zip(queried, outcomes):
@@ -348,13 +315,7 @@ def _with_guest_layers(
             error = errors.AgentNotConnectedError(str(error), code=error.code)
         agent_views[raw.view.uuid] = _guest_view(raw, outcome.value, error)
     views = [agent_views.get(r.view.uuid, r.view) for r in raws]
-    return [dataclasses.replace(v, findings=_findings(v, r.context)) for v, r in zip(views, raws)]
-
-
-def _findings(view: VcpuView, context: Optional[DomainContext]) -> tuple[Finding, ...]:
-    if context is None:
-        return find_drift(view)
-    return find_drift(view, context.policy, settling=context.settling)
+    return [dataclasses.replace(v, findings=find_drift(v)) for v in views]
 
 
 def _query_agents(
