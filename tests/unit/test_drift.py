@@ -100,6 +100,7 @@ def test_codes_are_stable() -> None:
         "agent-bad-reply",
         "agent-unsupported",
         "domain-not-running",
+        "ost-flood",
     )
 
 

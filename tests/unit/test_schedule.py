@@ -29,13 +29,24 @@ def test_burst_coalesces_into_one_job() -> None:
     assert job.first_request == 0.0
 
 
-def test_latest_due_wins_so_a_tick_never_cuts_grace_short() -> None:
+def test_a_tick_never_cuts_grace_short() -> None:
     q = ReconcileQueue()
-    q.request(A, due=5.0, at=0.0, reason="ost", hotadded=frozenset({1}))
+    q.request(A, due=0.0, at=0.0, reason="grace", hotadded=frozenset({1}), not_before=5.0)
     q.request(A, due=1.0, at=1.0, reason="host")
     assert q.pop_due(4.0, limit=8) == []
+    assert q.next_due() == 5.0
     (job,) = q.pop_due(5.0, limit=8)
     assert job.hotadded == {1}
+
+
+def test_a_flood_of_requests_cannot_push_its_own_job_back() -> None:
+    # Each OST asks for a reconcile 0.1 s after it; a guest sending one every 10 ms must
+    # not keep its job 0.1 s in the future for ever.
+    q = ReconcileQueue()
+    for i in range(1000):
+        q.request(A, due=i / 100 + 0.1, at=i / 100, reason="ost")
+    (job,) = q.pop_due(0.1, limit=8)
+    assert job.coalesced == 1000
 
 
 def test_one_job_per_domain_at_a_time() -> None:

@@ -33,6 +33,9 @@ AGENT_UNRESPONSIVE_CODE = "agent-unresponsive"
 AGENT_BAD_REPLY_CODE = "agent-bad-reply"
 AGENT_UNSUPPORTED_CODE = "agent-unsupported"
 DOMAIN_NOT_RUNNING = "domain-not-running"
+# Not from the view: the daemon stopped listening to a domain's QEMU monitor events because
+# the guest flooded them (daemon/flood.py); only watch's records and metrics carry it.
+OST_FLOOD = "ost-flood"
 
 ALL_CODES = (
     GUEST_CPU_OFFLINE,
@@ -46,6 +49,7 @@ ALL_CODES = (
     AGENT_BAD_REPLY_CODE,
     AGENT_UNSUPPORTED_CODE,
     DOMAIN_NOT_RUNNING,
+    OST_FLOOD,
 )
 
 

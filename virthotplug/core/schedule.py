@@ -2,9 +2,12 @@
 
 Pure bookkeeping (no threads, no libvirt), driven by the daemon's main loop:
 
-* ``request`` asks for a reconcile of a domain no earlier than ``due``. Requests for a
-  domain that already has one pending merge into it: the latest ``due`` wins (so a tick
-  never cuts short a grace period after a hot-add), reasons and hot-added CPUs accumulate.
+* ``request`` asks for a reconcile of a domain at ``due`` and, separately, no earlier than
+  ``not_before`` (a grace period, a retry delay). Requests for a domain that already has one
+  pending merge into it: the earliest ``due`` and the latest ``not_before`` win, so a tick
+  never cuts a grace period short and a domain flooding events cannot push its own job
+  back (each event's settle delay would otherwise move it later); reasons and hot-added
+  CPUs accumulate.
 * ``pop_due`` hands out pending jobs whose time has come, skipping domains with a job
   still running; a request that arrives while one runs waits as the next pending job.
   Event-driven jobs go before resync-only ones, so a hot-add is never queued behind a
@@ -33,14 +36,22 @@ class Job:
     reasons: list[str] = field(default_factory=list)
     hotadded: set[int] = field(default_factory=set)
     coalesced: int = 1
+    not_before: float = 0.0  # a grace period or retry delay: never earlier than this
+
+    @property
+    def ready_at(self) -> float:
+        return max(self.due, self.not_before)
 
     @property
     def resync_only(self) -> bool:
         """Nothing but the resync asked for this job: it waits behind event-driven ones."""
         return all(reason == RESYNC_REASON for reason in self.reasons)
 
-    def merge(self, due: float, at: float, reason: str, hotadded: frozenset[int]) -> None:
-        self.due = max(self.due, due)
+    def merge(
+        self, due: float, at: float, reason: str, hotadded: frozenset[int], not_before: float = 0.0
+    ) -> None:
+        self.due = min(self.due, due)
+        self.not_before = max(self.not_before, not_before)
         self.first_request = min(self.first_request, at)
         if reason not in self.reasons and len(self.reasons) < MAX_REASONS:
             self.reasons.append(reason)
@@ -61,13 +72,15 @@ class ReconcileQueue:
         at: float,
         reason: str,
         hotadded: frozenset[int] = frozenset(),
+        not_before: float = 0.0,
     ) -> None:
         job = self._pending.get(ref.key)
         if job is None:
-            self._pending[ref.key] = Job(ref, due, at, [reason], set(hotadded))
+            job = Job(ref, due, at, [reason], set(hotadded), not_before=not_before)
+            self._pending[ref.key] = job
         else:
             job.ref = ref  # the newest name wins (domains can be renamed)
-            job.merge(due, at, reason, hotadded)
+            job.merge(due, at, reason, hotadded, not_before)
 
     def forget(self, key: Key) -> None:
         self._pending.pop(key, None)
@@ -81,9 +94,9 @@ class ReconcileQueue:
             (
                 job
                 for key, job in self._pending.items()
-                if job.due <= now and key not in self._running
+                if job.ready_at <= now and key not in self._running
             ),
-            key=lambda job: (job.resync_only, job.due),
+            key=lambda job: (job.resync_only, job.ready_at),
         )
         for job in ready:
             del self._pending[job.ref.key]
@@ -94,7 +107,7 @@ class ReconcileQueue:
         self._running.discard(key)
 
     def next_due(self) -> Optional[float]:
-        dues = [job.due for key, job in self._pending.items() if key not in self._running]
+        dues = [job.ready_at for key, job in self._pending.items() if key not in self._running]
         return min(dues) if dues else None
 
     @property

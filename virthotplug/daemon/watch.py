@@ -15,6 +15,7 @@ reconnects with backoff and jitter, and re-registers every callback on the new c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import signal
@@ -33,12 +34,15 @@ from virthotplug.core.events import (
     DomainRef,
     Event,
     HostEvent,
+    LifecycleEvent,
     OstMonitorEvent,
 )
 from virthotplug.core.records import Record
 from virthotplug.core.schedule import Job, Key, ReconcileQueue
 from virthotplug.daemon.eventlog import EventLog
+from virthotplug.daemon.flood import FloodGuard, flood_finding, summary_event
 from virthotplug.daemon.listener import Listener
+from virthotplug.daemon.subscriptions import MonitorSubscriptions
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
 from virthotplug.host.libvirt_module import ensure_event_loop
@@ -51,6 +55,10 @@ log = logging.getLogger("virthotplug.daemon.watch")
 LIVENESS_POLL = 5.0  # seconds between isAlive checks, in case no close callback arrives
 MAIN_LOOP_WAKEUP = 0.25  # bounds how long a stop request or a due job waits
 SHUTDOWN_GRACE = 1.5  # SIGTERM to exit stays under 2 s even with a slow daemon
+# Items handled per pass of the main loop before due jobs are dispatched and the tick runs:
+# under a sustained flood the queue never empties, and the loop must still go round.
+DRAIN_BATCH = 500
+FLOOD_COLLECT = 0.25  # seconds between two looks at the flood guard (summaries, back-offs)
 
 
 class EventSource(Protocol):
@@ -127,12 +135,20 @@ class _Control:
 class HostSession:
     """Owns one host's connection: connect, subscribe, wait for loss, reconnect."""
 
-    def __init__(self, uri: Optional[str], enqueue: Callable[[Any], None], stop: threading.Event):
+    def __init__(
+        self,
+        uri: Optional[str],
+        enqueue: Callable[[Any], None],
+        stop: threading.Event,
+        guard: Optional[FloodGuard] = None,
+    ):
         self.uri = Connection(uri).uri
         self._enqueue = enqueue
         self._stop = stop
         self._lost = threading.Event()
         self._conn: Optional[Connection] = None
+        self._guard = guard if guard is not None else FloodGuard()
+        self.monitors = MonitorSubscriptions(self.uri, lambda: self._conn, self._guard)
         self._thread = threading.Thread(target=self._run, name=f"host {self.uri}", daemon=True)
 
     @property
@@ -140,6 +156,7 @@ class HostSession:
         return self._conn
 
     def start(self) -> None:
+        self.monitors.start()
         self._thread.start()
 
     def connect_once(self) -> None:
@@ -152,6 +169,7 @@ class HostSession:
     def join(self, timeout: float) -> None:
         """Wait for the session thread to close its connection (after a stop request)."""
         self._lost.set()
+        self.monitors.stop()
         if self._thread.is_alive():
             self._thread.join(timeout)
         elif self._conn is not None:  # never started: the first connection is ours to close
@@ -175,7 +193,16 @@ class HostSession:
         self._lost.clear()
         conn = Connection(self.uri).open()
         try:
-            conn.subscribe(Listener(self.uri, self._enqueue, self.mark_lost))
+            listener = Listener(
+                self.uri,
+                self._enqueue,
+                self.mark_lost,
+                guard=self._guard,
+                on_flood=lambda ref: self.monitors.drop(ref.uuid),
+            )
+            # QEMU monitor events are registered per running domain (self.monitors), once
+            # the session's resync has listed them.
+            conn.subscribe(listener)
         except errors.VirtHotplugError:
             conn.close()
             raise
@@ -275,8 +302,10 @@ class Watch:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._stop = threading.Event()
         self._sched = ReconcileQueue()
+        self._flood = FloodGuard()
         self.sessions = {
-            s.uri: s for s in (HostSession(u, self._queue.put, self._stop) for u in uris)
+            s.uri: s
+            for s in (HostSession(u, self._queue.put, self._stop, self._flood) for u in uris)
         }
         self.stats = WatchStats()
         self._workers: Optional[_Workers] = None
@@ -311,12 +340,16 @@ class Watch:
         for source in self._sources:
             source.start(self._queue.put)
         next_tick = time.monotonic() + self.settings.resync_interval
+        next_flood = time.monotonic()
         while not self._stop.is_set():
             self._drain(self._wait_time(next_tick))
             now = time.monotonic()
             if now >= next_tick:
                 self._tick()
                 next_tick = now + self.settings.resync_interval
+            if now >= next_flood:
+                self._flood_collect()
+                next_flood = now + FLOOD_COLLECT
             self._dispatch(now)
         self._shutdown()
 
@@ -342,17 +375,20 @@ class Watch:
         return wait
 
     def _drain(self, timeout: float) -> None:
-        """Handle everything queued: a burst becomes one pass, and so coalesces."""
+        """Handle what is queued, at most DRAIN_BATCH items: a burst becomes one pass, and
+        so coalesces, and a flood that never lets the queue empty still lets the loop
+        dispatch and tick."""
         try:
             item = self._queue.get(timeout=timeout)
         except queue.Empty:
             return
-        while True:
+        for _ in range(DRAIN_BATCH):
             self._handle(item)
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
+        self._handle(item)
 
     def _handle(self, item: Any) -> None:
         if isinstance(item, _JobDone):
@@ -377,10 +413,39 @@ class Watch:
             self._eventlog.event(ev)
         if isinstance(ev, HostEvent):
             self._host_event(ev)
-        elif ev.domain is not None and ev.intent == FORGET:
+            return
+        self._monitor_registration(ev)
+        if ev.domain is not None and ev.intent == FORGET:
             self._sched.forget(ev.domain.key)
         elif ev.domain is not None and ev.intent == RECONCILE:
             self._request(ev.domain, ev)
+
+    def _monitor_registration(self, ev: Event) -> None:
+        """A domain's QEMU monitor registration follows its life: on start and resume, off
+        on stop, crash, undefine (and when the hook says it stopped)."""
+        session = self.sessions.get(ev.domain.host) if ev.domain is not None else None
+        if session is None or ev.domain is None:
+            return
+        if ev.intent == FORGET:
+            session.monitors.drop(ev.domain.uuid)
+            self._flood.forget(ev.domain.key)
+        elif isinstance(ev, LifecycleEvent) and ev.event_name in ("started", "resumed"):
+            session.monitors.add(ev.domain.uuid)
+
+    def _flood_collect(self) -> None:
+        """Summaries of what the flood guard dropped, suppressed domains whose back-off is
+        over (listen to them again), and the periodic reconcile of suppressed ones."""
+        summaries, resubscribe, resync = self._flood.collect()
+        for summary in summaries:
+            self._handle(summary_event(summary))
+        for ref in resubscribe:
+            session = self.sessions.get(ref.host)
+            if session is not None:
+                log.info("domain '%s': quiet again: listening to its monitor events", ref.name)
+                session.monitors.add(ref.uuid)
+        now = time.monotonic()
+        for ref in resync:
+            self._sched.request(ref, due=now, at=now, reason="flood")
 
     def _host_event(self, ev: HostEvent) -> None:
         session = self.sessions.get(ev.host)
@@ -389,6 +454,8 @@ class Watch:
         elif ev.what == "connected" and session is not None:
             self._resync(session)  # events in the gap are lost: re-read everything
         elif ev.what == "listed":
+            if session is not None:
+                session.monitors.sync(ref.uuid for ref in ev.domains)
             for ref in ev.domains:
                 self._request(ref, ev)
 
@@ -436,9 +503,11 @@ class Watch:
         self._sched.finish(done.key)
         if done.retry_after is not None and done.job is not None:
             job = done.job
+            now = time.monotonic()
             self._sched.request(
                 job.ref,
-                due=time.monotonic() + done.retry_after,
+                due=now,
+                not_before=now + done.retry_after,
                 at=job.first_request,
                 reason="grace",
                 hotadded=frozenset(job.hotadded),
@@ -476,12 +545,29 @@ class Watch:
             log.warning("domain '%s': %s", job.ref.name, exc)
             self._observer.failed(job, time.monotonic() - started)
             return None
+        result = self._with_flood_finding(job, result)
         self.stats.reconciles += 1
         self._eventlog.reconcile(
             result.record, result.line, failed=result.failed, routine=result.routine
         )
         self._observer.reconciled(job, result, time.monotonic() - started)
         return result.retry_after
+
+    def _with_flood_finding(self, job: Job, result: JobResult) -> JobResult:
+        """A domain whose monitor events are suppressed says so in its record and metrics."""
+        info = self._flood.suppressed(job.ref.key)
+        if info is None:
+            return result
+        finding = flood_finding(info)
+        as_dict = {"code": finding.code, "severity": finding.severity, "message": finding.message}
+        record = dataclasses.replace(
+            result.record, findings=[*result.record.findings, {**as_dict, "cpus": []}]
+        )
+        view = result.view
+        if view is not None:
+            view = dataclasses.replace(view, findings=(*view.findings, finding))
+        line = f"{result.line}; {finding.code}: {finding.message}"
+        return dataclasses.replace(result, record=record, view=view, line=line, routine=False)
 
     def _shutdown(self) -> None:
         for source in self._sources:

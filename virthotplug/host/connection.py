@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import threading
-from typing import Any, Callable, Optional, Protocol, TypeVar
+from typing import Any, Callable, Iterable, Optional, Protocol, TypeVar
 
 from virthotplug.core import errors
 from virthotplug.host.domain import Domain
@@ -124,7 +124,10 @@ class Connection:
         self._support: Optional[Capabilities] = None
         self._agents = _AgentLeases(self._open_raw)
         self._domain_callbacks: list[int] = []
-        self._monitor_callbacks: list[int] = []
+        # Per-domain QEMU monitor registrations: UUID -> callback ids (one per event name).
+        self._monitor_callbacks: dict[str, list[int]] = {}
+        self._monitor_lock = threading.Lock()
+        self._monitor_forward: Optional[Callable[..., None]] = None
         self._close_registered = False
 
     # lifecycle
@@ -149,7 +152,8 @@ class Connection:
         if self.is_alive():
             self.unsubscribe()
         else:  # a dead connection's registrations died with it; deregistering only warns
-            self._domain_callbacks, self._monitor_callbacks = [], []
+            self._domain_callbacks, self._monitor_callbacks = [], {}
+            self._monitor_forward = None
             self._close_registered = False
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -283,8 +287,9 @@ class Connection:
 
     # events
 
-    def subscribe(self, sink: EventSink) -> None:
-        """Register every callback virthotplug needs on this connection, all domains.
+    def subscribe(self, sink: EventSink, *, monitor: Iterable[Domain] = ()) -> None:
+        """Register the domain events (all domains), the close callback and keepalive, and
+        QEMU monitor events for the ``monitor`` domains (more later with ``monitor_domain``).
 
         Registrations belong to one connection: after a reconnect, call this again on the
         new one. Needs ``ensure_event_loop()`` before ``open()``.
@@ -316,7 +321,9 @@ class Connection:
             callback_id = self.call(register, context="registering domain events")
             self._domain_callbacks.append(callback_id)
         if self.support.monitor_events:
-            self._subscribe_monitor(sink)
+            self._monitor_forward = _monitor_forwarder(sink)
+            for dom in monitor:
+                self.monitor_domain(dom)
         else:
             log.info("%s: no QEMU monitor events on the %s driver", self.uri, self.support.driver)
         self.call(
@@ -332,45 +339,80 @@ class Connection:
         except errors.UnsupportedError:  # in-process drivers have no daemon to lose
             log.debug("%s: no keepalive on this connection", self.uri)
 
-    def _subscribe_monitor(self, sink: EventSink) -> None:
-        # QEMU monitor event passthrough: read-write connection needed; it does not taint
-        # the domain (qemuMonitorCommand would).
+    def monitor_domain(self, dom: Domain) -> bool:
+        """Register the QEMU monitor events of one domain (idempotent); False when this
+        connection has none (another driver, or not subscribed).
+
+        One registration per domain, never one for all domains: libvirtd queues a
+        subscriber's events without bound, so a guest that floods them must be cut off
+        alone (``unmonitor_domain``) while every other domain keeps its hints. QEMU monitor
+        event passthrough needs a read-write connection and does not taint the domain
+        (qemuMonitorCommand would).
+        """
+        forward = self._monitor_forward
+        if forward is None:
+            return False
         import libvirt_qemu
 
-        def forward(
-            _c: Any, dom: VirDomain, event: str, _s: int, _us: int, details: Any, _o: Any
-        ) -> None:
-            sink.on_monitor(dom, event, details)
+        with self._monitor_lock:
+            if dom.uuid in self._monitor_callbacks:
+                return True
+            ids: list[int] = []
+            for name in MONITOR_EVENTS:
+                register = functools.partial(
+                    libvirt_qemu.qemuMonitorEventRegister, self.raw, dom.raw, name, forward, None, 0
+                )
+                try:
+                    ids.append(self.call(register, context=f"{dom.context} monitor event {name}"))
+                except errors.VirtHotplugError:
+                    self._deregister_monitor(ids)
+                    raise
+            self._monitor_callbacks[dom.uuid] = ids
+        return True
 
-        for name in MONITOR_EVENTS:
-            register = functools.partial(
-                libvirt_qemu.qemuMonitorEventRegister, self.raw, None, name, forward, None, 0
-            )
+    def unmonitor_domain(self, uuid: str) -> bool:
+        """Drop one domain's QEMU monitor registrations; False when it had none. Never from
+        a libvirt callback: deregistering is a call to the daemon."""
+        with self._monitor_lock:
+            ids = self._monitor_callbacks.pop(uuid, None)
+            if ids is None:
+                return False
+            self._deregister_monitor(ids)
+        return True
+
+    def monitored(self) -> frozenset[str]:
+        """UUIDs of the domains whose QEMU monitor events this connection receives."""
+        with self._monitor_lock:
+            return frozenset(self._monitor_callbacks)
+
+    def _deregister_monitor(self, ids: list[int]) -> None:
+        conn = self._conn
+        if conn is None or not ids:
+            return
+        import libvirt_qemu
+
+        for callback_id in ids:
             try:
-                callback_id = self.call(register, context=f"QEMU monitor event {name}")
-            except errors.UnsupportedError as exc:
-                log.info("%s: no QEMU monitor events: %s", self.uri, exc)
-                return
-            self._monitor_callbacks.append(callback_id)
+                libvirt_qemu.qemuMonitorEventDeregister(conn, callback_id)
+            except Exception as exc:  # the connection may be dead: its registrations too
+                log.debug("%s: deregistering monitor event %d: %s", self.uri, callback_id, exc)
 
     def unsubscribe(self) -> None:
         """Drop every registration; errors are ignored (the connection may be dead)."""
         conn = self._conn
         if conn is None:
             return
+        with self._monitor_lock:
+            monitor, self._monitor_callbacks = self._monitor_callbacks, {}
+            self._monitor_forward = None
+        for ids in monitor.values():
+            self._deregister_monitor(ids)
         steps: list[Callable[[], Any]] = [
             functools.partial(conn.domainEventDeregisterAny, i) for i in self._domain_callbacks
         ]
-        if self._monitor_callbacks:
-            import libvirt_qemu
-
-            steps += [
-                functools.partial(libvirt_qemu.qemuMonitorEventDeregister, conn, i)
-                for i in self._monitor_callbacks
-            ]
         if self._close_registered:
             steps.append(conn.unregisterCloseCallback)
-        self._domain_callbacks, self._monitor_callbacks = [], []
+        self._domain_callbacks = []
         self._close_registered = False
         for step in steps:
             try:
@@ -384,3 +426,12 @@ class Connection:
             return conn is not None and conn.isAlive() == 1
         except Exception:
             return False
+
+
+def _monitor_forwarder(sink: EventSink) -> Callable[..., None]:
+    def forward(
+        _c: Any, dom: VirDomain, event: str, _s: int, _us: int, details: Any, _o: Any
+    ) -> None:
+        sink.on_monitor(dom, event, details)
+
+    return forward

@@ -107,7 +107,7 @@ def _monitor(conn: Connection, dom: Domain) -> Optional[MonitorLog]:
 
     log = MonitorLog(dom.uuid)
     try:
-        conn.subscribe(Listener(conn.uri, log.put, lambda: None))
+        conn.subscribe(Listener(conn.uri, log.put, lambda: None), monitor=[dom])
     except VirtHotplugError:
         return None  # e.g. the test driver, or a read-only connection: hints are optional
     return log

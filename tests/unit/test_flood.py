@@ -1,0 +1,281 @@
+"""Flood control: the per-domain counter, threshold and back-off (daemon/flood.py), the
+listener in front of it, and the daemon's main loop under a simulated 10,000 OST/s flood."""
+
+from __future__ import annotations
+
+import threading
+import time
+import tracemalloc
+from typing import Any, Optional
+
+import pytest
+
+from virthotplug.core.config import WatchSettings
+from virthotplug.core.events import DomainRef, Event, OstMonitorEvent
+from virthotplug.core.schedule import Job
+from virthotplug.daemon.eventlog import EventLog
+from virthotplug.daemon.flood import (
+    FLOOD_THRESHOLD,
+    PASS_PER_WINDOW,
+    FloodEvent,
+    FloodGuard,
+    SuppressedEvent,
+    Verdict,
+    flood_finding,
+    summary_event,
+)
+from virthotplug.daemon.listener import Listener
+from virthotplug.daemon.watch import Watch
+from virthotplug.host.connection import Connection, Domain
+
+HOST = "qemu:///system"
+A, B = (HOST, "uuid-a"), (HOST, "uuid-b")
+HOTADD = '{"info": {"source": 1, "status": 0, "device": "vcpu1", "slot": "1", "slot-type": "CPU"}}'
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _guard(**kwargs: Any) -> tuple[FloodGuard, Clock]:
+    clock = Clock()
+    return FloodGuard(clock, **kwargs), clock
+
+
+def _admit(guard: FloodGuard, key: tuple[str, str] = A, n: int = 1, kind: str = "ost") -> list:
+    return [guard.admit(key, lambda: "dom-a", kind, monitor=kind != "agent") for _ in range(n)]
+
+
+# --- the state machine --------------------------------------------------------------------
+
+
+def test_a_few_events_per_window_pass_the_rest_are_summarised_once() -> None:
+    guard, clock = _guard()
+    verdicts = _admit(guard, n=50)
+    assert verdicts.count(Verdict.PASS) == PASS_PER_WINDOW
+    assert verdicts.count(Verdict.DROP) == 50 - PASS_PER_WINDOW
+    assert guard.collect() == ([], [], [])  # the window is not over yet
+    clock.now += 1.0
+    summaries, resubscribe, resync = guard.collect()
+    (summary,) = summaries
+    assert summary.ref == DomainRef(HOST, "uuid-a", "dom-a")
+    assert summary.dropped == {"ost": 50 - PASS_PER_WINDOW} and not summary.suppressed
+    assert resubscribe == resync == []
+    assert _admit(guard, n=1) == [Verdict.PASS]  # a new window, a new budget
+
+
+def test_domains_have_budgets_of_their_own() -> None:
+    guard, _clock = _guard()
+    _admit(guard, A, n=100)
+    assert _admit(guard, B, n=1) == [Verdict.PASS]
+
+
+def test_agent_events_share_the_budget_but_never_count_as_a_flood() -> None:
+    guard, _clock = _guard(threshold=10)
+    verdicts = _admit(guard, n=100, kind="agent")
+    assert Verdict.FLOOD not in verdicts
+    assert not guard.is_suppressed(A)
+
+
+def test_a_flood_is_detected_once_then_everything_is_dropped() -> None:
+    guard, clock = _guard()
+    clock_step = 0.5 / (FLOOD_THRESHOLD + 1)  # the threshold is crossed within half a second
+    verdicts = []
+    for _ in range(FLOOD_THRESHOLD + 100):
+        clock.now += clock_step
+        verdicts += _admit(guard)
+    assert verdicts.count(Verdict.FLOOD) == 1
+    assert verdicts.index(Verdict.FLOOD) == FLOOD_THRESHOLD  # the event that passed it
+    assert verdicts[FLOOD_THRESHOLD + 1 :] == [Verdict.DROP] * 99
+    info = guard.suppressed(A)
+    assert info is not None and info.events == FLOOD_THRESHOLD + 1
+    assert 900 < info.rate < 1100  # ~501 events in ~0.5 s
+    finding = flood_finding(info)
+    assert (finding.code, finding.severity) == ("ost-flood", "warning")
+    assert "/s" in finding.message
+
+
+def test_suppressed_domains_are_reconciled_periodically_and_resubscribed_when_quiet() -> None:
+    guard, clock = _guard(threshold=10, backoff_first=30.0, resync=10.0)
+    _admit(guard, n=11)
+    assert guard.is_suppressed(A)
+    resyncs = 0
+    for _ in range(29):  # a backlog keeps arriving for 29 s: not quiet
+        clock.now += 1.0
+        _admit(guard, n=3)
+        _summaries, resubscribe, resync = guard.collect()
+        assert resubscribe == []
+        resyncs += len(resync)
+    assert resyncs == 2  # every 10 s
+    clock.now += 29.0
+    assert guard.collect()[1] == []
+    clock.now += 1.0  # 30 s without an event
+    _summaries, resubscribe, _resync = guard.collect()
+    assert [ref.uuid for ref in resubscribe] == ["uuid-a"]
+    assert not guard.is_suppressed(A)
+
+
+def test_the_back_off_doubles_with_each_flood_and_is_capped() -> None:
+    guard, clock = _guard(threshold=10, backoff_first=30.0, backoff_max=100.0)
+    backoffs = []
+    for _ in range(4):
+        clock.now += 1.0
+        assert Verdict.FLOOD in _admit(guard, n=11)  # suppressed again at once
+        info = guard.suppressed(A)
+        assert info is not None
+        backoffs.append(info.backoff)
+        clock.now += info.backoff
+        assert guard.collect()[1]  # resubscribed
+    assert backoffs == [30.0, 60.0, 100.0, 100.0]
+    clock.now += 100.0  # behaved for backoff_max: the history goes
+    clock.now += 1.0
+    guard.collect()
+    assert len(guard) == 0
+    _admit(guard, n=11)
+    info = guard.suppressed(A)
+    assert info is not None and info.backoff == 30.0
+
+
+def test_memory_follows_the_active_domains() -> None:
+    guard, clock = _guard()
+    for i in range(1000):
+        _admit(guard, (HOST, f"uuid-{i}"))
+    assert len(guard) == 1000
+    clock.now += 1.0
+    guard.collect()
+    assert len(guard) == 0
+
+
+def test_a_stopped_domain_keeps_its_flood_history() -> None:
+    guard, _clock = _guard(threshold=10)
+    _admit(guard, n=11)
+    guard.forget(A)
+    assert guard.is_suppressed(A)
+    guard.forget(B)  # unknown: nothing happens
+
+
+def test_records_describe_themselves() -> None:
+    guard, clock = _guard(threshold=10)
+    _admit(guard, n=20)
+    info = guard.suppressed(A)
+    ref = DomainRef(HOST, "uuid-a", "dom-a")
+    flood = FloodEvent(ref, info=info)
+    assert flood.kind == "flood" and flood.details()["events"] == 11
+    clock.now += 1.0
+    (summary,) = guard.collect()[0]
+    ev = summary_event(summary)
+    assert isinstance(ev, SuppressedEvent) and ev.kind == "suppressed"
+    # 5 passed, 5 over the budget, the 11th is the flood, 9 more after it
+    assert ev.details() == {"dropped": {"ost": 14}, "seconds": 1.0, "monitor_suppressed": True}
+    assert "14 ost" in ev.describe()
+
+
+# --- the listener ---------------------------------------------------------------------------
+
+
+class FakeDomain:
+    def __init__(self, uuid: str, name: str) -> None:
+        self._uuid, self._name = uuid, name
+
+    def name(self) -> str:
+        return self._name
+
+    def UUIDString(self) -> str:
+        return self._uuid
+
+
+def test_the_listener_hands_a_flooding_domain_over_once() -> None:
+    got: list[Event] = []
+    flooded: list[DomainRef] = []
+    listener = Listener(HOST, got.append, lambda: None, guard=FloodGuard(), on_flood=flooded.append)
+    dom = FakeDomain("uuid-a", "dom-a")
+    for _ in range(5000):
+        listener.on_monitor(dom, "ACPI_DEVICE_OST", HOTADD)
+    assert [ref.name for ref in flooded] == ["dom-a"]
+    osts = [e for e in got if isinstance(e, OstMonitorEvent)]
+    floods = [e for e in got if isinstance(e, FloodEvent)]
+    assert len(osts) == PASS_PER_WINDOW and len(floods) == 1
+    assert floods[0].info is not None and floods[0].info.events == FLOOD_THRESHOLD + 1
+
+
+def test_lifecycle_events_are_never_dropped() -> None:
+    got: list[Event] = []
+    listener = Listener(HOST, got.append, lambda: None, guard=FloodGuard())
+    dom = FakeDomain("uuid-a", "dom-a")
+    for _ in range(100):
+        listener.on_lifecycle(dom, 2, 0)
+    assert len(got) == 100
+
+
+# --- the daemon under a flood -------------------------------------------------------------
+
+
+class _Flood:
+    """A libvirt event thread delivering ``rate`` OST events/s of one domain."""
+
+    def __init__(self, listener: Listener, rate: int, seconds: float) -> None:
+        self._listener, self._rate, self._seconds = listener, rate, seconds
+        self.sent = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        dom = FakeDomain("uuid-flood", "flood")
+        start = time.monotonic()
+        while time.monotonic() - start < self._seconds:
+            due = int((time.monotonic() - start) * self._rate)
+            while self.sent < due:
+                self._listener.on_monitor(dom, "ACPI_DEVICE_OST", HOTADD)
+                self.sent += 1
+            time.sleep(0.002)
+
+
+@pytest.mark.parametrize("threshold", [FLOOD_THRESHOLD, 10**9], ids=["suppressed", "budget"])
+def test_a_flooding_domain_delays_another_domains_hotadd_by_less_than_100ms(
+    threshold: int,
+) -> None:
+    settings = WatchSettings(workers=2, resync_interval=3600, hotadd_settle=0.1)
+    watch = Watch([], settings, _never, EventLog(None))
+    started: dict[str, list[float]] = {}
+
+    def reconcile(job: Job) -> Optional[float]:
+        started.setdefault(job.ref.name, []).append(time.monotonic())
+        return None
+
+    watch._reconcile = reconcile  # type: ignore[method-assign]
+    watch._flood = FloodGuard(threshold=threshold)
+    listener = Listener(HOST, watch._queue.put, lambda: None, guard=watch._flood)
+    loop = threading.Thread(target=watch.run, daemon=True)
+    tracemalloc.start()
+    try:
+        loop.start()
+        flood = _Flood(listener, rate=10_000, seconds=3.0)
+        flood.thread.start()
+        time.sleep(1.5)
+        before = tracemalloc.get_traced_memory()[0]
+        sent = time.monotonic()
+        listener.on_monitor(FakeDomain("uuid-other", "other"), "ACPI_DEVICE_OST", HOTADD)
+        deadline = sent + 2.0
+        while "other" not in started and time.monotonic() < deadline:
+            time.sleep(0.005)
+        queue_len = watch._queue.qsize()
+        flood.thread.join()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        watch.request_stop()
+        loop.join(5)
+    assert flood.sent > 25_000  # the flood really ran at ~10,000/s
+    assert "other" in started, "the other domain's hot-add was never dispatched"
+    delay = started["other"][0] - sent - settings.hotadd_settle
+    assert delay < 0.1, f"hot-add job delayed by {delay * 1000:.0f} ms"
+    assert queue_len < 100  # the flood does not pile up in the daemon
+    assert grown < 2 * 1024 * 1024, f"memory grew by {grown} bytes during the flood"
+    assert len(watch._sched) <= 2
+
+
+def _never(_conn: Connection, _dom: Domain, _job: Job) -> Any:
+    raise AssertionError("not reached")

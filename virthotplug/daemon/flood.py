@@ -1,0 +1,300 @@
+"""Per-domain flood control for the events a guest can trigger at will.
+
+A root process in a guest can make QEMU emit ``ACPI_DEVICE_OST`` as fast as it can write an
+I/O port (60,000-100,000 events/s from one TCG vCPU); QEMU does not rate-limit the event and
+libvirtd queues it for each subscriber without bound, so a subscriber that keeps listening
+lets one tenant wedge libvirtd for the whole host. The guest agent's lifecycle events can be
+toggled from inside the guest as well. ``FloodGuard`` is asked about each such event on
+libvirt's event thread, before anything is parsed (a dict lookup and a few integer updates),
+and answers:
+
+``PASS``   make a record of it (log line, JSON line, reconcile request): at most
+           ``PASS_PER_WINDOW`` events of a domain per ``WINDOW``;
+``DROP``   count it only; once the window is over, one summary (``Summary``) says how many
+           were dropped, and asks for one reconcile, so a hint that was dropped is not lost;
+``FLOOD``  this domain's QEMU monitor events passed ``FLOOD_THRESHOLD`` in one window: stop
+           listening to them now (the caller removes its monitor registrations from another
+           thread), report the finding ``ost-flood``, and handle the domain through its
+           lifecycle and agent events and a reconcile every ``SUPPRESSED_RESYNC`` seconds.
+
+Why 500 in one second: a hot-add makes one device-check OST per vCPU, an unplug two or three
+per vCPU, and libvirt plugs vCPUs one at a time, so the largest real change (all of a
+288-vCPU q35 guest's vCPUs at once) stays below it; a flooding guest passes it within
+milliseconds. A false alarm costs only latency (hints arrive through the periodic reconcile)
+and a warning.
+
+A suppressed domain is re-subscribed once nothing of it arrived for its back-off (30 s,
+doubling with each new flood up to 30 min; libvirtd's backlog for us counts as not quiet).
+If it floods again it is suppressed again at once. After ``BACKOFF_MAX`` seconds subscribed
+without a flood its history is forgotten.
+
+Pure bookkeeping with an injected clock (no threads of its own, no libvirt); one lock,
+because the event thread asks and the daemon's main loop collects.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from virthotplug.core.drift import OST_FLOOD
+from virthotplug.core.events import RECONCILE, DomainRef, Event
+from virthotplug.core.view import WARNING, Finding
+
+Key = tuple[str, str]  # (host URI, domain UUID)
+
+WINDOW = 1.0  # seconds
+FLOOD_THRESHOLD = 500  # QEMU monitor events of one domain in one window
+PASS_PER_WINDOW = 5  # events of one domain per window that become records
+BACKOFF_FIRST = 30.0  # seconds without events before a suppressed domain is re-subscribed
+BACKOFF_MAX = 1800.0
+SUPPRESSED_RESYNC = 10.0  # reconcile a suppressed domain this often
+
+
+class Verdict(enum.Enum):
+    PASS = "pass"
+    DROP = "drop"
+    FLOOD = "flood"
+
+
+@dataclass(frozen=True)
+class FloodInfo:
+    """A suppressed domain, for its ``ost-flood`` finding and records."""
+
+    rate: float  # monitor events/s seen when it was suppressed
+    events: int  # monitor events in that window
+    seconds: float  # how long that took
+    floods: int  # times suppressed (each doubles the back-off)
+    backoff: float  # quiet seconds needed before it is re-subscribed
+    since: float  # clock time of the last suppression
+
+    def describe(self) -> str:
+        return (
+            f"QEMU monitor events flooded: {self.events} in {self.seconds:.2f} s "
+            f"(~{self.rate:.0f}/s); not listening to them, re-subscribing after "
+            f"{self.backoff:.0f} s without events"
+        )
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a domain's window dropped: one record instead of many."""
+
+    ref: DomainRef
+    dropped: dict[str, int]  # event kind -> count
+    seconds: float
+    suppressed: bool
+
+
+@dataclass
+class _Domain:
+    ref: DomainRef
+    window_start: float
+    count: int = 0  # monitor events in this window
+    passed: int = 0  # events in this window that became records
+    dropped: dict[str, int] = field(default_factory=dict)
+    last_monitor: float = 0.0
+    suppressed: Optional[FloodInfo] = None
+    floods: int = 0
+    backoff: float = BACKOFF_FIRST
+    subscribed_at: float = 0.0  # when it was last re-subscribed
+    last_resync: float = 0.0
+
+
+class FloodGuard:
+    """See the module doc. ``admit`` on the event thread; ``collect`` from the main loop."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        threshold: int = FLOOD_THRESHOLD,
+        window: float = WINDOW,
+        per_window: int = PASS_PER_WINDOW,
+        backoff_first: float = BACKOFF_FIRST,
+        backoff_max: float = BACKOFF_MAX,
+        resync: float = SUPPRESSED_RESYNC,
+    ) -> None:
+        self._clock = clock
+        self.threshold, self.window, self.per_window = threshold, window, per_window
+        self.backoff_first, self.backoff_max, self.resync = backoff_first, backoff_max, resync
+        self._domains: dict[Key, _Domain] = {}
+        self._summaries: list[Summary] = []
+        self._lock = threading.Lock()
+
+    # event thread
+
+    def admit(self, key: Key, name: Callable[[], str], kind: str, *, monitor: bool) -> Verdict:
+        """One guest-triggerable event of ``kind``; ``monitor``: a QEMU monitor event.
+        ``name`` is asked only for a domain seen for the first time."""
+        now = self._clock()
+        with self._lock:
+            dom = self._domains.get(key)
+            if dom is None:
+                dom = self._domains[key] = _Domain(DomainRef(key[0], key[1], name()), now)
+            elif now - dom.window_start >= self.window:
+                self._close_window(dom, now)
+            if monitor:
+                dom.count += 1
+                dom.last_monitor = now
+                if dom.suppressed is None and dom.count > self.threshold:
+                    self._suppress(dom, now)
+                    return Verdict.FLOOD
+                if dom.suppressed is not None:
+                    dom.dropped[kind] = dom.dropped.get(kind, 0) + 1
+                    return Verdict.DROP
+            if dom.passed < self.per_window:
+                dom.passed += 1
+                return Verdict.PASS
+            dom.dropped[kind] = dom.dropped.get(kind, 0) + 1
+            return Verdict.DROP
+
+    def _suppress(self, dom: _Domain, now: float) -> None:
+        if dom.floods:
+            dom.backoff = min(dom.backoff * 2, self.backoff_max)
+        dom.floods += 1
+        seconds = max(now - dom.window_start, 1e-3)
+        dom.suppressed = FloodInfo(
+            rate=dom.count / seconds,
+            events=dom.count,
+            seconds=seconds,
+            floods=dom.floods,
+            backoff=dom.backoff,
+            since=now,
+        )
+        dom.last_resync = now
+
+    def _close_window(self, dom: _Domain, now: float) -> None:
+        if dom.dropped:
+            seconds = min(now - dom.window_start, self.window)
+            suppressed = dom.suppressed is not None
+            self._summaries.append(Summary(dom.ref, dom.dropped, seconds, suppressed))
+        dom.window_start, dom.count, dom.passed, dom.dropped = now, 0, 0, {}
+
+    # main loop
+
+    def collect(self) -> tuple[list[Summary], list[DomainRef], list[DomainRef]]:
+        """(summaries of windows that ended, domains to re-subscribe now, suppressed domains
+        due for their periodic reconcile). Forgets domains that have been quiet a while, so
+        memory follows the number of active domains."""
+        now = self._clock()
+        resubscribe: list[DomainRef] = []
+        resync: list[DomainRef] = []
+        with self._lock:
+            for key, dom in list(self._domains.items()):
+                if now - dom.window_start >= self.window:
+                    self._close_window(dom, now)
+                    if self._idle(dom, now):
+                        del self._domains[key]
+                        continue
+                if dom.suppressed is not None:
+                    if now - dom.last_monitor >= dom.backoff:
+                        dom.suppressed, dom.subscribed_at = None, now
+                        resubscribe.append(dom.ref)
+                    elif now - dom.last_resync >= self.resync:
+                        dom.last_resync = now
+                        resync.append(dom.ref)
+            summaries, self._summaries = self._summaries, []
+        return summaries, resubscribe, resync
+
+    def _idle(self, dom: _Domain, now: float) -> bool:
+        if dom.suppressed is not None or dom.passed or dom.count:
+            return False
+        # A domain that flooded keeps its back-off until it has behaved for backoff_max.
+        return not dom.floods or now - dom.subscribed_at >= self.backoff_max
+
+    # queries (any thread)
+
+    def suppressed(self, key: Key) -> Optional[FloodInfo]:
+        with self._lock:
+            dom = self._domains.get(key)
+            return dom.suppressed if dom is not None else None
+
+    def is_suppressed(self, key: Key) -> bool:
+        return self.suppressed(key) is not None
+
+    def forget(self, key: Key) -> None:
+        """The domain stopped or went away. Its flood history stays (a guest that floods,
+        reboots and floods again keeps doubling its back-off); only its window resets."""
+        with self._lock:
+            dom = self._domains.get(key)
+            if dom is not None and not dom.floods:
+                del self._domains[key]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._domains)
+
+
+# --- the records ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FloodEvent(Event):
+    """A domain's QEMU monitor events were suppressed (``watch --json`` event "flood")."""
+
+    info: Optional[FloodInfo] = None
+
+    kind = "flood"
+
+    @property
+    def intent(self) -> str:
+        return RECONCILE  # its reconcile carries the ost-flood finding into records, metrics
+
+    def describe(self) -> str:
+        return self.info.describe() if self.info is not None else "QEMU monitor events flooded"
+
+    def details(self) -> dict[str, Any]:
+        info = self.info
+        if info is None:
+            return {}
+        return {
+            "rate": round(info.rate),
+            "events": info.events,
+            "seconds": round(info.seconds, 3),
+            "floods": info.floods,
+            "backoff": info.backoff,
+        }
+
+
+@dataclass(frozen=True)
+class SuppressedEvent(Event):
+    """Events of one domain that made no record of their own in one window (``watch
+    --json`` event "suppressed"): counted by kind, reported once."""
+
+    dropped: tuple[tuple[str, int], ...] = ()
+    seconds: float = 0.0
+    monitor_suppressed: bool = False
+
+    kind = "suppressed"
+
+    @property
+    def intent(self) -> str:
+        return RECONCILE  # a dropped event may have been a hint worth acting on
+
+    def describe(self) -> str:
+        counts = ", ".join(f"{n} {kind}" for kind, n in self.dropped)
+        return f"{counts} event(s) not logged in {self.seconds:.1f} s"
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "dropped": dict(self.dropped),
+            "seconds": round(self.seconds, 3),
+            "monitor_suppressed": self.monitor_suppressed,
+        }
+
+
+def summary_event(summary: Summary) -> SuppressedEvent:
+    return SuppressedEvent(
+        summary.ref,
+        dropped=tuple(sorted(summary.dropped.items())),
+        seconds=summary.seconds,
+        monitor_suppressed=summary.suppressed,
+    )
+
+
+def flood_finding(info: FloodInfo) -> Finding:
+    return Finding(OST_FLOOD, WARNING, info.describe())

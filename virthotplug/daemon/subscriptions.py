@@ -1,0 +1,107 @@
+"""Per-domain QEMU monitor registrations of one host, added and dropped on a thread of their
+own.
+
+Never on libvirt's event thread: removing a registration from inside a callback can deadlock
+or be refused, and it is a call to libvirtd, which must not hold up event dispatch. Never on
+the daemon's main loop either: a call to a busy libvirtd would stall every host. Removals go
+first (a flooding domain is cut off before any pending additions are made).
+
+The wanted set is the host's running domains, less those the ``FloodGuard`` holds
+suppressed: added on start/resume and whenever a resync lists the running domains (at
+session start, after a reconnect, and periodically), dropped on stop, crash or undefine, and
+at once when a domain floods. Registrations belong to one connection: after a reconnect the
+new connection has none until the reconnect's resync lists the running domains.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from typing import Callable, Iterable, Optional
+
+from virthotplug.core import errors
+from virthotplug.daemon.flood import FloodGuard
+from virthotplug.host.connection import Connection
+
+log = logging.getLogger("virthotplug.daemon.watch")
+
+_DROP, _ADD, _SYNC, _STOP = 0, 1, 2, 3  # priorities: lower runs first
+
+
+class MonitorSubscriptions:
+    """Keeps one host's per-domain monitor registrations on ``current()``'s connection."""
+
+    def __init__(self, host: str, current: Callable[[], Optional[Connection]], guard: FloodGuard):
+        self.host = host
+        self._current = current
+        self._guard = guard
+        self._queue: queue.PriorityQueue[tuple[int, int, tuple[str, ...]]] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name=f"monitor {host}", daemon=True)
+        self.drops = 0  # registrations removed because of a flood
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._put(_STOP, ())
+
+    # requests (any thread; never block)
+
+    def add(self, uuid: str) -> None:
+        self._put(_ADD, (uuid,))
+
+    def drop(self, uuid: str) -> None:
+        self._put(_DROP, (uuid,))
+
+    def sync(self, running: Iterable[str]) -> None:
+        """The host's running domains, as a resync listed them."""
+        self._put(_SYNC, tuple(running))
+
+    def _put(self, priority: int, uuids: tuple[str, ...]) -> None:
+        self._queue.put((priority, next(self._seq), uuids))
+
+    # the thread
+
+    def _loop(self) -> None:
+        while True:
+            priority, _seq, uuids = self._queue.get()
+            if priority == _STOP:
+                return
+            conn = self._current()
+            if conn is None:
+                continue  # the reconnect's resync lists every running domain again
+            try:
+                self._do(conn, priority, uuids)
+            except errors.ConnectError as exc:
+                log.debug("%s: monitor registration: %s", self.host, exc)
+            except Exception:  # a bug here must not end the thread
+                log.exception("%s: monitor registration failed", self.host)
+
+    def _do(self, conn: Connection, priority: int, uuids: tuple[str, ...]) -> None:
+        if priority == _DROP:
+            if conn.unmonitor_domain(uuids[0]):
+                self.drops += 1
+                log.debug("%s: monitor events of %s dropped", self.host, uuids[0])
+        elif priority == _ADD:
+            self._add(conn, uuids[0])
+        else:
+            # Only additions: a domain started after the listing was taken would be dropped
+            # again. A stopped domain's registration is dropped by its stop event (one that
+            # stays because that event was lost delivers nothing: it is filtered by UUID).
+            for uuid in sorted(set(uuids) - conn.monitored()):
+                self._add(conn, uuid)
+
+    def _add(self, conn: Connection, uuid: str) -> None:
+        if self._guard.is_suppressed((self.host, uuid)) or uuid in conn.monitored():
+            return
+        try:
+            conn.monitor_domain(conn.domain_by_uuid(uuid))
+        except errors.NoDomainError:
+            return
+        except errors.ConnectError:
+            raise
+        except errors.VirtHotplugError as exc:
+            log.warning("%s: no QEMU monitor events for %s: %s", self.host, uuid, exc)
