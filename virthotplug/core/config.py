@@ -30,8 +30,9 @@ import fnmatch
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
+from virthotplug.core import settings
 from virthotplug.core.errors import ConfigError
 from virthotplug.core.policy import parse_policy_fields
 
@@ -46,17 +47,18 @@ WATCH_SECTION = "watch"
 class WatchSettings:
     """The ``[watch]`` section: the daemon's settings, and the hook's ``strict_agent``.
 
-    ``strict_agent`` is read by the libvirt hook (``hooks/qemu`` parses the file itself),
-    never by the daemon; it is validated here so that a bad value fails ``watch`` and every
-    command that loads the file, not only the hook at a domain's start.
+    Defaults, ranges and help come from the table in ``core.settings``, which the command
+    line's options share. ``strict_agent`` is read by the libvirt hook (``hooks/qemu`` parses
+    the file itself), never by the daemon; it is validated here so that a bad value fails
+    ``watch`` and every command that loads the file, not only the hook at a domain's start.
     """
 
-    resync_interval: float = 60.0  # seconds between full resyncs (the safety net)
-    agent_timeout: float = 5.0  # longest wait on one guest-agent call
-    workers: int = 8  # reconciles running at once, across domains
-    hotadd_settle: float = 0.1  # after an OST insert; the CPU is in sysfs by then
-    hook_socket: str = "/run/virthotplug/hook.sock"
-    strict_agent: bool = False  # the hook's: refuse to start a domain without an agent channel
+    resync_interval: float = settings.RESYNC_INTERVAL.default  # the safety net
+    agent_timeout: float = settings.AGENT_TIMEOUT.default
+    workers: int = settings.WORKERS.default  # reconciles running at once, across domains
+    hotadd_settle: float = settings.HOTADD_SETTLE.default
+    hook_socket: str = settings.HOOK_SOCKET.default
+    strict_agent: bool = settings.STRICT_AGENT.default  # the hook's
 
 
 @dataclass(frozen=True)
@@ -179,59 +181,15 @@ def _one_line(text: str) -> str:
 # --- [watch] -------------------------------------------------------------------------------
 
 
-def _seconds(low: float, high: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError("not a number") from None
-        if not low <= value <= high:  # also refuses nan
-            raise ValueError(f"must be between {low:g} and {high:g} seconds")
-        return value
-
-    return parse
-
-
-def _workers(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 256:
-        raise ValueError("must be an integer from 1 to 256")
-    return int(text)
-
-
-def _socket_path(text: str) -> str:
-    if not text.startswith("/") or len(text) > 107:  # sun_path holds 108 bytes with the NUL
-        raise ValueError("must be an absolute path of at most 107 characters")
-    return text
-
-
-def _boolean(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("yes", "true", "on", "1"):
-        return True
-    if lowered in ("no", "false", "off", "0"):
-        return False
-    raise ValueError("must be yes or no")
-
-
-_WATCH_PARSERS: dict[str, Callable[[str], Any]] = {
-    "resync_interval": _seconds(1.0, 86400.0),
-    "agent_timeout": _seconds(0.1, 600.0),
-    "workers": _workers,
-    "hotadd_settle": _seconds(0.0, 60.0),
-    "hook_socket": _socket_path,
-    "strict_agent": _boolean,
-}
-
-
 def _parse_watch(raw: Mapping[str, str], path: str) -> WatchSettings:
     values: dict[str, Any] = {}
     for key, text in raw.items():
-        parser = _WATCH_PARSERS.get(key)
-        if parser is None:
-            known = ", ".join(_WATCH_PARSERS)
+        setting = settings.BY_NAME.get(key)
+        if setting is None:
+            known = ", ".join(settings.BY_NAME)
             raise ConfigError(f"config file {path}: [watch]: unknown setting {key!r} ({known})")
         try:
-            values[key] = parser(text.strip())
+            values[key] = setting.parse(text.strip())
         except ValueError as exc:
             raise ConfigError(f"config file {path}: [watch] {key}={text!r}: {exc}") from None
     return WatchSettings(**values)

@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence, Union
 
 from virthotplug.core import errors
 from virthotplug.core.drift import find_drift
+from virthotplug.core.settings import AGENT_TIMEOUT
 from virthotplug.core.view import (
     AGENT_BAD_REPLY,
     AGENT_CONNECTED,
@@ -46,7 +47,7 @@ from virthotplug.host.libvirt_types import Stats
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AGENT_TIMEOUT = 5.0
+DEFAULT_AGENT_TIMEOUT = AGENT_TIMEOUT.default  # the [watch] setting (core.settings)
 DEFAULT_WORKERS = 8
 DEFINITION_WORKERS = 4  # definition reads in flight at once (libvirtd serves 5 per client)
 MAX_HOSTS_AT_ONCE = 16  # hosts read in parallel by read_hosts

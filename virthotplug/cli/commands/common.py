@@ -3,23 +3,55 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Callable, Optional, TypeVar
 
 from virthotplug.core.errors import UsageError
+from virthotplug.core.settings import AGENT_TIMEOUT, Setting
 
-DEFAULT_AGENT_TIMEOUT = 5.0
+T = TypeVar("T")
+
+DEFAULT_AGENT_TIMEOUT = AGENT_TIMEOUT.default
 
 
 def add_selection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("domains", nargs="*", metavar="DOMAIN", help="domain name, UUID or id")
     parser.add_argument("--all", action="store_true", help="every domain of the host")
+    add_setting(parser, AGENT_TIMEOUT, default=DEFAULT_AGENT_TIMEOUT)
+
+
+def add_setting(
+    parser: argparse.ArgumentParser, setting: Setting[Any], *, default: Optional[Any] = None
+) -> None:
+    """The option of a ``[watch]`` setting (``core.settings``): its range and help.
+
+    ``default`` None leaves the value to the configuration file (``watch``); the help shows
+    the setting's own default either way.
+    """
+    assert setting.option is not None, setting.name
+    shown = setting.default
+    help_text = setting.help
+    if setting.describe_range():
+        help_text += f", {setting.describe_range()}"
     parser.add_argument(
-        "--agent-timeout",
-        type=positive_float,
-        default=DEFAULT_AGENT_TIMEOUT,
-        metavar="SECONDS",
-        help="longest wait for one guest agent (default: %(default)s)",
+        setting.option,
+        type=setting_type(setting),
+        default=default,
+        metavar="SECONDS" if setting.unit == "seconds" else "N",
+        help=f"{help_text} (default: {shown:g})",
     )
+
+
+def setting_type(setting: Setting[T]) -> Callable[[str], T]:
+    """An argparse type: the setting's own parser, its message in argparse's usage error."""
+
+    def parse(text: str) -> T:
+        try:
+            return setting.parse(text.strip())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{exc}: {text!r}") from None
+
+    parse.__name__ = setting.name  # argparse names it in "invalid <name> value"
+    return parse
 
 
 def selected_names(args: Any) -> list[str] | None:

@@ -7,8 +7,9 @@ import dataclasses
 import sys
 from typing import Any
 
-from virthotplug.cli.commands.common import positive_float, uris
+from virthotplug.cli.commands.common import add_setting, uris
 from virthotplug.core.errors import EXIT_OK
+from virthotplug.core.settings import AGENT_TIMEOUT, HOTADD_SETTLE, RESYNC_INTERVAL, WORKERS
 
 
 def register(subparsers: Any) -> None:
@@ -21,27 +22,8 @@ def register(subparsers: Any) -> None:
         "SIGTERM/SIGINT stop it, SIGHUP reloads the configuration file.",
     )
     parser.add_argument("--json", action="store_true", help="JSON lines on stdout")
-    parser.add_argument(
-        "--resync-interval",
-        type=positive_float,
-        metavar="SECONDS",
-        help="full resync period, the safety net for lost events (default: 60)",
-    )
-    parser.add_argument(
-        "--agent-timeout",
-        type=positive_float,
-        metavar="SECONDS",
-        help="longest wait for one guest agent call (default: 5)",
-    )
-    parser.add_argument(
-        "--workers", type=int, metavar="N", help="reconciles at once across domains (default: 8)"
-    )
-    parser.add_argument(
-        "--hotadd-settle",
-        type=positive_float,
-        metavar="SECONDS",
-        help="wait after a hot-add event before judging the guest (default: 0.1)",
-    )
+    for setting in (RESYNC_INTERVAL, AGENT_TIMEOUT, WORKERS, HOTADD_SETTLE):
+        add_setting(parser, setting)  # no default here: the configuration file's applies
     parser.add_argument(
         "--no-hook-socket",
         action="store_true",
@@ -74,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         config.check_policies()
         overrides = {
             name: getattr(args, name)
-            for name in ("resync_interval", "agent_timeout", "workers", "hotadd_settle")
+            for name in (s.name for s in (RESYNC_INTERVAL, AGENT_TIMEOUT, WORKERS, HOTADD_SETTLE))
             if getattr(args, name) is not None
         }
         return dataclasses.replace(config.watch, **overrides), config
