@@ -49,6 +49,12 @@ class JobRunner:
     def update(self, config: HostConfig, settings: WatchSettings) -> None:
         self.config, self.settings = config, settings
 
+    def forget(self, key: Key) -> None:
+        """The domain stopped or went away: drop what was kept for it."""
+        with self._ours_lock:
+            self._ours.pop(key, None)
+            self._last_findings.pop(key, None)
+
     def run(self, conn: Connection, dom: Domain, job: Job) -> JobResult:
         config = self.config
         effective = None

@@ -281,6 +281,14 @@ class WatchStats:
     failures: int = 0
     coalesced: int = 0
     started: float = field(default_factory=time.monotonic)
+    # Workers count too: without a lock an increment is a read-modify-write that only
+    # happens to be atomic on today's CPython (and is not with free threading).
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, **increments: int) -> None:
+        with self._lock:
+            for name, n in increments.items():
+                setattr(self, name, getattr(self, name) + n)
 
 
 class Watch:
@@ -294,6 +302,7 @@ class Watch:
         reload: Optional[Callable[[], Settings]] = None,
         sources: Sequence[EventSource] = (),
         observer: Optional[Observer] = None,
+        forget: Optional[Callable[[Key], None]] = None,
     ) -> None:
         self.settings = settings
         self._reconcile_fn = reconcile_fn
@@ -311,6 +320,8 @@ class Watch:
         self._workers: Optional[_Workers] = None
         self._sources = list(sources)
         self._observer: Observer = observer if observer is not None else _NoObserver()
+        # Drops what the reconcile side keeps per domain (``JobRunner.forget``).
+        self._forget_domain = forget
 
     # control (signal handlers and tests call these)
 
@@ -417,6 +428,8 @@ class Watch:
         self._monitor_registration(ev)
         if ev.domain is not None and ev.intent == FORGET:
             self._sched.forget(ev.domain.key)
+            if self._forget_domain is not None:
+                self._forget_domain(ev.domain.key)
         elif ev.domain is not None and ev.intent == RECONCILE:
             self._request(ev.domain, ev)
 
@@ -541,12 +554,12 @@ class Watch:
                 session.mark_lost()
             return None
         except errors.VirtHotplugError as exc:
-            self.stats.failures += 1
+            self.stats.count(failures=1)
             log.warning("domain '%s': %s", job.ref.name, exc)
             self._observer.failed(job, time.monotonic() - started)
             return None
         result = self._with_flood_finding(job, result)
-        self.stats.reconciles += 1
+        self.stats.count(reconciles=1)
         self._eventlog.reconcile(
             result.record, result.line, failed=result.failed, routine=result.routine
         )

@@ -16,10 +16,11 @@ raised: nothing in the guest has changed then. Failures of writes become ``faile
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from virthotplug.core.config import HostConfig
 from virthotplug.core.policy import MODES, EffectivePolicy, Plan, decide
@@ -33,7 +34,21 @@ from virthotplug.host.policysource import effective_policy
 SOURCE_COMMAND_LINE = "command line"
 
 _locks_guard = threading.Lock()
-_domain_locks: dict[tuple[str, str], threading.Lock] = {}
+
+
+class _DomainLock:
+    """A domain's lock and how many reconciles hold or wait for it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+
+# Only domains with a reconcile in flight have an entry: a daemon that sees thousands of
+# short-lived domains must not keep a lock for each one it ever reconciled.
+_domain_locks: dict[tuple[str, str], _DomainLock] = {}
 
 
 @dataclass(frozen=True)
@@ -134,6 +149,18 @@ def _maximum(view: VcpuView) -> int:
     return view.config.maximum if view.config is not None else 1
 
 
-def _lock_for(host: str, uuid: str) -> threading.Lock:
+@contextlib.contextmanager
+def _lock_for(host: str, uuid: str) -> Iterator[None]:
+    """Hold the domain's lock; its entry goes when its last user leaves."""
+    key = (host, uuid)
     with _locks_guard:
-        return _domain_locks.setdefault((host, uuid), threading.Lock())
+        entry = _domain_locks.setdefault(key, _DomainLock())
+        entry.users += 1
+    try:
+        with entry.lock:
+            yield
+    finally:
+        with _locks_guard:
+            entry.users -= 1
+            if entry.users == 0:
+                del _domain_locks[key]

@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         reload=reload,
         sources=sources,
         observer=metrics,
+        forget=runner.forget,
     )
     watch.install_signal_handlers()
     try:
