@@ -74,7 +74,14 @@ def test_hotplug_agent(mixed: dict[str, Any]) -> None:
         {"id": 3, "enabled": False, "hotpluggable": True, "order": None},
     ]
     assert counts(domain["live"]) == (1, 4)
-    assert domain["hypervisor"] == {"count": 1, "vcpus": [{"id": 0, "state": "running"}]}
+    # The counts are libvirt's bookkeeping; ejects QEMU reported come from the history.
+    assert domain["hypervisor"] == {
+        "source": "libvirt",
+        "count": 1,
+        "vcpus": [{"id": 0, "state": "running"}],
+        "ejected": [],
+    }
+    assert domain["history"] == {"initial": None, "plugged": 0, "entries": []}
     assert domain["guest"] is None
     # The test driver has no guest-agent support: a configured agent it cannot query.
     assert domain["agent"]["configured"] is True

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import pytest
 
 from virthotplug.core import drift
+from virthotplug.core.policy import Policy
 from virthotplug.core.view import (
     AGENT_BAD_REPLY,
     AGENT_CONNECTED,
@@ -16,12 +18,17 @@ from virthotplug.core.view import (
     AGENT_UNRESPONSIVE,
     AGENT_UNSUPPORTED,
     CRITICAL,
+    HISTORY_EJECTED,
+    HISTORY_REJECTED,
+    HISTORY_UNPLUG_TIMEOUT,
     INFO,
     WARNING,
     AgentStatus,
     CountLayer,
     Finding,
     GuestLayer,
+    History,
+    HistoryEntry,
     HypervisorLayer,
     VcpuView,
 )
@@ -100,6 +107,9 @@ def test_codes_are_stable() -> None:
         "agent-bad-reply",
         "agent-unsupported",
         "domain-not-running",
+        "guest-cpu-kept-offline",
+        "guest-rejected-vcpu",
+        "match-unreachable",
         "ost-flood",
     )
 
@@ -139,16 +149,116 @@ def test_config_live_mismatch_is_info() -> None:
     assert "next cold boot" in finding.message
 
 
-def test_guest_missing_vcpus_after_a_stale_unplug() -> None:
-    # libvirt gave up on an unplug (timeout) that the guest later completed: live still
-    # counts 2, the guest only has cpu0.
+def test_guest_missing_vcpus_without_history_names_both_causes() -> None:
+    # libvirt counts 2, the guest only has cpu0, and nothing is on record: a stale unplug
+    # and a hot-add the guest did not take look the same from the layers alone.
     v = view(config=(2, 4), live=(2, 4), guest_layer=guest("0"))
     finding = only(v, "guest-missing-vcpus")
     assert finding.severity == CRITICAL
     assert "counts 2 live vCPUs but the guest has only 1 (0)" in finding.message
-    assert "restart the domain" in finding.message
+    assert "an unplug libvirt gave up on" in finding.message
+    assert "did not take a hot-added vCPU" in finding.message
     assert "guest-extra-vcpus" not in codes(v)
     assert "guest-cpu-offline" not in codes(v)
+
+
+def test_guest_missing_vcpus_after_a_recorded_stale_unplug() -> None:
+    history = History().add(HistoryEntry(HISTORY_UNPLUG_TIMEOUT, 1, 10.0, "setvcpus"))
+    history = history.add(HistoryEntry(HISTORY_EJECTED, 1, 10.2, "ost"))
+    v = dataclasses.replace(view(live=(2, 4), guest_layer=guest("0")), history=history)
+    finding = only(v, "guest-missing-vcpus")
+    assert finding.severity == CRITICAL
+    assert "vcpu1 was reported ejected by QEMU (ost)" in finding.message
+    assert "virthotplug setvcpus d1 1" in finding.message
+    assert "did not take" not in finding.message
+
+
+def test_guest_rejected_vcpu_from_history() -> None:
+    # Debian 13 under TCG: OST said success, the guest lists only cpu0.
+    history = History().add(HistoryEntry(HISTORY_REJECTED, 1, 10.0, "watch"))
+    v = dataclasses.replace(view(live=(2, 4), guest_layer=guest("0")), history=history)
+    finding = only(v, "guest-rejected-vcpu")
+    assert finding.severity == WARNING
+    assert finding.message.startswith("vcpu1 was hot-added and QEMU's OST said")
+    assert "6.12.75" in finding.message and "nr_cpus=" in finding.message
+    assert "\n" not in finding.message
+    assert "guest-missing-vcpus" not in codes(v)
+
+
+def test_a_rejection_explains_only_its_own_vcpu() -> None:
+    history = History().add(HistoryEntry(HISTORY_REJECTED, 2, 10.0, "watch"))
+    v = dataclasses.replace(
+        view(config=(3, 4), live=(3, 4), guest_layer=guest("0")), history=history
+    )
+    assert codes(v) == ["guest-rejected-vcpu", "guest-missing-vcpus"]
+
+
+# --- the effective policy ---------------------------------------------------------------
+
+
+def found(v: VcpuView, policy: Policy, settling: bool = False) -> list[tuple[str, str]]:
+    return [(f.code, f.severity) for f in drift.find_drift(v, policy, settling=settling)]
+
+
+def test_match_count_keeps_cpus_offline_on_purpose() -> None:
+    v = view(live=(4, 4), config=(4, 4), guest_layer=guest("0-3", "0-1"))
+    assert found(v, Policy(mode="match", count=2)) == [("guest-cpu-kept-offline", INFO)]
+
+
+def test_match_below_target_still_warns_about_the_cpus_it_will_online() -> None:
+    v = view(live=(4, 4), config=(4, 4), guest_layer=guest("0-3", "0"))
+    f = drift.find_drift(v, Policy(mode="match", count=2))
+    assert [(x.code, x.severity, x.cpus) for x in f] == [
+        ("guest-cpu-offline", WARNING, (1,)),
+        ("guest-cpu-kept-offline", INFO, (2, 3)),
+    ]
+
+
+def test_excluded_cpus_are_info() -> None:
+    v = view(live=(4, 4), config=(4, 4), guest_layer=guest("0-3", "0-2"))
+    policy = Policy(mode="online", exclude=frozenset({3}))
+    finding = [f for f in drift.find_drift(v, policy) if f.code == "guest-cpu-kept-offline"]
+    assert finding[0].severity == INFO and "exclude 3" in finding[0].message
+    assert "guest-cpu-offline" not in [f.code for f in drift.find_drift(v, policy)]
+
+
+def test_ignore_keeps_every_offline_cpu_as_info() -> None:
+    v = view(live=(4, 4), config=(4, 4), guest_layer=guest("0-3", "0"))
+    assert found(v, Policy(mode="ignore")) == [("guest-cpu-kept-offline", INFO)]
+
+
+def test_report_still_warns() -> None:
+    v = view(live=(4, 4), config=(4, 4), guest_layer=guest("0-3", "0"))
+    assert found(v, Policy(mode="report")) == [("guest-cpu-offline", WARNING)]
+
+
+def test_unreachable_match_target_is_a_warning() -> None:
+    # match --count 2 with one CPU present used to be silent.
+    v = view(live=(1, 4), config=(1, 4), guest_layer=guest("0"))
+    assert found(v, Policy(mode="match", count=2)) == [("match-unreachable", WARNING)]
+    finding = only_with(v, Policy(mode="match", count=2), "match-unreachable")
+    assert "the guest has only 1 CPUs present" in finding.message
+
+
+def test_reachable_match_target_is_silent() -> None:
+    v = view(live=(2, 4), guest_layer=guest("0-1", "0"))
+    assert found(v, Policy(mode="match", count=2)) == [("guest-cpu-offline", WARNING)]
+    assert found(view(live=(2, 4)), Policy(mode="match")) == []
+
+
+def test_settling_caps_guest_dependent_findings_at_warning() -> None:
+    # Right after a resume the guest has not yet handled a hot-add made while paused.
+    v = view(live=(2, 4), guest_layer=guest("0"))
+    assert ("guest-missing-vcpus", WARNING) in found(v, Policy(), settling=True)
+    assert ("guest-missing-vcpus", CRITICAL) in found(v, Policy())
+    bad = view(agent=AGENT_BAD_REPLY)
+    assert ("agent-bad-reply", CRITICAL) in found(bad, Policy(), settling=True)
+
+
+def only_with(v: VcpuView, policy: Policy, code: str) -> Finding:
+    matches = [f for f in drift.find_drift(v, policy) if f.code == code]
+    assert len(matches) == 1
+    return matches[0]
 
 
 def test_guest_extra_vcpus() -> None:
@@ -237,7 +347,9 @@ def test_order_is_most_fundamental_first() -> None:
 
 
 def test_every_emitted_code_is_declared() -> None:
+    rejected = History().add(HistoryEntry(HISTORY_REJECTED, 1, 1.0, "watch"))
     samples = [
+        dataclasses.replace(view(live=(2, 4), guest_layer=guest("0")), history=rejected),
         view(config=(1, 4), live=(3, 4), hypervisor=2, guest_layer=guest("0-3", "0")),
         view(live=(3, 4), guest_layer=guest("0")),
         view(agent=AGENT_NOT_CONFIGURED),
@@ -245,4 +357,6 @@ def test_every_emitted_code_is_declared() -> None:
         view(live=None, hypervisor=None),
     ]
     emitted = {code for sample in samples for code in codes(sample)}
+    emitted |= {c for c, _ in found(samples[2], Policy(mode="match", count=1))}
+    emitted |= {c for c, _ in found(samples[2], Policy(mode="match", count=4))}
     assert emitted <= set(drift.ALL_CODES)

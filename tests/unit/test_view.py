@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import OrderedDict
@@ -16,13 +17,19 @@ from virthotplug.core.errors import EXIT_AGENT, AgentError, GuestDataError
 from virthotplug.core.view import (
     AGENT_CONNECTED,
     CRITICAL,
+    HISTORY_EJECTED,
+    HISTORY_PLUGGED,
+    HISTORY_UNPLUG_TIMEOUT,
     INFO,
     MAX_GUEST_REPLY_KEYS,
+    MAX_HISTORY_ENTRIES,
     WARNING,
     AgentStatus,
     CountLayer,
     Finding,
     GuestLayer,
+    History,
+    HistoryEntry,
     HypervisorLayer,
     VcpuEntry,
     VcpuView,
@@ -245,6 +252,7 @@ VIEW_KEYS = [
     "live",
     "hypervisor",
     "guest",
+    "history",
     "findings",
 ]
 
@@ -284,7 +292,8 @@ def test_to_dict_keys_are_stable() -> None:
     assert list(data["config"]) == ["current", "maximum", "vcpus"]
     assert list(data["config"]["vcpus"][0]) == ["id", "enabled", "hotpluggable", "order"]
     assert list(data["live"]) == ["current", "maximum", "vcpus"]
-    assert list(data["hypervisor"]) == ["count", "vcpus"]
+    assert list(data["hypervisor"]) == ["source", "count", "vcpus", "ejected"]
+    assert list(data["history"]) == ["initial", "plugged", "entries"]
     assert list(data["guest"]) == ["present", "online", "offline", "offlinable"]
     assert list(data["findings"][0]) == ["code", "severity", "message", "cpus"]
 
@@ -301,13 +310,16 @@ def test_to_dict_values() -> None:
     }
     assert data["live"] == {"current": 3, "maximum": 4, "vcpus": []}
     assert data["hypervisor"] == {
+        "source": "libvirt",
         "count": 3,
         "vcpus": [
             {"id": 0, "state": "running"},
             {"id": 1, "state": "blocked"},
             {"id": 2, "state": "running"},
         ],
+        "ejected": [],
     }
+    assert data["history"] == {"initial": None, "plugged": 0, "entries": []}
     assert data["guest"] == {
         "present": [0, 1, 2],
         "online": [0, 1],
@@ -356,3 +368,41 @@ def test_view_properties() -> None:
     assert VcpuView(**{**view.__dict__, "findings": findings}).worst_severity == CRITICAL
     assert VcpuView(**{**view.__dict__, "findings": ()}).worst_severity is None
     assert not VcpuView(**{**view.__dict__, "live": None}).active
+
+
+# --- history ----------------------------------------------------------------------------
+
+
+def test_history_latest_entry_per_vcpu_decides() -> None:
+    history = History()
+    history = history.add(HistoryEntry(HISTORY_UNPLUG_TIMEOUT, 2, 100.0, "setvcpus"))
+    history = history.add(HistoryEntry(HISTORY_EJECTED, 2, 100.5, "ost"))
+    assert history.gone == {2}
+    assert history.vcpus(HISTORY_EJECTED) == {2}
+    history = history.add(HistoryEntry(HISTORY_PLUGGED, 2, 200.0, "ost"))
+    assert history.gone == frozenset()
+    assert history.plugged == 1
+
+
+def test_history_drops_a_repeat_seen_by_two_observers() -> None:
+    entry = HistoryEntry(HISTORY_PLUGGED, 1, 100.0, "ost")
+    history = History().add(entry).add(HistoryEntry(HISTORY_PLUGGED, 1, 100.2, "setvcpus"))
+    assert history.plugged == 1 and len(history.entries) == 1
+
+
+def test_history_is_bounded_and_keeps_counting() -> None:
+    history = History().with_initial(1)
+    for i in range(100):
+        history = history.add(HistoryEntry(HISTORY_PLUGGED, 1, float(i * 10), "ost"))
+    assert len(history.entries) == MAX_HISTORY_ENTRIES
+    assert history.plugged == 100 and history.created == 101
+    assert history.with_initial(5).initial == 1
+
+
+def test_to_dict_reports_ejects_in_the_hypervisor_layer() -> None:
+    history = History().add(HistoryEntry(HISTORY_EJECTED, 2, 5.0, "device-deleted"))
+    data = to_dict(dataclasses.replace(running_view(), history=history))
+    assert data["hypervisor"]["ejected"] == [2]
+    assert data["history"]["entries"] == [
+        {"kind": "ejected", "vcpu": 2, "time": 5.0, "source": "device-deleted"}
+    ]

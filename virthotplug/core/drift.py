@@ -1,14 +1,23 @@
 """Drift findings: where the four layers of a domain's vCPU view disagree.
 
-A pure function of a ``VcpuView``. Codes are stable (they appear in JSON output, metrics and
-monitoring checks); messages are one line for humans.
+A pure function of a ``VcpuView`` (its history included), the domain's effective policy and
+whether the guest is still settling. Codes are stable (they appear in JSON output, metrics
+and monitoring checks); messages are one line for humans.
+
+The policy decides what is drift: CPUs it keeps offline on purpose (``exclude``, every CPU
+under ``ignore``, those beyond a ``match`` count) are reported at info level as
+``guest-cpu-kept-offline``, never as a warning; a ``match`` target the guest cannot reach is
+``match-unreachable``. The history tells a stale vCPU (an unplug libvirt gave up on that the
+guest completed) from a hot-add the guest did not take. While ``settling`` (right after a
+resume, restore or hot-add), findings that depend on the guest are at most warnings.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 from virthotplug.core.cpulist import format_cpulist
+from virthotplug.core.policy import MODE_IGNORE, Policy, kept_offline, unreachable
 from virthotplug.core.view import (
     AGENT_BAD_REPLY,
     AGENT_NOT_CONFIGURED,
@@ -16,6 +25,9 @@ from virthotplug.core.view import (
     AGENT_UNRESPONSIVE,
     AGENT_UNSUPPORTED,
     CRITICAL,
+    HISTORY_EJECTED,
+    HISTORY_REJECTED,
+    HISTORY_UNPLUG_TIMEOUT,
     INFO,
     WARNING,
     Finding,
@@ -23,7 +35,10 @@ from virthotplug.core.view import (
 )
 
 GUEST_CPU_OFFLINE = "guest-cpu-offline"
+GUEST_CPU_KEPT_OFFLINE = "guest-cpu-kept-offline"
 GUEST_MISSING_VCPUS = "guest-missing-vcpus"
+GUEST_REJECTED_VCPU = "guest-rejected-vcpu"
+MATCH_UNREACHABLE = "match-unreachable"
 GUEST_EXTRA_VCPUS = "guest-extra-vcpus"
 CONFIG_LIVE_MISMATCH = "config-live-mismatch"
 HYPERVISOR_LIVE_MISMATCH = "hypervisor-live-mismatch"
@@ -49,25 +64,60 @@ ALL_CODES = (
     AGENT_BAD_REPLY_CODE,
     AGENT_UNSUPPORTED_CODE,
     DOMAIN_NOT_RUNNING,
+    GUEST_CPU_KEPT_OFFLINE,
+    GUEST_REJECTED_VCPU,
+    MATCH_UNREACHABLE,
     OST_FLOOD,
 )
 
 
-def find_drift(view: VcpuView) -> tuple[Finding, ...]:
-    """Every finding for ``view``, most fundamental first."""
+# Findings whose truth depends on the guest having caught up with the host.
+GUEST_DEPENDENT = frozenset(
+    {GUEST_CPU_OFFLINE, GUEST_MISSING_VCPUS, GUEST_EXTRA_VCPUS, GUEST_REJECTED_VCPU}
+)
+
+# One line on what makes a guest kernel refuse a hot-added CPU although its ACPI accepted
+# it (lab notes: the Debian 13 guest under TCG).
+REJECTION_CAUSES = (
+    "known causes: a guest kernel with no room in its possible-CPU mask — Linux 6.12.75 or "
+    "later with no detected hypervisor on firmware older than ACPI 6.3 (as under TCG), or a "
+    "guest booted with nr_cpus=/maxcpus="
+)
+
+Check = Callable[[VcpuView, Optional[Policy]], Iterable[Finding]]
+
+
+def find_drift(
+    view: VcpuView, policy: Optional[Policy] = None, *, settling: bool = False
+) -> tuple[Finding, ...]:
+    """Every finding for ``view`` under ``policy`` (None: unknown, judged like 'report'),
+    most fundamental first."""
     if not view.active:
         return (Finding(DOMAIN_NOT_RUNNING, INFO, f"domain is {view.state}: only config known"),)
-    checks: tuple[Callable[[VcpuView], Iterable[Finding]], ...] = (
+    checks: tuple[Check, ...] = (
         _config_vs_live,
         _hypervisor_vs_live,
         _agent,
         _guest_count,
         _guest_offline,
+        _match,
     )
-    return tuple(finding for check in checks for finding in check(view))
+    found = tuple(finding for check in checks for finding in check(view, policy))
+    return tuple(_settle(f) for f in found) if settling else found
 
 
-def _config_vs_live(view: VcpuView) -> Iterable[Finding]:
+def _settle(finding: Finding) -> Finding:
+    if finding.code not in GUEST_DEPENDENT or finding.severity != CRITICAL:
+        return finding
+    return Finding(
+        finding.code,
+        WARNING,
+        f"{finding.message} (the guest may still be catching up)",
+        finding.cpus,
+    )
+
+
+def _config_vs_live(view: VcpuView, _policy: Optional[Policy]) -> Iterable[Finding]:
     if view.config is None or view.live is None:
         return
     if view.config.current != view.live.current:
@@ -79,7 +129,7 @@ def _config_vs_live(view: VcpuView) -> Iterable[Finding]:
         )
 
 
-def _hypervisor_vs_live(view: VcpuView) -> Iterable[Finding]:
+def _hypervisor_vs_live(view: VcpuView, _policy: Optional[Policy]) -> Iterable[Finding]:
     if view.hypervisor is None or view.live is None:
         return
     if view.hypervisor.count != view.live.current:
@@ -99,7 +149,7 @@ _AGENT_FINDINGS = {
 }
 
 
-def _agent(view: VcpuView) -> Iterable[Finding]:
+def _agent(view: VcpuView, _policy: Optional[Policy]) -> Iterable[Finding]:
     state = view.agent.state
     if state == AGENT_NOT_CONFIGURED:
         yield _agent_not_configured(view)
@@ -120,18 +170,12 @@ def _agent_not_configured(view: VcpuView) -> Finding:
     )
 
 
-def _guest_count(view: VcpuView) -> Iterable[Finding]:
+def _guest_count(view: VcpuView, _policy: Optional[Policy]) -> Iterable[Finding]:
     if view.guest is None or view.live is None:
         return
     present, counted = len(view.guest.present), view.live.current
     if present < counted:
-        yield Finding(
-            GUEST_MISSING_VCPUS,
-            CRITICAL,
-            f"libvirt counts {counted} live vCPUs but the guest has only {present} "
-            f"({format_cpulist(view.guest.present)}): an unplug libvirt gave up on may have "
-            "completed; restart the domain to resync and do not hot-add before",
-        )
+        yield from _missing(view, counted, present)
     elif present > counted:
         extra = sorted(view.guest.present)[counted:]
         yield Finding(
@@ -142,12 +186,76 @@ def _guest_count(view: VcpuView) -> Iterable[Finding]:
         )
 
 
-def _guest_offline(view: VcpuView) -> Iterable[Finding]:
+def _missing(view: VcpuView, counted: int, present: int) -> Iterable[Finding]:
+    """The guest has fewer CPUs than libvirt counts: the history says why, when it can."""
+    history = view.history
+    rejected = sorted(history.vcpus(HISTORY_REJECTED))
+    for vcpu in rejected:
+        yield Finding(
+            GUEST_REJECTED_VCPU,
+            WARNING,
+            f"vcpu{vcpu} was hot-added and QEMU's OST said the guest's ACPI accepted it "
+            f"(success), but the guest lists no new CPU; {REJECTION_CAUSES}",
+        )
+    unexplained = counted - present - len(rejected)
+    if unexplained <= 0:
+        return
+    head = f"libvirt counts {counted} live vCPUs but the guest has only {present} "
+    head += f"({format_cpulist(view.guest.present) if view.guest else '-'})"
+    gone = history.gone
+    if gone:
+        yield Finding(GUEST_MISSING_VCPUS, CRITICAL, f"{head}: {_stale_text(view, gone)}")
+        return
+    yield Finding(
+        GUEST_MISSING_VCPUS,
+        CRITICAL,
+        f"{head}: no unplug or hot-add of this domain is on record, so either an unplug "
+        "libvirt gave up on completed in the guest (a stale vCPU), or the guest did not take a "
+        "hot-added vCPU; do not hot-add before 'virthotplug setvcpus' or a restart resolves it",
+    )
+
+
+def _stale_text(view: VcpuView, gone: frozenset[int]) -> str:
+    latest = view.history.last_by_vcpu()
+    parts = []
+    for vcpu in sorted(gone):
+        entry = latest[vcpu]
+        if entry.kind == HISTORY_EJECTED:
+            parts.append(f"vcpu{vcpu} was reported ejected by QEMU ({entry.source})")
+        elif entry.kind == HISTORY_UNPLUG_TIMEOUT:
+            parts.append(f"the unplug of vcpu{vcpu} timed out in libvirt")
+    return (
+        "; ".join(parts)
+        + ": libvirt still counts a vCPU the guest gave up (stale); 'virthotplug setvcpus "
+        f"{view.name} {len(view.guest.present) if view.guest else 1}' repeats the unplug "
+        "request where this host accepts it, else restart the domain"
+    )
+
+
+def _guest_offline(view: VcpuView, policy: Optional[Policy]) -> Iterable[Finding]:
     offline = view.guest.offline if view.guest is not None else frozenset()
-    if offline:
+    kept = kept_offline(view, policy) & offline
+    pending = offline - kept
+    if pending:
         yield Finding(
             GUEST_CPU_OFFLINE,
             WARNING,
-            f"CPU {format_cpulist(offline)} present in the guest but offline",
-            tuple(sorted(offline)),
+            f"CPU {format_cpulist(pending)} present in the guest but offline",
+            tuple(sorted(pending)),
         )
+    if kept and policy is not None:
+        why = "policy 'ignore'" if policy.mode == MODE_IGNORE else f"policy '{policy.mode}'"
+        if policy.exclude & kept:
+            why += f" (exclude {format_cpulist(policy.exclude & kept)})"
+        yield Finding(
+            GUEST_CPU_KEPT_OFFLINE,
+            INFO,
+            f"CPU {format_cpulist(kept)} offline on purpose: kept offline by {why}",
+            tuple(sorted(kept)),
+        )
+
+
+def _match(view: VcpuView, policy: Optional[Policy]) -> Iterable[Finding]:
+    why = unreachable(view, policy) if policy is not None else None
+    if why is not None:
+        yield Finding(MATCH_UNREACHABLE, WARNING, f"policy 'match' cannot be met: {why}")

@@ -230,6 +230,44 @@ def decide(view: VcpuView, policy: Policy) -> Plan:
     return _match(view.guest, policy.exclude, target)
 
 
+def match_target(view: VcpuView, policy: Policy) -> Optional[int]:
+    """The online count a 'match' policy aims at (None for other modes, or unknown)."""
+    if policy.mode != MODE_MATCH:
+        return None
+    target = policy.count if policy.count is not None else _live_count(view)
+    return None if target is None else max(target, 1)
+
+
+def unreachable(view: VcpuView, policy: Policy) -> Optional[str]:
+    """Why a 'match' policy cannot reach its target in this guest; None when it can (or
+    when it is not a 'match' policy, or the guest layer is unknown)."""
+    target = match_target(view, policy)
+    if target is None or view.guest is None:
+        return None
+    plan = decide(view, policy)
+    after = len(view.guest.online) + len(plan.online) - len(plan.offline)
+    if after == target:
+        return None
+    return f"target {target}, {after} reachable: " + _shortfall(
+        view.guest, policy.exclude, target, after
+    )
+
+
+def kept_offline(view: VcpuView, policy: Optional[Policy]) -> frozenset[int]:
+    """Offline guest CPUs the policy keeps offline on purpose: excluded ones, every one
+    under 'ignore', and under 'match' those beyond the target count."""
+    if view.guest is None:
+        return frozenset()
+    offline = view.guest.offline
+    if policy is None:
+        return frozenset()
+    if policy.mode == MODE_IGNORE:
+        return offline
+    if policy.mode == MODE_MATCH:
+        return offline - decide(view, policy).online
+    return offline & policy.exclude
+
+
 def _no_guest_note(view: VcpuView) -> str:
     if view.state != "running":
         return f"no guest layer: domain is {view.state}"

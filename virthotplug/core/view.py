@@ -5,13 +5,16 @@
     hypervisor  per-vCPU state of what QEMU has plugged (bulk stats ``vcpu.N.state``)
     guest       what the guest OS has present / online / offlinable (guest agent)
 
-Plus the drift findings computed from them (``drift.find_drift``). Nothing here talks to
-libvirt; ``collect`` fills these objects and ``to_dict`` gives the stable JSON form.
+Plus the domain's ``History`` (what the host itself does not keep: unplug requests that timed
+out, ejects QEMU reported, hot-adds the guest did not take, vCPUs plugged since the domain
+started; kept in the live definition's metadata by ``host.history``) and the drift findings
+computed from all of it (``drift.find_drift``). Nothing here talks to libvirt; ``collect``
+fills these objects and ``to_dict`` gives the stable JSON form.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from virthotplug.core.cpulist import MAX_CPU_ID, CpulistError, format_cpulist, parse_cpulist
@@ -82,6 +85,84 @@ class GuestLayer:
         return self.present - self.online
 
 
+# History entry kinds (stable strings: they appear in JSON output and in the metadata).
+HISTORY_UNPLUG_TIMEOUT = "unplug-timeout"  # libvirt gave up waiting for an unplug
+HISTORY_EJECTED = "ejected"  # QEMU reported the vCPU ejected (OST or DEVICE_DELETED)
+HISTORY_REJECTED = "rejected"  # QEMU's OST said success, the guest never listed a new CPU
+HISTORY_PLUGGED = "plugged"  # a hot-add QEMU reported (OST device check success)
+HISTORY_KINDS = (HISTORY_UNPLUG_TIMEOUT, HISTORY_EJECTED, HISTORY_REJECTED, HISTORY_PLUGGED)
+MAX_HISTORY_ENTRIES = 32  # the latest are kept; counts survive in ``plugged``
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One thing seen about one vCPU (libvirt's vCPU id), at ``time`` (Unix seconds)."""
+
+    kind: str
+    vcpu: int
+    time: float
+    source: str = ""  # how it was seen: "ost", "device-deleted", "setvcpus", ...
+
+
+@dataclass(frozen=True)
+class History:
+    """What virthotplug saw happen to a running domain's vCPUs during this run.
+
+    ``initial`` is the live vCPU count when the record began and ``plugged`` the vCPUs
+    plugged since, so ``initial + plugged`` is how many vCPUs QEMU has created in the
+    domain's life as far as anyone recorded it (under TCG QEMU cannot create more than
+    the maximum).
+    """
+
+    entries: tuple[HistoryEntry, ...] = ()
+    plugged: int = 0
+    initial: Optional[int] = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.entries and self.plugged == 0 and self.initial is None
+
+    def last_by_vcpu(self) -> dict[int, HistoryEntry]:
+        """The latest entry per vCPU: what is known about it now."""
+        latest: dict[int, HistoryEntry] = {}
+        for entry in sorted(self.entries, key=lambda e: e.time):
+            latest[entry.vcpu] = entry
+        return latest
+
+    def vcpus(self, kind: str) -> frozenset[int]:
+        """vCPUs whose latest entry is ``kind``."""
+        return frozenset(v for v, e in self.last_by_vcpu().items() if e.kind == kind)
+
+    @property
+    def gone(self) -> frozenset[int]:
+        """vCPUs unplugged as far as the guest and QEMU go (ejected, or an unplug that timed
+        out: libvirt may still count them)."""
+        return self.vcpus(HISTORY_EJECTED) | self.vcpus(HISTORY_UNPLUG_TIMEOUT)
+
+    @property
+    def created(self) -> Optional[int]:
+        """vCPUs QEMU has created in the domain's life, when the record knows its start."""
+        return None if self.initial is None else self.initial + self.plugged
+
+    def add(self, entry: HistoryEntry) -> History:
+        """This history with ``entry``; a repeat of an entry already kept changes nothing
+        (watch and setvcpus may both see the same QEMU event)."""
+        if any(_same(entry, e) for e in self.entries):
+            return self
+        entries = tuple(sorted((*self.entries, entry), key=lambda e: e.time))
+        plugged = self.plugged + (1 if entry.kind == HISTORY_PLUGGED else 0)
+        return History(entries[-MAX_HISTORY_ENTRIES:], plugged, self.initial)
+
+    def with_initial(self, count: int) -> History:
+        return self if self.initial is not None else History(self.entries, self.plugged, count)
+
+
+def _same(a: HistoryEntry, b: HistoryEntry) -> bool:
+    # QEMU's event timestamp is the same for every observer; setvcpus' own records are
+    # taken within the same second of the event they stand for.
+    return a.kind == b.kind and a.vcpu == b.vcpu and abs(a.time - b.time) < 1.0
+
+
 @dataclass(frozen=True)
 class AgentStatus:
     configured: bool
@@ -112,6 +193,8 @@ class VcpuView:
     live: Optional[CountLayer] = None
     hypervisor: Optional[HypervisorLayer] = None
     guest: Optional[GuestLayer] = None
+    history: History = field(default_factory=History)
+    domain_type: str = ""  # the definition's <domain type=...>: "kvm", "qemu" (TCG), "test"
     findings: tuple[Finding, ...] = ()
 
     @property
@@ -175,8 +258,9 @@ def to_dict(view: VcpuView) -> dict[str, Any]:
         },
         "config": _count_dict(view.config),
         "live": _count_dict(view.live),
-        "hypervisor": _hypervisor_dict(view.hypervisor),
+        "hypervisor": _hypervisor_dict(view.hypervisor, view.history),
         "guest": _guest_dict(view.guest),
+        "history": history_dict(view.history),
         "findings": [
             {"code": f.code, "severity": f.severity, "message": f.message, "cpus": list(f.cpus)}
             for f in view.findings
@@ -197,12 +281,18 @@ def _count_dict(layer: Optional[CountLayer]) -> Optional[dict[str, Any]]:
     }
 
 
-def _hypervisor_dict(layer: Optional[HypervisorLayer]) -> Optional[dict[str, Any]]:
+def _hypervisor_dict(
+    layer: Optional[HypervisorLayer], history: History
+) -> Optional[dict[str, Any]]:
     if layer is None:
         return None
+    # The per-vCPU states are libvirt's bookkeeping, not a question put to QEMU; what QEMU
+    # itself reported (ejects) comes from the domain's history.
     return {
+        "source": "libvirt",
         "count": layer.count,
         "vcpus": [{"id": i, "state": s} for i, s in sorted(layer.vcpus.items())],
+        "ejected": sorted(history.vcpus(HISTORY_EJECTED)),
     }
 
 
@@ -214,4 +304,15 @@ def _guest_dict(layer: Optional[GuestLayer]) -> Optional[dict[str, Any]]:
         "online": sorted(layer.online),
         "offline": sorted(layer.offline),
         "offlinable": sorted(layer.offlinable),
+    }
+
+
+def history_dict(history: History) -> dict[str, Any]:
+    return {
+        "initial": history.initial,
+        "plugged": history.plugged,
+        "entries": [
+            {"kind": e.kind, "vcpu": e.vcpu, "time": round(e.time, 3), "source": e.source}
+            for e in history.entries
+        ],
     }

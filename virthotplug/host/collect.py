@@ -22,7 +22,6 @@ from typing import Any, Optional, Sequence, Union
 
 from virthotplug.core import errors
 from virthotplug.core.drift import find_drift
-from virthotplug.core.settings import AGENT_TIMEOUT
 from virthotplug.core.view import (
     AGENT_BAD_REPLY,
     AGENT_CONNECTED,
@@ -34,6 +33,7 @@ from virthotplug.core.view import (
     VCPU_STATES,
     AgentStatus,
     CountLayer,
+    Finding,
     GuestLayer,
     HypervisorLayer,
     VcpuView,
@@ -43,11 +43,12 @@ from virthotplug.core.workpool import CallResult, CallTimeout, bounded_map
 from virthotplug.host.connection import DOMAIN_STATES, Connection
 from virthotplug.host.domain import Domain
 from virthotplug.host.domxml import DomainXML, parse_domain_xml
+from virthotplug.host.history import ContextFn, DomainContext
 from virthotplug.host.libvirt_types import Stats
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AGENT_TIMEOUT = AGENT_TIMEOUT.default  # the [watch] setting (core.settings)
+DEFAULT_AGENT_TIMEOUT = 5.0
 DEFAULT_WORKERS = 8
 DEFINITION_WORKERS = 4  # definition reads in flight at once (libvirtd serves 5 per client)
 MAX_HOSTS_AT_ONCE = 16  # hosts read in parallel by read_hosts
@@ -74,6 +75,7 @@ class _Raw:
     dom: Domain
     xml: DomainXML
     view: VcpuView
+    context: Optional[DomainContext] = None  # policy and history (``history.contexts``)
 
 
 def read_views(
@@ -83,6 +85,7 @@ def read_views(
     agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
     workers: int = DEFAULT_WORKERS,
     missing_ok: bool = False,
+    context: Optional[ContextFn] = None,
 ) -> ReadResult:
     """Views of the named domains (virsh-style identifiers), or of every domain.
 
@@ -101,8 +104,21 @@ def read_views(
             result.errors.append(item)
         elif item is not None:
             raws.append(item)
+    raws = [_with_context(r, context) for r in raws]
     result.views = _with_guest_layers(conn, raws, agent_timeout, workers)
     return result
+
+
+def _with_context(raw: _Raw, context: Optional[ContextFn]) -> _Raw:
+    """The domain's policy and history, for findings (and 'ignore': no agent query)."""
+    if context is None:
+        return raw
+    found = context(raw.dom, raw.xml, raw.view.active)
+    view = dataclasses.replace(raw.view, history=found.history)
+    if not found.queries_agent and view.agent.configured:
+        why = "policy 'ignore': the guest agent is not asked"
+        view = dataclasses.replace(view, agent=dataclasses.replace(view.agent, error=why))
+    return dataclasses.replace(raw, view=view, context=found)
 
 
 def read_hosts(
@@ -112,6 +128,7 @@ def read_hosts(
     readonly: bool = False,
     agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
     workers: int = DEFAULT_WORKERS,
+    context: Optional[ContextFn] = None,
 ) -> ReadResult:
     """Read several hosts at once, results in the order of ``uris``.
 
@@ -121,14 +138,21 @@ def read_hosts(
     """
     if len(uris) == 1:
         with Connection(uris[0], readonly=readonly).open() as conn:
-            return read_views(conn, names, agent_timeout=agent_timeout, workers=workers)
+            return read_views(
+                conn, names, agent_timeout=agent_timeout, workers=workers, context=context
+            )
 
     def one(uri: Optional[str]) -> Union[ReadResult, DomainError]:
         conn = Connection(uri, readonly=readonly)
         try:
             with conn.open():
                 return read_views(
-                    conn, names, agent_timeout=agent_timeout, workers=workers, missing_ok=True
+                    conn,
+                    names,
+                    agent_timeout=agent_timeout,
+                    workers=workers,
+                    missing_ok=True,
+                    context=context,
                 )
         except errors.VirtHotplugError as exc:
             return DomainError(conn.uri, "", str(exc))
@@ -167,14 +191,16 @@ def _lookup_all(
     return domains
 
 
-def read_view(conn: Connection, dom: Domain, *, agent_timeout: float) -> VcpuView:
+def read_view(
+    conn: Connection, dom: Domain, *, agent_timeout: float, context: Optional[ContextFn] = None
+) -> VcpuView:
     """One domain's view (the reconciler's read path)."""
     stats = conn.bulk_stats([dom])
     if not stats:
         raise errors.NoDomainError(f"domain '{dom.name}' disappeared")
     _, record = stats[0]
     persistent = dom.is_persistent()
-    raw = _read_definitions(conn, dom, record, persistent)
+    raw = _with_context(_read_definitions(conn, dom, record, persistent), context)
     return _with_guest_layers(conn, [raw], agent_timeout, 1)[0]
 
 
@@ -305,7 +331,13 @@ def _with_guest_layers(
     conn: Connection, raws: list[_Raw], timeout: float, workers: int
 ) -> list[VcpuView]:
     """Query the agent of every running domain that has one, in parallel, then find drift."""
-    queried = [r for r in raws if r.view.agent.configured and r.view.state == "running"]
+    queried = [
+        r
+        for r in raws
+        if r.view.agent.configured
+        and r.view.state == "running"
+        and (r.context is None or r.context.queries_agent)
+    ]
     outcomes = _query_agents(conn, queried, workers, timeout)
     agent_views = {}
     for raw, outcome in zip(queried, outcomes):
@@ -316,7 +348,13 @@ def _with_guest_layers(
             error = errors.AgentNotConnectedError(str(error), code=error.code)
         agent_views[raw.view.uuid] = _guest_view(raw, outcome.value, error)
     views = [agent_views.get(r.view.uuid, r.view) for r in raws]
-    return [dataclasses.replace(v, findings=find_drift(v)) for v in views]
+    return [dataclasses.replace(v, findings=_findings(v, r.context)) for v, r in zip(views, raws)]
+
+
+def _findings(view: VcpuView, context: Optional[DomainContext]) -> tuple[Finding, ...]:
+    if context is None:
+        return find_drift(view)
+    return find_drift(view, context.policy, settling=context.settling)
 
 
 def _query_agents(

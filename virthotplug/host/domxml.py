@@ -11,6 +11,16 @@ The project's metadata element lives in its own namespace (see ``NAMESPACE``)::
     </metadata>
 
 Its attribute values are kept as raw strings; the policy module validates them.
+
+The domain's vCPU history (``host.history``) is a separate element in a namespace of its own
+(``HISTORY_NAMESPACE``), written to the live definition only, so that it ends with the
+domain run and a METADATA_CHANGE subscription filtered on ``NAMESPACE`` never sees it::
+
+    <virthotplug-history:history
+        xmlns:virthotplug-history="http://virthotplug.org/xmlns/history/1.0"
+        initial="1" plugged="2">
+      <entry kind="unplug-timeout" vcpu="2" time="1764581234.512" source="setvcpus"/>
+    </virthotplug-history:history>
 """
 
 from __future__ import annotations
@@ -26,6 +36,11 @@ from virthotplug.core.view import VcpuEntry
 NAMESPACE = "http://virthotplug.org/xmlns/policy/1.0"
 METADATA_KEY = "virthotplug"  # the prefix libvirt uses when it stores the element
 METADATA_ELEMENT = "policy"
+HISTORY_NAMESPACE = "http://virthotplug.org/xmlns/history/1.0"
+HISTORY_KEY = "virthotplug-history"
+HISTORY_ELEMENT = "history"
+HISTORY_ENTRY = "entry"
+MAX_HISTORY_XML_ENTRIES = 256  # what we read back; we write far fewer (view.MAX_HISTORY_ENTRIES)
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 MAX_XML_BYTES = 8 * 1024 * 1024  # far above any real domain; bounds what we hand to lxml
 
@@ -47,6 +62,15 @@ class Topology:
 
 
 @dataclass(frozen=True)
+class RawHistory:
+    """Our history element's raw attributes and entries' attributes (``host.history``
+    validates them)."""
+
+    attributes: Mapping[str, str]
+    entries: tuple[Mapping[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class DomainXML:
     """What virthotplug reads from one domain XML document (inactive or live)."""
 
@@ -63,6 +87,7 @@ class DomainXML:
     agent_channel_state: Optional[str] = None
     policy: Optional[Mapping[str, str]] = None  # raw attributes of our metadata element
     domain_id: Optional[int] = None  # only in live XML of a running domain
+    history: Optional[RawHistory] = None  # our history element (live XML only)
 
     @property
     def hotpluggable_ids(self) -> frozenset[int]:
@@ -105,6 +130,7 @@ def parse_domain_xml(text: str | bytes, *, domain: str = "") -> DomainXML:
         agent_channel_state=_agent_channel_state(root),
         policy=_parse_policy(root),
         domain_id=_optional_int(root.get("id"), "domain id", ctx),
+        history=_parse_history(root.find(f"metadata/{{{HISTORY_NAMESPACE}}}{HISTORY_ELEMENT}")),
     )
 
 
@@ -116,6 +142,40 @@ def policy_element(attributes: Mapping[str, str]) -> str:
     for key in sorted(attributes):
         elem.set(key, attributes[key])
     return etree.tostring(elem, encoding="unicode")
+
+
+def history_element(history: RawHistory) -> str:
+    """Serialize our history element for ``virDomainSetMetadata`` (unqualified, like
+    ``policy_element``)."""
+    elem = etree.Element(HISTORY_ELEMENT)
+    for key in sorted(history.attributes):
+        elem.set(key, history.attributes[key])
+    for entry in history.entries:
+        child = etree.SubElement(elem, HISTORY_ENTRY)
+        for key in sorted(entry):
+            child.set(key, entry[key])
+    return etree.tostring(elem, encoding="unicode")
+
+
+def parse_history_element(text: str, *, domain: str) -> RawHistory:
+    """Parse our history element as returned by ``virDomainGetMetadata``."""
+    ctx = _Ctx(f"domain '{domain}' history metadata")
+    root = _parse_root(text, ctx)
+    if root.tag not in (f"{{{HISTORY_NAMESPACE}}}{HISTORY_ELEMENT}", HISTORY_ELEMENT):
+        raise ctx.error(f"unexpected element <{root.tag}>")
+    history = _parse_history(root)
+    assert history is not None
+    return history
+
+
+def _parse_history(elem: Optional[etree._Element]) -> Optional[RawHistory]:
+    if elem is None:
+        return None
+    children = [
+        c for c in elem if isinstance(c.tag, str) and etree.QName(c).localname == HISTORY_ENTRY
+    ]
+    entries = tuple(_attributes(c) for c in children[-MAX_HISTORY_XML_ENTRIES:])
+    return RawHistory(attributes=_attributes(elem), entries=entries)
 
 
 def parse_policy_element(text: str, *, domain: str) -> dict[str, str]:

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional
 from virthotplug.core.config import HostConfig
 from virthotplug.core.policy import MODES, EffectivePolicy, Plan, decide
 from virthotplug.core.view import VcpuView, to_dict
-from virthotplug.host import actions, collect
+from virthotplug.host import actions, collect, history
 from virthotplug.host.actions import FAILED, CpuOutcome, WriteResult
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
@@ -95,16 +95,20 @@ def reconcile(
     agent_timeout: Optional[float] = None,
     mode: Optional[str] = None,
     effective: Optional[EffectivePolicy] = None,
+    settling: bool = False,
 ) -> ReconcileResult:
     """Reconcile one domain once. ``hotadded``: guest CPU ids a hot-add hint says just
     appeared (online ones we never wrote are reported ``onlined-by-guest``). ``mode``
     overrides the effective mode (``setvcpus --online/--no-online``). ``effective``: the
-    domain's policy when the caller has just resolved it (saves its metadata reads)."""
+    domain's policy when the caller has just resolved it (saves its metadata reads).
+    ``settling``: the guest may still be catching up (findings that depend on it are at most
+    warnings). Under 'ignore' the guest agent is never asked."""
     timeout = agent_timeout if agent_timeout is not None else config.watch.agent_timeout
     with _lock_for(conn.uri, dom.uuid):
         resolved = effective if effective is not None else effective_policy(conn, dom, config)
         effective = _with_mode(resolved, mode)
-        before = collect.read_view(conn, dom, agent_timeout=timeout)
+        context = history.contexts(config, policy=effective.policy, settling=settling)
+        before = collect.read_view(conn, dom, agent_timeout=timeout, context=context)
         plan = decide(before, effective.policy)
         writes: tuple[WriteResult, ...] = ()
         after: Optional[VcpuView] = None if dry_run else before
@@ -117,7 +121,7 @@ def reconcile(
                 maximum=_maximum(before),
             )
             # Always re-read: a partial success or a timed-out write changes the guest.
-            after = collect.read_view(conn, dom, agent_timeout=timeout)
+            after = collect.read_view(conn, dom, agent_timeout=timeout, context=context)
     found = actions.outcomes(effective.policy, plan, before, after, writes, hotadded)
     return ReconcileResult(
         name=before.name,

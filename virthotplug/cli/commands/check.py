@@ -23,10 +23,17 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from virthotplug.core import report
-    from virthotplug.host import collect
+    from virthotplug.core.config import load_config
+    from virthotplug.host import collect, history
 
+    # Findings honour each domain's effective policy and history, as watch judges them.
+    context = history.contexts(load_config(args.config_file))
     result = collect.read_hosts(
-        uris(args), selected_names(args), readonly=args.readonly, agent_timeout=args.agent_timeout
+        uris(args),
+        selected_names(args),
+        readonly=args.readonly,
+        agent_timeout=args.agent_timeout,
+        context=context,
     )
     failures = [f"{e.host} {e.name}".strip() + f": {e.error}" for e in result.errors]
     status = report.check_status(result.views, len(failures))

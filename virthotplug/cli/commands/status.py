@@ -24,11 +24,18 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from virthotplug.core import report
-    from virthotplug.host import collect
+    from virthotplug.core.config import load_config
+    from virthotplug.host import collect, history
 
     hosts = uris(args)
+    # Findings honour each domain's effective policy and history, as watch judges them.
+    context = history.contexts(load_config(args.config_file))
     result = collect.read_hosts(
-        hosts, selected_names(args), readonly=args.readonly, agent_timeout=args.agent_timeout
+        hosts,
+        selected_names(args),
+        readonly=args.readonly,
+        agent_timeout=args.agent_timeout,
+        context=context,
     )
     if args.json:
         print(report.status_json(result.views, result.errors))
