@@ -1,6 +1,6 @@
 """The read path's call budget on the test driver: definition reads a few at a time, in
-order; one agent call per read where the capability record says the driver has no such API;
-names missing on a host.
+order; one agent call per read, on the shared connection, where the capability record says
+the driver has no such API; names missing on a host.
 """
 
 from __future__ import annotations
@@ -42,18 +42,19 @@ def many(tmp_path: Path) -> str:
 def test_no_agent_calls_once_the_driver_lacks_the_api(
     many: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[str] = []
-    real = Connection.guest_vcpus
+    leased: list[str] = []
+    real = Connection.agent_call
 
-    def counted(self: Connection, dom: Any) -> Any:
-        calls.append(dom.name)
-        return real(self, dom)
+    def counted(self: Connection, uuid: str, fn: Any) -> Any:
+        leased.append(uuid)
+        return real(self, uuid, fn)
 
-    monkeypatch.setattr(Connection, "guest_vcpus", counted)
+    monkeypatch.setattr(Connection, "agent_call", counted)
     with Connection(many) as conn:
         result = collect.read_views(conn, None, workers=4)
     assert len(result.views) == 30 and not result.errors
-    assert len(calls) == 1  # the driver's answer for one is every domain's
+    # One call on the shared connection answers for every domain: no agent lease opened.
+    assert leased == []
     for view in result.views:
         assert view.agent.state == "unsupported"
         assert view.agent.error == (

@@ -16,6 +16,7 @@ entries in ``ReadResult.errors``; they never stop the other domains from being r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
@@ -43,6 +44,7 @@ from virthotplug.core.workpool import CallResult, CallTimeout, bounded_map
 from virthotplug.host.connection import DOMAIN_STATES, Connection
 from virthotplug.host.domain import Domain
 from virthotplug.host.domxml import DomainXML, parse_domain_xml
+from virthotplug.host.errors import last_error
 from virthotplug.host.history import ContextFn, DomainContext
 from virthotplug.host.libvirt_types import Stats
 
@@ -358,14 +360,16 @@ def _findings(view: VcpuView, context: Optional[DomainContext]) -> tuple[Finding
 
 
 def _query_agents(
-    conn: Connection, queried: list[_Raw], workers: int, timeout: float
+    conn: Connection, queried: Sequence[_Raw], workers: int, timeout: float
 ) -> list[CallResult[Any]]:
     """``guest_vcpus`` of every domain in ``queried``, ``workers`` at a time.
 
     A driver without the guest-agent API (the capability record says so: the test driver)
-    is asked once, not once per domain: every call would fail the same way without reaching
-    a guest, so the driver's own answer for one (e.g. "read only access prevents ..." or
-    "not supported") is every domain's.
+    is asked once, on the shared connection, not once per domain: every call would fail
+    the same way without reaching a guest, so the driver's own answer for one (e.g. "read
+    only access prevents ..." or "not supported") is every domain's. No guest is behind
+    that call, so nothing can hang it, and no agent lease is opened for it (a lease is a
+    connection of its own; the test driver re-reads its whole node file for each one).
     """
     if not queried:
         return []
@@ -373,7 +377,8 @@ def _query_agents(
         return bounded_map(
             conn.guest_vcpus, [r.dom for r in queried], workers=workers, timeout=timeout
         )
-    first = bounded_map(conn.guest_vcpus, [queried[0].dom], workers=1, timeout=timeout)[0]
+    ask = functools.partial(_driver_answer, conn)
+    first = bounded_map(ask, [queried[0].dom], workers=1, timeout=timeout)[0]
     if first.error is None or first.timed_out:  # it answered after all: ask every domain
         rest = [r.dom for r in queried[1:]]
         return [first, *bounded_map(conn.guest_vcpus, rest, workers=workers, timeout=timeout)]
@@ -381,6 +386,19 @@ def _query_agents(
     return [first] + [
         CallResult(error=_same_error(first.error, asked, raw.view.name)) for raw in queried[1:]
     ]
+
+
+def _driver_answer(conn: Connection, dom: Domain) -> dict[str, str]:
+    """``guestVcpus`` on the shared connection: only for a driver that the capability
+    record says has no guest-agent API, so that no guest can hold the call up."""
+
+    def query() -> dict[str, str]:
+        reply = dom.raw.guestVcpus(0)
+        if reply is None:  # the binding's quirk: the error is only in the last error
+            raise last_error(conn.libvirt, dom.context)
+        return reply
+
+    return conn.call(query, context=dom.context)
 
 
 def _same_error(error: BaseException, asked: str, other: str) -> BaseException:
