@@ -17,9 +17,13 @@ mkdir -p "$out"
 work=$(mktemp -d "$out/build.XXXXXX")
 src="$work/virthotplug"
 mkdir "$src"
-(cd "$root" && git ls-files -z --cached --others --exclude-standard) |
-    (cd "$root" && xargs -0 cp --parents -t "$src" 2>/dev/null || true)
-# Deleted-but-tracked files make cp fail for that name only; the copy is what exists.
+if git -C "$root" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    # Tracked and new files; a tracked file deleted in the work tree is simply not there.
+    (cd "$root" && git ls-files -z --cached --others --exclude-standard) |
+        tar -C "$root" --null -T - --ignore-failed-read -cf - 2>/dev/null | tar -C "$src" -xf -
+else  # an unpacked tarball
+    tar -C "$root" --exclude=./.venv --exclude=./build --exclude=./.git -cf - . | tar -C "$src" -xf -
+fi
 
 if ! (cd "$src" && dpkg-checkbuilddeps) >/dev/null 2>&1 || ! command -v lintian >/dev/null; then
     log "installing build dependencies and lintian"
