@@ -163,7 +163,13 @@ class HostSession:
         """First connection, in the caller's thread: a bad URI fails the start at once."""
         self._conn = self._open()
 
-    def mark_lost(self) -> None:
+    def mark_lost(self, conn: Optional[Connection] = None) -> None:
+        """End the current connection. With ``conn``, only if it still is the current one:
+        a loss reported late by an old connection (its close callback, a worker's call
+        that failed on it) must not tear down the connection that replaced it."""
+        if conn is not None and conn is not self._conn:
+            log.debug("%s: ignoring a loss of a replaced connection", self.uri)
+            return
         self._lost.set()
 
     def join(self, timeout: float) -> None:
@@ -196,7 +202,7 @@ class HostSession:
             listener = Listener(
                 self.uri,
                 self._enqueue,
-                self.mark_lost,
+                lambda: self.mark_lost(conn),
                 guard=self._guard,
                 on_flood=lambda ref: self.monitors.drop(ref.uuid),
             )
@@ -462,9 +468,10 @@ class Watch:
 
     def _host_event(self, ev: HostEvent) -> None:
         session = self.sessions.get(ev.host)
-        if ev.what == "lost" and session is not None:
-            session.mark_lost()
-        elif ev.what == "connected" and session is not None:
+        # "lost" is only reported here: whoever noticed the loss (the connection's close
+        # callback, the liveness poll) has already ended that connection, and by now the
+        # session may be on a new one.
+        if ev.what == "connected" and session is not None:
             self._resync(session)  # events in the gap are lost: re-read everything
         elif ev.what == "listed":
             if session is not None:
@@ -551,7 +558,7 @@ class Watch:
         except errors.ConnectError as exc:
             log.warning("%s: %s", conn.uri, exc)
             if session is not None:
-                session.mark_lost()
+                session.mark_lost(conn)  # only if no reconnect happened meanwhile
             return None
         except errors.VirtHotplugError as exc:
             self.stats.count(failures=1)

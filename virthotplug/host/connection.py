@@ -78,6 +78,9 @@ class _AgentLeases:
         self._open = open_connection
         self._idle: list[VirConnect] = []
         self._lock = threading.Lock()
+        # Set when the owning connection closes (a reconnect): leases still out are closed
+        # when they come back, and no new ones are opened for the old connection.
+        self._closed = False
 
     def run(self, uuid: str, fn: Callable[[VirDomain], T]) -> T:
         conn = self._lease()
@@ -88,19 +91,22 @@ class _AgentLeases:
 
     def _lease(self) -> VirConnect:
         with self._lock:
+            if self._closed:
+                raise errors.ConnectError("the connection was closed (reconnecting)")
             if self._idle:
                 return self._idle.pop()
         return self._open()
 
     def _release(self, conn: VirConnect) -> None:
         with self._lock:
-            if len(self._idle) < self.MAX_IDLE:
+            if not self._closed and len(self._idle) < self.MAX_IDLE:
                 self._idle.append(conn)
                 return
         _close_quietly(conn)
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             idle, self._idle = self._idle, []
         for conn in idle:
             _close_quietly(conn)
@@ -133,6 +139,8 @@ class Connection:
     # lifecycle
 
     def open(self) -> Connection:
+        if self._agents._closed:  # opened again after close(): fresh agent leases
+            self._agents = _AgentLeases(self._open_raw)
         try:
             self._conn = self._open_raw()
             self._support = read_capabilities(self.uri, self._conn, self.libvirt)
