@@ -207,7 +207,7 @@ class Flood:
 
         with contextlib.ExitStack() as stack:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="vhp-flood-"))
-            daemon = stack.enter_context(PrivateLibvirtd(DAEMON_NAME))
+            daemon = stack.enter_context(PrivateLibvirtd.first_free(DAEMON_NAME))
             lab = stack.enter_context(Lab(uri=daemon.uri, log_dir=daemon.log_dir, ost=False))
             flooder, other = lab.start_many(
                 [

@@ -57,6 +57,10 @@ class PrivateLibvirtdError(RuntimeError):
     """The private daemon could not be started or reached; the message says why."""
 
 
+class InUse(PrivateLibvirtdError):
+    """Another run holds the daemon of that name."""
+
+
 def _quiet_libvirt() -> None:
     # libvirt prints every failed call on stderr by default; callers report errors.
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -105,6 +109,18 @@ class PrivateLibvirtd:
         self._proc: Optional[subprocess.Popen[bytes]] = None
         self._lock_fd: Optional[int] = None
 
+    @classmethod
+    def first_free(cls, prefix: str, count: int = 4) -> PrivateLibvirtd:
+        """Started under the first of PREFIX, PREFIX2 ... PREFIX<count> that no other run
+        holds (a small fixed set: a daemon left by a dead run is adopted by the next one)."""
+        for n in range(1, count + 1):
+            daemon = cls(prefix if n == 1 else f"{prefix}{n}")
+            try:
+                return daemon.start()
+            except InUse:
+                continue
+        raise InUse(f"private libvirtd {prefix} ... {prefix}{count} are all in use")
+
     # -- lifecycle --
 
     def __enter__(self) -> PrivateLibvirtd:
@@ -119,7 +135,10 @@ class PrivateLibvirtd:
         self.stop()
 
     def start(self) -> PrivateLibvirtd:
-        """Adopt the daemon of this name if it runs and answers, else start a fresh one."""
+        """Adopt the daemon of this name if it runs and answers, else start a fresh one.
+        Once started (e.g. by first_free), ``with`` uses it as it is."""
+        if self._lock_fd is not None:
+            return self
         _quiet_libvirt()
         account = self._account()
         self._prepare(account)
@@ -262,7 +281,7 @@ class PrivateLibvirtd:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise PrivateLibvirtdError(
+            raise InUse(
                 f"private libvirtd {self.name} is in use by another run ({self.base / 'lock'})"
             ) from None
         self._lock_fd = fd
