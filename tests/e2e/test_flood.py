@@ -83,15 +83,17 @@ def _stack2() -> Iterator[Target]:
     if found is None:
         pytest.skip("stack 2 is not built (python3 tests/lab/stack2.py build)")
     users = stack2.Users()
+    started = False
     try:
-        found.start()
+        # Stopped at the end only if started here: another run may use it without the lock.
+        started = found.start()
 
         def pid() -> int:
             return int(found.host_path(stack2.LIBVIRTD_PID).read_text().strip())
 
         yield Target("stack2", found.uri, pid, found.restart_libvirtd)
     finally:
-        if users.leave():
+        if users.leave() and started:
             found.stop()
 
 
