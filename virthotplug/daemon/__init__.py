@@ -1,9 +1,11 @@
 """The daemon, ``virthotplug watch``: follows events on every host and enforces policy.
 
 Open this package for: the main loop and one session per host (``watch``), the libvirt
-callbacks that translate and enqueue (``listener``), the reconcile jobs (``jobs``), the hook
-socket (``hookserver``), the JSON-lines event log (``eventlog``), the decoded QEMU monitor
-log lines (``monitorlog``) and the Prometheus endpoint (``metrics``).
+callbacks that translate and enqueue (``listener``), the per-domain flood guard for events a
+guest can trigger (``flood``), the per-domain QEMU monitor registrations (``subscriptions``),
+the reconcile jobs (``jobs``), the hook socket (``hookserver``), the JSON-lines event log
+(``eventlog``), the decoded QEMU monitor log lines (``monitorlog``) and the Prometheus
+endpoint (``metrics``).
 
 Imports: ``virthotplug.core`` and ``virthotplug.host``. Never ``virthotplug.cli``.
 """

@@ -40,7 +40,6 @@ class MonitorSubscriptions:
         self._queue: queue.PriorityQueue[tuple[int, int, tuple[str, ...]]] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._thread = threading.Thread(target=self._loop, name=f"monitor {host}", daemon=True)
-        self.drops = 0  # registrations removed because of a flood
 
     def start(self) -> None:
         self._thread.start()
@@ -83,7 +82,6 @@ class MonitorSubscriptions:
     def _do(self, conn: Connection, priority: int, uuids: tuple[str, ...]) -> None:
         if priority == _DROP:
             if conn.unmonitor_domain(uuids[0]):
-                self.drops += 1
                 log.debug("%s: monitor events of %s dropped", self.host, uuids[0])
         elif priority == _ADD:
             self._add(conn, uuids[0])
