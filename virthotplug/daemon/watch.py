@@ -147,6 +147,8 @@ class HostSession:
         self._stop = stop
         self._lost = threading.Event()
         self._conn: Optional[Connection] = None
+        # Why the session thread ended (a permanent error, or a crash); None while it runs.
+        self.failure: Optional[errors.VirtHotplugError] = None
         self._guard = guard if guard is not None else FloodGuard()
         self.monitors = MonitorSubscriptions(self.uri, lambda: self._conn, self._guard)
         self._thread = threading.Thread(target=self._run, name=f"host {self.uri}", daemon=True)
@@ -183,6 +185,25 @@ class HostSession:
             self._conn = None
 
     def _run(self) -> None:
+        """The session thread. When it ends for any reason but a stop request, it records
+        why (``failure``) and says so with a "gone" record: the daemon exits non-zero once
+        no host is left, instead of running on, live but blind."""
+        try:
+            self._loop()
+        except Exception as exc:  # not ours: a bug, or a binding raising the unexpected
+            log.exception("%s: host session failed", self.uri)
+            self.failure = errors.VirtHotplugError(f"{self.uri}: host session failed: {exc}")
+        finally:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+        if not self._stop.is_set():
+            if self.failure is None:
+                self.failure = errors.VirtHotplugError(f"{self.uri}: host session ended")
+            why = self.failure.message
+            self._enqueue(HostEvent(None, host=self.uri, what="gone", reason=why))
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             if self._conn is None:
                 conn = self._reconnect()
@@ -233,7 +254,10 @@ class HostSession:
             return retrying(self._open)
         except errors.VirtHotplugError as exc:
             if not self._stop.is_set():
+                # Only permanent errors end up here (access refused, a URI no driver takes):
+                # retrying cannot help, and a service manager's restart shows the failure.
                 log.error("%s: giving up: %s", self.uri, exc)
+                self.failure = exc
             return None
 
     def _sleep(self, seconds: float) -> None:
@@ -323,6 +347,8 @@ class Watch:
             for s in (HostSession(u, self._queue.put, self._stop, self._flood) for u in uris)
         }
         self.stats = WatchStats()
+        # Why the daemon stopped by itself (no host left); ``run`` raises it.
+        self.failure: Optional[errors.VirtHotplugError] = None
         self._workers: Optional[_Workers] = None
         self._sources = list(sources)
         self._observer: Observer = observer if observer is not None else _NoObserver()
@@ -369,6 +395,8 @@ class Watch:
                 next_flood = now + FLOOD_COLLECT
             self._dispatch(now)
         self._shutdown()
+        if self.failure is not None:
+            raise self.failure
 
     def _first_connect(self, session: HostSession) -> None:
         try:
@@ -471,7 +499,9 @@ class Watch:
         # "lost" is only reported here: whoever noticed the loss (the connection's close
         # callback, the liveness poll) has already ended that connection, and by now the
         # session may be on a new one.
-        if ev.what == "connected" and session is not None:
+        if ev.what == "gone" and session is not None:
+            self._session_gone(session)
+        elif ev.what == "connected" and session is not None:
             self._resync(session)  # events in the gap are lost: re-read everything
         elif ev.what == "listed":
             if session is not None:
@@ -492,8 +522,25 @@ class Watch:
 
     def _tick(self) -> None:
         for session in self.sessions.values():
-            if session.conn is not None:
+            if session.failure is not None:  # every resync period, so no one misses it
+                log.error("%s: not watched: %s", session.uri, session.failure)
+            elif session.conn is not None:
                 self._resync(session)
+
+    def _session_gone(self, session: HostSession) -> None:
+        alive = [s for s in self.sessions.values() if s.failure is None]
+        if alive:
+            log.error(
+                "%s: no longer watched (%s); still watching %d of %d hosts",
+                session.uri,
+                session.failure,
+                len(alive),
+                len(self.sessions),
+            )
+            return
+        log.error("no host left to watch: exiting")
+        self.failure = session.failure
+        self.request_stop()
 
     def _resync(self, session: HostSession) -> None:
         """List the host's running domains off the main thread, then reconcile each."""
