@@ -241,6 +241,32 @@ class DeviceDeletedMonitorEvent(Event):
         return {"device": self.deleted.device, "path": self.deleted.path}
 
 
+METADATA_TYPES = {0: "description", 1: "title", 2: "element"}
+
+
+@dataclass(frozen=True)
+class MetadataEvent(Event):
+    """METADATA_CHANGE: a domain's metadata was written. ``ours``: virthotplug's policy
+    element (the listener matches the namespace; only those are recorded at all)."""
+
+    mtype: int = 0
+    namespace: str = ""
+    ours: bool = False
+
+    kind = "metadata"
+
+    @property
+    def intent(self) -> str:
+        # A policy set on a running domain applies at once, not at the next resync.
+        return RECONCILE if self.ours else REPORT
+
+    def describe(self) -> str:
+        return f"metadata changed ({self.namespace or METADATA_TYPES.get(self.mtype, '?')})"
+
+    def details(self) -> dict[str, Any]:
+        return {"type": METADATA_TYPES.get(self.mtype, str(self.mtype)), "namespace": self.namespace}
+
+
 @dataclass(frozen=True)
 class HookEvent(Event):
     """A message from the libvirt hook script (``hooks/qemu``)."""
@@ -271,9 +297,11 @@ class HostEvent(Event):
     """Connection-level happenings: connected, lost, and the resync's list of running domains."""
 
     host: str = ""
-    what: str = ""  # "connected", "lost", "listed"
+    what: str = ""  # "connected", "lost", "gone" (the session ended), "listed"
     reason: str = ""
-    domains: tuple[DomainRef, ...] = ()  # with "listed": the running domains to reconcile
+    domains: tuple[DomainRef, ...] = ()  # with "listed": the running domains
+    # With "listed": the ones to reconcile (a bulk resync picks them); None: all of them.
+    reconcile: Optional[tuple[DomainRef, ...]] = None
 
     kind = "host"
 

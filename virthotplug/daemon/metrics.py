@@ -39,7 +39,7 @@ import logging
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 from virthotplug.core.errors import UsageError
 from virthotplug.core.events import FORGET, Event, HostEvent, OstMonitorEvent
@@ -168,6 +168,19 @@ class Metrics:
             self._reconciled(job, result, seconds)
         except Exception:
             log.exception("metrics: recording a reconcile failed")
+
+    def resynced(self, host: str, views: Sequence[VcpuView]) -> None:
+        """A bulk resync read ``views`` (on its own thread): they are each domain's latest."""
+        try:
+            now = time.time()
+            with self._lock:
+                for view in views:
+                    if (host, view.uuid) not in self._forgotten:
+                        self._views[(host, view.uuid)] = (view, now)
+            for view in views:
+                self._hotadd_latency(host, view)
+        except Exception:
+            log.exception("metrics: recording a resync failed")
 
     def failed(self, job: Job, seconds: float) -> None:
         try:

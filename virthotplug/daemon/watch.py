@@ -42,6 +42,7 @@ from virthotplug.core.schedule import Job, Key, ReconcileQueue
 from virthotplug.daemon.eventlog import EventLog
 from virthotplug.daemon.flood import FloodGuard, flood_finding, summary_event
 from virthotplug.daemon.listener import Listener
+from virthotplug.daemon.resync import BulkResync
 from virthotplug.daemon.subscriptions import MonitorSubscriptions
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
@@ -333,6 +334,7 @@ class Watch:
         sources: Sequence[EventSource] = (),
         observer: Optional[Observer] = None,
         forget: Optional[Callable[[Key], None]] = None,
+        resync: Optional[BulkResync] = None,
     ) -> None:
         self.settings = settings
         self._reconcile_fn = reconcile_fn
@@ -352,6 +354,8 @@ class Watch:
         self._workers: Optional[_Workers] = None
         self._sources = list(sources)
         self._observer: Observer = observer if observer is not None else _NoObserver()
+        self._bulk = resync  # None: the resync lists running domains and reconciles each
+        self._resyncing: set[Connection] = set()  # connections with a resync in flight
         # Drops what the reconcile side keeps per domain (``JobRunner.forget``).
         self._forget_domain = forget
 
@@ -454,11 +458,14 @@ class Watch:
 
     def _event(self, ev: Event) -> None:
         self._observer.event(ev)
-        if not (isinstance(ev, HostEvent) and ev.what == "listed"):
+        if not (isinstance(ev, HostEvent) and ev.what == "listed" and not ev.reason):
             self._eventlog.event(ev)
         if isinstance(ev, HostEvent):
             self._host_event(ev)
             return
+        if self._bulk is not None and ev.domain is not None:
+            # Any event may follow a change of the definitions: read them again next time.
+            self._bulk.invalidate(ev.domain.host, ev.domain.uuid)
         self._monitor_registration(ev)
         if ev.domain is not None and ev.intent == FORGET:
             self._sched.forget(ev.domain.key)
@@ -506,7 +513,7 @@ class Watch:
         elif ev.what == "listed":
             if session is not None:
                 session.monitors.sync(ref.uuid for ref in ev.domains)
-            for ref in ev.domains:
+            for ref in ev.domains if ev.reconcile is None else ev.reconcile:
                 self._request(ref, ev)
 
     def _request(self, ref: DomainRef, ev: Event) -> None:
@@ -543,21 +550,38 @@ class Watch:
         self.request_stop()
 
     def _resync(self, session: HostSession) -> None:
-        """List the host's running domains off the main thread, then reconcile each."""
+        """Re-read the host's running domains off the main thread (one resync per host at a
+        time), then reconcile those that need it: with a bulk resync the ones it picked,
+        else every one."""
         assert self._workers is not None
         conn = session.conn
-        if conn is None:
+        if conn is None or conn in self._resyncing:
             return
+        self._resyncing.add(conn)
 
         def list_running() -> None:
             try:
-                refs = tuple(DomainRef(conn.uri, d.uuid, d.name) for d in conn.list_running())
+                self._queue.put(self._resync_event(conn))
             except errors.VirtHotplugError as exc:
                 log.warning("%s: resync failed: %s", conn.uri, exc)
-                return
-            self._queue.put(HostEvent(None, host=conn.uri, what="listed", domains=refs))
+            finally:
+                self._resyncing.discard(conn)
 
         threading.Thread(target=list_running, name="resync", daemon=True).start()
+
+    def _resync_event(self, conn: Connection) -> HostEvent:
+        if self._bulk is None:
+            refs = tuple(DomainRef(conn.uri, d.uuid, d.name) for d in conn.list_running())
+            return HostEvent(None, host=conn.uri, what="listed", domains=refs)
+        done = self._bulk.run(conn)
+        return HostEvent(
+            None,
+            host=conn.uri,
+            what="listed",
+            reason=done.describe(),
+            domains=done.listed,
+            reconcile=done.reconcile,
+        )
 
     def _dispatch(self, now: float) -> None:
         assert self._workers is not None
@@ -618,6 +642,8 @@ class Watch:
             result.record, result.line, failed=result.failed, routine=result.routine
         )
         self._observer.reconciled(job, result, time.monotonic() - started)
+        if self._bulk is not None:
+            self._bulk.reconciled(conn.uri, result.view)
         return result.retry_after
 
     def _with_flood_finding(self, job: Job, result: JobResult) -> JobResult:

@@ -18,8 +18,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import random
+import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
 from virthotplug.core import errors
 from virthotplug.core.drift import find_drift
@@ -49,6 +52,8 @@ from virthotplug.host.history import ContextFn, DomainContext
 from virthotplug.host.libvirt_types import Stats
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 DEFAULT_AGENT_TIMEOUT = 5.0
 DEFAULT_WORKERS = 8
@@ -456,3 +461,255 @@ def _agent_state_for(error: BaseException) -> str:
     # The agent answered, with an error instead of the data asked for (its own words,
     # whatever they say), or the call failed in a way only this domain sees.
     return AGENT_BAD_REPLY
+
+
+# --- the daemon's bulk resync: every running domain, definitions cached between reads ------
+
+
+@dataclass(frozen=True)
+class Definitions:
+    """One domain's parsed definitions as the bulk read last fetched them."""
+
+    inactive: Optional[DomainXML]  # None for a transient domain
+    live: Optional[DomainXML]  # None when the stats carry the live layer (QEMU)
+    signature: tuple[Any, ...]  # what the stats said when they were read (see _signature)
+    expires: float  # monotonic time after which they are read again anyway
+
+
+class DefinitionCache:
+    """Parsed definitions per domain UUID, between two bulk reads of one connection.
+
+    libvirt has no cheap change signal for a definition (no generation counter, and
+    ``virsh setvcpus --config`` or an edit of the persistent XML emit no event for the
+    vCPU part), so an entry is read again when:
+
+    * ``invalidate`` is called for the domain: the daemon does so for every event naming it
+      (lifecycle, including "defined"; agent; device; metadata; OST; hook);
+    * what the bulk stats say about it changed (run state, vCPU counts and states);
+    * it is older than ``max_age`` (each entry's limit is drawn between half and all of it,
+      so a whole host's entries do not all expire in the same resync).
+
+    A read that began before an invalidation is not stored (a generation per domain), so
+    an event racing with a resync never leaves a stale entry behind. Thread-safe.
+    """
+
+    def __init__(self, max_age: float) -> None:
+        self.max_age = max_age
+        self._entries: dict[str, Definitions] = {}
+        self._generations: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def get(self, uuid: str, signature: tuple[Any, ...], now: float) -> Optional[Definitions]:
+        with self._lock:
+            entry = self._entries.get(uuid)
+        if entry is None or entry.signature != signature or now >= entry.expires:
+            return None
+        return entry
+
+    def generation(self, uuid: str) -> int:
+        with self._lock:
+            return self._generations.get(uuid, 0)
+
+    def store(self, uuid: str, generation: int, entry: Definitions) -> None:
+        with self._lock:
+            if self._generations.get(uuid, 0) == generation:
+                self._entries[uuid] = entry
+
+    def invalidate(self, uuid: str) -> None:
+        with self._lock:
+            self._generations[uuid] = self._generations.get(uuid, 0) + 1
+            self._entries.pop(uuid, None)
+
+    def retain(self, uuids: set[str]) -> None:
+        """Forget domains no longer running (their generations too)."""
+        with self._lock:
+            for uuid in [u for u in self._entries if u not in uuids]:
+                del self._entries[uuid]
+            for uuid in [u for u in self._generations if u not in uuids]:
+                del self._generations[uuid]
+
+    def expiry(self, now: float) -> float:
+        return now + self.max_age * random.uniform(0.5, 1.0)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
+@dataclass(frozen=True)
+class BulkRaw:
+    """One running domain as the bulk read saw it, before any guest-agent query."""
+
+    dom: Domain
+    definitions: Definitions
+    view: VcpuView  # without the guest layer (agent not queried)
+    cached: bool  # the definitions came from the cache
+
+    @property
+    def policy_fields(self) -> Optional[tuple[bool, Any]]:
+        """Our metadata element's raw fields, live definition first: (live?, fields)."""
+        defs = self.definitions
+        if defs.live is not None and defs.live.policy is not None:
+            return True, defs.live.policy
+        if defs.inactive is not None and defs.inactive.policy is not None:
+            return False, defs.inactive.policy
+        return None
+
+
+@dataclass
+class BulkRead:
+    raws: list[BulkRaw] = field(default_factory=list)
+    errors: list[DomainError] = field(default_factory=list)
+    definition_reads: int = 0  # XMLDesc calls made by this read
+
+
+def read_running(conn: Connection, cache: DefinitionCache, *, workers: int) -> BulkRead:
+    """Every running domain in bulk: one ``getAllDomainStats`` for the running ones, one
+    listing of the transient ones, and definitions only where the cache cannot answer.
+
+    The live definition is read when the driver's stats have no vCPU counts (the test
+    driver; every time, since only it can tell the live counts then) and, with QEMU, for
+    the live metadata (the policy) on a cache miss. Guest layers are not read here: see
+    ``guest_layers``.
+    """
+    stats = _active_stats(conn)
+    transient = conn.transient_uuids() if stats else set()
+    now = time.monotonic()
+    cache.retain({dom.uuid for dom, _ in stats})
+    result = BulkRead()
+    reads = [0]
+    reads_lock = threading.Lock()
+
+    def one(item: tuple[Domain, Stats]) -> Union[BulkRaw, DomainError, None]:
+        dom, record = item
+        try:
+            raw, count = _bulk_one(conn, cache, dom, record, dom.uuid not in transient, now)
+        except errors.NoDomainError:
+            return None  # gone between the listing and now
+        except (errors.ConfigError, errors.UnsupportedError) as exc:
+            return DomainError(conn.uri, dom.name, str(exc))
+        with reads_lock:
+            reads[0] += count
+        return raw
+
+    for item in _map_in_order(one, stats, min(workers, DEFINITION_WORKERS)):
+        if isinstance(item, DomainError):
+            result.errors.append(item)
+        elif item is not None:
+            result.raws.append(item)
+    result.definition_reads = reads[0]
+    return result
+
+
+def _active_stats(conn: Connection) -> list[tuple[Domain, Stats]]:
+    """State and vCPU stats of every active (running or paused) domain, in one call."""
+    libvirt = conn.libvirt
+    groups = libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_VCPU
+    active = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
+    rows = conn.call(lambda: conn.raw.getAllDomainStats(groups, active), context="stats")
+    return [(conn.wrap(raw), record) for raw, record in rows]
+
+
+def guest_layers(
+    conn: Connection, raws: Sequence[BulkRaw], *, agent_timeout: float, workers: int
+) -> list[VcpuView]:
+    """The agent of each of ``raws`` asked (in parallel, bounded), findings added."""
+    shaped = [_Raw(dom=r.dom, xml=_agent_xml(r.definitions), view=r.view) for r in raws]
+    return _with_guest_layers(conn, shaped, agent_timeout, workers)
+
+
+def _agent_xml(defs: Definitions) -> DomainXML:
+    xml = defs.inactive if defs.inactive is not None else defs.live
+    assert xml is not None  # a transient domain has its live definition read
+    return xml
+
+
+def _signature(stats: Stats) -> tuple[Any, ...]:
+    """What the stats tell about a domain that a definition change would also change."""
+    vcpus = tuple(
+        sorted((k, v) for k, v in stats.items() if k.startswith("vcpu.") and k.endswith("state"))
+    )
+    return (stats.get("state.state"), stats.get("vcpu.current"), stats.get("vcpu.maximum"), vcpus)
+
+
+def _bulk_one(
+    conn: Connection,
+    cache: DefinitionCache,
+    dom: Domain,
+    stats: Stats,
+    persistent: bool,
+    now: float,
+) -> tuple[BulkRaw, int]:
+    """One domain of the bulk read: (what was read, XMLDesc calls made)."""
+    signature = _signature(stats)
+    live_from_stats = _live_from_stats(stats)
+    cached = cache.get(dom.uuid, signature, now)
+    calls = 0
+    if cached is not None and live_from_stats is not None:
+        defs = cached
+    else:
+        generation = cache.generation(dom.uuid)
+        inactive = cached.inactive if cached is not None else None
+        if persistent and inactive is None:
+            inactive = parse_domain_xml(dom.xml(inactive=True), domain=dom.name)
+            calls += 1
+        live = None
+        if live_from_stats is None or not persistent or cached is None:
+            live = parse_domain_xml(dom.xml(inactive=False), domain=dom.name)
+            calls += 1
+        expires = cached.expires if cached is not None else cache.expiry(now)
+        defs = Definitions(inactive=inactive, live=live, signature=signature, expires=expires)
+        cache.store(dom.uuid, generation, defs)
+    view = _bulk_view(conn, dom, stats, defs, persistent, live_from_stats)
+    return BulkRaw(dom=dom, definitions=defs, view=view, cached=calls == 0), calls
+
+
+def _bulk_view(
+    conn: Connection,
+    dom: Domain,
+    stats: Stats,
+    defs: Definitions,
+    persistent: bool,
+    live: Optional[CountLayer],
+) -> VcpuView:
+    state = int(stats.get("state.state", 0))
+    hypervisor: Optional[HypervisorLayer] = None
+    if live is not None:
+        hypervisor = _hypervisor_from_stats(stats)
+    else:
+        assert defs.live is not None
+        hypervisor = _hypervisor_from_xml(defs.live)
+        live = CountLayer(current=defs.live.vcpu_current, maximum=defs.live.vcpu_max)
+    if not persistent and defs.live is not None:
+        live = dataclasses.replace(live, vcpus=defs.live.vcpus)
+    xml = _agent_xml(defs)
+    return VcpuView(
+        host=conn.uri,
+        name=dom.name,
+        uuid=dom.uuid,
+        domain_id=dom.id(),
+        state=DOMAIN_STATES.get(state, "unknown"),
+        persistent=persistent,
+        agent=AgentStatus(
+            configured=xml.agent_channel,
+            state=AGENT_NOT_QUERIED if xml.agent_channel else AGENT_NOT_CONFIGURED,
+        ),
+        config=_count_layer(defs.inactive) if defs.inactive is not None else None,
+        live=live,
+        hypervisor=hypervisor,
+    )
+
+
+def _map_in_order(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
+    """``fn`` over ``items`` on a few threads, results in order; an exception (a lost
+    connection) cancels what has not started and is raised."""
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
+        try:
+            return list(pool.map(fn, items))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise

@@ -58,3 +58,19 @@ def write_policy(
     """Replace our metadata element with ``fields``, or remove it when ``fields`` is None."""
     xml = None if fields is None else policy_element(fields)
     dom.set_metadata(xml, METADATA_KEY, NAMESPACE, live=live, config=config)
+
+
+def policy_from_definitions(
+    name: str,
+    uuid: str,
+    metadata: Optional[tuple[bool, Mapping[str, str]]],
+    config: HostConfig,
+) -> EffectivePolicy:
+    """The same merge as ``effective_policy``, from metadata fields already parsed out of
+    the domain's definitions (``(live, fields)``: the live definition's element first, as
+    ``metadata_layer`` reads it) instead of metadata calls."""
+    layers = list(config.policy_layers(name, uuid))
+    if metadata is not None:
+        live, fields = metadata
+        layers.insert(0, (SOURCE_LIVE if live else SOURCE_PERSISTENT, fields))
+    return merge_policy(layers, domain=name)

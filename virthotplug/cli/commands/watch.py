@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from virthotplug.daemon.eventlog import EventLog, setup_daemon_logging
     from virthotplug.daemon.hookserver import HookServer, local_qemu_uri
     from virthotplug.daemon.jobs import JobRunner
+    from virthotplug.daemon.resync import BulkResync
     from virthotplug.daemon.watch import Watch
     from virthotplug.host.connection import resolve_uri
 
@@ -79,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
         from virthotplug.daemon.metrics import start as start_metrics
 
         metrics = start_metrics(args.metrics_listen)
+    # Periodic and reconnect resyncs read every running domain in bulk and reconcile only
+    # the domains that need it; the metrics get every view it read.
+    resync = BulkResync(runner, on_views=metrics.resynced if metrics is not None else None)
     watch = Watch(
         uris(args),
         settings,
@@ -88,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         sources=sources,
         observer=metrics,
         forget=runner.forget,
+        resync=resync,
     )
     watch.install_signal_handlers()
     try:

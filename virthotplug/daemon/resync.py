@@ -1,0 +1,241 @@
+"""The daemon's periodic resync (and the one after a reconnect), in bulk.
+
+One pass over a host, every running domain at once:
+
+    1 call        getAllDomainStats of the active domains (state, vCPU counts and states)
+    1 call        the transient ones
+    definitions   only where the cache cannot answer (``collect.DefinitionCache``): first
+                  sight, an event for the domain, a change in its stats, or its age; plus
+                  the live definition every time on a driver whose stats have no vCPU
+                  counts (the test driver: only that definition tells the live count)
+    agent         only for running domains whose policy may act (``online``, ``match``),
+                  whose last guest reading had findings (so that a fix made from outside,
+                  e.g. ``virthotplug apply``, shows), or whose guest layer is older than the
+                  definitions' age limit; the policy comes from the host file and the
+                  metadata element already in the definitions read, so it costs no call
+
+then a reconcile job only for the domains that need one: first seen, findings different
+from the last ones known (this resync's or the last reconcile's), or a plan that is not a
+no-op. Everything else is left alone: a host of a thousand quiet domains costs a few calls
+and no reconcile per resync.
+
+Otherwise the guest layer is not re-read here: the view keeps the guest layer last read
+(events — OST, agent lifecycle, hook — re-read it), and a hot-add still shows, in the live
+layer from the stats, as changed findings. A change made inside a clean guest whose policy
+does not act (an administrator offlining a CPU) shows within the age limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence
+
+from virthotplug.core import errors
+from virthotplug.core.config import HostConfig, WatchSettings
+from virthotplug.core.drift import find_drift
+from virthotplug.core.events import DomainRef
+from virthotplug.core.policy import EffectivePolicy, decide
+from virthotplug.core.view import VcpuView
+from virthotplug.host import collect
+from virthotplug.host.connection import Connection
+from virthotplug.host.policysource import policy_from_definitions
+
+log = logging.getLogger("virthotplug.daemon.watch")
+
+# Definitions are read again at least this many resync intervals after they were read.
+MAX_AGE_INTERVALS = 10
+
+
+class ConfigHolder(Protocol):
+    """Where the current configuration lives (``jobs.JobRunner``; replaced on SIGHUP)."""
+
+    config: HostConfig
+    settings: WatchSettings
+
+
+@dataclass(frozen=True)
+class ResyncResult:
+    host: str
+    running: int  # domains read
+    reconcile: tuple[DomainRef, ...]  # the ones that need a reconcile job
+    listed: tuple[DomainRef, ...]  # every running domain
+    definition_reads: int
+    agents_asked: int
+    seconds: float
+
+    def describe(self) -> str:
+        return (
+            f"{self.running} running, {len(self.reconcile)} to reconcile; "
+            f"{self.definition_reads} definitions read, {self.agents_asked} agents asked, "
+            f"{self.seconds:.2f} s"
+        )
+
+
+@dataclass
+class _Known:
+    codes: tuple[str, ...]
+    view: VcpuView
+    guest_read: float  # monotonic time the guest layer in ``view`` was read
+
+    def worth_asking(self, now: float, max_age: float) -> bool:
+        """Whether the agent should be asked although the policy does not act."""
+        return (self.view.guest is not None and bool(self.codes)) or (
+            now - self.guest_read >= max_age
+        )
+
+
+class _HostState:
+    def __init__(self, conn: Connection, max_age: float) -> None:
+        self.conn = conn
+        self.cache = collect.DefinitionCache(max_age)
+        self.known: dict[str, _Known] = {}  # uuid → last findings and full view
+
+
+class BulkResync:
+    """Bulk resyncs of every host; also told of events and of finished reconciles."""
+
+    def __init__(
+        self,
+        holder: ConfigHolder,
+        on_views: Optional[Callable[[str, Sequence[VcpuView]], None]] = None,
+    ) -> None:
+        self._holder = holder
+        self._on_views = on_views
+        self._hosts: dict[str, _HostState] = {}
+        self._lock = threading.Lock()
+
+    # --- what the daemon tells it --------------------------------------------------------
+
+    def invalidate(self, host: str, uuid: str) -> None:
+        """An event named the domain: its cached definitions may be out of date."""
+        state = self._hosts.get(host)
+        if state is not None:
+            state.cache.invalidate(uuid)
+
+    def forget(self, host: str, uuid: str) -> None:
+        """The domain stopped or went away."""
+        state = self._hosts.get(host)
+        if state is not None:
+            state.cache.invalidate(uuid)
+            with self._lock:
+                state.known.pop(uuid, None)
+
+    def reconciled(self, host: str, view: Optional[VcpuView]) -> None:
+        """A reconcile job ended with ``view``: the latest full view of the domain."""
+        state = self._hosts.get(host)
+        if state is None or view is None:
+            return
+        with self._lock:
+            state.known[view.uuid] = _Known(_codes(view), view, time.monotonic())
+
+    # --- the resync -----------------------------------------------------------------------
+
+    def run(self, conn: Connection) -> ResyncResult:
+        """One bulk pass over ``conn``'s host (on a thread of its own, never the main one)."""
+        started = time.monotonic()
+        state = self._state(conn)
+        holder = self._holder
+        config, settings = holder.config, holder.settings
+        read = collect.read_running(conn, state.cache, workers=settings.workers)
+        for error in read.errors:
+            log.warning("domain '%s': resync: %s", error.name, error.error)
+        acting: list[collect.BulkRaw] = []
+        idle: list[collect.BulkRaw] = []
+        policies: dict[str, Optional[EffectivePolicy]] = {}
+        for raw in read.raws:
+            try:
+                policy = policy_from_definitions(
+                    raw.view.name, raw.view.uuid, raw.policy_fields, config
+                )
+            except errors.ConfigError:
+                policies[raw.view.uuid] = None  # the reconcile reports it
+                idle.append(raw)
+                continue
+            policies[raw.view.uuid] = policy
+            (acting if self._asks(state, raw, policy, started) else idle).append(raw)
+        views = collect.guest_layers(
+            conn, acting, agent_timeout=settings.agent_timeout, workers=settings.workers
+        )
+        asked = {view.uuid for view in views}
+        with self._lock:
+            views += [self._carried_over(state, raw.view) for raw in idle]
+            chosen = self._choose(state, views, policies, asked, started)
+        if self._on_views is not None:
+            self._on_views(conn.uri, views)
+        listed = tuple(DomainRef(conn.uri, r.view.uuid, r.view.name) for r in read.raws)
+        return ResyncResult(
+            host=conn.uri,
+            running=len(read.raws),
+            reconcile=chosen,
+            listed=listed,
+            definition_reads=read.definition_reads,
+            agents_asked=len(acting),
+            seconds=time.monotonic() - started,
+        )
+
+    def _state(self, conn: Connection) -> _HostState:
+        """The host's state, started afresh on a new connection: events in a gap are lost,
+        so nothing cached from before it can be trusted."""
+        with self._lock:
+            state = self._hosts.get(conn.uri)
+            if state is None or state.conn is not conn:
+                max_age = MAX_AGE_INTERVALS * self._holder.settings.resync_interval
+                state = self._hosts[conn.uri] = _HostState(conn, max_age)
+            return state
+
+    def _asks(
+        self, state: _HostState, raw: collect.BulkRaw, policy: EffectivePolicy, now: float
+    ) -> bool:
+        view = raw.view
+        if not view.agent.configured or view.state != "running":
+            return False
+        if policy.policy.acts:
+            return True
+        with self._lock:
+            known = state.known.get(view.uuid)
+        return known is None or known.worth_asking(now, state.cache.max_age)
+
+    @staticmethod
+    def _carried_over(state: _HostState, view: VcpuView) -> VcpuView:
+        """A view whose agent was not asked, with the guest layer last read for it."""
+        known = state.known.get(view.uuid)
+        if known is not None and known.view.agent.configured and view.agent.configured:
+            view = dataclasses.replace(view, guest=known.view.guest, agent=known.view.agent)
+        return dataclasses.replace(view, findings=find_drift(view))
+
+    @staticmethod
+    def _choose(
+        state: _HostState,
+        views: Sequence[VcpuView],
+        policies: dict[str, Optional[EffectivePolicy]],
+        asked: set[str],
+        now: float,
+    ) -> tuple[DomainRef, ...]:
+        chosen = []
+        seen = set()
+        for view in views:
+            seen.add(view.uuid)
+            codes = _codes(view)
+            known = state.known.get(view.uuid)
+            policy = policies.get(view.uuid)
+            needed = (
+                known is None
+                or known.codes != codes
+                or policy is None
+                or not decide(view, policy.policy).is_noop
+            )
+            read = now if view.uuid in asked or known is None else known.guest_read
+            state.known[view.uuid] = _Known(codes, view, read)
+            if needed:
+                chosen.append(DomainRef(view.host, view.uuid, view.name))
+        for uuid in [u for u in state.known if u not in seen]:
+            del state.known[uuid]
+        return tuple(chosen)
+
+
+def _codes(view: VcpuView) -> tuple[str, ...]:
+    return tuple(sorted(f.code for f in view.findings))
