@@ -8,9 +8,11 @@ all running, names prefixed ``vhpbench-``) through a holder connection, and remo
 at the end.
 
     start-up   until the first resync has reconciled every domain
-    idle       ``idle_seconds`` with no events at the default settings: RSS and CPU from
-               /proc/PID; the default periodic resync (every 60 s) falls inside such a
-               window, so the window's CPU includes one full resync, also reported apart
+    idle       ``idle_seconds`` (120 by default) with no events at the default settings:
+               RSS and CPU from /proc/PID; the default periodic resync (every 60 s) falls
+               inside such a window twice, so the window's CPU includes the resyncs; each
+               resync is also reported apart, from watch's own "listed" record (what it
+               read, how many domains it reconciled, how long it took)
     burst      suspend, then resume, every domain through the holder connection: every
                lifecycle event must show up in ``watch --json`` and every domain must be
                reconciled after its resume; time to drain
@@ -81,6 +83,8 @@ class FootprintResult:
     resync_cpu_seconds: Optional[float] = None
     resync_seconds: Optional[float] = None
     resync_reconciles: int = 0
+    resyncs: int = 0  # periodic resyncs that ended in the idle window
+    resync_summary: str = ""  # the last one's "listed" record, as watch wrote it
     idle_rss_mib: float = 0.0
     burst_api_seconds: float = 0.0
     burst_drain_seconds: float = 0.0  # from the first suspend to the last reconcile
@@ -184,6 +188,20 @@ def _reconciled_all(lines: list[Line], since: float, names: set[str]) -> list[fl
         and line.record.get("event") == "reconcile"
         and line.record.get("domain") in names
     ]
+
+
+def _longest_quiet(samples: list[Sample], busy: list[tuple[float, float]]) -> list[Sample]:
+    """The longest run of samples with no resync (``busy`` spans, widened by 0.5 s)."""
+    best: list[Sample] = []
+    run: list[Sample] = []
+    for sample in samples:
+        if any(begin - 0.5 <= sample.mono <= end + 0.5 for begin, end in busy):
+            run = []
+            continue
+        run.append(sample)
+        if len(run) > len(best):
+            best = list(run)
+    return best
 
 
 def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -333,30 +351,46 @@ class Footprint:
         result.idle_cpu_percent = 100 * (last.cpu - first.cpu) / result.idle_seconds
         result.idle_rss_mib = max(s.rss for s in samples) / MIB
 
-        # A periodic resync that began in the window: follow it to its end (not counted in
-        # the window's figures), then measure it from its first to its last reconcile line.
-        def resync_lines() -> list[float]:
-            return sorted(_reconciled_all(watcher.snapshot(), first.mono, names))
+        # Periodic resyncs in the window, from watch's "listed" records (a bulk resync
+        # reconciles only the domains that need it, so reconcile lines do not mark it).
+        def resyncs() -> list[tuple[float, float, str]]:
+            found = []
+            for line in watcher.snapshot():
+                details = line.record.get("details") or {}
+                if line.mono < first.mono or details.get("what") != "listed":
+                    continue
+                reason = str(details.get("reason") or "")
+                took = re.search(r"([0-9.]+) s$", reason)
+                found.append((line.mono, float(took.group(1)) if took else 0.0, reason))
+            return found
 
+        # One that began before the window's end: follow it and its reconciles to the end
+        # (they are not counted in the window's figures).
         while True:
-            lines = resync_lines()
+            lines = sorted(_reconciled_all(watcher.snapshot(), first.mono, names))
             if not lines or time.monotonic() - lines[-1] > 2.0:
                 break
             time.sleep(0.5)
             samples.append(watcher.sample())
-        quiet_end = lines[0] - 0.5 if lines else last.mono
-        quiet = [s for s in samples if s.mono <= quiet_end]
+        spans = [
+            (end - took, max([end, *[t for t in lines if t >= end]])) for end, took, _ in resyncs()
+        ]
+        result.resyncs = len(spans)
+        result.resync_reconciles = len(lines)
+        if resyncs():
+            result.resync_summary = resyncs()[-1][2]
+        quiet = _longest_quiet(samples, spans)
         if len(quiet) >= 2 and quiet[-1].mono - quiet[0].mono >= 5:
             span = quiet[-1].mono - quiet[0].mono
             result.idle_between_resyncs_seconds = span
             result.idle_between_resyncs_cpu_percent = 100 * (quiet[-1].cpu - quiet[0].cpu) / span
-        if lines:
-            before = [s for s in samples if s.mono <= lines[0]]
-            after = [s for s in samples if s.mono >= lines[-1]]
+        if spans:
+            begin, end = spans[-1]
+            before = [s for s in samples if s.mono <= begin - 0.5]
+            after = [s for s in samples if s.mono >= end]
             if before and after:
                 result.resync_cpu_seconds = after[0].cpu - before[-1].cpu
-            result.resync_seconds = lines[-1] - lines[0]
-            result.resync_reconciles = len(lines)
+            result.resync_seconds = end - begin
 
     @staticmethod
     def _scrape(log_path: Path, result: FootprintResult) -> None:

@@ -11,10 +11,16 @@ The layouts are deterministic (seeded) and mixed like a real host:
   enabled ones with an ``order``), on the others a fixed count;
 * a guest-agent channel on about two domains in three;
 * about 70 % running, 20 % shut off (``<test:runstate>5``), 10 % paused (``3``).
+
+That is the ``mix``. The other mixes keep the vCPU layouts and change only the run state
+and the agent channel, so each stresses one read path: ``agents`` (every domain running with
+an agent channel: the most per-domain reads), ``no-agents`` (every domain running, no
+channel), ``shut-off`` (every domain shut off: the config layer only).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import uuid
 from dataclasses import dataclass
@@ -23,6 +29,8 @@ from xml.sax.saxutils import escape
 
 SIZES = (10, 100, 1000, 5000)
 RUNNING, PAUSED, SHUTOFF = 1, 3, 5
+MIX = "mix"
+MIXES = (MIX, "agents", "no-agents", "shut-off")
 _TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"
 _NAMESPACE = uuid.UUID("6f1c1c3e-46a4-4e43-9d5b-7f8a2b1c0d9e")  # stable UUIDs across runs
 _MAXIMA = (2, 4, 4, 8, 8, 8, 16, 16, 32)
@@ -39,8 +47,10 @@ class Layout:
     runstate: int
 
 
-def layouts(count: int, *, seed: int = 7) -> list[Layout]:
-    """``count`` domain layouts, the same for the same arguments."""
+def layouts(count: int, *, seed: int = 7, mix: str = MIX) -> list[Layout]:
+    """``count`` domain layouts, the same for the same arguments (see ``MIXES``)."""
+    if mix not in MIXES:
+        raise ValueError(f"unknown mix {mix!r}: one of {', '.join(MIXES)}")
     rng = random.Random(seed)
     result = []
     for index in range(count):
@@ -61,7 +71,18 @@ def layouts(count: int, *, seed: int = 7) -> list[Layout]:
                 runstate=runstate,
             )
         )
-    return result
+    return [_remixed(layout, mix) for layout in result]
+
+
+def _remixed(layout: Layout, mix: str) -> Layout:
+    """The same vCPU layout with the run state and agent channel of ``mix``."""
+    if mix == "agents":
+        return dataclasses.replace(layout, runstate=RUNNING, agent=True)
+    if mix == "no-agents":
+        return dataclasses.replace(layout, runstate=RUNNING, agent=False)
+    if mix == "shut-off":
+        return dataclasses.replace(layout, runstate=SHUTOFF)
+    return layout
 
 
 def domain_xml(layout: Layout) -> str:
@@ -105,7 +126,7 @@ def domain_xml(layout: Layout) -> str:
     return "\n".join(lines)
 
 
-def node_xml(count: int, *, seed: int = 7) -> str:
+def node_xml(count: int, *, seed: int = 7, mix: str = MIX) -> str:
     parts = [
         '<?xml version="1.0"?>',
         f'<node xmlns:test="{_TEST_NS}">',
@@ -113,16 +134,18 @@ def node_xml(count: int, *, seed: int = 7) -> str:
         "<sockets>2</sockets><cores>16</cores><threads>2</threads></cpu>",
         "  <memory>1073741824</memory>",
     ]
-    parts += [domain_xml(layout) for layout in layouts(count, seed=seed)]
+    parts += [domain_xml(layout) for layout in layouts(count, seed=seed, mix=mix)]
     parts.append("</node>")
     return "\n".join(parts) + "\n"
 
 
-def write_node(directory: Path, count: int, *, seed: int = 7) -> Path:
-    """Write ``node-<count>.xml`` into ``directory`` (if not already identical)."""
+def write_node(directory: Path, count: int, *, seed: int = 7, mix: str = MIX) -> Path:
+    """Write ``node-<count>.xml`` (``node-<mix>-<count>.xml`` for another mix) into
+    ``directory`` (if not already identical)."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = (directory / f"node-{count}.xml").resolve()
-    text = node_xml(count, seed=seed)
+    stem = f"node-{count}" if mix == MIX else f"node-{mix}-{count}"
+    path = (directory / f"{stem}.xml").resolve()
+    text = node_xml(count, seed=seed, mix=mix)
     if not path.exists() or path.read_text(encoding="utf-8") != text:
         path.write_text(text, encoding="utf-8")
     return path
@@ -133,8 +156,8 @@ def unix_uri(path: Path) -> str:
     return f"test+unix://{path.resolve()}"
 
 
-def summary(count: int, *, seed: int = 7) -> dict[str, int]:
-    items = layouts(count, seed=seed)
+def summary(count: int, *, seed: int = 7, mix: str = MIX) -> dict[str, int]:
+    items = layouts(count, seed=seed, mix=mix)
     return {
         "domains": count,
         "running": sum(1 for x in items if x.runstate == RUNNING),
@@ -149,5 +172,6 @@ if __name__ == "__main__":
     import sys
 
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("bench/results/nodes")
-    for size in SIZES:
-        print(unix_uri(write_node(out, size)))
+    for mix in MIXES:
+        for size in SIZES:
+            print(unix_uri(write_node(out, size, mix=mix)))

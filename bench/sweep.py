@@ -6,11 +6,15 @@ round) so that load from anything else on the machine hits all of them alike; me
 
     virthotplug   the real CLI: ``virthotplug -c URI status --all --json``
     floor         one Python process: open, one getAllDomainStats, one inactive XMLDesc per
-                  domain, close (the least any tool reading the config layer must do)
+                  domain, one live XMLDesc per active domain (the test driver's stats carry
+                  no vCPU counts, so only the live definition tells the live layer), close:
+                  the least any tool reading the config and live layers must do here
     virsh loop    ``virsh vcpucount D`` + ``virsh dumpxml --inactive D`` per domain; over an
                   evenly spread sample of domains at large N, extrapolated linearly
     connect       one Python process that only opens and closes the connection (shows how
                   much of every number is start-up plus libvirtd parsing the node file)
+
+Each size runs on one of ``nodes.MIXES`` (the mix by default; the virsh loop only there).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ groups = libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_VCPU
 stats = conn.getAllDomainStats(groups, 0)
 for dom, _ in stats:
     dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    if dom.ID() != -1:
+        dom.XMLDesc(0)
 conn.close()
 print(len(stats))
 """
@@ -63,6 +69,7 @@ ROUND_ATTEMPTS = 4
 class SizeResult:
     domains: int
     uri: str
+    mix: str
     repetitions: int
     virsh_sample: int
     seconds: dict[str, list[float]] = field(default_factory=dict)  # per method, per round
@@ -108,13 +115,16 @@ def _sample(names: list[str], size: int) -> list[str]:
 
 
 class Sweep:
-    def __init__(self, count: int, repetitions: int, virsh_sample: int) -> None:
+    def __init__(
+        self, count: int, repetitions: int, virsh_sample: int, mix: str = nodes.MIX
+    ) -> None:
         self.count = count
-        path = nodes.write_node(NODES_DIR, count)
+        path = nodes.write_node(NODES_DIR, count, mix=mix)
         self.uri = nodes.unix_uri(path)
-        names = [layout.name for layout in nodes.layouts(count)]
-        self.sample = _sample(names, virsh_sample)
-        self.result = SizeResult(count, self.uri, repetitions, len(self.sample))
+        names = [layout.name for layout in nodes.layouts(count, mix=mix)]
+        self.sample = _sample(names, virsh_sample) if mix == nodes.MIX else []
+        self.methods = METHODS if self.sample else tuple(m for m in METHODS if m != "virsh")
+        self.result = SizeResult(count, self.uri, mix, repetitions, len(self.sample))
 
     # the methods
 
@@ -157,18 +167,20 @@ class Sweep:
     def run(self, log: Callable[[str], None]) -> SizeResult:
         result = self.result
         # One warm-up round (page cache, libvirtd's first parse of the node file), not kept.
-        for method in METHODS:
+        methods = self.methods
+        for method in methods:
             if method != "virsh":
                 self.run_one(method)
         for round_index in range(result.repetitions):
-            order = METHODS[round_index % len(METHODS) :] + METHODS[: round_index % len(METHODS)]
+            shift = round_index % len(methods)
+            order = methods[shift:] + methods[:shift]
             measured = self._round(order, log)
             for method, (wall, cpu) in measured.items():
                 result.seconds.setdefault(method, []).append(wall)
                 result.cpu_seconds.setdefault(method, []).append(cpu)
             log(
-                f"  N={self.count} round {round_index + 1}/{result.repetitions}: "
-                + ", ".join(f"{m} {result.seconds[m][-1]:.2f}s" for m in METHODS)
+                f"  N={self.count} {result.mix} round {round_index + 1}/{result.repetitions}: "
+                + ", ".join(f"{m} {result.seconds[m][-1]:.2f}s" for m in methods)
             )
         self._count_calls()
         return result
@@ -199,6 +211,8 @@ class Sweep:
             total, breakdown = count_calls(argv)
             result.calls[method] = total
             result.call_breakdown[method] = dict(breakdown)
+        if not self.sample:
+            return
         virsh_total = 0
         virsh_breakdown: dict[str, int] = {}
         for name in self.sample:
