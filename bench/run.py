@@ -378,9 +378,11 @@ def hotadd_targets(result: HotaddResult) -> list[dict[str, Any]]:
         c = result.latency["poll-1s"].summary()
         checks += [
             {
-                "target": f"hot-add to online: {label} p50 within 0.3 s of the guest's own rule",
-                "value": f"+{b['p50'] - a['p50']:.2f} s",
-                "met": b["p50"] - a["p50"] <= 0.3 and not b["failures"],
+                "target": f"hot-add to online: {label} p50 within "
+                f"{TARGET_HOTADD_OVER_RULE * 1000:.0f} ms of the guest's own rule "
+                f"(lab guest, {result.accelerator}; seen from the host's sysfs polling)",
+                "value": f"{b['p50'] - a['p50']:+.3f} s (rule {fmt_seconds(a['p50'])})",
+                "met": b["p50"] - a["p50"] <= TARGET_HOTADD_OVER_RULE and not b["failures"],
             },
             {
                 "target": f"hot-add to online: {label} p50 at least 2x better than 1-s polling",
@@ -391,12 +393,15 @@ def hotadd_targets(result: HotaddResult) -> list[dict[str, Any]]:
     if result.burst_vms:
         burst = result.burst_ost_to_online.summary()
         floor = result.burst_direct_ost_to_online.summary()
+        ratio = burst["p50"] / floor["p50"] if floor["p50"] > 0 else float("nan")
         checks.append(
             {
-                "target": f"{result.burst_vms} VMs at once under {label}: every CPU online "
-                "within 3 s of its OST (floor: onlined at OST without watch)",
-                "value": f"max {burst['max']:.2f} s (floor {floor['max']:.2f} s)",
-                "met": burst["max"] <= 3.0 and not burst["failures"],
+                "target": f"{result.burst_vms} VMs at once under {label}: OST to online p50 "
+                f"within {(TARGET_BURST_OVER_FLOOR - 1) * 100:.0f} % of the floor (onlined "
+                "through the agent at its OST, no watch, same run)",
+                "value": f"{ratio:.2f}x (floor p50 {fmt_seconds(floor['p50'])}, "
+                f"max {fmt_seconds(burst['max'])} vs {fmt_seconds(floor['max'])})",
+                "met": ratio <= TARGET_BURST_OVER_FLOOR and not burst["failures"],
             }
         )
     return checks
