@@ -114,7 +114,8 @@ HOTADD_SETTLE = _seconds_setting(
     0.1,
     0.0,
     60.0,
-    "wait after a hot-add event before reading the guest",
+    "longest wait between two reads of the guest after a hot-add event (read at once, "
+    "then after 10, 20, 40 ms ...)",
     "--hotadd-settle",
 )
 HOOK_SOCKET = Setting(

@@ -27,9 +27,11 @@ from virthotplug.host.policysource import effective_policy
 from virthotplug.host.reconcile import ReconcileResult, reconcile
 
 ACTING_MODES = ("online", "match")
-# After a hot-add the guest lists the new CPU a moment after OST; look again this often, for
-# at most this long after the event, before leaving it to the periodic resync.
-NOT_YET_SEEN_RETRY = 0.1
+# After a hot-add the guest lists the new CPU a moment after OST. The first look is at once;
+# until the guest lists it, look again after as long as has passed since the OST event (10,
+# 20, 40 ms ...: doubling), never waiting longer than the ``hotadd_settle`` setting between
+# two looks, for at most NOT_YET_SEEN_LIMIT seconds, then leave it to the periodic resync.
+HOTADD_FIRST_LOOK = 0.01
 NOT_YET_SEEN_LIMIT = 5.0
 
 
@@ -77,7 +79,9 @@ class JobRunner:
         self._remember_ours(job.ref.key, result)
         done = dataclasses.replace(_reconciled(job, result), routine=self._routine(job, result))
         if _hotadd_not_seen_yet(job, result):
-            return dataclasses.replace(done, retry_after=NOT_YET_SEEN_RETRY)
+            waited = time.monotonic() - job.first_request
+            delay = hotadd_look_delay(waited, self.settings.hotadd_settle)
+            return dataclasses.replace(done, retry_after=delay)
         return done
 
     def _routine(self, job: Job, result: ReconcileResult) -> bool:
@@ -110,6 +114,13 @@ def _grace_left(policy: Policy, job: Job) -> float:
     if policy.mode not in ACTING_MODES:
         return 0.0
     return policy.grace - (time.monotonic() - job.first_request)
+
+
+def hotadd_look_delay(waited: float, cap: float) -> float:
+    """How long to wait before looking again for a hot-added CPU the guest has not listed,
+    ``waited`` seconds after its OST event: as long again (10, 20, 40 ms ...), at most
+    ``cap`` (``hotadd_settle``)."""
+    return max(0.0, min(max(cap, HOTADD_FIRST_LOOK), max(HOTADD_FIRST_LOOK, waited)))
 
 
 def _hotadd_not_seen_yet(job: Job, result: ReconcileResult) -> bool:

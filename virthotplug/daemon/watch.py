@@ -519,8 +519,8 @@ class Watch:
     def _request(self, ref: DomainRef, ev: Event) -> None:
         delay, hotadded = 0.0, frozenset[int]()
         if isinstance(ev, OstMonitorEvent) and ev.ost is not None and ev.ost.is_cpu:
-            # The CPU appears in the guest a little after OST: judge it once settled.
-            delay = self.settings.hotadd_settle
+            # Read at once: the guest usually lists the CPU by the OST event; the job looks
+            # again with short backoff until it does (jobs.hotadd_look_delay).
             if ev.hotadd_vcpu is not None:
                 hotadded = frozenset({ev.hotadd_vcpu})
         elif isinstance(ev, AgentEvent):
