@@ -290,7 +290,7 @@ def test_setvcpus_grow_is_verified_end_to_end(
     policy_for(vm_manual, "report")
     status, out, err = vh("setvcpus", vm_manual.name, "3", "--online")
     assert status == EXIT_OK, out + err
-    assert "ACPI_DEVICE_OST  device check: success — guest detected vcpu2" in out
+    assert "ACPI_DEVICE_OST  device check: success — the guest's ACPI accepted vcpu2" in out
     assert vm_manual.cpu_state().online == {0, 1, 2}
     assert vm_manual.taints() == []
 

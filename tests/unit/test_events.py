@@ -57,7 +57,7 @@ def test_ost_hotadd_success_names_the_vcpu() -> None:
     ev = OstMonitorEvent(REF, ost=parse_ost_details(details))
     assert ev.hotadd_vcpu == 2
     assert ev.intent == RECONCILE
-    assert "vcpu2" in ev.describe() and "not yet online" in ev.describe()
+    assert "vcpu2" in ev.describe() and "not yet listed" in ev.describe()
     assert ev.details()["source_name"] == "device check"
 
 

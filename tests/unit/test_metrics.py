@@ -79,8 +79,15 @@ def record(codes: Any) -> Record:
     return Record("2026-01-31T12:00:00.000Z", HOST, REF.name, REF.uuid, "reconcile", outcome=codes)
 
 
-def outcome(v: Optional[VcpuView], codes: str = "unchanged", failed: bool = False) -> JobResult:
-    return JobResult(record=record(codes), line="", failed=failed, view=v)
+def outcome(
+    v: Optional[VcpuView],
+    codes: str = "unchanged",
+    failed: bool = False,
+    hotadds_online: frozenset[int] = frozenset(),
+) -> JobResult:
+    return JobResult(
+        record=record(codes), line="", failed=failed, view=v, hotadds_online=hotadds_online
+    )
 
 
 def job(first: float = 0.0) -> Job:
@@ -235,14 +242,27 @@ def test_hotadd_latency_from_ost_to_the_reconcile_that_sees_it_online(m: metrics
     m.reconciled(job(), outcome(view(online=(0,))), 0.01)  # not online yet: no sample
     assert value(m, "virthotplug_hotadd_online_latency_seconds_count", host=HOST) in (None, 0)
     m.clock = lambda: 100.45
-    m.reconciled(job(), outcome(view(online=(0, 1))), 0.01)
+    # The reconcile says which OST hot-adds it found online (mapped through the guest).
+    m.reconciled(job(), outcome(view(online=(0, 1)), hotadds_online=frozenset({1})), 0.01)
     assert value(m, "virthotplug_hotadd_online_latency_seconds_count", host=HOST) == 1
     assert value(m, "virthotplug_hotadd_online_latency_seconds_sum", host=HOST) == pytest.approx(
         0.45
     )
     bucket = {"host": HOST, "le": "0.5"}
     assert value(m, "virthotplug_hotadd_online_latency_seconds_bucket", **bucket) == 1
-    m.reconciled(job(), outcome(view(online=(0, 1))), 0.01)  # counted once
+    m.reconciled(job(), outcome(view(online=(0, 1)), hotadds_online=frozenset({1})), 0.01)
+    assert value(m, "virthotplug_hotadd_online_latency_seconds_count", host=HOST) == 1  # once
+    assert value(m, "virthotplug_hotadd_online_latency_seconds_count", host=HOST) == 1
+
+
+def test_hotadd_latency_follows_the_guest_cpu_not_the_vcpu_id(m: metrics.Metrics) -> None:
+    # virsh setvcpu DOM 3 --enable --live: OST names vcpu3, the guest calls it cpu1. A guest
+    # that happens to have a cpu3 online must not end the measurement; the mapping does.
+    m.event(ost(3, mono=100.0))
+    m.clock = lambda: 100.3
+    m.reconciled(job(), outcome(view(online=(0, 1))), 0.01)
+    assert value(m, "virthotplug_hotadd_online_latency_seconds_count", host=HOST) in (None, 0)
+    m.reconciled(job(), outcome(view(online=(0, 1)), hotadds_online=frozenset({3})), 0.01)
     assert value(m, "virthotplug_hotadd_online_latency_seconds_count", host=HOST) == 1
 
 

@@ -192,7 +192,10 @@ def test_eject_code_is_not_decoded_for_device_check() -> None:
 @pytest.mark.parametrize(
     ("event", "line"),
     [
-        (ost(1, 0), "device check: success — guest detected vcpu2; not yet online"),
+        (
+            ost(1, 0),
+            "device check: success — the guest's ACPI accepted vcpu2; not yet listed by the guest",
+        ),
         (ost(3, 0x84, device="vcpu3"), "eject request: ejection in progress (vcpu3)"),
         (ost(3, 0, device=None, slot=None), "eject request: success — guest ejected the CPU"),
         (
@@ -209,7 +212,7 @@ def test_eject_code_is_not_decoded_for_device_check() -> None:
         (ost(1, 0x01), "device check: non-specific failure (vcpu2)"),
         (
             OstEvent(source=1, status=0, device="dimm1", slot="0", slot_type="DIMM"),
-            "device check: success — guest detected dimm1",
+            "device check: success — the guest's ACPI accepted dimm1",
         ),
         (
             OstEvent(source=0x0A, status=0x05, device=None, slot=None, slot_type=None),
@@ -217,7 +220,7 @@ def test_eject_code_is_not_decoded_for_device_check() -> None:
         ),
         (
             OstEvent(source=1, status=0, device=None, slot=None, slot_type=None),
-            "device check: success — guest detected the device",
+            "device check: success — the guest's ACPI accepted the device",
         ),
     ],
 )
@@ -273,7 +276,10 @@ def test_parse_lab_hot_add_event() -> None:
     assert event == OstEvent(source=1, status=0, device="vcpu1", slot="1", slot_type="CPU")
     assert event.vcpu_id == 1
     assert event.is_cpu
-    assert event.describe() == "device check: success — guest detected vcpu1; not yet online"
+    assert (
+        event.describe()
+        == "device check: success — the guest's ACPI accepted vcpu1; not yet listed by the guest"
+    )
 
 
 def test_parse_accepts_bytes_bytearray_and_dict() -> None:

@@ -233,10 +233,12 @@ class OstEvent:
 
 
 def _explain_detected(event: OstEvent) -> str:
-    # The kernel reports Device Check success once cpuN exists in sysfs, before anything
-    # onlines it: the event never means "online" (design.md §1).
-    suffix = "; not yet online" if event.is_cpu else ""
-    return f"guest detected {event.subject}{suffix}"
+    # The guest's ACPI code reports Device Check success; that the kernel has the CPU (a
+    # cpuN in sysfs) is known only once the guest lists it: a kernel with no room in its
+    # possible-CPU mask accepts the device and still never lists a CPU (lab notes, Debian
+    # 13 under TCG). And listed never means online (design.md §1).
+    suffix = "; not yet listed by the guest" if event.is_cpu else ""
+    return f"the guest's ACPI accepted {event.subject}{suffix}"
 
 
 def _explain_ejected(event: OstEvent) -> str:

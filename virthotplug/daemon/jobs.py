@@ -3,8 +3,17 @@
 Grace: after a hot-add, a policy may give the guest ``grace`` seconds to online the new CPU
 itself (its own udev rule). The job does not sleep for it; it asks the scheduler to come
 back when the grace period ends, and the reconcile then reports "onlined-by-guest" when the
-guest won. Hot-added vCPU ids from OST events are taken as guest CPU ids: they agree while
-vCPUs are added in order, which is how libvirt hot-adds them.
+guest won.
+
+Which guest CPUs a hot-add brought is decided from what the guest reports: its present set
+now minus the one this daemon saw before the OST event. The ``vcpuN`` of an OST event is
+libvirt's vCPU id, only a trigger: after ``virsh setvcpu DOM 3 --enable --live`` the guest
+calls the new CPU cpu1. Until the guest lists a new CPU the job looks again with backoff
+(``HOTADD_LOOKS``); if it still lists none ``HOTADD_WAIT`` seconds after the OST event, the
+guest rejected the hot-add although its ACPI accepted the device: that is recorded in the
+domain's history (``guest-rejected-vcpu``), reported once at warning level, and not looked
+at again. A critical finding that depends on the guest (e.g. right after a resume, a hot-add
+made while paused) is held at warning for ``SETTLE_WINDOW`` seconds and judged again then.
 """
 
 from __future__ import annotations
@@ -12,14 +21,18 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 from virthotplug.core.config import HostConfig, WatchSettings
 from virthotplug.core.cpulist import format_cpulist
+from virthotplug.core.drift import GUEST_DEPENDENT, find_drift
 from virthotplug.core.policy import Policy
 from virthotplug.core.records import Record, iso_time
 from virthotplug.core.schedule import Job, Key
-from virthotplug.core.view import to_dict
+from virthotplug.core.view import CRITICAL, HISTORY_REJECTED, HistoryEntry, VcpuView, to_dict
 from virthotplug.daemon.watch import JobResult
+from virthotplug.host import actions, history
 from virthotplug.host.actions import ONLINED
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
@@ -27,12 +40,53 @@ from virthotplug.host.policysource import effective_policy
 from virthotplug.host.reconcile import ReconcileResult, reconcile
 
 ACTING_MODES = ("online", "match")
-# After a hot-add the guest lists the new CPU a moment after OST. The first look is at once;
-# until the guest lists it, look again after as long as has passed since the OST event (10,
-# 20, 40 ms ...: doubling), never waiting longer than the ``hotadd_settle`` setting between
-# two looks, for at most NOT_YET_SEEN_LIMIT seconds, then leave it to the periodic resync.
+# After a hot-add the guest lists the new CPU a moment after OST (lab: well under 0.1 s).
+# The first look is at once; until the guest lists the CPU, look again ``hotadd_settle``
+# seconds after the OST event, then three and nine times as long after it, and a last time
+# HOTADD_WAIT seconds after it (0, 0.1, 0.3, 0.9, 3 s with the default 0.1 s): five looks
+# in all, so a guest that never lists the CPU is not polled in a loop. A CPU still not
+# listed by then was rejected by the guest.
 HOTADD_FIRST_LOOK = 0.01
-NOT_YET_SEEN_LIMIT = 5.0
+HOTADD_LOOK_FACTOR = 3.0
+HOTADD_RETRIES = 4  # looks after the first one
+HOTADD_WAIT = 3.0
+# A critical guest-dependent finding is a warning for this long after it first appears
+# (the same bound: a guest that has not listed a hot-added CPU by then will not).
+SETTLE_WINDOW = HOTADD_WAIT
+RETRY_HOTADD = "hot-add"
+RETRY_SETTLE = "settle"
+RETRY_GRACE = "grace"
+
+
+@dataclass
+class PendingHotadd:
+    """A hot-add QEMU reported (OST device check) that the guest has not listed yet."""
+
+    vcpus: set[int]
+    baseline: Optional[frozenset[int]]  # the guest's present CPUs before; None: not known
+    since: float  # monotonic time of the OST event
+    looks: int = 0
+
+
+@dataclass
+class DomainMemory:
+    """What the daemon remembers of one domain between its jobs."""
+
+    present: Optional[frozenset[int]] = None  # the guest's present CPUs, last seen
+    pending: Optional[PendingHotadd] = None
+    critical_since: dict[str, float] = field(default_factory=dict)  # code -> first seen
+    decided_upto: float = float("-inf")  # the OST time of the last hot-add decided
+
+
+@dataclass(frozen=True)
+class HotaddSeen:
+    """The outcome of looking for a pending hot-add in one reconcile."""
+
+    cpus: frozenset[int] = frozenset()  # guest CPUs it brought (present now minus before)
+    vcpus: frozenset[int] = frozenset()  # the vCPU ids of the OST events behind it
+    retry_after: Optional[float] = None  # not listed yet: look again then
+    rejected: frozenset[int] = frozenset()  # vCPUs the guest did not take
+    waited: float = 0.0  # seconds since the OST event, when rejected
 
 
 class JobRunner:
@@ -47,6 +101,7 @@ class JobRunner:
         self._ours_lock = threading.Lock()
         # The findings last reported per domain, to tell a routine resync from news.
         self._last_findings: dict[Key, tuple[str, ...]] = {}
+        self._memory: dict[Key, DomainMemory] = {}
 
     def update(self, config: HostConfig, settings: WatchSettings) -> None:
         self.config, self.settings = config, settings
@@ -56,33 +111,94 @@ class JobRunner:
         with self._ours_lock:
             self._ours.pop(key, None)
             self._last_findings.pop(key, None)
+            self._memory.pop(key, None)
 
     def run(self, conn: Connection, dom: Domain, job: Job) -> JobResult:
         config = self.config
         effective = None
+        memory = self._remember_hotadd(job)
         if job.hotadded:
             effective = effective_policy(conn, dom, config)
             wait = _grace_left(effective.policy, job)
             if wait > 0:
                 return _deferred(job, dom, wait)
-        with self._ours_lock:
-            hotadded = frozenset(job.hotadded - self._ours.get(job.ref.key, set()))
         result = reconcile(
             conn,
             dom,
             config,
             trigger="+".join(job.reasons),
-            hotadded=hotadded,
             agent_timeout=self.settings.agent_timeout,
             effective=effective,
         )
+        seen = self._look(memory, result)
+        if seen.cpus:
+            result = self._credit(job.ref.key, result, seen.cpus)
+        if seen.rejected:
+            result = _record_rejection(dom, result, seen.rejected)
         self._remember_ours(job.ref.key, result)
-        done = dataclasses.replace(_reconciled(job, result), routine=self._routine(job, result))
-        if _hotadd_not_seen_yet(job, result):
-            waited = time.monotonic() - job.first_request
-            delay = hotadd_look_delay(waited, self.settings.hotadd_settle)
-            return dataclasses.replace(done, retry_after=delay)
+        view = result.after or result.before
+        settle = self._settle(memory, view, result.policy.policy)
+        if settle is not None:
+            result = _judged(result, settle[0])
+        done = _reconciled(job, result, seen)
+        done = dataclasses.replace(done, routine=self._routine(job, result))
+        retry = _retry(seen, settle)
+        if retry is not None:
+            done = dataclasses.replace(done, retry_after=retry[0], retry_reason=retry[1])
         return done
+
+    def _memory_for(self, key: Key) -> DomainMemory:
+        with self._ours_lock:
+            return self._memory.setdefault(key, DomainMemory())
+
+    def _remember_hotadd(self, job: Job) -> DomainMemory:
+        """A hot-add hint starts (or joins) the domain's pending hot-add."""
+        memory = self._memory_for(job.ref.key)
+        # A retried job carries its hints again: a hot-add already decided is not new.
+        if job.hotadded and job.first_request > memory.decided_upto:
+            if memory.pending is None:
+                memory.pending = PendingHotadd(set(), memory.present, job.first_request)
+            memory.pending.vcpus |= job.hotadded
+        return memory
+
+    def _look(self, memory: DomainMemory, result: ReconcileResult) -> HotaddSeen:
+        guest = result.before.guest
+        pending = memory.pending
+        if guest is not None:
+            memory.present = guest.present
+        if pending is None or guest is None:
+            return HotaddSeen()
+        return _judge_hotadd(
+            pending, guest.present, result.before, memory, self.settings.hotadd_settle
+        )
+
+    def _credit(self, key: Key, result: ReconcileResult, cpus: frozenset[int]) -> ReconcileResult:
+        """Outcomes again, with the guest CPUs the hot-add brought (never our own writes)."""
+        with self._ours_lock:
+            hotadded = frozenset(cpus - self._ours.get(key, set()))
+        found = actions.outcomes(
+            result.policy.policy, result.plan, result.before, result.after, result.writes, hotadded
+        )
+        return dataclasses.replace(result, outcomes=found)
+
+    def _settle(
+        self, memory: DomainMemory, view: VcpuView, policy: Policy
+    ) -> Optional[tuple[VcpuView, float]]:
+        """A guest-dependent critical finding seen for the first time is held at warning;
+        the view judged so, and when to judge again. None: nothing to hold."""
+        now = time.monotonic()
+        critical = {f.code for f in view.findings if f.severity == CRITICAL}
+        critical &= GUEST_DEPENDENT
+        for code in list(memory.critical_since):
+            if code not in critical:
+                del memory.critical_since[code]
+        for code in critical:
+            memory.critical_since.setdefault(code, now)
+        young = [now - t for t in memory.critical_since.values() if now - t < SETTLE_WINDOW]
+        if not young:
+            return None
+        judged = find_drift(view, policy, settling=True)
+        return dataclasses.replace(view, findings=judged), SETTLE_WINDOW - max(young)
 
     def _routine(self, job: Job, result: ReconcileResult) -> bool:
         """A resync that wrote nothing and found what the last reconcile found."""
@@ -116,19 +232,74 @@ def _grace_left(policy: Policy, job: Job) -> float:
     return policy.grace - (time.monotonic() - job.first_request)
 
 
-def hotadd_look_delay(waited: float, cap: float) -> float:
-    """How long to wait before looking again for a hot-added CPU the guest has not listed,
-    ``waited`` seconds after its OST event: as long again (10, 20, 40 ms ...), at most
-    ``cap`` (``hotadd_settle``)."""
-    return max(0.0, min(max(cap, HOTADD_FIRST_LOOK), max(HOTADD_FIRST_LOOK, waited)))
+def _judge_hotadd(
+    pending: PendingHotadd,
+    present: frozenset[int],
+    view: VcpuView,
+    memory: DomainMemory,
+    look_cap: float,
+) -> HotaddSeen:
+    """The guest's present set against the one before the hot-add."""
+    vcpus = frozenset(pending.vcpus)
+    counted = view.live.current if view.live is not None else len(present)
+    if pending.baseline is not None:
+        new = present - pending.baseline
+    else:  # the daemon never saw this guest before: only the count can tell
+        new = frozenset(sorted(present)[-len(vcpus) :]) if len(present) >= counted else frozenset()
+    if new:
+        memory.pending, memory.decided_upto = None, pending.since
+        return HotaddSeen(cpus=frozenset(new), vcpus=vcpus)
+    pending.looks += 1
+    waited = time.monotonic() - pending.since
+    if waited < HOTADD_WAIT and pending.looks <= HOTADD_RETRIES:
+        delay = hotadd_look_delay(pending.looks, waited, look_cap)
+        return HotaddSeen(vcpus=vcpus, retry_after=delay)
+    memory.pending, memory.decided_upto = None, pending.since
+    return HotaddSeen(vcpus=vcpus, rejected=vcpus, waited=waited)
 
 
-def _hotadd_not_seen_yet(job: Job, result: ReconcileResult) -> bool:
-    guest = (result.after or result.before).guest
-    if guest is None or not result.policy.policy.acts:
-        return False
-    waited = time.monotonic() - job.first_request
-    return bool(job.hotadded - guest.present) and waited < NOT_YET_SEEN_LIMIT
+def hotadd_look_delay(looks: int, waited: float, first: float) -> float:
+    """How long to wait before the next look for a hot-added CPU the guest has not listed,
+    after ``looks`` looks, ``waited`` seconds after its OST event: the next look is at
+    ``first`` (``hotadd_settle``), 3 and 9 times that after the event, the last one at
+    HOTADD_WAIT."""
+    at = max(first, HOTADD_FIRST_LOOK) * HOTADD_LOOK_FACTOR ** (looks - 1)
+    while at <= waited and at < HOTADD_WAIT:  # the first look came late (a settle delay)
+        at *= HOTADD_LOOK_FACTOR
+    if looks >= HOTADD_RETRIES or at >= HOTADD_WAIT:
+        at = HOTADD_WAIT
+    return max(0.0, at - waited)
+
+
+def _record_rejection(
+    dom: Domain, result: ReconcileResult, vcpus: frozenset[int]
+) -> ReconcileResult:
+    """Write the rejection into the domain's history and judge the view with it."""
+    at = history.now()
+    entries = [HistoryEntry(HISTORY_REJECTED, vcpu, at, "watch") for vcpu in sorted(vcpus)]
+    view = result.after or result.before
+    live = view.live.current if view.live is not None else None
+    recorded = history.record(dom, entries, live_count=live)
+    judged = dataclasses.replace(view, history=recorded)
+    judged = dataclasses.replace(judged, findings=find_drift(judged, result.policy.policy))
+    return _judged(result, judged)
+
+
+def _judged(result: ReconcileResult, view: VcpuView) -> ReconcileResult:
+    if result.after is not None:
+        return dataclasses.replace(result, after=view)
+    return dataclasses.replace(result, before=view)
+
+
+def _retry(
+    seen: HotaddSeen, settle: Optional[tuple[VcpuView, float]]
+) -> Optional[tuple[float, str]]:
+    retries = []
+    if seen.retry_after is not None:
+        retries.append((seen.retry_after, RETRY_HOTADD))
+    if settle is not None:
+        retries.append((settle[1], RETRY_SETTLE))
+    return min(retries) if retries else None
 
 
 def _deferred(job: Job, dom: Domain, wait: float) -> JobResult:
@@ -148,7 +319,7 @@ def _deferred(job: Job, dom: Domain, wait: float) -> JobResult:
     return JobResult(record=record, line=line, retry_after=wait)
 
 
-def _reconciled(job: Job, result: ReconcileResult) -> JobResult:
+def _reconciled(job: Job, result: ReconcileResult, seen: HotaddSeen) -> JobResult:
     view = result.after or result.before
     since = time.monotonic() - job.first_request
     codes = [o.code for o in result.outcomes]
@@ -162,7 +333,11 @@ def _reconciled(job: Job, result: ReconcileResult) -> JobResult:
         details={
             "trigger": list(job.reasons),
             "coalesced": job.coalesced,
-            "hotadded": sorted(job.hotadded),
+            # Guest CPU ids the hot-add brought (present now minus before), and the vCPU ids
+            # of the OST events behind it.
+            "hotadded": sorted(seen.cpus),
+            "hotadd_vcpus": sorted(seen.vcpus),
+            "rejected_vcpus": sorted(seen.rejected),
             "since_first_event": round(since, 3),
             "policy": result.policy.to_dict(),
             "plan": result.plan.to_dict(),
@@ -175,7 +350,15 @@ def _reconciled(job: Job, result: ReconcileResult) -> JobResult:
         action=_action(result),
         outcome=",".join(codes) or "unchanged",
     )
-    return JobResult(record=record, line=_line(result, since), failed=result.failed, view=view)
+    online = view.guest.online if view.guest is not None else frozenset()
+    return JobResult(
+        record=record,
+        line=_line(result, since, seen),
+        failed=result.failed,
+        view=view,
+        warning=bool(seen.rejected),
+        hotadds_online=seen.vcpus if seen.cpus and seen.cpus <= online else frozenset(),
+    )
 
 
 def _action(result: ReconcileResult) -> str:
@@ -188,7 +371,7 @@ def _action(result: ReconcileResult) -> str:
     return ", ".join(parts) or "none"
 
 
-def _line(result: ReconcileResult, since: float) -> str:
+def _line(result: ReconcileResult, since: float, seen: HotaddSeen) -> str:
     view = result.after or result.before
     guest = view.guest
     state = "guest layer unknown"
@@ -203,6 +386,19 @@ def _line(result: ReconcileResult, since: float) -> str:
     mode = result.policy.policy.mode
     findings = ",".join(f.code for f in view.findings) or "no findings"
     return (
-        f"domain '{result.name}': policy {mode}: {done or 'nothing to do'}; {state}; "
+        f"domain '{result.name}': {_hotadd_text(seen)}policy {mode}: "
+        f"{done or 'nothing to do'}; {state}; "
         f"{findings} [{result.trigger}, {since:.2f} s after the first event]"
     )
+
+
+def _hotadd_text(seen: HotaddSeen) -> str:
+    vcpus = ", ".join(f"vcpu{v}" for v in sorted(seen.vcpus))
+    if seen.cpus:
+        return f"guest detected CPU {format_cpulist(seen.cpus)} (hot-add of {vcpus}); "
+    if seen.rejected:
+        return (
+            f"guest rejected the hot-add of {vcpus}: QEMU's OST said its ACPI accepted the "
+            f"device, but the guest lists no new CPU {seen.waited:.1f} s later; "
+        )
+    return ""

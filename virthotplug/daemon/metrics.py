@@ -245,7 +245,9 @@ class Metrics:
                 return
             self._forgotten.pop((host, view.uuid), None)
             self._views[(host, view.uuid)] = (view, time.time())
-        self._hotadd_latency(host, view)
+        # The reconcile maps hot-adds to guest CPUs (the guest's present set after minus
+        # before): the OST event's vcpuN is libvirt's id, not the guest's CPU number.
+        self._hotadd_latency(host, view, result.hotadds_online)
 
     def forget(self, host: str, uuid: str) -> None:
         """Drop a domain's series (it stopped or went away)."""
@@ -262,15 +264,20 @@ class Metrics:
         with self._lock:
             return [(host, view, at) for (host, _), (view, at) in self._views.items()]
 
-    def _hotadd_latency(self, host: str, view: VcpuView) -> None:
+    def _hotadd_latency(
+        self, host: str, view: VcpuView, vcpus: Optional[frozenset[int]] = None
+    ) -> None:
+        """Observe the pending hot-adds ``vcpus`` (vCPU ids) of ``view`` found online; without
+        ``vcpus``, those whose vCPU id the guest has online (right while added in order)."""
         if view.guest is None:
             return
+        online = vcpus if vcpus is not None else view.guest.online
         now = self.clock()
         with self._lock:
             done = [
                 (key, at)
                 for key, at in self._hotadds.items()
-                if key[0] == host and key[1] == view.uuid and key[2] in view.guest.online
+                if key[0] == host and key[1] == view.uuid and key[2] in online
             ]
             for key, _ in done:
                 del self._hotadds[key]

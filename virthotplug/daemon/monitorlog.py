@@ -51,6 +51,6 @@ class MonitorLog:
 
 
 def describe(event: Event, start: float) -> str:
-    """``+0.041 s  ACPI_DEVICE_OST  device check: success — guest detected vcpu1; ...``"""
+    """``+0.041 s  ACPI_DEVICE_OST  device check: success — the guest's ACPI accepted vcpu1``"""
     name = "ACPI_DEVICE_OST" if isinstance(event, OstMonitorEvent) else "DEVICE_DELETED"
     return f"+{event.mono - start:.3f} s  {name}  {event.describe()}"

@@ -92,6 +92,10 @@ class JobResult:
     retry_after: Optional[float] = None
     view: Optional[VcpuView] = None  # the domain as the reconcile left it (for metrics)
     routine: bool = False  # nothing done, nothing new: a log line only at debug level
+    retry_reason: str = "grace"  # what the retry is for, as its job's reason
+    warning: bool = False  # news worth a warning (e.g. a hot-add the guest rejected)
+    # vCPU ids (of OST hot-add events) whose guest CPUs this reconcile found online.
+    hotadds_online: frozenset[int] = frozenset()
 
 
 ReconcileFn = Callable[[Connection, Domain, Job], JobResult]
@@ -123,6 +127,7 @@ class _JobDone:
     key: Key
     retry_after: Optional[float] = None
     job: Optional[Job] = None
+    reason: str = "grace"
 
 
 @dataclass(frozen=True)
@@ -519,8 +524,8 @@ class Watch:
     def _request(self, ref: DomainRef, ev: Event) -> None:
         delay, hotadded = 0.0, frozenset[int]()
         if isinstance(ev, OstMonitorEvent) and ev.ost is not None and ev.ost.is_cpu:
-            # Read at once: the guest usually lists the CPU by the OST event; the job looks
-            # again with short backoff until it does (jobs.hotadd_look_delay).
+            # The CPU appears in the guest a little after OST: judge it once settled.
+            delay = self.settings.hotadd_settle
             if ev.hotadd_vcpu is not None:
                 hotadded = frozenset({ev.hotadd_vcpu})
         elif isinstance(ev, AgentEvent):
@@ -600,22 +605,24 @@ class Watch:
                 due=now,
                 not_before=now + done.retry_after,
                 at=job.first_request,
-                reason="grace",
+                reason=done.reason,
                 hotadded=frozenset(job.hotadded),
             )
 
     # worker side
 
     def _run_job(self, job: Job) -> None:
-        retry_after = None
+        result = None
         try:
-            retry_after = self._reconcile(job)
+            result = self._reconcile(job)
         except Exception:  # a bug in one reconcile must not kill a worker
             log.exception("domain '%s': reconcile crashed", job.ref.name)
         finally:
-            self._queue.put(_JobDone(job.ref.key, retry_after, job))
+            retry_after = result.retry_after if result is not None else None
+            reason = result.retry_reason if result is not None else "grace"
+            self._queue.put(_JobDone(job.ref.key, retry_after, job, reason))
 
-    def _reconcile(self, job: Job) -> Optional[float]:
+    def _reconcile(self, job: Job) -> Optional[JobResult]:
         session = self.sessions.get(job.ref.host)
         conn = session.conn if session else None
         if conn is None:
@@ -639,12 +646,15 @@ class Watch:
         result = self._with_flood_finding(job, result)
         self.stats.count(reconciles=1)
         self._eventlog.reconcile(
-            result.record, result.line, failed=result.failed, routine=result.routine
+            result.record,
+            result.line,
+            failed=result.failed or result.warning,
+            routine=result.routine and not result.warning,
         )
         self._observer.reconciled(job, result, time.monotonic() - started)
         if self._bulk is not None:
             self._bulk.reconciled(conn.uri, result.view)
-        return result.retry_after
+        return result
 
     def _with_flood_finding(self, job: Job, result: JobResult) -> JobResult:
         """A domain whose monitor events are suppressed says so in its record and metrics."""

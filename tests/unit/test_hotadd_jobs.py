@@ -1,0 +1,227 @@
+"""The daemon's hot-add decisions, from recorded guest sequences: which guest CPU a hot-add
+brought (the guest's present set after minus before, never the OST event's vCPU id), a
+hot-add the guest rejected (bounded looks, one warning, recorded in the history, no spin),
+and critical findings held at warning while the guest settles."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Optional
+
+import pytest
+
+from virthotplug.core.config import HostConfig, WatchSettings
+from virthotplug.core.drift import find_drift
+from virthotplug.core.events import DomainRef
+from virthotplug.core.policy import FIELDS, EffectivePolicy, Plan, Policy
+from virthotplug.core.schedule import Job
+from virthotplug.core.view import (
+    AGENT_CONNECTED,
+    HISTORY_REJECTED,
+    AgentStatus,
+    CountLayer,
+    GuestLayer,
+    History,
+    HistoryEntry,
+    HypervisorLayer,
+    VcpuView,
+)
+from virthotplug.daemon import jobs
+from virthotplug.host import actions
+from virthotplug.host.reconcile import ReconcileResult
+
+REF = DomainRef("qemu:///system", "6b0e4c1a-0000-4000-8000-000000000001", "deb13")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def view(
+    present: str, online: str, live: int, policy: Policy, history: Optional[History] = None
+) -> VcpuView:
+    ids = lambda text: frozenset(int(c) for c in text.split(",") if c)  # noqa: E731
+    guest = GuestLayer(ids(present), ids(online), ids(present) - {0})
+    v = VcpuView(
+        host=REF.host,
+        name=REF.name,
+        uuid=REF.uuid,
+        state="running",
+        persistent=True,
+        agent=AgentStatus(True, AGENT_CONNECTED),
+        config=CountLayer(live, 4),
+        live=CountLayer(live, 4),
+        hypervisor=HypervisorLayer(dict.fromkeys(range(live), "running")),
+        guest=guest,
+        history=history or History(),
+    )
+    return dataclasses.replace(v, findings=find_drift(v, policy))
+
+
+class Guest:
+    """Plays back a recorded sequence of what the guest agent reported, one per reconcile."""
+
+    def __init__(self, policy: Policy, *views: tuple[str, str, int]) -> None:
+        self.policy = policy
+        self.views = list(views)
+        self.reconciles = 0
+        self.history = History()  # what the domain's metadata holds
+
+    def reconcile(self, *_args: Any, **_kwargs: Any) -> ReconcileResult:
+        present, online, live = self.views[min(self.reconciles, len(self.views) - 1)]
+        self.reconciles += 1
+        v = view(present, online, live, self.policy, self.history)
+        effective = EffectivePolicy(self.policy, dict.fromkeys(FIELDS, "test"))
+        plan = Plan(note="recorded")
+        found = actions.outcomes(self.policy, plan, v, v, (), frozenset())
+        return ReconcileResult(
+            REF.name, REF.uuid, REF.host, "ost", False, effective, v, plan, found, v
+        )
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[Clock]:
+    fake = Clock()
+    monkeypatch.setattr(jobs.time, "monotonic", fake)
+    yield fake
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> list[list[HistoryEntry]]:
+    writes: list[list[HistoryEntry]] = []
+
+    def record(_dom: Any, entries: Any, *, live_count: Optional[int]) -> History:
+        writes.append(list(entries))
+        history = History().with_initial(live_count or 1)
+        for entry in writes[-1]:
+            history = history.add(entry)
+        return history
+
+    monkeypatch.setattr(jobs.history, "record", record)
+    return writes
+
+
+def runner(guest: Guest, monkeypatch: pytest.MonkeyPatch) -> jobs.JobRunner:
+    monkeypatch.setattr(jobs, "reconcile", guest.reconcile)
+    monkeypatch.setattr(
+        jobs,
+        "effective_policy",
+        lambda *_a: EffectivePolicy(guest.policy, dict.fromkeys(FIELDS, "test")),
+    )
+    return jobs.JobRunner(HostConfig(), WatchSettings())
+
+
+class Dom:
+    name = REF.name
+    uuid = REF.uuid
+
+
+def run(r: jobs.JobRunner, clock: Clock, hotadded: frozenset[int] = frozenset(), first: float = 0):
+    job = Job(REF, due=clock.now, first_request=first or clock.now, reasons=["ost"])
+    job.hotadded = set(hotadded)
+    return r.run(None, Dom(), job)  # type: ignore[arg-type]
+
+
+def test_out_of_order_hot_add_names_the_guest_cpu(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # virsh setvcpu DOM 3 --enable --live: OST says vcpu3, the guest's udev rule brings
+    # the new CPU up as cpu1.
+    guest = Guest(Policy(mode="online"), ("0", "0", 1), ("0,1", "0,1", 2))
+    r = runner(guest, monkeypatch)
+    run(r, clock)  # the resync that saw the guest before
+    clock.now += 5
+    done = run(r, clock, frozenset({3}))
+    details = done.record.details
+    assert details["hotadded"] == [1] and details["hotadd_vcpus"] == [3]
+    credit = [o for o in details["outcomes"] if o["code"] == "onlined-by-guest"]
+    assert credit and credit[0]["cpus"] == [1]
+    assert done.hotadds_online == {3}
+    assert "guest detected CPU 1 (hot-add of vcpu3)" in done.line
+    assert done.retry_after is None
+
+
+def test_rejected_hot_add_is_decided_once_with_at_most_five_reconciles(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch, recorded: list[list[HistoryEntry]]
+) -> None:
+    # Debian 13 under TCG: OST device check success for vcpu1, the guest never lists it.
+    guest = Guest(Policy(mode="report"), ("0", "0", 1), ("0", "0", 2))
+    r = runner(guest, monkeypatch)
+    run(r, clock)
+    guest.reconciles = 1
+    ost_at = clock.now
+    reconciles, results = 0, []
+    done = run(r, clock, frozenset({1}), first=ost_at)
+    reconciles += 1
+    results.append(done)
+    while done.retry_after is not None and clock.now - ost_at < 10:
+        clock.now += done.retry_after
+        done = run(r, clock, frozenset({1}), first=ost_at)  # a retry carries the hint again
+        reconciles += 1
+        results.append(done)
+    assert reconciles <= 5
+    assert clock.now - ost_at == pytest.approx(jobs.HOTADD_WAIT)
+    assert recorded == [[HistoryEntry(HISTORY_REJECTED, 1, recorded[0][0].time, "watch")]]
+    last = results[-1]
+    assert last.warning and last.retry_after is None
+    assert [f["code"] for f in last.record.findings] == ["guest-rejected-vcpu"]
+    assert "QEMU's OST said its ACPI accepted the device" in last.line
+    assert "detected" not in last.line
+    assert last.record.details["rejected_vcpus"] == [1]
+    # Looks before the decision are not warnings; they were retries of the hot-add.
+    assert not any(x.warning for x in results[:-1])
+    assert {x.retry_reason for x in results[:-1]} == {jobs.RETRY_HOTADD}
+    # While it waited, the missing vCPU was held at warning (the guest may catch up).
+    early = results[0].record.findings
+    assert [(f["code"], f["severity"]) for f in early] == [("guest-missing-vcpus", "warning")]
+    # Later jobs carrying the same hint (its first_request) start nothing new; the domain's
+    # history now says why the guest has one CPU less.
+    guest.history = History().add(recorded[0][0])
+    clock.now += 60
+    again = run(r, clock, frozenset({1}), first=ost_at)
+    assert again.retry_after is None and not again.warning and len(recorded) == 1
+    assert [f["severity"] for f in again.record.findings] == ["warning"]
+
+
+def test_look_delays_are_bounded() -> None:
+    first = WatchSettings().hotadd_settle
+    times, waited = [0.0], 0.0
+    for looks in range(1, jobs.HOTADD_RETRIES + 1):
+        waited += jobs.hotadd_look_delay(looks, waited, first)
+        times.append(round(waited, 3))
+    assert len(times) == 5 and times[-1] == jobs.HOTADD_WAIT
+    assert times == sorted(times)
+
+
+def test_critical_guest_finding_is_held_at_warning_while_settling(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a resume the guest handles a hot-add made while paused ~0.3 s later.
+    guest = Guest(Policy(mode="report"), ("0", "0", 2), ("0", "0", 2), ("0,1", "0,1", 2))
+    r = runner(guest, monkeypatch)
+    first = run(r, clock)
+    assert [(f["code"], f["severity"]) for f in first.record.findings] == [
+        ("guest-missing-vcpus", "warning")
+    ]
+    assert first.retry_reason == jobs.RETRY_SETTLE
+    assert first.retry_after == pytest.approx(jobs.SETTLE_WINDOW)
+    clock.now += 0.3
+    assert [f["severity"] for f in run(r, clock).record.findings] == ["warning"]
+    clock.now += 0.3
+    assert run(r, clock).record.findings == []
+
+
+def test_a_lasting_critical_finding_becomes_critical(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    guest = Guest(Policy(mode="report"), ("0", "0", 2))
+    r = runner(guest, monkeypatch)
+    run(r, clock)
+    clock.now += jobs.SETTLE_WINDOW + 0.01
+    done = run(r, clock)
+    assert [f["severity"] for f in done.record.findings] == ["critical"]
+    assert done.retry_after is None
