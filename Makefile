@@ -1,5 +1,6 @@
 # virthotplug — developer and install targets.
 #   make demo    set up this machine and show the main job on a real tiny VM
+#   make demo-matrix   the same seed case on a real Debian 12 guest
 #   make test    set up this machine and run lint, type checks and every test tier
 #   make bench   benchmarks side by side (prints tables, writes bench/results/)
 
@@ -76,6 +77,16 @@ deb:
 
 demo: venv
 	$(PY) tests/lab/demo.py
+
+# Stack 2 (libvirt 11.3 + QEMU 10.0 in a Debian trixie root) and the Debian 12/13 guest images,
+# built in parallel or found in the lab cache (the e2e matrix builds them on first use
+# otherwise; CI runs this first so that the build is a stage of its own).
+.PHONY: lab-images demo-matrix
+lab-images: host
+	$(PYTHON) tests/lab/lab_images.py
+
+demo-matrix: venv
+	$(PY) tests/lab/demo_matrix.py
 
 bench: venv
 	$(PY) bench/run.py $(BENCH_ARGS)

@@ -34,8 +34,16 @@ def scoped_config(tmp_path: Path, sections: dict[str, str], watch: str = "") -> 
 
 
 class WatchProcess:
-    def __init__(self, config: Path, *extra: str, env: Optional[dict[str, str]] = None) -> None:
-        cmd = [sys.executable, "-m", "virthotplug", "--config-file", str(config), "watch"]
+    def __init__(
+        self,
+        config: Path,
+        *extra: str,
+        env: Optional[dict[str, str]] = None,
+        connect: tuple[str, ...] = (),
+    ) -> None:
+        # connect: the hosts (-c URI, repeated); none: virthotplug's default.
+        hosts = [arg for uri in connect for arg in ("-c", uri)]
+        cmd = [sys.executable, "-m", "virthotplug", *hosts, "--config-file", str(config), "watch"]
         self.stderr_path = config.with_suffix(".stderr")
         self._stderr = self.stderr_path.open("w")
         self.proc = subprocess.Popen(
