@@ -172,6 +172,7 @@ def test_records_describe_themselves() -> None:
     # 5 passed, 5 over the budget, the 11th is the flood, 9 more after it
     assert ev.details() == {"dropped": {"ost": 14}, "seconds": 1.0, "monitor_suppressed": True}
     assert "14 ost" in ev.describe()
+    assert ev.intent == "report"  # its periodic reconcile covers a suppressed domain
 
 
 # --- the listener ---------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from virthotplug.core.drift import OST_FLOOD
-from virthotplug.core.events import RECONCILE, DomainRef, Event
+from virthotplug.core.events import RECONCILE, REPORT, DomainRef, Event
 from virthotplug.core.view import WARNING, Finding
 
 Key = tuple[str, str]  # (host URI, domain UUID)
@@ -273,7 +273,9 @@ class SuppressedEvent(Event):
 
     @property
     def intent(self) -> str:
-        return RECONCILE  # a dropped event may have been a hint worth acting on
+        # A dropped event may have been a hint worth acting on; a suppressed domain's are
+        # covered by its periodic reconcile.
+        return REPORT if self.monitor_suppressed else RECONCILE
 
     def describe(self) -> str:
         counts = ", ".join(f"{n} {kind}" for kind, n in self.dropped)
