@@ -264,7 +264,10 @@ class MetadataEvent(Event):
         return f"metadata changed ({self.namespace or METADATA_TYPES.get(self.mtype, '?')})"
 
     def details(self) -> dict[str, Any]:
-        return {"type": METADATA_TYPES.get(self.mtype, str(self.mtype)), "namespace": self.namespace}
+        return {
+            "type": METADATA_TYPES.get(self.mtype, str(self.mtype)),
+            "namespace": self.namespace,
+        }
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,15 @@ from virthotplug.core.events import (
     Event,
     HostEvent,
     LifecycleEvent,
+    MetadataEvent,
     OstMonitorEvent,
 )
 from virthotplug.core.ost import EventDataError, parse_device_deleted, parse_ost_details
 from virthotplug.daemon.flood import FloodEvent, FloodGuard, Verdict
+from virthotplug.host.domxml import NAMESPACE
 from virthotplug.host.libvirt_types import VirDomain
+
+METADATA_ELEMENT = 2  # VIR_DOMAIN_METADATA_ELEMENT
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,14 @@ class Listener:
     def on_agent(self, dom: VirDomain, state: int, reason: int) -> None:
         if self._admit(dom, AgentEvent.kind, monitor=False):
             self._put(lambda: AgentEvent(self._ref(dom), state=state, reason=reason))
+
+    def on_metadata(self, dom: VirDomain, mtype: int, namespace: Any) -> None:
+        # Only our policy element: other tools' metadata, and our own vCPU history (a
+        # namespace of its own), are neither news nor a reason to reconcile.
+        if mtype == METADATA_ELEMENT and namespace == NAMESPACE:
+            self._put(
+                lambda: MetadataEvent(self._ref(dom), mtype=mtype, namespace=NAMESPACE, ours=True)
+            )
 
     def on_device_removed(self, dom: VirDomain, alias: str, failed: bool) -> None:
         self._put(lambda: DeviceRemovalEvent(self._ref(dom), alias=str(alias), failed=failed))

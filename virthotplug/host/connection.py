@@ -58,6 +58,7 @@ class EventSink(Protocol):
     def on_lifecycle(self, dom: VirDomain, event: int, detail: int) -> None: ...
     def on_agent(self, dom: VirDomain, state: int, reason: int) -> None: ...
     def on_device_removed(self, dom: VirDomain, alias: str, failed: bool) -> None: ...
+    def on_metadata(self, dom: VirDomain, mtype: int, namespace: Any) -> None: ...
     def on_monitor(self, dom: VirDomain, event: str, details: Any) -> None: ...
     def on_close(self, reason: int) -> None: ...
 
@@ -322,6 +323,11 @@ class Connection:
                 lambda _c, dom, alias, _o: sink.on_device_removed(dom, alias, True),
             ),
         ]
+        metadata_change = getattr(libvirt, "VIR_DOMAIN_EVENT_ID_METADATA_CHANGE", None)
+        if metadata_change is not None:  # libvirt >= 3.0: a policy set on a running domain
+            domain_events.append(
+                (metadata_change, lambda _c, dom, mtype, ns, _o: sink.on_metadata(dom, mtype, ns))
+            )
         for event_id, callback in domain_events:
             register = functools.partial(
                 conn.domainEventRegisterAny, None, event_id, callback, None
