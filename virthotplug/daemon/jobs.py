@@ -27,6 +27,7 @@ from typing import Optional
 from virthotplug.core.config import HostConfig, WatchSettings
 from virthotplug.core.cpulist import format_cpulist
 from virthotplug.core.drift import GUEST_DEPENDENT, find_drift
+from virthotplug.core.events import DeviceDeletedMonitorEvent, Event, OstMonitorEvent
 from virthotplug.core.policy import Policy
 from virthotplug.core.records import Record, iso_time
 from virthotplug.core.schedule import Job, Key
@@ -56,6 +57,7 @@ SETTLE_WINDOW = HOTADD_WAIT
 RETRY_HOTADD = "hot-add"
 RETRY_SETTLE = "settle"
 RETRY_GRACE = "grace"
+MAX_UNRECORDED = 64  # monitor-event entries kept per domain until its next job writes them
 
 
 @dataclass
@@ -76,6 +78,9 @@ class DomainMemory:
     pending: Optional[PendingHotadd] = None
     critical_since: dict[str, float] = field(default_factory=dict)  # code -> first seen
     decided_upto: float = float("-inf")  # the OST time of the last hot-add decided
+    # What QEMU's events said (plugs, ejects), for the history; written by the next job.
+    events: history.EventHistory = field(default_factory=history.EventHistory)
+    unrecorded: list[HistoryEntry] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,18 @@ class JobRunner:
     def update(self, config: HostConfig, settings: WatchSettings) -> None:
         self.config, self.settings = config, settings
 
+    def observe(self, ev: Event) -> None:
+        """Every event, on the daemon's main loop (quick, no libvirt call): what QEMU's
+        monitor events say about vCPUs is kept for the domain's history, which its next
+        job writes."""
+        if not isinstance(ev, (OstMonitorEvent, DeviceDeletedMonitorEvent)) or ev.domain is None:
+            return
+        memory = self._memory_for(ev.domain.key)
+        found = memory.events.entries(ev)
+        if found:
+            with self._ours_lock:
+                memory.unrecorded = (memory.unrecorded + found)[-MAX_UNRECORDED:]
+
     def forget(self, key: Key) -> None:
         """The domain stopped or went away: drop what was kept for it."""
         with self._ours_lock:
@@ -133,8 +150,14 @@ class JobRunner:
         seen = self._look(memory, result)
         if seen.cpus:
             result = self._credit(job.ref.key, result, seen.cpus)
+        entries = self._unrecorded(memory)
         if seen.rejected:
-            result = _record_rejection(dom, result, seen.rejected)
+            at = history.now()
+            entries += [
+                HistoryEntry(HISTORY_REJECTED, v, at, "watch") for v in sorted(seen.rejected)
+            ]
+        if entries:
+            result = _record(dom, result, entries)
         self._remember_ours(job.ref.key, result)
         view = result.after or result.before
         settle = self._settle(memory, view, result.policy.policy)
@@ -146,6 +169,11 @@ class JobRunner:
         if retry is not None:
             done = dataclasses.replace(done, retry_after=retry[0], retry_reason=retry[1])
         return done
+
+    def _unrecorded(self, memory: DomainMemory) -> list[HistoryEntry]:
+        with self._ours_lock:
+            entries, memory.unrecorded = memory.unrecorded, []
+        return entries
 
     def _memory_for(self, key: Key) -> DomainMemory:
         with self._ours_lock:
@@ -271,12 +299,8 @@ def hotadd_look_delay(looks: int, waited: float, first: float) -> float:
     return max(0.0, at - waited)
 
 
-def _record_rejection(
-    dom: Domain, result: ReconcileResult, vcpus: frozenset[int]
-) -> ReconcileResult:
-    """Write the rejection into the domain's history and judge the view with it."""
-    at = history.now()
-    entries = [HistoryEntry(HISTORY_REJECTED, vcpu, at, "watch") for vcpu in sorted(vcpus)]
+def _record(dom: Domain, result: ReconcileResult, entries: list[HistoryEntry]) -> ReconcileResult:
+    """Write ``entries`` into the domain's history and judge the view with it."""
     view = result.after or result.before
     live = view.live.current if view.live is not None else None
     recorded = history.record(dom, entries, live_count=live)

@@ -339,6 +339,7 @@ class Watch:
         sources: Sequence[EventSource] = (),
         observer: Optional[Observer] = None,
         forget: Optional[Callable[[Key], None]] = None,
+        observe: Optional[Callable[[Event], None]] = None,
         resync: Optional[BulkResync] = None,
     ) -> None:
         self.settings = settings
@@ -363,6 +364,8 @@ class Watch:
         self._resyncing: set[Connection] = set()  # connections with a resync in flight
         # Drops what the reconcile side keeps per domain (``JobRunner.forget``).
         self._forget_domain = forget
+        # Sees every event on this loop, quickly (``JobRunner.observe``: the vCPU history).
+        self._observe = observe
 
     # control (signal handlers and tests call these)
 
@@ -463,6 +466,8 @@ class Watch:
 
     def _event(self, ev: Event) -> None:
         self._observer.event(ev)
+        if self._observe is not None:
+            self._observe(ev)
         if not (isinstance(ev, HostEvent) and ev.what == "listed" and not ev.reason):
             self._eventlog.event(ev)
         if isinstance(ev, HostEvent):

@@ -217,12 +217,14 @@ def update(dom: Domain, change: Callable[[History], History]) -> History:
 
 
 def record(dom: Domain, entries: Iterable[HistoryEntry], *, live_count: Optional[int]) -> History:
-    """Add ``entries`` (repeats are dropped); ``live_count`` starts a new record's count."""
+    """Add ``entries`` (repeats are dropped); ``live_count``, the live vCPU count now, starts
+    a new record's count."""
     todo = list(entries)
 
     def change(history: History) -> History:
-        if live_count is not None:
-            history = history.with_initial(live_count)
+        initial = initial_count(history, live_count, todo)
+        if initial is not None:
+            history = history.with_initial(initial)
         for entry in todo:
             history = history.add(entry)
         return history
@@ -234,7 +236,13 @@ def record(dom: Domain, entries: Iterable[HistoryEntry], *, live_count: Optional
 
 
 def entries_from_events(events: Sequence[Event]) -> list[HistoryEntry]:
-    """History entries for the monitor events of one domain, in order.
+    """History entries for the monitor events of one domain, in order (``EventHistory``)."""
+    reader = EventHistory()
+    return [entry for ev in events for entry in reader.entries(ev)]
+
+
+class EventHistory:
+    """Turns one domain's QEMU monitor events, in order, into history entries.
 
     - OST device check (source 1) success for ``vcpuN``: QEMU plugged vcpuN (the guest's
       ACPI accepted it; whether the guest lists a CPU is another question).
@@ -244,28 +252,41 @@ def entries_from_events(events: Sequence[Event]) -> list[HistoryEntry]:
     - DEVICE_DELETED for exactly ``/machine/peripheral/vcpuN``: QEMU removed vcpuN. Never a
       sub-path such as ``…/vcpuN/lapic``, which QEMU 7.2 sends although the vCPU stays.
     """
-    found: list[HistoryEntry] = []
-    ejecting: Optional[int] = None
-    for ev in events:
+
+    def __init__(self) -> None:
+        self._ejecting: Optional[int] = None
+
+    def entries(self, ev: Event) -> list[HistoryEntry]:
         if isinstance(ev, OstMonitorEvent) and ev.ost is not None and ev.ost.is_cpu:
             ost = ev.ost
             vcpu = ost.vcpu_id
             if ost.source == SOURCE_EJECT_REQUEST:
-                vcpu = vcpu if vcpu is not None else ejecting
-                ejecting = vcpu
+                vcpu = vcpu if vcpu is not None else self._ejecting
+                self._ejecting = vcpu
                 if ost.status == STATUS_SUCCESS and vcpu is not None:
-                    found.append(HistoryEntry(HISTORY_EJECTED, vcpu, ev.at, SOURCE_OST))
-                    ejecting = None
+                    self._ejecting = None
+                    return [HistoryEntry(HISTORY_EJECTED, vcpu, ev.at, SOURCE_OST)]
             elif (ost.source, ost.status) == (
                 SOURCE_DEVICE_CHECK,
                 STATUS_SUCCESS,
             ) and vcpu is not None:
-                found.append(HistoryEntry(HISTORY_PLUGGED, vcpu, ev.at, SOURCE_OST))
+                return [HistoryEntry(HISTORY_PLUGGED, vcpu, ev.at, SOURCE_OST)]
         elif isinstance(ev, DeviceDeletedMonitorEvent) and ev.deleted is not None:
             vcpu = deleted_vcpu(ev.deleted.path)
             if vcpu is not None:
-                found.append(HistoryEntry(HISTORY_EJECTED, vcpu, ev.at, SOURCE_DEVICE_DELETED))
-    return found
+                return [HistoryEntry(HISTORY_EJECTED, vcpu, ev.at, SOURCE_DEVICE_DELETED)]
+        return []
+
+
+def initial_count(
+    history: History, live_now: Optional[int], new: Sequence[HistoryEntry]
+) -> Optional[int]:
+    """The live count a record that starts now began with: today's minus the plugs in it."""
+    if history.initial is not None or live_now is None:
+        return live_now
+    # libvirt may still count an ejected vCPU (a stale one): ejects are not added back.
+    plugged = sum(1 for e in new if e.kind == HISTORY_PLUGGED)
+    return max(1, live_now - plugged)
 
 
 def deleted_vcpu(path: str) -> Optional[int]:

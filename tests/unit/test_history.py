@@ -1,0 +1,167 @@
+"""The domain's vCPU history: what QEMU's events say (recorded sequences from the lab's
+stacks), the metadata element's round trip and hostile contents, and the daemon recording
+the events it saw with the next job of the domain."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import pytest
+
+from virthotplug.core.config import HostConfig, WatchSettings
+from virthotplug.core.events import DeviceDeletedMonitorEvent, DomainRef, OstMonitorEvent
+from virthotplug.core.ost import DeviceDeleted, parse_ost_details
+from virthotplug.core.view import (
+    HISTORY_EJECTED,
+    HISTORY_PLUGGED,
+    HISTORY_REJECTED,
+    HISTORY_UNPLUG_TIMEOUT,
+    History,
+    HistoryEntry,
+)
+from virthotplug.daemon import jobs
+from virthotplug.host import history
+from virthotplug.host.domxml import (
+    HISTORY_NAMESPACE,
+    NAMESPACE,
+    RawHistory,
+    history_element,
+    parse_domain_xml,
+    parse_history_element,
+)
+
+REF = DomainRef("qemu:///system", "6b0e4c1a-0000-4000-8000-000000000002", "d")
+
+
+def ost(source: int, status: int, device: Optional[str] = "vcpu1", at: float = 100.0) -> Any:
+    info: dict[str, Any] = {"source": source, "status": status, "slot": "1", "slot-type": "CPU"}
+    if device is not None:
+        info["device"] = device
+    return OstMonitorEvent(REF, ost=parse_ost_details(json.dumps({"info": info})), at=at)
+
+
+def deleted(path: str, device: Optional[str] = None, at: float = 100.0) -> Any:
+    return DeviceDeletedMonitorEvent(REF, deleted=DeviceDeleted(device, path), at=at)
+
+
+def test_an_unplug_on_libvirt_9_qemu_7_2_is_one_eject() -> None:
+    # Recorded: eject in progress for vcpu1, the final report without a device field, then
+    # DEVICE_DELETED for the vCPU's lapic child only (never for vcpu1 itself).
+    events = [
+        ost(3, 0x84, at=10.0),
+        ost(3, 0, device=None, at=10.1),
+        deleted("/machine/peripheral/vcpu1/lapic", at=10.2),
+    ]
+    assert history.entries_from_events(events) == [
+        HistoryEntry(HISTORY_EJECTED, 1, 10.1, history.SOURCE_OST)
+    ]
+
+
+def test_device_deleted_counts_only_for_the_vcpu_itself() -> None:
+    assert history.deleted_vcpu("/machine/peripheral/vcpu2") == 2
+    for path in (
+        "/machine/peripheral/vcpu2/lapic",
+        "/machine/peripheral/vcpu02",
+        "/machine/peripheral/vcpu",
+        "/machine/peripheral/dimm1",
+        "/machine/unattached/device[3]",
+        "/machine/peripheral/vcpu99999999",
+    ):
+        assert history.deleted_vcpu(path) is None, path
+    events = [deleted("/machine/peripheral/vcpu2", "vcpu2", at=5.0)]
+    assert history.entries_from_events(events) == [
+        HistoryEntry(HISTORY_EJECTED, 2, 5.0, history.SOURCE_DEVICE_DELETED)
+    ]
+
+
+def test_a_hot_add_is_a_plug_and_failed_ejects_are_nothing() -> None:
+    events = [ost(1, 0, "vcpu3", at=1.0), ost(3, 0x84, "vcpu2"), ost(3, 0x82, device=None)]
+    assert history.entries_from_events(events) == [
+        HistoryEntry(HISTORY_PLUGGED, 3, 1.0, history.SOURCE_OST)
+    ]
+
+
+def test_the_element_round_trips_through_domain_xml() -> None:
+    recorded = History().with_initial(1)
+    recorded = recorded.add(HistoryEntry(HISTORY_PLUGGED, 1, 10.0, "ost"))
+    recorded = recorded.add(HistoryEntry(HISTORY_UNPLUG_TIMEOUT, 1, 20.5, "setvcpus"))
+    element = history_element(history.to_raw(recorded))
+    assert parse_history_element(element, domain="d") == history.to_raw(recorded)
+    # As libvirt stores it: our prefix on the element, entries in its namespace.
+    qualified = element.replace("<history", f"<h:history xmlns:h='{HISTORY_NAMESPACE}'")
+    qualified = qualified.replace("</history>", "</h:history>").replace("<entry", "<h:entry")
+    policy = f"<p:policy xmlns:p='{NAMESPACE}' mode='online'/>"
+    xml = (
+        "<domain type='qemu' id='3'><name>d</name><uuid>u</uuid>"
+        f"<metadata>{policy}{qualified}</metadata></domain>"
+    )
+    parsed = parse_domain_xml(xml)
+    assert parsed.policy == {"mode": "online"}
+    assert history.from_raw(parsed.history) == recorded
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"kind": "teleported", "vcpu": "1", "time": "1"},
+        {"kind": "ejected", "vcpu": "-1", "time": "1"},
+        {"kind": "ejected", "vcpu": "1", "time": "nan"},
+        {"kind": "ejected", "vcpu": "1", "time": "inf"},
+        {"kind": "ejected", "vcpu": "99999999", "time": "1"},
+        {"kind": "ejected", "vcpu": "1"},
+    ],
+)
+def test_entries_anyone_could_write_are_dropped(attrs: dict[str, str]) -> None:
+    raw = RawHistory({"plugged": "x" * 50, "initial": "2"}, (attrs,))
+    assert history.from_raw(raw) == History(initial=2)
+
+
+class FakeDom:
+    name, uuid, context = "d", REF.uuid, "domain 'd'"
+
+    def __init__(self) -> None:
+        self.written: list[str] = []
+        self.text: Optional[str] = None
+
+    def metadata(self, namespace: str, *, live: bool) -> Optional[str]:
+        assert namespace == HISTORY_NAMESPACE and live
+        return self.text
+
+    def set_metadata(self, xml: Optional[str], key: str, namespace: str, **flags: bool) -> None:
+        # Live only, never the persistent definition: the record ends with the domain run.
+        assert namespace == HISTORY_NAMESPACE != NAMESPACE and flags == {
+            "live": True,
+            "config": False,
+        }
+        assert xml is not None
+        self.written.append(xml)
+        self.text = xml
+
+
+def test_record_writes_only_news_and_starts_the_count() -> None:
+    dom = FakeDom()
+    plug = HistoryEntry(HISTORY_PLUGGED, 1, 10.0, "ost")
+    first = history.record(dom, [plug], live_count=2)  # type: ignore[arg-type]
+    assert (first.initial, first.plugged, first.created) == (1, 1, 2)
+    again = history.record(dom, [HistoryEntry(HISTORY_PLUGGED, 1, 10.3, "setvcpus")], live_count=2)  # type: ignore[arg-type]
+    assert again == first and len(dom.written) == 1
+
+
+def test_the_daemon_records_what_it_saw_with_the_next_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = jobs.JobRunner(HostConfig(), WatchSettings())
+    for ev in (ost(3, 0x84, at=10.0), ost(3, 0, device=None, at=10.1)):
+        runner.observe(ev)
+    runner.observe(deleted("/machine/peripheral/vcpu1/lapic"))
+    memory = runner._memory[REF.key]
+    expected = [HistoryEntry(HISTORY_EJECTED, 1, 10.1, "ost")]
+    assert memory.unrecorded == expected
+    assert runner._unrecorded(memory) == expected  # the next job takes them to write
+    assert memory.unrecorded == []
+
+
+def test_a_rejected_entry_is_stable_until_the_vcpu_is_plugged_again() -> None:
+    h = History().add(HistoryEntry(HISTORY_REJECTED, 1, 5.0, "watch"))
+    assert h.vcpus(HISTORY_REJECTED) == {1}
+    h = h.add(HistoryEntry(HISTORY_EJECTED, 1, 9.0, "ost"))
+    assert h.vcpus(HISTORY_REJECTED) == frozenset() and h.gone == {1}
