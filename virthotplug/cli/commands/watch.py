@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         sources=sources,
         observer=metrics,
         forget=runner.forget,
+        observe=runner.observe,
         resync=resync,
     )
     watch.install_signal_handlers()
