@@ -288,3 +288,66 @@ def _wait_started(started: dict[str, list[float]], name: str, deadline: float) -
 
 def _never(_conn: Connection, _dom: Domain, _job: Job) -> Any:
     raise AssertionError("not reached")
+
+
+# --- registrations follow the domains' lives --------------------------------------------
+
+
+class _Monitors:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def add(self, uuid: str) -> None:
+        self.calls.append(("add", uuid))
+
+    def drop(self, uuid: str) -> None:
+        self.calls.append(("drop", uuid))
+
+    def sync(self, uuids: Any) -> None:
+        self.calls.append(("sync", sorted(uuids)))
+
+
+class _Session:
+    def __init__(self) -> None:
+        self.monitors = _Monitors()
+        self.conn = None
+
+    def mark_lost(self) -> None:
+        pass
+
+
+def test_monitor_registrations_follow_lifecycle_resyncs_and_floods() -> None:
+    from virthotplug.core.events import HostEvent, LifecycleEvent
+
+    watch = Watch([], WatchSettings(workers=1, resync_interval=3600), _never, EventLog(None))
+    session = _Session()
+    watch.sessions[HOST] = session  # type: ignore[assignment]
+    ref = DomainRef(HOST, "uuid-a", "dom-a")
+    watch._event(HostEvent(None, host=HOST, what="listed", domains=(ref,)))
+    watch._event(LifecycleEvent(ref, event=2, detail=0))  # started
+    watch._event(LifecycleEvent(ref, event=3, detail=0))  # suspended: nothing
+    watch._event(LifecycleEvent(ref, event=4, detail=0))  # resumed
+    watch._event(LifecycleEvent(ref, event=5, detail=1))  # stopped (destroyed)
+    watch._event(LifecycleEvent(ref, event=1, detail=0))  # undefined
+    assert session.monitors.calls == [
+        ("sync", ["uuid-a"]),
+        ("add", "uuid-a"),
+        ("add", "uuid-a"),
+        ("drop", "uuid-a"),
+        ("drop", "uuid-a"),
+    ]
+
+
+def test_a_quiet_domain_is_listened_to_again_and_suppressed_ones_are_reconciled() -> None:
+    watch = Watch([], WatchSettings(workers=1, resync_interval=3600), _never, EventLog(None))
+    session = _Session()
+    watch.sessions[HOST] = session  # type: ignore[assignment]
+    guard, clock = _guard(threshold=10, backoff_first=30.0, resync=10.0)
+    watch._flood = guard
+    assert Verdict.FLOOD in _admit(guard, n=11)
+    clock.now += 10.0
+    watch._flood_collect()  # the periodic reconcile of a suppressed domain
+    assert [job.reasons for job in watch._sched.pop_due(10**9, 8)] == [["flood"]]
+    clock.now += 20.0
+    watch._flood_collect()
+    assert session.monitors.calls == [("add", "uuid-a")]
