@@ -3,6 +3,7 @@ domain waits behind a circuit breaker without holding workers, and one daemon pe
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -96,3 +97,42 @@ def test_policy_set_on_a_running_domain_applies_within_a_second(
             break
     assert min(measured) < 1.0, measured
     assert vm.taints() == []
+
+
+def test_a_second_watch_for_the_same_host_refuses(
+    vm_manual: LabVM, start_watch: StartWatch, tmp_path: Path
+) -> None:
+    first = start_watch({}, vms=(vm_manual,))
+    env = {**os.environ, "VIRTHOTPLUG_RUN_DIR": str(tmp_path / "run")}
+    cmd = [sys.executable, "-m", "virthotplug", "--config-file", str(tmp_path / "virthotplug.conf")]
+    started = time.monotonic()
+    second = subprocess.run(
+        [*cmd, "watch"], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+    took = time.monotonic() - started
+    print(f"second watch: exit status {second.returncode} after {took:.2f} s: {second.stderr}")
+    assert second.returncode == 1
+    (line,) = second.stderr.splitlines()
+    assert f"another watch (pid {first.proc.pid}) already watches qemu:///system" in line
+    assert first.proc.poll() is None  # the first one runs on
+
+
+def test_watch_acts_only_on_its_domains(
+    vm_manual: LabVM, vm_auto: LabVM, start_watch: StartWatch
+) -> None:
+    inside, outside = vm_manual, vm_auto
+    watch = start_watch(
+        {inside.name: "mode = online", outside.name: "mode = online"},
+        "--domain",
+        inside.name,
+        vms=(inside, outside),
+    )
+    since = time.monotonic()
+    outside.hot_add(2)
+    inside.hot_add(2)
+    inside.wait_cpu_state(_online(1), timeout=30)
+    watch.wait_for(_reconciled(inside.name, lambda r: r["outcome"].startswith("onlined")))
+    time.sleep(2.0)  # anything about the other domain would have arrived by now
+    about_outside = [r for t, r in watch.records if t >= since and r["domain"] == outside.name]
+    assert about_outside == []
+    assert not any(r["domain"] == outside.name for _, r in watch.records)

@@ -244,6 +244,8 @@ def test_documented_defaults_match_the_code() -> None:
         body = conf["WATCH SETTINGS"].split(f"\n{field.name} = ", 1)[1].split("\n\n", 1)[0]
         value = getattr(defaults, field.name)
         shown = {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
+        if shown == ():
+            shown = "none"
         text = f"{shown:g}" if isinstance(shown, float) else str(shown)
         assert re.search(rf"Default:\s+(\*\*|``)?{re.escape(text)}(\W|$)", body), field.name
 

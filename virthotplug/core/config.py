@@ -59,6 +59,13 @@ class WatchSettings:
     hotadd_settle: float = settings.HOTADD_SETTLE.default
     hook_socket: str = settings.HOOK_SOCKET.default
     strict_agent: bool = settings.STRICT_AGENT.default  # the hook's
+    domains: tuple[str, ...] = settings.DOMAINS.default  # the daemon's scope; () every domain
+
+    def watches(self, name: str, uuid: str) -> bool:
+        """Whether the daemon acts on this domain (its events, reads and reconciles)."""
+        if not self.domains:
+            return True
+        return any(fnmatch.fnmatchcase(name, g) or g.lower() == uuid.lower() for g in self.domains)
 
 
 @dataclass(frozen=True)

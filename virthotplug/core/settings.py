@@ -132,6 +132,20 @@ STRICT_AGENT = Setting(
     "the hook refuses to start a domain without a guest agent channel",
 )
 
+
+def globs(text: str) -> tuple[str, ...]:
+    """Domain name globs or UUIDs, separated by blanks or commas; none: every domain."""
+    return tuple(g for g in text.replace(",", " ").split() if g)
+
+
+# The daemon's scope; the command line's --domain GLOB (repeatable) replaces it.
+DOMAINS: Setting[tuple[str, ...]] = Setting(
+    "domains",
+    (),
+    globs,
+    "the domains watch acts on: name globs or UUIDs (none: every domain)",
+)
+
 WATCH_SETTINGS: tuple[Setting[Any], ...] = (
     RESYNC_INTERVAL,
     AGENT_TIMEOUT,
@@ -139,5 +153,6 @@ WATCH_SETTINGS: tuple[Setting[Any], ...] = (
     HOTADD_SETTLE,
     HOOK_SOCKET,
     STRICT_AGENT,
+    DOMAINS,
 )
 BY_NAME = {setting.name: setting for setting in WATCH_SETTINGS}

@@ -140,7 +140,9 @@ class BulkResync:
         state = self._state(conn)
         holder = self._holder
         config, settings = holder.config, holder.settings
-        read = collect.read_running(conn, state.cache, workers=settings.workers)
+        read = collect.read_running(
+            conn, state.cache, workers=settings.workers, include=settings.watches
+        )
         for error in read.errors:
             log.warning("domain '%s': resync: %s", error.name, error.error)
         acting: list[collect.BulkRaw] = []

@@ -79,6 +79,8 @@ class Settings(Protocol):
     workers: int
     hotadd_settle: float
 
+    def watches(self, name: str, uuid: str) -> bool: ...
+
 
 @dataclass(frozen=True)
 class JobResult:
@@ -465,6 +467,8 @@ class Watch:
                 log.error("reload failed, keeping the previous configuration: %s", exc)
 
     def _event(self, ev: Event) -> None:
+        if ev.domain is not None and not self._watches(ev.domain):
+            return  # out of the daemon's scope (watch --domain): not even recorded
         self._observer.event(ev)
         if self._observe is not None:
             self._observe(ev)
@@ -521,10 +525,15 @@ class Watch:
         elif ev.what == "connected" and session is not None:
             self._resync(session)  # events in the gap are lost: re-read everything
         elif ev.what == "listed":
+            listed = [ref for ref in ev.domains if self._watches(ref)]
             if session is not None:
-                session.monitors.sync(ref.uuid for ref in ev.domains)
-            for ref in ev.domains if ev.reconcile is None else ev.reconcile:
-                self._request(ref, ev)
+                session.monitors.sync(ref.uuid for ref in listed)
+            for ref in listed if ev.reconcile is None else ev.reconcile:
+                if self._watches(ref):
+                    self._request(ref, ev)
+
+    def _watches(self, ref: DomainRef) -> bool:
+        return self.settings.watches(ref.name, ref.uuid)
 
     def _request(self, ref: DomainRef, ev: Event) -> None:
         delay, hotadded = 0.0, frozenset[int]()

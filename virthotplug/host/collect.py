@@ -563,7 +563,13 @@ class BulkRead:
     definition_reads: int = 0  # XMLDesc calls made by this read
 
 
-def read_running(conn: Connection, cache: DefinitionCache, *, workers: int) -> BulkRead:
+def read_running(
+    conn: Connection,
+    cache: DefinitionCache,
+    *,
+    workers: int,
+    include: Optional[Callable[[str, str], bool]] = None,
+) -> BulkRead:
     """Every running domain in bulk: one ``getAllDomainStats`` for the running ones, one
     listing of the transient ones, and definitions only where the cache cannot answer.
 
@@ -573,6 +579,8 @@ def read_running(conn: Connection, cache: DefinitionCache, *, workers: int) -> B
     ``guest_layers``.
     """
     stats = _active_stats(conn)
+    if include is not None:  # the daemon's scope: the others are not read any further
+        stats = [(dom, record) for dom, record in stats if include(dom.name, dom.uuid)]
     transient = conn.transient_uuids() if stats else set()
     now = time.monotonic()
     cache.retain({dom.uuid for dom, _ in stats})

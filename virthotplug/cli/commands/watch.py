@@ -25,6 +25,14 @@ def register(subparsers: Any) -> None:
     for setting in (RESYNC_INTERVAL, AGENT_TIMEOUT, WORKERS, HOTADD_SETTLE):
         add_setting(parser, setting)  # no default here: the configuration file's applies
     parser.add_argument(
+        "--domain",
+        action="append",
+        dest="domains",
+        metavar="GLOB",
+        help="act only on domains whose name matches GLOB, or with this UUID; repeat for "
+        "several (default: [watch] domains, else every domain)",
+    )
+    parser.add_argument(
         "--no-hook-socket",
         action="store_true",
         help="do not listen for libvirt hook messages on the hook socket "
@@ -45,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from virthotplug.daemon.eventlog import EventLog, setup_daemon_logging
     from virthotplug.daemon.hookserver import HookServer, local_qemu_uri
     from virthotplug.daemon.jobs import JobRunner
+    from virthotplug.daemon.lock import HostLocks
     from virthotplug.daemon.resync import BulkResync
     from virthotplug.daemon.watch import Watch
     from virthotplug.host.connection import resolve_uri
@@ -60,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
             for name in (s.name for s in (RESYNC_INTERVAL, AGENT_TIMEOUT, WORKERS, HOTADD_SETTLE))
             if getattr(args, name) is not None
         }
+        if args.domains:
+            overrides["domains"] = tuple(args.domains)
         return dataclasses.replace(config.watch, **overrides), config
 
     settings, config = load()
@@ -72,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
 
     # The hook socket is read at start only; a new hook_socket needs a restart.
     hosts = [resolve_uri(uri) for uri in uris(args)]
+    # One watch per host: held until this process ends, however it ends.
+    locks = HostLocks()
+    locks.acquire(hosts)
     sources = []
     if not args.no_hook_socket:
         sources.append(HookServer(settings.hook_socket, local_qemu_uri(hosts)))
