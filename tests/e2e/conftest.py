@@ -49,6 +49,16 @@ from lab import (  # noqa: E402
     VMRequest,
     accelerator_description,
 )
+from matrix_fixtures import (  # noqa: E402, F401 (fixtures: pytest finds them by name here)
+    host_untouched,
+    matrix,
+    matrix_lab,
+    matrix_summary,
+    matrix_vm,
+    matrix_vms,
+    stack1_lab,
+    stack2_lab,
+)
 
 E2E_DIR = Path(__file__).resolve().parent
 SHARED = {
@@ -81,6 +91,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"accelerator: {accelerator_description()}")
         for what, seconds in _timings.items():
             terminalreporter.write_line(f"{what}: {seconds:.1f} s")
+    # Which host stacks ran, with the versions their daemons reported.
+    if matrix_summary():
+        terminalreporter.section("matrix")
+        for line in matrix_summary():
+            terminalreporter.write_line(line)
 
 
 def fail_on_error(what: str, action: Callable[[], object]) -> None:

@@ -1,0 +1,306 @@
+"""The matrix: the same jobs on two host stacks and on real Debian guests, through the CLI.
+
+Stack 1 is the host's libvirt 9.0 + QEMU 7.2, stack 2 libvirt 11.3 + QEMU 10.0 (tests/lab/
+stack2.py). Guests: the lab's busybox guest, Debian 12 as shipped (a hot-added CPU stays
+offline), Debian 12 with RHEL's auto-online udev rule, and Debian 13, whose 6.12 kernel
+rejects every hot-added CPU under TCG while QEMU's OST still says success (lab notes).
+virthotplug runs as a real process, as a user would run it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Callable
+
+import libvirt
+import pytest
+from lab import Lab, LabVM, MonitorEvent
+from matrix_fixtures import Case, cases, vhp
+from watchproc import Record, WatchProcess, for_domain, scoped_config
+
+DEVICE_CHECK = 1
+SUCCESS = 0
+# Nagios-style exit statuses of `virthotplug check`.
+CHECK_OK, CHECK_WARNING = 0, 1
+# A guest's own udev rule onlines a CPU in well under a second on TCG.
+SETTLE = 3.0
+HOT_ADDED = r"CPU(\d+) has been hot-added"
+REJECTED = r"ACPI: Unable to map lapic to logical cpu number"
+
+SEED = cases("stack1-busybox", "stack1-debian12", "stack2-busybox", "stack2-debian12")
+GROW_SHRINK = cases("stack2-busybox", "stack2-debian12")
+DEBIAN13 = cases("stack1-debian13", "stack2-debian13")
+BOTH = (Case("stack1", "busybox"), Case("stack2", "busybox"))
+
+StartWatch = Callable[..., WatchProcess]
+
+
+def is_hot_add(event: MonitorEvent) -> bool:
+    return event.source == DEVICE_CHECK and event.info.get("slot-type") == "CPU"
+
+
+def hot_add(lab: Lab, vm: LabVM, count: int) -> MonitorEvent:
+    """Hot-add up to ``count`` vCPUs; QEMU's OST event for the first new one."""
+    since = time.monotonic()
+    vm.hot_add(count)
+    return lab.ost.wait_for(vm.name, since=since, where=is_hot_add, timeout=60)
+
+
+def wait_present(vm: LabVM, cpus: set[int], timeout: float = 30.0) -> None:
+    vm.wait_cpu_state(lambda s: cpus <= s.present, timeout=timeout, what=f"CPUs {cpus} present")
+
+
+def wait_online(vm: LabVM, cpus: set[int], timeout: float = 30.0) -> None:
+    vm.wait_cpu_state(lambda s: cpus <= s.online, timeout=timeout, what=f"CPUs {cpus} online")
+
+
+@pytest.fixture
+def start_watch(tmp_path: Path) -> Iterator[StartWatch]:
+    started: list[WatchProcess] = []
+
+    def start(policies: dict[str, str], *uris: str) -> WatchProcess:
+        proc = WatchProcess(scoped_config(tmp_path, policies), connect=uris)
+        started.append(proc)
+        for uri in uris:
+            proc.wait_for(lambda r, u=uri: _host_event(r, u, "connected"), timeout=60)
+        # A hot-add before the first resync of its domain would race it (and the daemon's
+        # per-domain monitor registration): act only once each domain has been judged.
+        for name in policies:
+            wait_record(proc, name, lambda r, n=name: _reconciled(r, n), 0.0, 60)
+        return proc
+
+    yield start
+    for proc in started:
+        stopped_in = proc.stop()
+        assert proc.proc.returncode == 0, proc.stderr_tail()
+        assert stopped_in < 2.0, f"SIGTERM took {stopped_in:.2f} s"
+
+
+def _host_event(record: Record, uri: str, what: str) -> bool:
+    details = record.get("details") or {}
+    return record["event"] == "host" and record.get("host") == uri and details.get("what") == what
+
+
+def wait_record(
+    watch: WatchProcess, name: str, match: Callable[[Record], bool], since: float, timeout: float
+) -> Record:
+    """The first matching record; on a timeout the domain's last records say what came."""
+    try:
+        return watch.wait_for(match, since=since, timeout=timeout)[1]
+    except AssertionError as exc:
+        seen = [json.dumps(r) for _, r in watch.records if r.get("domain") == name][-8:]
+        raise AssertionError(f"{exc}\nlast records of {name}:\n" + "\n".join(seen)) from None
+
+
+def _reconciled(record: Record, name: str) -> bool:
+    return record["domain"] == name and record["event"] == "reconcile"
+
+
+def _onlined(name: str) -> Callable[[Record], bool]:
+    def match(record: Record) -> bool:
+        outcome = str(record.get("outcome") or "")
+        return record["domain"] == name and record["event"] == "reconcile" and "onlined" in outcome
+
+    return match
+
+
+# ---- the seed case ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", SEED, ids=str)
+def test_seed_case_check_warns_and_apply_onlines(
+    case: Case, matrix_lab: Lab, matrix_vm: LabVM, tmp_path: Path
+) -> None:
+    lab, vm = matrix_lab, matrix_vm
+    config = scoped_config(tmp_path, {vm.name: "mode = online"})
+    event = hot_add(lab, vm, 2)
+    assert (event.device, event.status) == ("vcpu1", SUCCESS)
+    wait_present(vm, {1})
+    time.sleep(SETTLE)
+    assert vm.cpu_state().online == {0}, "a stock guest leaves the hot-added CPU offline"
+
+    check = vhp(lab.uri, "check", vm.name, config=config)
+    assert check.status == CHECK_WARNING, check.text
+    assert check.out.startswith("VIRTHOTPLUG WARNING"), check.text
+
+    applied = vhp(lab.uri, "apply", vm.name, config=config)
+    assert applied.status == 0, applied.text
+    wait_online(vm, {0, 1}, timeout=10)
+    again = vhp(lab.uri, "check", vm.name, config=config)
+    assert again.status == CHECK_OK, again.text
+    assert vm.taints() == []
+
+
+@pytest.mark.parametrize("case", SEED, ids=str)
+def test_watch_onlines_a_hot_add(
+    case: Case, matrix_lab: Lab, matrix_vm: LabVM, start_watch: StartWatch
+) -> None:
+    vm = matrix_vm
+    watch = start_watch({vm.name: "mode = online"}, matrix_lab.uri)
+    since = time.monotonic()
+    vm.hot_add(2)
+    _, ost = watch.wait_for(for_domain(vm.name, "ost", source=1, status=0), since=since, timeout=30)
+    assert ost["details"]["device"] == "vcpu1"
+    wait_online(vm, {0, 1}, timeout=30)
+    took = time.monotonic() - since
+    rec = wait_record(watch, vm.name, _onlined(vm.name), since, 30)
+    assert rec["outcome"].startswith("onlined"), rec
+    print(f"{case}: hot-add to online under watch {took:.2f} s")
+    assert vm.taints() == []
+
+
+# ---- Debian 12 with RHEL's auto-online rule -----------------------------------------------
+
+
+@pytest.mark.parametrize("case", cases("stack1-debian12-rule"), ids=str)
+def test_rule_guest_is_credited_and_nothing_is_written(
+    case: Case, matrix_lab: Lab, matrix_vm: LabVM, start_watch: StartWatch
+) -> None:
+    vm = matrix_vm
+    # The grace period leaves the hot-add to the guest's rule first.
+    watch = start_watch({vm.name: "mode = online\ngrace = 5"}, matrix_lab.uri)
+    offset = len(vm.serial_text())
+    since = time.monotonic()
+    vm.hot_add(2)
+    wait_online(vm, {0, 1}, timeout=15)
+    vm.wait_serial(HOT_ADDED, after=offset)
+    _, rec = watch.wait_for(
+        lambda r: r["domain"] == vm.name and "onlined-by-guest" in str(r.get("outcome")),
+        since=since,
+        timeout=30,
+    )
+    assert rec["action"] in (None, "none", ""), rec
+    assert not any(
+        r["domain"] == vm.name and str(r.get("action") or "").startswith("online")
+        for _, r in watch.records
+    ), "watch wrote to a guest that onlined the CPU itself"
+    assert vm.taints() == []
+
+
+# ---- an ACPI reboot under `match` ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", cases("stack1-debian12"), ids=str)
+def test_acpi_reboot_with_match_restores_the_count(
+    case: Case, matrix_lab: Lab, matrix_vm: LabVM, start_watch: StartWatch
+) -> None:
+    vm = matrix_vm
+    watch = start_watch({vm.name: "mode = match"}, matrix_lab.uri)
+    since = time.monotonic()
+    vm.hot_add(2)
+    wait_online(vm, {0, 1}, timeout=30)
+    watch.wait_for(_onlined(vm.name), since=since, timeout=30)
+
+    rebooted = time.monotonic()
+    offset = len(vm.serial_text())
+    vm.dom.reboot(libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
+    # The agent goes away with the old boot and comes back with the new one.
+    watch.wait_for(for_domain(vm.name, "agent", state="connected"), since=rebooted, timeout=300)
+    vm.wait_serial(r"Linux version", after=offset, timeout=60)
+    vm.wait_agent(timeout=120)
+    wait_online(vm, {0, 1}, timeout=60)
+    assert vm.live_vcpus() == 2
+    _, rec = watch.wait_for(
+        lambda r: (
+            r["domain"] == vm.name
+            and r["event"] == "reconcile"
+            and (r["details"].get("guest") or {}).get("online") == [0, 1]
+        ),
+        since=rebooted,
+        timeout=60,
+    )
+    assert not [f for f in rec["findings"] if f["code"] == "guest-cpu-offline"], rec
+    assert vm.taints() == []
+
+
+# ---- grow and shrink with `virthotplug setvcpus` ------------------------------------------
+
+
+@pytest.mark.parametrize("case", GROW_SHRINK, ids=str)
+def test_setvcpus_grows_and_shrinks(case: Case, matrix_lab: Lab, matrix_vm: LabVM) -> None:
+    vm = matrix_vm
+    grown = vhp(matrix_lab.uri, "setvcpus", vm.name, "3", "--live", "--online", "--json")
+    assert grown.status == 0, grown.text
+    assert json.loads(grown.out)["complete"] is True
+    assert vm.cpu_state().online == {0, 1, 2}
+    assert vm.live_vcpus() == 3
+
+    shrunk = vhp(matrix_lab.uri, "setvcpus", vm.name, "2", "--live", "--json")
+    doc = json.loads(shrunk.out)
+    # The guest ejects the CPU whatever libvirt says afterwards (lab notes: libvirt times out
+    # waiting for QEMU's DEVICE_DELETED on both stacks).
+    wait_present_only = lambda s: s.present == {0, 1}  # noqa: E731
+    vm.wait_cpu_state(wait_present_only, timeout=30, what="cpu2 ejected")
+    print(f"{case}: shrink 3 -> 2: exit {shrunk.status}, live {vm.live_vcpus()}, {doc['error']}")
+    assert shrunk.status in (0, 11), shrunk.text
+    assert doc["complete"] is (shrunk.status == 0)
+    assert vm.taints() == []
+
+
+# ---- Debian 13: the hot-add the guest rejects ---------------------------------------------
+
+
+@pytest.mark.parametrize("case", DEBIAN13, ids=str)
+def test_debian13_rejects_the_hot_add_while_ost_says_success(
+    case: Case, matrix_lab: Lab, matrix_vm: LabVM
+) -> None:
+    vm = matrix_vm
+    boot_log = vm.serial_text()
+    assert re.search(r"Allowing 1 present CPUs plus 0 hotplug CPUs", boot_log), boot_log[-2000:]
+    offset = len(boot_log)
+    event = hot_add(matrix_lab, vm, 2)
+    assert (event.device, event.status) == ("vcpu1", SUCCESS)
+    vm.wait_serial(REJECTED, after=offset)
+    time.sleep(SETTLE)
+    guest = vm.guest_vcpus()
+    assert guest.vcpus == {0} and guest.online == {0}, "the guest lists no new CPU"
+    assert vm.live_vcpus() == 2, "libvirt counts the vCPU QEMU added"
+
+
+# ---- both stacks at once ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [BOTH], ids=["stack1+stack2"])
+def test_one_watch_onlines_hot_adds_on_both_stacks(
+    matrix_vms: tuple[LabVM, ...], start_watch: StartWatch
+) -> None:
+    vm1, vm2 = matrix_vms
+    uris = (vm1.lab.uri, vm2.lab.uri)
+    watch = start_watch({vm1.name: "mode = online", vm2.name: "mode = online"}, *uris)
+    since = time.monotonic()
+    vm1.hot_add(2)
+    vm2.hot_add(2)
+    for vm, uri in zip(matrix_vms, uris):
+        wait_online(vm, {0, 1}, timeout=30)
+        _, rec = watch.wait_for(_onlined(vm.name), since=since, timeout=30)
+        assert rec["host"] == uri
+    assert vm1.taints() == [] and vm2.taints() == []
+
+
+@pytest.mark.parametrize("case", [BOTH], ids=["stack1+stack2"])
+def test_one_stack_restarted_while_the_other_keeps_working(
+    matrix_vms: tuple[LabVM, ...], start_watch: StartWatch
+) -> None:
+    vm1, vm2 = matrix_vms
+    uri1, uri2 = vm1.lab.uri, vm2.lab.uri
+    watch = start_watch({vm1.name: "mode = online", vm2.name: "mode = online"}, uri1, uri2)
+    restarted = time.monotonic()
+    vm2.lab.restart_libvirtd()  # stack 2's own libvirtd; its guests keep running
+    watch.wait_for(lambda r: _host_event(r, uri2, "lost"), since=restarted, timeout=30)
+    # Stack 1 is served meanwhile.
+    since = time.monotonic()
+    vm1.hot_add(2)
+    wait_online(vm1, {0, 1}, timeout=15)
+    watch.wait_for(_onlined(vm1.name), since=since, timeout=15)
+    # Stack 2 comes back: the watch reconnects and serves it again.
+    watch.wait_for(lambda r: _host_event(r, uri2, "connected"), since=restarted, timeout=90)
+    since = time.monotonic()
+    vm2.hot_add(2)
+    wait_online(vm2, {0, 1}, timeout=30)
+    _, rec = watch.wait_for(_onlined(vm2.name), since=since, timeout=30)
+    assert rec["host"] == uri2
+    assert vm1.taints() == [] and vm2.taints() == []
