@@ -271,7 +271,7 @@ def test_a_flooding_domain_delays_another_domains_hotadd_by_less_than_100ms(
         tracemalloc.stop()
         watch.request_stop()
         loop.join(5)
-    assert flood.sent > 25_000  # the flood really ran at ~10,000/s
+    assert flood.sent > 20_000  # the flood really ran (10,000/s for 3 s)
     assert "calm" in started and "other" in started, "a hot-add was never dispatched"
     baseline = started["calm"][0] - calm_sent
     delay = started["other"][0] - sent - baseline
