@@ -1,14 +1,27 @@
 """A safe, verified ``virsh setvcpus``.
 
-Grow (live): preflight → hot-add (``setVcpusFlags``) → wait for the guest agent to see the
+Grow (live): preflight → hot-add (``setVcpusFlags``) → wait for the guest agent to list the
 new CPUs → online them (policy, or ``--online``/``--no-online``) → verify every layer.
-Shrink (live): unplug → wait for the guest to drop the CPUs → verify every layer, and
-explain the drift libvirt 9.0 + QEMU 7.2 leave behind: libvirt reports "vcpu unplug request
-timed out" and keeps counting a vCPU the guest really ejected; a later hot-add of that vCPU
-crashes QEMU. So every change is refused while the view shows ``guest-missing-vcpus``,
-unless forced.
+Shrink (live): unplug → wait for the guest to drop the CPUs → verify every layer.
 
-Nothing is retried here: a hot(un)plug request is not idempotent, and its outcome is read
+Decided from what this host shows, never from a version number:
+
+- libvirt waits a few seconds for QEMU's DEVICE_DELETED and, when it does not come (under
+  TCG it never comes for the vCPU itself), fails with "vcpu unplug request timed out" and
+  keeps counting the vCPU although the guest ejected it: a *stale* vCPU. When the guest has
+  ejected it, the same unplug request is repeated once: some hosts accept it and correct
+  libvirt's count, others refuse it; either way the outcome is read back and reported, with
+  the remedy that works on this host.
+- A hot-add while a stale vCPU cannot be repaired is known to crash QEMU, and under TCG a
+  plug that would make QEMU create more vCPUs in the domain's life than its maximum aborts
+  QEMU. Only these are refused (``--force`` skips the check); a stale vCPU is repaired
+  first where the host accepts the repeated request.
+- A hot-add whose OST device check came but that the guest never lists was rejected by the
+  guest (``guest-rejected-vcpu``): reported, with its own exit status.
+
+What is seen — unplug timeouts, QEMU's eject and plug reports, rejected hot-adds — goes into
+the domain's history (``host.history``), which later commands read. Apart from that single
+repeat, nothing is retried: a hot(un)plug request is not idempotent, and its outcome is read
 back from every layer instead.
 """
 
@@ -16,16 +29,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from virthotplug.core import errors
 from virthotplug.core.config import HostConfig
 from virthotplug.core.cpulist import format_cpulist
-from virthotplug.core.drift import GUEST_MISSING_VCPUS
+from virthotplug.core.drift import GUEST_MISSING_VCPUS, GUEST_REJECTED_VCPU
+from virthotplug.core.events import Event
 from virthotplug.core.policy import Policy, decide
-from virthotplug.core.view import GuestLayer, VcpuView, parse_guest_reply
+from virthotplug.core.view import (
+    HISTORY_PLUGGED,
+    HISTORY_REJECTED,
+    HISTORY_UNPLUG_TIMEOUT,
+    GuestLayer,
+    HistoryEntry,
+    VcpuView,
+    parse_guest_reply,
+)
 from virthotplug.core.workpool import CallTimeout, call_with_timeout
-from virthotplug.host import collect
+from virthotplug.host import collect, history
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
 from virthotplug.host.domxml import parse_domain_xml
@@ -33,6 +55,10 @@ from virthotplug.host.reconcile import ReconcileResult, reconcile
 
 POLL_INTERVAL = 0.075  # seconds between guest-agent polls while waiting
 DEFAULT_TIMEOUT = 10.0
+# A guest lists a hot-added CPU well under 0.1 s after its OST device check (lab); one that
+# has not 3 s after it never will (the daemon waits as long: daemon.jobs.HOTADD_WAIT).
+REJECT_AFTER_OST = 3.0
+UNPLUG_TIMEOUT_TEXT = "unplug request timed out"  # libvirt's message when it gives up
 # Stop polling the agent at once on these: waiting cannot change them.
 _PERMANENT = (
     errors.UnsupportedError,
@@ -71,38 +97,77 @@ class ResizeResult:
     reconcile: Optional[ReconcileResult] = None
     notes: tuple[str, ...] = ()
     timings: Mapping[str, float] = field(default_factory=dict)  # seconds since the request
+    rejected: frozenset[int] = frozenset()  # vCPUs the guest did not take (OST said success)
+    repeated: Optional[str] = None  # the repeated unplug: "accepted" or libvirt's error
 
     @property
     def complete(self) -> bool:
         return all(check.ok for check in self.checks)
 
 
-def resize(conn: Connection, dom: Domain, config: HostConfig, request: Request) -> ResizeResult:
-    """Change the vCPU count as ``request`` says and verify every affected layer."""
+EventsFn = Callable[[], Sequence[Event]]  # the domain's QEMU monitor events since the start
+
+
+def resize(
+    conn: Connection,
+    dom: Domain,
+    config: HostConfig,
+    request: Request,
+    events: Optional[EventsFn] = None,
+) -> ResizeResult:
+    """Change the vCPU count as ``request`` says and verify every affected layer.
+    ``events``: the domain's QEMU monitor events seen since the command started (optional:
+    they tell a rejected hot-add, and they go into the domain's history)."""
     timeout = config.watch.agent_timeout
-    before = collect.read_view(conn, dom, agent_timeout=timeout)
+    seen: EventsFn = events if events is not None else (lambda: ())
+    context = history.contexts(config)
+    before = collect.read_view(conn, dom, agent_timeout=timeout, context=context)
+    notes: list[str] = []
     if request.live:
-        _preflight(conn, dom, before, request)
+        before = _preflight(conn, dom, config, before, request, notes)
     started = time.monotonic()
     error = _set_vcpus(conn, dom, before, request)
     timings = {"request": time.monotonic() - started}
     outcome: Optional[ReconcileResult] = None
+    rejected: frozenset[int] = frozenset()
+    repeated: Optional[str] = None
     current = before.live.current if before.live is not None else 0
     if request.live and request.count > current:
-        outcome = _after_grow(conn, dom, config, request, before, started, timings)
+        outcome, rejected = _after_grow(conn, dom, config, request, before, started, timings, seen)
     elif request.live and request.count < current:
-        _wait_guest(conn, dom, before, lambda g: len(g.present) <= request.count, started, request)
-    after = outcome.after if outcome is not None and outcome.after is not None else None
-    if after is None:
-        after = collect.read_view(conn, dom, agent_timeout=timeout)
-    checks, notes = _verify(after, request, outcome, error)
-    return ResizeResult(dom.name, request, before, after, checks, error, outcome, notes, timings)
+        repeated = _after_shrink(conn, dom, before, request, error, started, notes)
+    _record(dom, before, request, error, rejected, seen)
+    after = collect.read_view(conn, dom, agent_timeout=timeout, context=context)
+    checks, more = _verify(conn, after, request, outcome, error, repeated)
+    notes.extend(more)
+    return ResizeResult(
+        dom.name,
+        request,
+        before,
+        after,
+        checks,
+        error,
+        outcome,
+        tuple(notes),
+        timings,
+        rejected,
+        repeated,
+    )
 
 
 # --- preflight -----------------------------------------------------------------------------
 
 
-def _preflight(conn: Connection, dom: Domain, view: VcpuView, request: Request) -> None:
+def _preflight(
+    conn: Connection,
+    dom: Domain,
+    config: HostConfig,
+    view: VcpuView,
+    request: Request,
+    notes: list[str],
+) -> VcpuView:
+    """Refuse what cannot or must not be done; repair a stale vCPU first where the host
+    lets us. Returns the view to start from (re-read after a repair)."""
     if view.state != "running" or view.live is None:
         raise errors.NotRunningError(
             f"domain '{view.name}' is {view.state}: a live change needs a running domain "
@@ -113,21 +178,96 @@ def _preflight(conn: Connection, dom: Domain, view: VcpuView, request: Request) 
             f"domain '{view.name}': {request.count} vCPUs requested, the maximum is "
             f"{view.live.maximum} (raise <vcpu> in the persistent definition and restart)"
         )
-    if _stale_unplug(view) and not request.force:
-        present = len(view.guest.present) if view.guest is not None else 0
-        raise errors.UnsupportedError(
-            f"domain '{view.name}': refusing to change vCPUs: libvirt counts "
-            f"{view.live.current} live vCPUs but the guest has only {present}, so an unplug "
-            "libvirt gave up on has completed in the guest. On QEMU 7.2 a hot-add in this "
-            "state crashes QEMU. Restart the domain (shut down, then start) to resync; "
-            "--force skips this check"
-        )
-    if request.count > view.live.current:
-        _check_hotpluggable(conn, dom, view, request.count - view.live.current)
+    if request.count <= view.live.current or request.force:
+        return view
+    if _stale(view):
+        view = _repair_before_grow(conn, dom, config, view, request, notes)
+    _check_thread_budget(conn, view, request.count - view.live.current if view.live else 0)
+    _check_hotpluggable(conn, dom, view, request.count - (view.live.current if view.live else 0))
+    return view
 
 
-def _stale_unplug(view: VcpuView) -> bool:
+def _stale(view: VcpuView) -> bool:
+    """libvirt counts a vCPU the guest does not have, and no rejected hot-add explains it."""
     return any(f.code == GUEST_MISSING_VCPUS for f in view.findings)
+
+
+def _repair_before_grow(
+    conn: Connection,
+    dom: Domain,
+    config: HostConfig,
+    view: VcpuView,
+    request: Request,
+    notes: list[str],
+) -> VcpuView:
+    """Repeat the unplug that left the stale vCPU; refuse the grow if the host will not."""
+    assert view.live is not None
+    present = len(view.guest.present) if view.guest is not None else 0
+    target = max(present, 1)
+    try:
+        dom.set_vcpus(target, live=True, config=False)
+    except (errors.ConnectError, errors.PermissionDeniedError):
+        raise
+    except errors.VirtHotplugError as exc:
+        raise errors.UnsupportedError(
+            f"domain '{view.name}': refusing to hot-add: libvirt counts {view.live.current} "
+            f"live vCPUs but the guest has only {present} (a stale vCPU: "
+            f"{_stale_reason(view)}), and this host ({conn.support.describe()}) refused "
+            f"the repeated unplug request ({exc}). A hot-add while a stale vCPU cannot be "
+            "repaired is known to crash QEMU. Restart the domain (shut down, then start) to "
+            "resync; --force skips this check"
+        ) from None
+    repaired = collect.read_view(
+        conn, dom, agent_timeout=config.watch.agent_timeout, context=history.contexts(config)
+    )
+    count = repaired.live.current if repaired.live is not None else -1
+    notes.append(
+        f"repaired first: libvirt counted {view.live.current} live vCPUs, the guest "
+        f"{present} ({_stale_reason(view)}); the repeated unplug request was accepted "
+        f"by this host ({conn.support.describe()}), libvirt now counts {count}"
+    )
+    if _stale(repaired):
+        raise errors.UnsupportedError(
+            f"domain '{view.name}': refusing to hot-add: the repeated unplug request was "
+            f"accepted but libvirt still counts {count} live vCPUs for a guest with "
+            f"{present}. Restart the domain (shut down, then start) to resync; --force "
+            "skips this check"
+        )
+    return repaired
+
+
+def _stale_reason(view: VcpuView) -> str:
+    """The observation a stale vCPU rests on, from the domain's history."""
+    latest = view.history.last_by_vcpu()
+    parts = [
+        f"vcpu{v}: "
+        + (
+            "QEMU reported it ejected"
+            if e.kind != HISTORY_UNPLUG_TIMEOUT
+            else "its unplug timed out in libvirt"
+        )
+        for v, e in sorted(latest.items())
+        if v in view.history.gone
+    ]
+    return "; ".join(parts) or "no unplug on record; the guest has fewer CPUs than libvirt counts"
+
+
+def _check_thread_budget(conn: Connection, view: VcpuView, needed: int) -> None:
+    """Under TCG QEMU aborts a plug that would create more vCPUs in the domain's life than
+    its maximum (``tcg_register_thread`` assertion). Only known from the domain's history."""
+    created = view.history.created
+    if view.domain_type != "qemu" or created is None or view.live is None or needed <= 0:
+        return
+    if created + needed <= view.live.maximum:
+        return
+    raise errors.UnsupportedError(
+        f"domain '{view.name}': refusing to hot-add {needed} vCPU(s): under TCG (domain type "
+        f"'qemu') QEMU aborts a plug that would create more vCPUs than the domain's maximum "
+        f"({view.live.maximum}) in its life, and it has created {created} "
+        f"(the domain's history: {view.history.initial} at the start of the record, "
+        f"{view.history.plugged} plugged since). Restart the domain to reset it; --force "
+        "skips this check"
+    )
 
 
 def _check_hotpluggable(conn: Connection, dom: Domain, view: VcpuView, needed: int) -> None:
@@ -148,7 +288,7 @@ def _check_hotpluggable(conn: Connection, dom: Domain, view: VcpuView, needed: i
 
 def _set_vcpus(conn: Connection, dom: Domain, before: VcpuView, request: Request) -> Optional[str]:
     """Ask libvirt; a failed shrink (or a grow that changed something) is verified, not
-    raised: the unplug timeout of libvirt 9.0 + QEMU 7.2 fails although the guest ejected."""
+    raised: libvirt's unplug timeout is an error although the guest may have ejected."""
     try:
         dom.set_vcpus(request.count, live=request.live, config=request.config)
     except (errors.ConnectError, errors.PermissionDeniedError):
@@ -177,21 +317,124 @@ def _after_grow(
     before: VcpuView,
     started: float,
     timings: dict[str, float],
-) -> ReconcileResult:
+    seen: EventsFn,
+) -> tuple[ReconcileResult, frozenset[int]]:
+    """Wait for the guest to list the new CPUs (or for the OST device checks to be a few
+    seconds old with no new CPU: rejected), online them, and name what the guest rejected."""
+    needed = request.count - (before.live.current if before.live is not None else 0)
     guest = _wait_guest(
-        conn, dom, before, lambda g: len(g.present) >= request.count, started, request
+        conn,
+        dom,
+        before,
+        lambda g: len(g.present) >= request.count,
+        started,
+        request,
+        give_up=lambda: _plugs_are_old(seen(), needed),
     )
     hotadded: frozenset[int] = frozenset()
     if guest is not None and before.guest is not None:
         hotadded = guest.present - before.guest.present
+    if hotadded:  # only what the guest lists is "detected"
         timings["guest-detected"] = time.monotonic() - started
+    rejected = _rejected(seen(), hotadded, needed)
     if hotadded and request.mode is None:
         _grace(conn, dom, config, before, hotadded, started, request)
     result = reconcile(conn, dom, config, trigger="setvcpus", hotadded=hotadded, mode=request.mode)
     after = result.after.guest if result.after is not None else None
     if after is not None and hotadded and hotadded <= after.online:
         timings["guest-online"] = time.monotonic() - started
-    return result
+    return result, rejected
+
+
+def _plugged(events: Sequence[Event]) -> list[tuple[int, float]]:
+    """(vCPU, monotonic time) of every OST device check success seen."""
+    reader = history.EventHistory()
+    return [
+        (entry.vcpu, ev.mono)
+        for ev in events
+        for entry in reader.entries(ev)
+        if entry.kind == HISTORY_PLUGGED
+    ]
+
+
+def _plugs_are_old(events: Sequence[Event], needed: int) -> bool:
+    plugs = _plugged(events)
+    if needed <= 0 or len(plugs) < needed:
+        return False
+    return time.monotonic() - max(at for _, at in plugs) >= REJECT_AFTER_OST
+
+
+def _rejected(events: Sequence[Event], hotadded: frozenset[int], needed: int) -> frozenset[int]:
+    """The vCPUs whose OST device check said success although the guest listed no new CPU
+    for them (the highest ones when it listed some)."""
+    vcpus = sorted({vcpu for vcpu, _ in _plugged(events)})
+    missing = min(len(vcpus), needed) - len(hotadded)
+    return frozenset(vcpus[-missing:]) if missing > 0 else frozenset()
+
+
+def _after_shrink(
+    conn: Connection,
+    dom: Domain,
+    before: VcpuView,
+    request: Request,
+    error: Optional[str],
+    started: float,
+    notes: list[str],
+) -> Optional[str]:
+    """Wait for the guest to drop the CPUs; when libvirt gave up although the guest did,
+    repeat the same unplug request once. Returns "accepted", libvirt's error, or None when
+    nothing was repeated."""
+    guest = _wait_guest(
+        conn, dom, before, lambda g: len(g.present) <= request.count, started, request
+    )
+    if error is None or UNPLUG_TIMEOUT_TEXT not in error:
+        return None
+    if guest is None or len(guest.present) > request.count:
+        return None  # the guest has not ejected: repeating would only time out again
+    try:
+        dom.set_vcpus(request.count, live=True, config=False)
+    except (errors.ConnectError, errors.PermissionDeniedError):
+        raise
+    except errors.VirtHotplugError as exc:
+        return str(exc)
+    notes.append(
+        f"libvirt gave up on the unplug although the guest ejected the CPU; the repeated "
+        f"unplug request was accepted by this host ({conn.support.describe()})"
+    )
+    return "accepted"
+
+
+def _record(
+    dom: Domain,
+    before: VcpuView,
+    request: Request,
+    error: Optional[str],
+    rejected: frozenset[int],
+    seen: EventsFn,
+) -> None:
+    """Put what this command saw into the domain's history (live definition only)."""
+    if not request.live or before.live is None:
+        return
+    at = history.now()
+    entries = history.entries_from_events(list(seen()))
+    if error is not None and UNPLUG_TIMEOUT_TEXT in error:
+        entries += [
+            HistoryEntry(HISTORY_UNPLUG_TIMEOUT, vcpu, at, "setvcpus")
+            for vcpu in _unplugged(before, request.count)
+        ]
+    entries += [HistoryEntry(HISTORY_REJECTED, vcpu, at, "setvcpus") for vcpu in sorted(rejected)]
+    if entries:
+        history.record(dom, entries, live_count=before.live.current)
+
+
+def _unplugged(before: VcpuView, count: int) -> list[int]:
+    """The vCPUs libvirt unplugs to reach ``count``: the highest-numbered enabled ones."""
+    live = before.live
+    assert live is not None
+    enabled = [v.id for v in live.vcpus if v.enabled] or list(range(live.current))
+    hypervisor = sorted(before.hypervisor.vcpus) if before.hypervisor is not None else []
+    ids = hypervisor or enabled
+    return sorted(ids)[count:]
 
 
 def _grace(
@@ -221,8 +464,10 @@ def _wait_guest(
     done: Callable[[GuestLayer], bool],
     started: float,
     request: Request,
+    give_up: Callable[[], bool] = lambda: False,
 ) -> Optional[GuestLayer]:
-    """Poll the guest agent until ``done`` or the request's timeout; the last guest seen."""
+    """Poll the guest agent until ``done``, ``give_up`` or the request's timeout; the last
+    guest seen."""
     if not before.agent.configured:
         return None
     deadline = started + request.timeout
@@ -237,7 +482,7 @@ def _wait_guest(
             return last
         except (errors.AgentError, errors.TransientError, CallTimeout):
             pass  # the agent may be busy with the hot-add: keep polling until the deadline
-        if (last is not None and done(last)) or time.monotonic() >= deadline:
+        if (last is not None and done(last)) or time.monotonic() >= deadline or give_up():
             return last
         time.sleep(POLL_INTERVAL)
 
@@ -246,7 +491,12 @@ def _wait_guest(
 
 
 def _verify(
-    after: VcpuView, request: Request, outcome: Optional[ReconcileResult], error: Optional[str]
+    conn: Connection,
+    after: VcpuView,
+    request: Request,
+    outcome: Optional[ReconcileResult],
+    error: Optional[str],
+    repeated: Optional[str],
 ) -> tuple[tuple[LayerCheck, ...], tuple[str, ...]]:
     checks: list[LayerCheck] = []
     notes: list[str] = []
@@ -260,7 +510,7 @@ def _verify(
         checks.extend(_live_checks(after, request.count))
         if outcome is not None:
             checks.extend(_online_check(after, outcome.policy.policy, notes))
-        notes.extend(_drift_notes(after, error))
+        notes.extend(_drift_notes(conn, after, error, repeated))
     return tuple(checks), tuple(notes)
 
 
@@ -304,23 +554,44 @@ def _online_check(after: VcpuView, policy: Policy, notes: list[str]) -> list[Lay
     return [LayerCheck("guest online", now, target, remaining.is_noop)]
 
 
-def _drift_notes(after: VcpuView, error: Optional[str]) -> list[str]:
+def _drift_notes(
+    conn: Connection, after: VcpuView, error: Optional[str], repeated: Optional[str]
+) -> list[str]:
     notes = []
     if error is not None:
         notes.append(f"libvirt reported: {error}")
+    if repeated not in (None, "accepted"):
+        notes.append(
+            f"this host ({conn.support.describe()}) refused the repeated unplug request: {repeated}"
+        )
     if after.guest is None:
         detail = f": {after.agent.error}" if after.agent.error else ""
         notes.append(f"the guest cannot be verified: guest agent {after.agent.state}{detail}")
     for finding in after.findings:
-        if finding.code == GUEST_MISSING_VCPUS and after.live is not None:
-            present = len(after.guest.present) if after.guest is not None else 0
-            notes.append(
-                f"the guest has {present} CPUs but libvirt still counts {after.live.current}: "
-                "the unplug completed in the guest although libvirt gave up on it. Restart "
-                "the domain (shut down, then start) to resync, and do not hot-add before: "
-                "on QEMU 7.2 a hot-add in this state crashes QEMU"
-            )
+        if finding.code == GUEST_REJECTED_VCPU:
+            notes.append(f"guest-rejected-vcpu: {finding.message}")
+        elif finding.code == GUEST_MISSING_VCPUS and after.live is not None:
+            notes.append(_stale_note(after, repeated))
     return notes
+
+
+def _stale_note(after: VcpuView, repeated: Optional[str]) -> str:
+    assert after.live is not None
+    present = len(after.guest.present) if after.guest is not None else 0
+    head = (
+        f"the guest has {present} CPUs but libvirt still counts {after.live.current} "
+        f"({_stale_reason(after)}): a stale vCPU"
+    )
+    if repeated is not None and repeated != "accepted":
+        return (
+            f"{head}; this host cannot repair it, so restart the domain (shut down, then "
+            "start) to resync, and do not hot-add before: a hot-add while a stale vCPU "
+            "cannot be repaired is known to crash QEMU"
+        )
+    return (
+        f"{head}; 'virthotplug setvcpus {after.name} {present}' repeats the unplug "
+        "request where this host accepts it, else restart the domain; do not hot-add before"
+    )
 
 
 def to_dict(result: ResizeResult) -> dict[str, Any]:
@@ -336,5 +607,7 @@ def to_dict(result: ResizeResult) -> dict[str, Any]:
         ],
         "notes": list(result.notes),
         "timings": {key: round(value, 3) for key, value in result.timings.items()},
+        "rejected_vcpus": sorted(result.rejected),
+        "repeated_unplug": result.repeated,
         "reconcile": result.reconcile.to_dict() if result.reconcile is not None else None,
     }

@@ -20,6 +20,7 @@ EXIT_CONFIG = 8  # invalid configuration file, domain XML or metadata
 EXIT_UNSUPPORTED = 9  # the hypervisor or domain cannot do what was asked
 EXIT_NOT_RUNNING = 10  # the domain must be running for this
 EXIT_INCOMPLETE = 11  # an operation ran but not every layer reached the target
+EXIT_GUEST_REJECTED = 12  # setvcpus: the guest did not take a hot-added vCPU QEMU's OST accepted
 EXIT_INTERRUPTED = 130  # SIGINT, like a shell
 
 

@@ -250,7 +250,8 @@ class EventHistory:
       the final report without a ``device`` field; it belongs to the vCPU of the eject
       report (status 0x84, in progress) just before it.
     - DEVICE_DELETED for exactly ``/machine/peripheral/vcpuN``: QEMU removed vcpuN. Never a
-      sub-path such as ``…/vcpuN/lapic``, which QEMU 7.2 sends although the vCPU stays.
+      sub-path such as ``…/vcpuN/lapic``, which QEMU sends under TCG
+      although the vCPU itself is never finalized.
     """
 
     def __init__(self) -> None:

@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from virthotplug.cli.commands.common import positive_float, uris
-from virthotplug.core.errors import EXIT_INCOMPLETE, EXIT_OK, UsageError
+from virthotplug.core.errors import EXIT_GUEST_REJECTED, EXIT_INCOMPLETE, EXIT_OK, UsageError
 
 if TYPE_CHECKING:  # the real imports stay inside run(): start-up stays light
     from virthotplug.cli.resize import LayerCheck, ResizeResult
@@ -23,9 +23,11 @@ def register(subparsers: Any) -> None:
         help="hot-add or unplug vCPUs, bring them online, verify every layer",
         description="Change a domain's vCPU count like 'virsh setvcpus', then wait for the "
         "guest to see the change, bring new CPUs online (per the domain's policy, or "
-        "--online/--no-online) and verify every layer. Refuses to touch a domain whose guest "
-        "has fewer CPUs than libvirt counts (a hot-add then crashes QEMU 7.2) unless --force. "
-        "Exit status 0 only when every layer reached the target, 11 otherwise.",
+        "--online/--no-online) and verify every layer. When libvirt gives up on an unplug the "
+        "guest completed, the request is repeated once. A hot-add is refused only where it is "
+        "known to crash QEMU (a stale vCPU this host will not repair; under TCG, more plugs "
+        "than the maximum in the domain's life) unless --force. Exit status 0 only when every "
+        "layer reached the target, 12 when the guest rejected a hot-added vCPU, 11 otherwise.",
     )
     parser.add_argument("domain", metavar="DOMAIN", help="domain name, UUID or id")
     parser.add_argument("count", metavar="COUNT", type=_count, help="the new vCPU count")
@@ -54,7 +56,9 @@ def register(subparsers: Any) -> None:
         help="leave the new CPUs as the guest has them",
     )
     parser.add_argument(
-        "--force", action="store_true", help="skip the stale-unplug check (may crash QEMU 7.2)"
+        "--force",
+        action="store_true",
+        help="skip the checks for hot-adds known to crash QEMU (it may then crash)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(run=run)
@@ -84,11 +88,14 @@ def run(args: argparse.Namespace) -> int:
         mode = {True: "online", False: "report", None: None}[args.online]
         request = resize.Request(args.count, live, persistent, args.timeout, mode, args.force)
         started = time.monotonic()
-        result = resize.resize(conn, dom, config, request)
+        events = (lambda: log.events(since=started)) if log is not None else None
+        result = resize.resize(conn, dom, config, request, events)
         if log is not None:
             log.wait_quiet(0.3, 1.0)  # the final eject report trails the unplug
         _print(result, log, started, args.json)
-    return EXIT_OK if result.complete else EXIT_INCOMPLETE
+    if result.complete:
+        return EXIT_OK
+    return EXIT_GUEST_REJECTED if result.rejected else EXIT_INCOMPLETE
 
 
 def _affect(dom: Domain, args: argparse.Namespace) -> tuple[bool, bool]:
