@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,3 +137,73 @@ def test_watch_acts_only_on_its_domains(
     about_outside = [r for t, r in watch.records if t >= since and r["domain"] == outside.name]
     assert about_outside == []
     assert not any(r["domain"] == outside.name for _, r in watch.records)
+
+
+def _wait_stderr(watch: WatchProcess, text: str, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in watch.stderr_path.read_text():
+            return time.monotonic()
+        time.sleep(0.1)
+    raise AssertionError(f"no {text!r} on watch's stderr; tail:\n{watch.stderr_tail()}")
+
+
+def test_a_hung_agent_waits_behind_its_breaker_holding_no_worker(
+    vm_agent_control: LabVM, vm_manual: LabVM, start_watch: StartWatch
+) -> None:
+    hung, healthy = vm_agent_control, vm_manual
+    # One worker: every reconcile of the hung domain would take it for the agent timeout.
+    watch = start_watch(
+        {hung.name: "mode = report", healthy.name: "mode = online"},
+        "--workers",
+        "1",
+        "--agent-timeout",
+        "1",
+        vms=(hung, healthy),
+    )
+    hung.control_ok("agent-hang")
+    stop = threading.Event()
+
+    def keep_asking() -> None:  # resumed events: each one asks for a reconcile of it
+        while not stop.is_set():
+            hung.dom.suspend()
+            hung.dom.resume()
+            stop.wait(0.3)
+
+    poker = threading.Thread(target=keep_asking, daemon=True)
+    poker.start()
+    try:
+        opened = _wait_stderr(watch, "unresponsive 3 times in a row", timeout=60)
+        since = time.monotonic()
+        healthy.hot_add(2)
+        healthy.wait_cpu_state(_online(1), timeout=10)
+        latency = time.monotonic() - since
+        time.sleep(max(0.0, opened + 6.0 - time.monotonic()))  # inside the first 10 s wait
+        during = [
+            r
+            for t, r in watch.records
+            if t > opened + 0.5 and r["domain"] == hung.name and r["event"] == "reconcile"
+        ]
+        resumed = [
+            r
+            for t, r in watch.records
+            if t > opened + 0.5 and r["domain"] == hung.name and r["event"] == "lifecycle"
+        ]
+        print(
+            f"breaker open: {len(resumed)} lifecycle events of the hung domain, "
+            f"{len(during)} reconciles of it in 5.5 s; healthy hot-add -> online {latency:.2f} s"
+        )
+        assert resumed and during == []
+        assert latency < 2.0
+    finally:
+        stop.set()
+        poker.join(10)
+        hung.control_ok("agent-cont")
+    hung.control_ok("agent-restart")  # disconnected, then connected: the breaker closes
+    _wait_stderr(watch, "guest agent connected: reconciling it again", timeout=60)
+    watch.wait_for(
+        _reconciled(hung.name, lambda r: r["details"]["agent"]["state"] == "connected"),
+        since=opened,
+        timeout=60,
+    )
+    assert hung.taints() == [] and healthy.taints() == []

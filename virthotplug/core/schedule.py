@@ -63,6 +63,9 @@ class ReconcileQueue:
     def __init__(self) -> None:
         self._pending: dict[Key, Job] = {}
         self._running: set[Key] = set()
+        # Domains whose jobs wait whatever they are asked for (an agent circuit breaker),
+        # until this time; ``release`` ends it early.
+        self._held: dict[Key, float] = {}
 
     def request(
         self,
@@ -84,6 +87,18 @@ class ReconcileQueue:
 
     def forget(self, key: Key) -> None:
         self._pending.pop(key, None)
+        self._held.pop(key, None)
+
+    def hold(self, key: Key, until: float) -> None:
+        """No job of this domain starts before ``until`` (requests still merge meanwhile)."""
+        self._held[key] = until
+
+    def release(self, key: Key) -> None:
+        self._held.pop(key, None)
+
+    def _ready_at(self, key: Key, job: Job) -> float:
+        held = self._held.get(key)
+        return job.ready_at if held is None else max(job.ready_at, held)
 
     def pop_due(self, now: float, limit: int) -> list[Job]:
         """Up to ``limit`` jobs due by ``now``, event-driven ones first, then earliest first;
@@ -94,7 +109,7 @@ class ReconcileQueue:
             (
                 job
                 for key, job in self._pending.items()
-                if job.ready_at <= now and key not in self._running
+                if self._ready_at(key, job) <= now and key not in self._running
             ),
             key=lambda job: (job.resync_only, job.ready_at),
         )
@@ -107,7 +122,11 @@ class ReconcileQueue:
         self._running.discard(key)
 
     def next_due(self) -> Optional[float]:
-        dues = [job.ready_at for key, job in self._pending.items() if key not in self._running]
+        dues = [
+            self._ready_at(key, job)
+            for key, job in self._pending.items()
+            if key not in self._running
+        ]
         return min(dues) if dues else None
 
     @property

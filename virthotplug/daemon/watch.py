@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
 import tenacity
 
 from virthotplug.core import errors
+from virthotplug.core.breaker import AgentBreaker
 from virthotplug.core.events import (
     FORGET,
     RECONCILE,
@@ -39,6 +40,7 @@ from virthotplug.core.events import (
 )
 from virthotplug.core.records import Record
 from virthotplug.core.schedule import Job, Key, ReconcileQueue
+from virthotplug.core.view import AGENT_UNRESPONSIVE
 from virthotplug.daemon.eventlog import EventLog
 from virthotplug.daemon.flood import FloodGuard, flood_finding, summary_event
 from virthotplug.daemon.listener import Listener
@@ -130,6 +132,7 @@ class _JobDone:
     retry_after: Optional[float] = None
     job: Optional[Job] = None
     reason: str = "grace"
+    unresponsive: bool = False  # the reconcile found the guest agent not answering
 
 
 @dataclass(frozen=True)
@@ -351,6 +354,7 @@ class Watch:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._stop = threading.Event()
         self._sched = ReconcileQueue()
+        self._breaker = AgentBreaker()
         self._flood = FloodGuard()
         self.sessions = {
             s.uri: s
@@ -481,8 +485,11 @@ class Watch:
             # Any event may follow a change of the definitions: read them again next time.
             self._bulk.invalidate(ev.domain.host, ev.domain.uuid)
         self._monitor_registration(ev)
+        if isinstance(ev, AgentEvent) and ev.connected and ev.domain is not None:
+            self._agent_connected(ev.domain)
         if ev.domain is not None and ev.intent == FORGET:
             self._sched.forget(ev.domain.key)
+            self._breaker.reset(ev.domain.key)
             if self._forget_domain is not None:
                 self._forget_domain(ev.domain.key)
         elif ev.domain is not None and ev.intent == RECONCILE:
@@ -609,8 +616,34 @@ class Watch:
             self.stats.coalesced += job.coalesced - 1
             self._workers.submit(job)
 
+    def _agent_connected(self, ref: DomainRef) -> None:
+        if self._breaker.reset(ref.key):
+            self._sched.release(ref.key)
+            log.info("domain '%s': guest agent connected: reconciling it again", ref.name)
+
+    def _breaker_verdict(self, done: _JobDone) -> None:
+        """Count unresponsive agents; a domain past the threshold waits without a worker."""
+        until = self._breaker.record(done.key, unresponsive=done.unresponsive, now=time.monotonic())
+        if not done.unresponsive:
+            self._sched.release(done.key)
+            return
+        if until is None or done.job is None:
+            return
+        self._sched.hold(done.key, until)
+        ref = done.job.ref
+        # One reconcile then, to try again (and another wait if it still does not answer).
+        self._sched.request(ref, due=until, at=time.monotonic(), reason="agent-retry")
+        log.warning(
+            "domain '%s': guest agent unresponsive %d times in a row: not reconciled for "
+            "%.0f s, or until its agent connects",
+            ref.name,
+            self._breaker.failures(done.key),
+            until - time.monotonic(),
+        )
+
     def _job_done(self, done: _JobDone) -> None:
         self._sched.finish(done.key)
+        self._breaker_verdict(done)
         if done.retry_after is not None and done.job is not None:
             job = done.job
             now = time.monotonic()
@@ -634,7 +667,9 @@ class Watch:
         finally:
             retry_after = result.retry_after if result is not None else None
             reason = result.retry_reason if result is not None else "grace"
-            self._queue.put(_JobDone(job.ref.key, retry_after, job, reason))
+            view = result.view if result is not None else None
+            unresponsive = view is not None and view.agent.state == AGENT_UNRESPONSIVE
+            self._queue.put(_JobDone(job.ref.key, retry_after, job, reason, unresponsive))
 
     def _reconcile(self, job: Job) -> Optional[JobResult]:
         session = self.sessions.get(job.ref.host)
