@@ -4,7 +4,7 @@
 
 _virthotplug_commands="status check watch policy apply setvcpus"
 _virthotplug_global="-h --help -c --connect -r --readonly --config-file -d --debug -q --quiet --version"
-_virthotplug_status="-h --help --all --agent-timeout --json"
+_virthotplug_status="-h --help --all --agent-timeout --json --qemu-monitor"
 _virthotplug_check="-h --help --all --agent-timeout"
 _virthotplug_watch="-h --help --json --resync-interval --agent-timeout --workers --hotadd-settle --domain --no-hook-socket --metrics-listen"
 _virthotplug_policy="-h --help --json --set --clear --count --grace --exclude --retries --live --config"

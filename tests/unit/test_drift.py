@@ -271,7 +271,7 @@ def test_guest_extra_vcpus() -> None:
 def test_hypervisor_live_mismatch() -> None:
     finding = only(view(live=(3, 4), config=(3, 4), hypervisor=2), "hypervisor-live-mismatch")
     assert finding.severity == WARNING
-    assert "libvirt counts 3 live vCPUs, the hypervisor reports 2" in finding.message
+    assert "libvirt counts 3 live vCPUs but lists 2 in its per-vCPU states" in finding.message
 
 
 def test_no_hypervisor_layer_is_not_a_mismatch() -> None:

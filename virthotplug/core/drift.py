@@ -130,14 +130,24 @@ def _config_vs_live(view: VcpuView, _policy: Optional[Policy]) -> Iterable[Findi
 
 
 def _hypervisor_vs_live(view: VcpuView, _policy: Optional[Policy]) -> Iterable[Finding]:
+    if view.qemu is not None and view.live is not None:
+        plugged = len(view.qemu.plugged)
+        if plugged != view.live.current:
+            yield Finding(
+                HYPERVISOR_LIVE_MISMATCH,
+                WARNING,
+                f"libvirt counts {view.live.current} live vCPUs, QEMU itself reports "
+                f"{plugged} plugged (query-hotpluggable-cpus)",
+            )
+            return
     if view.hypervisor is None or view.live is None:
         return
     if view.hypervisor.count != view.live.current:
         yield Finding(
             HYPERVISOR_LIVE_MISMATCH,
             WARNING,
-            f"libvirt counts {view.live.current} live vCPUs, the hypervisor reports "
-            f"{view.hypervisor.count}",
+            f"libvirt counts {view.live.current} live vCPUs but lists "
+            f"{view.hypervisor.count} in its per-vCPU states",
         )
 
 

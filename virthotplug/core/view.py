@@ -73,6 +73,15 @@ class HypervisorLayer:
 
 
 @dataclass(frozen=True)
+class QemuCpus:
+    """QEMU's own answer (``query-hotpluggable-cpus``; only with ``status --qemu-monitor``,
+    which taints the domain): its CPU slots, and the QOM paths of those with a CPU."""
+
+    slots: int
+    plugged: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class GuestLayer:
     """What the guest kernel reports through the agent (guest logical CPU ids)."""
 
@@ -195,6 +204,7 @@ class VcpuView:
     guest: Optional[GuestLayer] = None
     history: History = field(default_factory=History)
     domain_type: str = ""  # the definition's <domain type=...>: "kvm", "qemu" (TCG), "test"
+    qemu: Optional[QemuCpus] = None  # asked of QEMU itself (status --qemu-monitor only)
     findings: tuple[Finding, ...] = ()
 
     @property
@@ -258,7 +268,7 @@ def to_dict(view: VcpuView) -> dict[str, Any]:
         },
         "config": _count_dict(view.config),
         "live": _count_dict(view.live),
-        "hypervisor": _hypervisor_dict(view.hypervisor, view.history),
+        "hypervisor": _hypervisor_dict(view.hypervisor, view.history, view.qemu),
         "guest": _guest_dict(view.guest),
         "history": history_dict(view.history),
         "findings": [
@@ -282,18 +292,26 @@ def _count_dict(layer: Optional[CountLayer]) -> Optional[dict[str, Any]]:
 
 
 def _hypervisor_dict(
-    layer: Optional[HypervisorLayer], history: History
+    layer: Optional[HypervisorLayer], history: History, qemu: Optional[QemuCpus]
 ) -> Optional[dict[str, Any]]:
     if layer is None:
         return None
     # The per-vCPU states are libvirt's bookkeeping, not a question put to QEMU; what QEMU
     # itself reported (ejects) comes from the domain's history.
-    return {
+    doc: dict[str, Any] = {
         "source": "libvirt",
         "count": layer.count,
         "vcpus": [{"id": i, "state": s} for i, s in sorted(layer.vcpus.items())],
         "ejected": sorted(history.vcpus(HISTORY_EJECTED)),
     }
+    if qemu is not None:
+        doc["qemu"] = {
+            "source": "query-hotpluggable-cpus",
+            "slots": qemu.slots,
+            "count": len(qemu.plugged),
+            "plugged": list(qemu.plugged),
+        }
+    return doc
 
 
 def _guest_dict(layer: Optional[GuestLayer]) -> Optional[dict[str, Any]]:

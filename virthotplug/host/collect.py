@@ -121,7 +121,9 @@ def _with_context(raw: _Raw, context: Optional[ContextFn]) -> _Raw:
     if context is None:
         return raw
     found = context(raw.dom, raw.xml, raw.view.active)
-    view = dataclasses.replace(raw.view, history=found.history, domain_type=raw.xml.domain_type)
+    view = dataclasses.replace(
+        raw.view, history=found.history, domain_type=raw.xml.domain_type, qemu=found.qemu
+    )
     if not found.queries_agent and view.agent.configured:
         why = "policy 'ignore': the guest agent is not asked"
         view = dataclasses.replace(view, agent=dataclasses.replace(view.agent, error=why))

@@ -32,6 +32,7 @@ from virthotplug.core.view import (
     HISTORY_PLUGGED,
     History,
     HistoryEntry,
+    QemuCpus,
 )
 from virthotplug.host.domain import Domain
 from virthotplug.host.domxml import (
@@ -64,6 +65,7 @@ class DomainContext:
     policy: Optional[Policy] = None
     history: History = field(default_factory=History)
     settling: bool = False
+    qemu: Optional[QemuCpus] = None  # asked of QEMU (status --qemu-monitor: taints)
 
     @property
     def queries_agent(self) -> bool:
@@ -75,7 +77,11 @@ ContextFn = Callable[[Domain, DomainXML, bool], DomainContext]
 
 
 def contexts(
-    config: Optional[HostConfig], *, policy: Optional[Policy] = None, settling: bool = False
+    config: Optional[HostConfig],
+    *,
+    policy: Optional[Policy] = None,
+    settling: bool = False,
+    qemu_monitor: bool = False,
 ) -> ContextFn:
     """A ``collect`` hook: each domain's context from the definition it has read.
 
@@ -83,7 +89,8 @@ def contexts(
     the live one of a transient domain). For a running persistent domain this reads the
     live definition once more (its metadata holds the live policy and the history).
     ``policy``: the caller already resolved it (a reconcile); else it is resolved from the
-    metadata and ``config`` like ``policysource`` does.
+    metadata and ``config`` like ``policysource`` does. ``qemu_monitor``: also ask QEMU
+    itself for its vCPUs, which taints every running domain asked (``status`` only).
     """
 
     def context(dom: Domain, definition: DomainXML, active: bool) -> DomainContext:
@@ -95,9 +102,20 @@ def contexts(
                 live = None
         history = from_raw(live.history) if live is not None else History()
         resolved = policy if policy is not None else _policy(config, dom, definition, live)
-        return DomainContext(resolved, history, settling)
+        qemu = _ask_qemu(dom) if qemu_monitor and active else None
+        return DomainContext(resolved, history, settling, qemu)
 
     return context
+
+
+def _ask_qemu(dom: Domain) -> Optional[QemuCpus]:
+    from virthotplug.host.qemu_monitor import hotpluggable_cpus
+
+    try:
+        return hotpluggable_cpus(dom)
+    except errors.VirtHotplugError as exc:
+        log.warning("%s: QEMU monitor not asked: %s", dom.context, exc)
+        return None
 
 
 def _policy(

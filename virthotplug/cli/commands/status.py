@@ -19,6 +19,13 @@ def register(subparsers: Any) -> None:
     )
     add_selection(parser)
     parser.add_argument("--json", action="store_true", help="print JSON (stable schema)")
+    parser.add_argument(
+        "--qemu-monitor",
+        action="store_true",
+        help="also ask QEMU itself which vCPUs it has plugged (query-hotpluggable-cpus "
+        "through libvirt_qemu.qemuMonitorCommand); this TAINTS every running domain asked "
+        "(libvirt records custom-monitor). Off by default; watch never does it",
+    )
     parser.set_defaults(run=run)
 
 
@@ -29,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     hosts = uris(args)
     # Findings honour each domain's effective policy and history, as watch judges them.
-    context = history.contexts(load_config(args.config_file))
+    context = history.contexts(load_config(args.config_file), qemu_monitor=args.qemu_monitor)
     result = collect.read_hosts(
         hosts,
         selected_names(args),
