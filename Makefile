@@ -121,7 +121,13 @@ install: man
 		bin/virthotplug.in > "$(DESTDIR)$(BINDIR)/virthotplug.tmp"
 	chmod 0755 "$(DESTDIR)$(BINDIR)/virthotplug.tmp"
 	mv "$(DESTDIR)$(BINDIR)/virthotplug.tmp" "$(DESTDIR)$(BINDIR)/virthotplug"
-	$(INSTALL) -D -m 0755 hooks/qemu "$(DESTDIR)$(HOOKDIR)/virthotplug"
+	$(INSTALL) -D -m 0755 hooks/qemu "$(DESTDIR)$(PKGDATADIR)/hooks/qemu"
+	$(INSTALL) -d -m 0755 "$(DESTDIR)$(HOOKDIR)"
+	sed -e 's|^PYTHON=.*|PYTHON=$(INSTALL_PYTHON)|' \
+		-e 's|^PROGRAM=.*|PROGRAM=$(PKGDATADIR)/hooks/qemu|' \
+		hooks/virthotplug > "$(DESTDIR)$(HOOKDIR)/virthotplug.tmp"
+	chmod 0755 "$(DESTDIR)$(HOOKDIR)/virthotplug.tmp"
+	mv "$(DESTDIR)$(HOOKDIR)/virthotplug.tmp" "$(DESTDIR)$(HOOKDIR)/virthotplug"
 	$(INSTALL) -D -m 0644 man/virthotplug.1 "$(DESTDIR)$(MANDIR)/man1/virthotplug.1"
 	$(INSTALL) -D -m 0644 man/virthotplug.conf.5 "$(DESTDIR)$(MANDIR)/man5/virthotplug.conf.5"
 	$(INSTALL) -D -m 0644 man/virthotplug-hook.8 "$(DESTDIR)$(MANDIR)/man8/virthotplug-hook.8"

@@ -44,7 +44,8 @@ from virthotplug.core.config import WatchSettings, parse_config
 from virthotplug.daemon.hookserver import HookMessage, MessageError, parse_message
 
 ROOT = Path(__file__).resolve().parents[2]
-HOOK = ROOT / "hooks" / "qemu"
+HOOK = ROOT / "hooks" / "qemu"  # the hook program (Python)
+ENTRY = ROOT / "hooks" / "virthotplug"  # what libvirtd runs: the stub that cannot fail
 TIME_LIMIT = 0.050
 HARD_LIMIT = 2.0  # no run may take longer, however loaded the machine
 ATTEMPTS = 20
@@ -154,11 +155,16 @@ def run_hook(
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [os.fsencode(HOOK), *(os.fsencode(a) for a in args)],
+        [os.fsencode(ENTRY), *(os.fsencode(a) for a in args)],
         stdin=read_end,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", **(env or {})},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "LC_ALL": "C",
+            "VIRTHOTPLUG_HOOK_PROGRAM": str(HOOK),
+            **(env or {}),
+        },
     )
     os.close(read_end)
     writer = threading.Thread(target=_feed, args=(write_end, data), daemon=True)

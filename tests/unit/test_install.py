@@ -48,6 +48,7 @@ def expected_tree() -> dict[str, int]:
     tree = {
         "usr/bin/virthotplug": 0o755,
         "etc/libvirt/hooks/qemu.d/virthotplug": 0o755,
+        "usr/share/virthotplug/hooks/qemu": 0o755,
         "etc/virthotplug/virthotplug.conf": 0o600,
         "usr/lib/systemd/system/virthotplug.service": 0o644,
         "usr/share/bash-completion/completions/virthotplug": 0o644,
@@ -75,7 +76,9 @@ def test_install_tree(destdir: Path) -> None:
 
 def test_installed_contents(destdir: Path) -> None:
     read = lambda rel: (destdir / rel).read_text()  # noqa: E731
-    assert read("etc/libvirt/hooks/qemu.d/virthotplug") == (ROOT / "hooks/qemu").read_text()
+    # The entry point libvirtd runs; its defaults are this layout's paths, so it is unchanged.
+    assert read("etc/libvirt/hooks/qemu.d/virthotplug") == (ROOT / "hooks/virthotplug").read_text()
+    assert read("usr/share/virthotplug/hooks/qemu") == (ROOT / "hooks/qemu").read_text()
     assert read("etc/virthotplug/virthotplug.conf") == (ROOT / "conf/virthotplug.conf").read_text()
     assert (
         read("usr/share/bash-completion/completions/virthotplug")
