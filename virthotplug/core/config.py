@@ -127,9 +127,11 @@ def _read_private_file(path: str) -> str:
     """Read a regular file that only its owner (root or us) can write.
 
     The checks use the opened file's own status, so the file cannot be swapped between the
-    check and the read.
+    check and the read. It is opened non-blocking: open() of a FIFO would otherwise wait for
+    a writer for ever (and every command that reads the file with it).
     """
-    with open(path, "rb") as handle:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise ConfigError(f"config file {path}: not a regular file")
@@ -153,8 +155,27 @@ def _read_private_file(path: str) -> str:
         raise ConfigError(f"config file {path}: not valid UTF-8") from None
 
 
+# Characters on which the daemon's parser (configparser: lines end at "\n") and the hook's
+# could disagree about where a line ends, or what a section is called: refused by both
+# (hooks/qemu keeps the same list), as is a CR that does not end a line.
+AMBIGUOUS_CHARACTERS = "\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def check_characters(text: str) -> Optional[str]:
+    """What makes the text ambiguous to read, or None."""
+    for char in AMBIGUOUS_CHARACTERS:
+        if char in text:
+            return f"contains the character U+{ord(char):04X}"
+    if "\r" in text.replace("\r\n", ""):
+        return "contains a carriage return that does not end a line"
+    return None
+
+
 def parse_config(text: str, *, path: str) -> HostConfig:
     """Parse the file's text; ``path`` names it in errors and policy sources."""
+    ambiguous = check_characters(text)
+    if ambiguous is not None:
+        raise ConfigError(f"config file {path}: {ambiguous} (not read, by watch or the hook)")
     parser = configparser.ConfigParser(
         interpolation=None, strict=True, empty_lines_in_values=False, default_section="\0"
     )

@@ -68,6 +68,8 @@ def integer(low: int, high: int) -> Callable[[str], int]:
 
 
 def socket_path(text: str) -> str:
+    if "\0" in text:
+        raise ValueError("must not contain a NUL character")
     if not text.startswith("/") or len(text) > SOCKET_PATH_MAX:
         raise ValueError(f"must be an absolute path of at most {SOCKET_PATH_MAX} characters")
     return text

@@ -254,7 +254,12 @@ class HookServer:
         info = os.stat(directory)
         if not stat.S_ISDIR(info.st_mode):
             raise OSError(errno.ENOTDIR, f"{directory} is not a directory")
-        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+        # Another user who can create names there (even in a sticky directory such as /tmp)
+        # could take the path first and read every hook message: the hook refuses to send
+        # there too.
+        if info.st_uid not in (0, os.geteuid()):
+            raise OSError(errno.EPERM, f"directory {directory} is owned by uid {info.st_uid}")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise OSError(errno.EPERM, f"directory {directory} is writable by group or others")
 
     def _remove_stale(self) -> None:
