@@ -3,6 +3,7 @@ domain waits behind a circuit breaker without holding workers, and one daemon pe
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -207,3 +208,21 @@ def test_a_hung_agent_waits_behind_its_breaker_holding_no_worker(
         timeout=60,
     )
     assert hung.taints() == [] and healthy.taints() == []
+
+
+def test_agent_states_come_from_codes_and_the_channel_not_from_messages(
+    vm_manual: LabVM, vm_agent_not_running: LabVM, vm_noagent_channel: LabVM, tmp_path: Path
+) -> None:
+    # libvirt reports "not connected" and "no answer" with one code (AGENT_UNRESPONSIVE): the
+    # live definition's channel state tells them apart, whatever language libvirtd speaks.
+    vm_manual.wait_agent()
+    names = [vm_manual.name, vm_agent_not_running.name, vm_noagent_channel.name]
+    config = scoped_config(tmp_path, {})
+    done = _virthotplug(config, "status", "--json", *names)
+    assert done.returncode == 0, done.stderr
+    states = {d["name"]: d["agent"]["state"] for d in json.loads(done.stdout)["domains"]}
+    assert states == {
+        vm_manual.name: "connected",
+        vm_agent_not_running.name: "not-connected",
+        vm_noagent_channel.name: "not-configured",
+    }

@@ -56,6 +56,21 @@ def test_a_session_that_ends_says_so(exc: BaseException, caplog: pytest.LogCaptu
     assert any(H1 in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
 
 
+def test_a_session_that_fails_while_connected_reports_the_loss_first() -> None:
+    events: queue.Queue[Any] = queue.Queue()
+    session = HostSession(H1, events.put, threading.Event())
+    closed: list[bool] = []
+    session._conn = type("C", (), {"close": lambda _s: closed.append(True)})()  # type: ignore[assignment]
+
+    def crash() -> None:
+        raise RuntimeError("unexpected")
+
+    session._loop = crash  # type: ignore[method-assign]
+    session._run()
+    whats = [e.what for e in events.queue if isinstance(e, HostEvent)]
+    assert whats == ["lost", "gone"] and closed == [True]
+
+
 def test_the_daemon_exits_when_no_host_is_left(caplog: pytest.LogCaptureFixture) -> None:
     watch = Watch([H1, H2], WatchSettings(), _never, EventLog(None))
     first, second = watch.sessions[H1], watch.sessions[H2]

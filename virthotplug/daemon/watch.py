@@ -208,6 +208,8 @@ class HostSession:
             conn, self._conn = self._conn, None
             if conn is not None:
                 conn.close()
+                if not self._stop.is_set():  # everyone who counts connections hears of it
+                    self._enqueue(HostEvent(None, host=self.uri, what="lost", reason="failed"))
         if not self._stop.is_set():
             if self.failure is None:
                 self.failure = errors.VirtHotplugError(f"{self.uri}: host session ended")
