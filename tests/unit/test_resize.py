@@ -185,3 +185,16 @@ def test_rejected_from_the_ost_events_and_the_guest_list() -> None:
 
 def test_unplugged_vcpus_are_the_highest_libvirt_ids() -> None:
     assert resize._unplugged(view(3, "0,1,2"), 2) == [2]
+
+
+def test_a_request_libvirt_already_counts_is_a_hot_add_while_a_vcpu_is_stale() -> None:
+    # libvirt 9.0: 3 -> 2 timed out (libvirt still counts 3, the guest has 2); asking for 3
+    # again needs a plug, and the host refuses the repair: refused, nothing plugged.
+    conn, dom = FakeConn("libvirt 9.0.0, QEMU 7.2.22", "0,1"), FakeDom(REFUSED)
+    with pytest.raises(errors.UnsupportedError):
+        resize._preflight(
+            conn, dom, HostConfig(), view(3, "0,1", STALE), resize.Request(3, True, False), []
+        )  # type: ignore[arg-type]
+    assert dom.calls == [2]  # only the repeated unplug was asked for
+    forced = resize.Request(3, True, False, force=True)
+    assert resize._preflight(conn, dom, HostConfig(), view(3, "0,1", STALE), forced, []).live  # type: ignore[arg-type]

@@ -178,12 +178,17 @@ def _preflight(
             f"domain '{view.name}': {request.count} vCPUs requested, the maximum is "
             f"{view.live.maximum} (raise <vcpu> in the persistent definition and restart)"
         )
-    if request.count <= view.live.current or request.force:
+    if request.force:
         return view
-    if _stale(view):
+    present = len(view.guest.present) if view.guest is not None else view.live.current
+    # A stale vCPU counts in libvirt although the guest gave it up: a request for more CPUs
+    # than the guest has is a hot-add even when libvirt's count already reaches it.
+    if _stale(view) and request.count > present:
         view = _repair_before_grow(conn, dom, config, view, request, notes)
-    _check_thread_budget(conn, view, request.count - view.live.current if view.live else 0)
-    _check_hotpluggable(conn, dom, view, request.count - (view.live.current if view.live else 0))
+    needed = request.count - (view.live.current if view.live is not None else request.count)
+    if needed > 0:
+        _check_thread_budget(conn, view, needed)
+        _check_hotpluggable(conn, dom, view, needed)
     return view
 
 

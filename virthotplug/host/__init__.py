@@ -3,8 +3,10 @@
 Open this package for: the connection owner, error classification and the typed per-domain
 wrapper (``connection``), the connection's capability record (``support``), the domain XML
 model (``domxml``), reading the four layers of every domain (``collect``), writes through the
-guest agent (``actions``), one policy reconcile of one domain (``reconcile``) and where a
-domain's policy comes from (``policysource``).
+guest agent (``actions``), one policy reconcile of one domain (``reconcile``), where a
+domain's policy comes from (``policysource``), the domain's vCPU history kept in its live
+metadata and each domain's policy and history for findings (``history``), and QEMU's own
+vCPU answer for ``status --qemu-monitor``, which taints (``qemu_monitor``).
 
 Imports: ``virthotplug.core``, libvirt, libvirt_qemu, lxml. Never ``virthotplug.daemon`` or
 ``virthotplug.cli``.
