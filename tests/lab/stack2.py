@@ -387,7 +387,17 @@ class Stack2:
         )
         tmp.chmod(0o644)
         os.rename(tmp, target)
+        self._prune_copies(target.parent)
         return target
+
+    def _prune_copies(self, fresh: Path) -> None:
+        """Keep the two newest copies of a guest family (e.g. every debian-bookworm-<hash>):
+        rebuilt images would otherwise pile up in the root."""
+        family = fresh.name.rsplit("-", 1)[0]
+        groups = [d for d in fresh.parent.glob(f"{family}-*") if d.is_dir() and d != fresh]
+        groups.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+        for old in groups[1:]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 class Users:
