@@ -19,6 +19,7 @@ from virthotplug.core.view import (
     AGENT_UNSUPPORTED,
     CRITICAL,
     HISTORY_EJECTED,
+    HISTORY_PLUGGED,
     HISTORY_REJECTED,
     HISTORY_UNPLUG_TIMEOUT,
     INFO,
@@ -168,7 +169,7 @@ def test_guest_missing_vcpus_after_a_recorded_stale_unplug() -> None:
     v = dataclasses.replace(view(live=(2, 4), guest_layer=guest("0")), history=history)
     finding = only(v, "guest-missing-vcpus")
     assert finding.severity == CRITICAL
-    assert "vcpu1 was reported ejected by QEMU (ost)" in finding.message
+    assert "vcpu1: libvirt's unplug timed out; QEMU reported it ejected (ost)" in finding.message
     assert "virthotplug setvcpus d1 1" in finding.message
     assert "did not take" not in finding.message
 
@@ -183,6 +184,14 @@ def test_guest_rejected_vcpu_from_history() -> None:
     assert "6.12.75" in finding.message and "nr_cpus=" in finding.message
     assert "\n" not in finding.message
     assert "guest-missing-vcpus" not in codes(v)
+
+
+def test_a_plug_after_an_unplug_starts_the_vcpu_over() -> None:
+    history = History().add(HistoryEntry(HISTORY_EJECTED, 1, 10.0, "ost"))
+    history = history.add(HistoryEntry(HISTORY_PLUGGED, 1, 20.0, "ost"))
+    assert drift.gone_text(history, 1) == "no unplug on record"
+    history = history.add(HistoryEntry(HISTORY_EJECTED, 1, 30.0, "device-deleted"))
+    assert drift.gone_text(history, 1) == "QEMU reported it ejected (device-deleted)"
 
 
 def test_a_rejection_explains_only_its_own_vcpu() -> None:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from virthotplug.core import errors
 from virthotplug.core.config import HostConfig
 from virthotplug.core.cpulist import format_cpulist
-from virthotplug.core.drift import GUEST_MISSING_VCPUS, GUEST_REJECTED_VCPU
+from virthotplug.core.drift import GUEST_MISSING_VCPUS, GUEST_REJECTED_VCPU, gone_text
 from virthotplug.core.events import Event
 from virthotplug.core.policy import Policy, decide
 from virthotplug.core.view import (
@@ -243,17 +243,7 @@ def _repair_before_grow(
 
 def _stale_reason(view: VcpuView) -> str:
     """The observation a stale vCPU rests on, from the domain's history."""
-    latest = view.history.last_by_vcpu()
-    parts = [
-        f"vcpu{v}: "
-        + (
-            "QEMU reported it ejected"
-            if e.kind != HISTORY_UNPLUG_TIMEOUT
-            else "its unplug timed out in libvirt"
-        )
-        for v, e in sorted(latest.items())
-        if v in view.history.gone
-    ]
+    parts = [f"vcpu{v}: {gone_text(view.history, v)}" for v in sorted(view.history.gone)]
     return "; ".join(parts) or "no unplug on record; the guest has fewer CPUs than libvirt counts"
 
 

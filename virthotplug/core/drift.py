@@ -26,11 +26,13 @@ from virthotplug.core.view import (
     AGENT_UNSUPPORTED,
     CRITICAL,
     HISTORY_EJECTED,
+    HISTORY_PLUGGED,
     HISTORY_REJECTED,
     HISTORY_UNPLUG_TIMEOUT,
     INFO,
     WARNING,
     Finding,
+    History,
     VcpuView,
 )
 
@@ -226,20 +228,27 @@ def _missing(view: VcpuView, counted: int, present: int) -> Iterable[Finding]:
 
 
 def _stale_text(view: VcpuView, gone: frozenset[int]) -> str:
-    latest = view.history.last_by_vcpu()
-    parts = []
-    for vcpu in sorted(gone):
-        entry = latest[vcpu]
-        if entry.kind == HISTORY_EJECTED:
-            parts.append(f"vcpu{vcpu} was reported ejected by QEMU ({entry.source})")
-        elif entry.kind == HISTORY_UNPLUG_TIMEOUT:
-            parts.append(f"the unplug of vcpu{vcpu} timed out in libvirt")
+    parts = [f"vcpu{vcpu}: {gone_text(view.history, vcpu)}" for vcpu in sorted(gone)]
     return (
         "; ".join(parts)
         + ": libvirt still counts a vCPU the guest gave up (stale); 'virthotplug setvcpus "
         f"{view.name} {len(view.guest.present) if view.guest else 1}' repeats the unplug "
         "request where this host accepts it, else restart the domain"
     )
+
+
+def gone_text(history: History, vcpu: int) -> str:
+    """What the history saw of a vCPU's unplug since it was last plugged, e.g. "QEMU
+    reported it ejected (ost); libvirt's unplug timed out"."""
+    seen: list[str] = []
+    for entry in sorted((e for e in history.entries if e.vcpu == vcpu), key=lambda e: e.time):
+        if entry.kind == HISTORY_PLUGGED:
+            seen = []
+        elif entry.kind == HISTORY_EJECTED:
+            seen.append(f"QEMU reported it ejected ({entry.source})")
+        elif entry.kind == HISTORY_UNPLUG_TIMEOUT:
+            seen.append("libvirt's unplug timed out")
+    return "; ".join(dict.fromkeys(seen)) or "no unplug on record"
 
 
 def _guest_offline(view: VcpuView, policy: Optional[Policy]) -> Iterable[Finding]:
