@@ -284,6 +284,28 @@ def test_connections_and_reconnects(m: metrics.Metrics) -> None:
     assert value(m, "virthotplug_events_total", host=HOST, kind="host") == 3
 
 
+def test_a_host_whose_session_gave_up_stays_at_zero(m: metrics.Metrics) -> None:
+    """ "gone" ends a session for good: the gauge is 0 even without a "lost" first, and a
+    late "connected", reconcile or resync of that host brings nothing back."""
+    other = "qemu+ssh://host2/system"
+    m.event(HostEvent(None, host=HOST, what="connected"))
+    m.event(HostEvent(None, host=other, what="connected"))
+    m.reconciled(job(), outcome(view()), 0.01)
+    m.event(ost(1))
+    assert value(m, "virthotplug_domain_agent_connected", host=HOST, domain="web1") == 1
+    m.event(HostEvent(None, host=HOST, what="gone", reason="host session failed"))
+    assert value(m, "virthotplug_host_connected", host=HOST) == 0
+    assert value(m, "virthotplug_domain_agent_connected", host=HOST, domain="web1") is None
+    assert not m._hotadds
+    m.event(HostEvent(None, host=HOST, what="connected"))  # queued before "gone"
+    m.reconciled(job(), outcome(view()), 0.01)  # still running when the session ended
+    m.resynced(HOST, [view()])
+    assert value(m, "virthotplug_host_connected", host=HOST) == 0
+    assert value(m, "virthotplug_domain_agent_connected", host=HOST, domain="web1") is None
+    assert value(m, "virthotplug_reconnects_total", host=HOST) in (None, 0)
+    assert value(m, "virthotplug_host_connected", host=other) == 1  # the other host is kept
+
+
 def test_a_broken_record_never_raises(m: metrics.Metrics) -> None:
     bad = JobResult(record=record(42), line="", view=object())  # type: ignore[arg-type]
     m.reconciled(job(), bad, 0.01)  # logged, not raised

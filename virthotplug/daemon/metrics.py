@@ -23,7 +23,9 @@ Per host (label ``host``):
     virthotplug_ost_events_total{device,source,status}    ACPI _OST, decoded names
     virthotplug_actions_total{outcome}                    reconcile outcome codes
     virthotplug_reconciles_total{result}                  ok / failed / error
-    virthotplug_reconnects_total, virthotplug_host_connected
+    virthotplug_reconnects_total, virthotplug_host_connected (0 once the host's session
+                                                          gave up, with its domains'
+                                                          series gone)
     virthotplug_reconcile_duration_seconds                histogram
     virthotplug_hotadd_online_latency_seconds             histogram: from the OST hot-add
                                                           event to the reconcile that finds
@@ -148,6 +150,7 @@ class Metrics:
         # (host, uuid) → the domain's view at its last reconcile, and when (Unix time).
         self._views: dict[tuple[str, str], tuple[VcpuView, float]] = {}
         self._connected_before: set[str] = set()
+        self._gone: set[str] = set()  # hosts whose session ended: never watched again
         # (host, uuid, vCPU id) → monotonic time of its OST hot-add event; insertion ordered.
         self._hotadds: dict[tuple[str, str, int], float] = {}
         self._forgotten: dict[tuple[str, str], float] = {}  # (host, uuid) → when it stopped
@@ -174,6 +177,8 @@ class Metrics:
         try:
             now = time.time()
             with self._lock:
+                if host in self._gone:
+                    return
                 for view in views:
                     if (host, view.uuid) not in self._forgotten:
                         self._views[(host, view.uuid)] = (view, now)
@@ -219,14 +224,30 @@ class Metrics:
             return  # internal: the resync's list of domains
         self.events.labels(ev.host, ev.kind).inc()
         if ev.what == "connected":
-            self.connected.labels(ev.host).set(1)
             with self._lock:
+                if ev.host in self._gone:
+                    return
                 again = ev.host in self._connected_before
                 self._connected_before.add(ev.host)
+            self.connected.labels(ev.host).set(1)
             if again:
                 self.reconnects.labels(ev.host).inc()
         elif ev.what == "lost":
             self.connected.labels(ev.host).set(0)
+        elif ev.what == "gone":
+            self._host_gone(ev.host)
+
+    def _host_gone(self, host: str) -> None:
+        """The host's session gave up: the host is no longer watched. Its connection gauge
+        goes to 0 and stays there (nothing reconnects a session that ended), and its
+        domains' series go: nothing will update them again."""
+        self.connected.labels(host).set(0)
+        with self._lock:
+            self._gone.add(host)
+            for domain in [k for k in self._views if k[0] == host]:
+                del self._views[domain]
+            for pending in [k for k in self._hotadds if k[0] == host]:
+                del self._hotadds[pending]
 
     def _reconciled(self, job: Job, result: JobResult, seconds: float) -> None:
         host = job.ref.host
@@ -239,6 +260,8 @@ class Metrics:
         if view is None:
             return
         with self._lock:
+            if host in self._gone:  # a reconcile still running when the session ended
+                return
             # A reconcile that began before the domain stopped must not bring back its series.
             forgotten = self._forgotten.get((host, view.uuid))
             if forgotten is not None and forgotten >= self.clock() - seconds:
