@@ -152,8 +152,10 @@ class HostSession:
         enqueue: Callable[[Any], None],
         stop: threading.Event,
         guard: Optional[FloodGuard] = None,
+        watches: Callable[[str, str], bool] = lambda _name, _uuid: True,
     ):
         self.uri = Connection(uri).uri
+        self._watches = watches  # the daemon's scope (--domain): by name and UUID
         self._enqueue = enqueue
         self._stop = stop
         self._lost = threading.Event()
@@ -240,13 +242,32 @@ class HostSession:
                 guard=self._guard,
                 on_flood=lambda ref: self.monitors.drop(ref.uuid),
             )
-            # QEMU monitor events are registered per running domain (self.monitors), once
-            # the session's resync has listed them.
             conn.subscribe(listener)
+            self._monitor_running(conn)
         except errors.VirtHotplugError:
             conn.close()
             raise
         return conn
+
+    def _monitor_running(self, conn: Connection) -> None:
+        """Register the QEMU monitor events of every running domain in scope before the
+        session reports "connected": a hot-add made right after must not lose its OST event
+        while the first resync is still reading. Later starts and resyncs go through
+        ``self.monitors`` (its own thread)."""
+        if not conn.support.monitor_events:
+            return
+        for dom in conn.list_running():
+            suppressed = self._guard.is_suppressed((self.uri, dom.uuid))
+            if suppressed or not self._watches(dom.name, dom.uuid):
+                continue
+            try:
+                conn.monitor_domain(dom)
+            except errors.NoDomainError:
+                continue  # stopped meanwhile
+            except errors.ConnectError:
+                raise
+            except errors.VirtHotplugError as exc:
+                log.warning("%s: no QEMU monitor events for %s: %s", self.uri, dom.name, exc)
 
     def _reconnect(self) -> Optional[Connection]:
         """Retry forever with exponential backoff and jitter, until connected or stopped."""
@@ -360,7 +381,10 @@ class Watch:
         self._flood = FloodGuard()
         self.sessions = {
             s.uri: s
-            for s in (HostSession(u, self._queue.put, self._stop, self._flood) for u in uris)
+            for s in (
+                HostSession(u, self._queue.put, self._stop, self._flood, self._in_scope)
+                for u in uris
+            )
         }
         self.stats = WatchStats()
         # Why the daemon stopped by itself (no host left); ``run`` raises it.
@@ -368,12 +392,12 @@ class Watch:
         self._workers: Optional[_Workers] = None
         self._sources = list(sources)
         self._observer: Observer = observer if observer is not None else _NoObserver()
-        self._bulk = resync  # None: the resync lists running domains and reconciles each
-        self._resyncing: set[Connection] = set()  # connections with a resync in flight
         # Drops what the reconcile side keeps per domain (``JobRunner.forget``).
         self._forget_domain = forget
         # Sees every event on this loop, quickly (``JobRunner.observe``: the vCPU history).
         self._observe = observe
+        self._bulk = resync  # None: the resync lists running domains and reconciles each
+        self._resyncing: set[Connection] = set()  # connections with a resync in flight
 
     # control (signal handlers and tests call these)
 
@@ -542,13 +566,17 @@ class Watch:
                     self._request(ref, ev)
 
     def _watches(self, ref: DomainRef) -> bool:
-        return self.settings.watches(ref.name, ref.uuid)
+        return self._in_scope(ref.name, ref.uuid)
+
+    def _in_scope(self, name: str, uuid: str) -> bool:
+        # Through self.settings each time: a reload (SIGHUP) may change the scope.
+        return self.settings.watches(name, uuid)
 
     def _request(self, ref: DomainRef, ev: Event) -> None:
         delay, hotadded = 0.0, frozenset[int]()
         if isinstance(ev, OstMonitorEvent) and ev.ost is not None and ev.ost.is_cpu:
-            # The CPU appears in the guest a little after OST: judge it once settled.
-            delay = self.settings.hotadd_settle
+            # Read at once: the guest usually lists the CPU by the OST event; the job looks
+            # again with short backoff until it does (jobs.hotadd_look_delay).
             if ev.hotadd_vcpu is not None:
                 hotadded = frozenset({ev.hotadd_vcpu})
         elif isinstance(ev, AgentEvent):
