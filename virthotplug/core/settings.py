@@ -110,14 +110,15 @@ WORKERS = Setting(
     256,
     option="--workers",
 )
-# 0.1 s: after an OST insert event the CPU is in the guest's sysfs by then.
+# The guest is read at once after a hot-add's OST event; 0.1 s: a guest that had not listed
+# the CPU then has by now (daemon/jobs.py: the looks that follow).
 HOTADD_SETTLE = _seconds_setting(
     "hotadd_settle",
     0.1,
     0.0,
     60.0,
-    "longest wait between two reads of the guest after a hot-add event (read at once, "
-    "then after 10, 20, 40 ms ...)",
+    "when to look again for a hot-added CPU the guest did not list at once (the guest is "
+    "read at once, then this long, 3 and 9 times this long, and 3 s after the event)",
     "--hotadd-settle",
 )
 HOOK_SOCKET = Setting(

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
 from virthotplug.core import errors
 from virthotplug.core.drift import find_drift
+from virthotplug.core.settings import AGENT_TIMEOUT
 from virthotplug.core.view import (
     AGENT_BAD_REPLY,
     AGENT_CONNECTED,
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-DEFAULT_AGENT_TIMEOUT = 5.0
+DEFAULT_AGENT_TIMEOUT = AGENT_TIMEOUT.default  # the [watch] setting (core.settings)
 DEFAULT_WORKERS = 8
 DEFINITION_WORKERS = 4  # definition reads in flight at once (libvirtd serves 5 per client)
 MAX_HOSTS_AT_ONCE = 16  # hosts read in parallel by read_hosts
