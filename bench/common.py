@@ -58,6 +58,15 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def watch_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """The environment of a ``watch`` under test: its one-per-host lock in a run directory of
+    its own (``VIRTHOTPLUG_RUN_DIR``, virthotplug(1)), never the host's /run/virthotplug, so
+    a real daemon and a benchmark never block each other."""
+    run_dir = tmp / "run"
+    run_dir.mkdir(mode=0o700, exist_ok=True)
+    return child_env(VIRTHOTPLUG_RUN_DIR=str(run_dir), **extra)
+
+
 def count_calls(argv: Sequence[str]) -> tuple[int, Counter[str]]:
     """Run ``argv`` once with libvirt's public-API debug log on; count the calls it made.
 

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from common import ROOT, child_env, median, proc_cpu_seconds
+from common import ROOT, child_env, median, proc_cpu_seconds, watch_env
 
 sys.path.insert(0, str(ROOT / "tests" / "lab"))
 
@@ -105,13 +105,18 @@ class Subscriber:
     """A subscriber process; counts its output lines and bytes (stdout and stderr) with
     arrival times, and the lines that report one event."""
 
-    def __init__(self, argv: list[str], is_event: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        is_event: Callable[[str], bool],
+        env: Optional[dict[str, str]] = None,
+    ) -> None:
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
-            env=child_env(),
+            env=env if env is not None else child_env(),
         )
         self._is_event = is_event
         self._lock = threading.Lock()
@@ -174,8 +179,11 @@ def _start_subscriber(case: str, uri: str, tmp: Path) -> Optional[Subscriber]:
         config.write_text("[defaults]\nmode = report\n", encoding="utf-8")
         config.chmod(0o600)
         argv = [*VIRTHOTPLUG, "--config-file", str(config), "-c", uri]
+        # Its lock in a run directory of its own: never in the way of the host's daemon.
         sub = Subscriber(
-            [*argv, "watch", "--json", "--no-hook-socket"], lambda line: '"event":"ost"' in line
+            [*argv, "watch", "--json", "--no-hook-socket"],
+            lambda line: '"event":"ost"' in line,
+            env=watch_env(tmp),
         )
         sub.wait_for("connected", 60.0)
         return sub

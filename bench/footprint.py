@@ -36,12 +36,12 @@ from typing import Any, Callable, Optional
 
 import nodes
 from common import (
-    child_env,
     daemon_restarted,
     proc_cpu_seconds,
     proc_rss_bytes,
     virthotplug_command,
     wait_for_daemon,
+    watch_env,
 )
 
 SHARED_URI = "test+unix:///default"
@@ -117,14 +117,14 @@ class FootprintResult:
 class _Watcher:
     """The daemon under test, with a thread collecting its JSON lines as they arrive."""
 
-    def __init__(self, argv: list[str], stderr_path: Path) -> None:
+    def __init__(self, argv: list[str], stderr_path: Path, env: dict[str, str]) -> None:
         self._stderr = stderr_path.open("w", encoding="utf-8")
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
-            env=child_env(),
+            env=env,
             bufsize=1,
         )
         self.lines: list[Line] = []
@@ -299,11 +299,13 @@ class Footprint:
             "watch",
             "--json",
             "--no-hook-socket",  # never the host's hook socket
+            "--domain",  # only the domains this benchmark defined on the shared daemon
+            f"{PREFIX}*",
             *self.extra_args,
         ]
         names = set(self.names)
         started = time.monotonic()
-        watcher = _Watcher(argv, tmp / "watch.log")
+        watcher = _Watcher(argv, tmp / "watch.log", watch_env(tmp))
         try:
             _wait_until(
                 lambda: (

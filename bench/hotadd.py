@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from common import ROOT, child_env, virthotplug_command
+from common import ROOT, virthotplug_command, watch_env
 
 sys.path.insert(0, str(ROOT / "tests" / "lab"))
 
@@ -125,19 +125,23 @@ def _cpulist(text: str) -> set[int]:
 
 
 class _Watch:
-    """``virthotplug watch`` on qemu:///system; policy online only for the given globs."""
+    """``virthotplug watch`` on qemu:///system; policy online only for the given globs.
 
-    def __init__(self, tmp: Path, online_globs: list[str], extra: list[str]) -> None:
+    It sees only the domains matching ``scope`` (``--domain``: the bench's own VMs), so it
+    never reads or acts on the host's other domains, and takes its lock in a run directory
+    of its own."""
+
+    def __init__(self, tmp: Path, scope: str, online_globs: list[str], extra: list[str]) -> None:
         self.config = config = tmp / "virthotplug.conf"
         self._write_config(online_globs)
         self.log = tmp / "watch.log"
         self._stderr = self.log.open("w", encoding="utf-8")
         argv = [*virthotplug_command(), "--config-file", str(config), "-c", "qemu:///system"]
         self.proc = subprocess.Popen(
-            [*argv, "watch", "--json", "--no-hook-socket", *extra],
+            [*argv, "watch", "--json", "--no-hook-socket", "--domain", scope, *extra],
             stdout=subprocess.PIPE,
             stderr=self._stderr,
-            env=child_env(),
+            env=watch_env(tmp),
             text=True,
         )
         self.records: list[tuple[float, dict[str, Any]]] = []  # (arrival, JSON record)
@@ -220,7 +224,7 @@ class Hotadd:
 
     def run(self, log: Callable[[str], None]) -> HotaddResult:
         from domains import AUTO, MANUAL
-        from lab import Lab, VMRequest, accelerator_description
+        from lab import PREFIX, Lab, VMRequest, accelerator_description
 
         result = HotaddResult(self.rounds, accelerator_description(), list(self.watch_args))
         with Lab() as lab, tempfile.TemporaryDirectory(prefix="vhp-hotadd-") as tmp:
@@ -234,7 +238,9 @@ class Hotadd:
             log(f"  booting {len(requests)} lab VMs ({result.accelerator})")
             vms = lab.start_many(requests if self.rounds else [])
             by_method = dict(zip(METHODS, vms))
-            watch = _Watch(Path(tmp), ["*-bench-watch", "*-bench-ten*"], self.watch_args)
+            scope = f"{PREFIX}-{lab.run_id}-*"  # this run's VMs only (lab.py names them)
+            online = ["*-bench-watch", "*-bench-ten*"]
+            watch = _Watch(Path(tmp), scope, online, self.watch_args)
             poller = _Poller(by_method.get("poll-1s"))
             if self.rounds:
                 poller.start()

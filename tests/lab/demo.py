@@ -9,6 +9,7 @@ it once, and the next hot-add is onlined by the daemon by itself. Each step is o
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -112,9 +113,15 @@ def start_watch(demo: Demo) -> None:
         f"[defaults]\nmode = report\n\n[watch]\nhook_socket = {demo.workdir}/hook.sock\n"
     )
     config.chmod(0o600)
-    command = [*demo.cli_base, "--config-file", str(config), "watch"]
-    say(f"$ virthotplug --config-file {config.name} watch   (policy: report, the default)")
-    demo.watch = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    # Only the demo's VM (--domain), and the one-per-host lock in a run directory of its
+    # own: a real watch on this host and the demo never block each other.
+    name = demo.the_vm.name
+    command = [*demo.cli_base, "--config-file", str(config), "watch", "--domain", name]
+    run_dir = demo.workdir / "run"
+    run_dir.mkdir(mode=0o700, exist_ok=True)
+    env = {**os.environ, "VIRTHOTPLUG_RUN_DIR": str(run_dir)}
+    say(f"$ virthotplug --config-file {config.name} watch --domain {name}   (policy: report)")
+    demo.watch = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     threading.Thread(target=_relay_watch, args=(demo,), daemon=True).start()
     _wait_for_watch_line(demo, "connected")
 
