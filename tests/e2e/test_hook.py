@@ -1,13 +1,19 @@
-"""The libvirt hook on the lab: libvirtd runs the installed ``hooks/qemu`` for a real VM and
+"""The libvirt hook on the lab: libvirtd runs the installed hook for a real VM and
 ``virthotplug watch`` turns its messages into reconciles.
 
-The hook goes to ``/etc/libvirt/hooks/qemu.d/virthotplug`` only for the test: whatever was
-there before (hook, configuration file, directories) is put back afterwards, also when the
-test fails, and libvirtd is told to re-read its hooks (SIGHUP) both times. libvirtd passes
-no environment to hooks, so the hook learns the test's socket from ``hook_socket`` in
-``/etc/virthotplug/virthotplug.conf``, which is swapped in and restored the same way. Nothing
-in it but ``hook_socket``: another VM starting meanwhile only sends a message nobody else
-reads.
+The hook is installed as users get it: the /bin/sh entry point ``hooks/virthotplug`` as
+``/etc/libvirt/hooks/qemu.d/virthotplug``, running the Python hook program ``hooks/qemu``.
+The program goes to a directory of the test laid out like ``$(PREFIX)/share/virthotplug``,
+and the entry point is pointed at it the way ``make install`` does (its ``PROGRAM=`` line
+rewritten): libvirtd passes no environment to hooks, so ``VIRTHOTPLUG_HOOK_PROGRAM`` cannot,
+and a package's ``/usr/share/virthotplug`` is never touched.
+
+The entry point goes to ``/etc/libvirt/hooks/qemu.d/virthotplug`` only for the test: whatever
+was there before (hook, configuration file, directories) is put back afterwards, also when
+the test fails, and libvirtd is told to re-read its hooks (SIGHUP) both times. The hook
+learns the test's socket from ``hook_socket`` in ``/etc/virthotplug/virthotplug.conf``, which
+is swapped in and restored the same way. Nothing in it but ``hook_socket``: another VM
+starting meanwhile only sends a message nobody else reads.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from lab import LabVM
 from watchproc import Record, WatchProcess, scoped_config, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
-HOOK = ROOT / "hooks" / "qemu"
+ENTRY = ROOT / "hooks" / "virthotplug"  # what libvirtd runs: the stub that cannot fail
+PROGRAM = ROOT / "hooks" / "qemu"  # the Python hook program it runs
 HOOKS_DIR = Path("/etc/libvirt/hooks")
 INSTALLED = HOOKS_DIR / "qemu.d" / "virthotplug"
 SYSTEM_CONFIG = Path("/etc/virthotplug/virthotplug.conf")
@@ -43,6 +50,17 @@ def reload_libvirt_hooks() -> None:
             time.sleep(RELOAD_PAUSE)
             return
     raise AssertionError(f"no running libvirt daemon found through {PID_FILES}")
+
+
+def install_entry_point(program: Path) -> None:
+    """The entry point as ``INSTALLED``, naming ``program`` as make install names the hook
+    program it installs (``sed -e 's|^PROGRAM=.*|PROGRAM=...|'``)."""
+    lines = ENTRY.read_text().splitlines(keepends=True)
+    program_lines = [i for i, line in enumerate(lines) if line.startswith("PROGRAM=")]
+    assert len(program_lines) == 1, f"{ENTRY}: expected one PROGRAM= line"
+    lines[program_lines[0]] = f"PROGRAM={program}\n"
+    INSTALLED.write_text("".join(lines))
+    INSTALLED.chmod(0o755)
 
 
 class Saved:
@@ -97,8 +115,11 @@ def installed_hook(tmp_path: Path) -> Iterator[Path]:
         saved.directory(INSTALLED.parent)
         saved.directory(SYSTEM_CONFIG.parent)
         write_config(SYSTEM_CONFIG, f"[watch]\nhook_socket = {socket_path}\n")
-        shutil.copyfile(HOOK, INSTALLED)
-        INSTALLED.chmod(0o755)
+        program = tmp_path / "share" / "virthotplug" / "hooks" / "qemu"
+        program.parent.mkdir(parents=True)
+        shutil.copyfile(PROGRAM, program)
+        program.chmod(0o755)
+        install_entry_point(program)
         reload_libvirt_hooks()
         yield socket_path
     finally:
@@ -121,6 +142,7 @@ def test_libvirtd_runs_the_hook_and_watch_reconciles(
     try:
         watch.wait_for(lambda r: r["event"] == "host" and r["details"]["what"] == "connected")
         assert installed_hook.exists(), watch.stderr_tail()
+        assert INSTALLED.read_text().startswith("#!/bin/sh\n")  # libvirtd runs the stub
         since = time.monotonic()
         vm = make_vm()
         name = vm.name
