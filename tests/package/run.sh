@@ -4,7 +4,9 @@
 #   2. apt-get install ./virthotplug_*.deb
 #   3. the installed-package tests (tests/package) and the hook e2e test (tests/e2e/test_hook.py)
 #      with the system python3, its python3-libvirt and the package's modules: no venv
-#   4. apt-get remove keeps the conffiles (an admin's change survives), purge leaves nothing
+#   4. apt-get remove keeps the conffiles (an admin's change survives; the hook's entry point
+#      stays and never fails a VM, its program is gone), purge leaves nothing: no path of
+#      the package that was not there before (directories shared with other packages stay)
 # Needs root and a running libvirtd (make host). Refuses to run over an installed virthotplug
 # or files of the package that something else put there.
 set -euo pipefail
@@ -14,11 +16,12 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin  # the distribution's python3 and tool
 export DEBIAN_FRONTEND=noninteractive
 unset LIBVIRT_DEFAULT_URI PYTHONPATH VIRTUAL_ENV
 
-HOOK=/etc/libvirt/hooks/qemu.d/virthotplug
+HOOK=/etc/libvirt/hooks/qemu.d/virthotplug     # the /bin/sh entry point libvirtd runs
+HOOK_PROGRAM=/usr/share/virthotplug/hooks/qemu # the Python hook program it runs
 CONF=/etc/virthotplug/virthotplug.conf
 # Everything the package may leave behind if removal went wrong.
 LEFTOVERS=(
-    /usr/bin/virthotplug "$HOOK" /etc/virthotplug
+    /usr/bin/virthotplug "$HOOK" /etc/virthotplug /usr/share/virthotplug
     /lib/systemd/system/virthotplug.service /usr/lib/systemd/system/virthotplug.service
     /etc/systemd/system/multi-user.target.wants/virthotplug.service
     /var/lib/systemd/deb-systemd-helper-enabled/virthotplug.service.dsh-also
@@ -59,6 +62,18 @@ fi
 t=$(date +%s.%N)
 deb=$(bash "$root/tests/package/build.sh" "$out")
 log "built and linted $(basename "$deb") in $(elapsed "$t"); lintian: $(grep -c . "$out/lintian.txt" || true) lines ($out/lintian.txt)"
+contents=$(dpkg-deb -c "$deb")
+for path in "$HOOK" "$HOOK_PROGRAM"; do
+    grep -q "^-rwxr-xr-x root/root .* \.$path\$" <<<"$contents" || fail "no $path (0755) in $deb"
+done
+
+# Every path the package ships, and which of them existed before (directories such as /etc
+# or /etc/libvirt/hooks, owned by other packages): purge must remove all the others.
+mapfile -t shipped < <(dpkg-deb --fsys-tarfile "$deb" | tar -t | sed -e 's|^\.||; s|/$||' | grep .)
+declare -A existed=()
+for path in "${shipped[@]}"; do
+    [ ! -e "$path" ] || existed[$path]=1
+done
 
 purge() {
     case "$(state)" in
@@ -87,11 +102,22 @@ echo "# changed by the admin" >>"$CONF"
 apt-get remove -y -qq virthotplug >/dev/null
 [ -f "$CONF" ] && grep -q 'changed by the admin' "$CONF" || fail "remove dropped the changed $CONF"
 [ ! -e /usr/bin/virthotplug ] || fail "remove left /usr/bin/virthotplug"
+[ ! -e "$HOOK_PROGRAM" ] || fail "remove left $HOOK_PROGRAM"
+# The entry point is a conffile and stays: without its program it must still let VMs start
+# and live (a failing reconnect hook kills the guest), with nothing on stdout.
+for operation in prepare start started reconnect migrate restore stopped; do
+    got=$(env -i PATH=/usr/bin:/bin "$HOOK" vhp-removed "$operation" begin - </dev/null 2>/dev/null) ||
+        fail "the kept $HOOK failed at $operation without its program"
+    [ -z "$got" ] || fail "the kept $HOOK wrote to stdout at $operation"
+done
 apt-get purge -y -qq virthotplug >/dev/null
 trap - EXIT
 left=()
 for path in "${LEFTOVERS[@]}"; do
     [ ! -e "$path" ] || left+=("$path")
+done
+for path in "${shipped[@]}"; do
+    [ -n "${existed[$path]:-}" ] || [ ! -e "$path" ] || left+=("$path")
 done
 [ ${#left[@]} -eq 0 ] || fail "purge left ${left[*]}"
 case "$(state)" in

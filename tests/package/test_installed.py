@@ -1,7 +1,9 @@
 """The installed Debian package: its files, the program under the system python3, a
 ``watch`` smoke test, and libvirtd running the package's own hook for a lab VM start.
 
-The hook test follows tests/e2e/test_hook.py: the package's hook stays as installed; only
+The hook is two files: the /bin/sh entry point libvirtd runs (a conffile) and the Python
+hook program it runs, in /usr/share/virthotplug/hooks. The hook test follows
+tests/e2e/test_hook.py: the package's hook stays as installed; only
 ``/etc/virthotplug/virthotplug.conf`` is swapped for one naming the test's socket, and put
 back afterwards; libvirtd re-reads its hooks on SIGHUP (never a restart).
 """
@@ -28,6 +30,8 @@ from watchproc import WatchProcess, scoped_config, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PROGRAM = Path("/usr/bin/virthotplug")
+HOOK_PROGRAM = Path("/usr/share/virthotplug/hooks/qemu")  # what the entry point runs
+SYSTEM_PYTHON = "/usr/bin/python3"  # the interpreter the entry point runs it with
 UNIT = Path("/lib/systemd/system/virthotplug.service")
 COMPLETION = Path("/usr/share/bash-completion/completions/virthotplug")
 MAN_PAGES = (
@@ -59,11 +63,30 @@ def program(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
     )
 
 
+def owner(path: Path) -> str:
+    found = subprocess.run(["dpkg", "-S", str(path)], capture_output=True, text=True)
+    return found.stdout.split(":", 1)[0] if found.returncode == 0 else found.stderr
+
+
+def assignments(script: Path) -> dict[str, str]:
+    """The ``NAME=value`` lines of a shell script."""
+    lines = script.read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if re.match(r"^[A-Z_]+=", line))
+
+
 def test_files_in_place() -> None:
     assert PROGRAM.read_text().splitlines()[0] == "#!/usr/bin/python3"
     assert mode(PROGRAM) == 0o755
-    assert INSTALLED.read_bytes() == (ROOT / "hooks" / "qemu").read_bytes()
-    assert mode(INSTALLED) == 0o755
+    # The hook: the entry point unchanged (its defaults are the package's layout) and the
+    # hook program it names, both the package's and executable.
+    assert INSTALLED.read_bytes() == (ROOT / "hooks" / "virthotplug").read_bytes()
+    assert HOOK_PROGRAM.read_bytes() == (ROOT / "hooks" / "qemu").read_bytes()
+    for path in (INSTALLED, HOOK_PROGRAM):
+        assert mode(path) == 0o755, path
+        assert owner(path) == "virthotplug", path
+    names = assignments(INSTALLED)
+    assert names["PROGRAM"] == str(HOOK_PROGRAM)
+    assert names["PYTHON"] == SYSTEM_PYTHON
     assert mode(SYSTEM_CONFIG) == 0o600
     assert "ExecStart=/usr/bin/virthotplug watch" in UNIT.read_text()
     assert "virthotplug" in COMPLETION.read_text()
@@ -144,8 +167,8 @@ def test_watch_smoke(smoke_watch: subprocess.Popen[str], tmp_path: Path) -> None
 def hook_config(tmp_path: Path) -> Iterator[Path]:
     """The package's hook as installed, told (through the system configuration file) to
     send to this test's socket; the configuration is restored afterwards."""
-    owner = subprocess.run(["dpkg", "-S", str(INSTALLED)], capture_output=True, text=True)
-    assert owner.stdout.startswith("virthotplug: "), owner.stdout + owner.stderr
+    for path in (INSTALLED, HOOK_PROGRAM):
+        assert owner(path) == "virthotplug", path
     socket_path = tmp_path / "hook.sock"  # where scoped_config puts watch's socket
     saved = Saved()
     try:
@@ -180,4 +203,4 @@ def test_libvirtd_runs_the_packaged_hook(
         stopped_in = watch.stop()
     assert watch.proc.returncode == 0, watch.stderr_tail()
     assert stopped_in < 2.0
-    assert os.path.exists(INSTALLED)  # the package's hook stays
+    assert os.path.exists(INSTALLED) and os.path.exists(HOOK_PROGRAM)  # the package's hook
