@@ -5,13 +5,34 @@ policy may act or the last guest reading had findings."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from test_collect_calls import node
 
 from virthotplug.core.config import HostConfig, WatchSettings, parse_config
+from virthotplug.core.cpulist import parse_cpulist
+from virthotplug.core.drift import (
+    GUEST_CPU_KEPT_OFFLINE,
+    GUEST_CPU_OFFLINE,
+    GUEST_MISSING_VCPUS,
+    GUEST_REJECTED_VCPU,
+)
+from virthotplug.core.view import (
+    AGENT_CONNECTED,
+    HISTORY_REJECTED,
+    INFO,
+    WARNING,
+    AgentStatus,
+    GuestLayer,
+    History,
+    HistoryEntry,
+    VcpuView,
+)
 from virthotplug.daemon.resync import BulkResync
+from virthotplug.host import collect
 from virthotplug.host.connection import Connection
 
 
@@ -55,3 +76,70 @@ def test_a_new_connection_starts_afresh(tmp_path: Path) -> None:
     with Connection(uri) as conn:
         again = resync.run(conn)
     assert len(again.reconcile) == 3 and again.definition_reads == 6
+
+
+def test_ignore_domains_agents_are_never_asked(tmp_path: Path) -> None:
+    uri = node(tmp_path / "node.xml", 4)
+    text = "[defaults]\nmode = ignore\n\n[domain:d00]\nmode = report\n"
+    resync = BulkResync(Holder(config=parse_config(text, path=str(tmp_path / "conf"))))
+    with Connection(uri) as conn:
+        assert resync.run(conn).agents_asked == 1  # d00 only, even on first sight
+
+
+def guest_answering(present: str, online: str) -> Callable[..., list[VcpuView]]:
+    """``collect.guest_layers`` as if every agent had answered with these cpulists."""
+    guest = GuestLayer(
+        present=parse_cpulist(present),
+        online=parse_cpulist(online),
+        offlinable=parse_cpulist(present) - {0},
+    )
+    connected = AgentStatus(configured=True, state=AGENT_CONNECTED)
+
+    def layers(_conn: Connection, raws: Any, **_kw: Any) -> list[VcpuView]:
+        return [dataclasses.replace(r.view, guest=guest, agent=connected) for r in raws]
+
+    return layers
+
+
+def findings(result_views: list[VcpuView]) -> dict[str, set[tuple[str, str]]]:
+    return {v.name: {(f.code, f.severity) for f in v.findings} for v in result_views}
+
+
+def test_resync_findings_honour_the_policy(tmp_path: Path, monkeypatch: Any) -> None:
+    uri = node(tmp_path / "node.xml", 2)  # 1 vCPU live each: the guest shows 2 present
+    text = "[domain:d00]\nmode = match\ncount = 1\n\n[domain:d01]\nmode = report\n"
+    seen: list[VcpuView] = []
+    resync = BulkResync(
+        Holder(config=parse_config(text, path=str(tmp_path / "conf"))),
+        on_views=lambda _host, views: seen.extend(views),
+    )
+    monkeypatch.setattr(collect, "guest_layers", guest_answering("0-1", "0"))
+    with Connection(uri) as conn:
+        resync.run(conn)
+    by_name = findings(seen)
+    # match 1 keeps cpu1 offline on purpose: info; report leaves it offline: a warning.
+    assert (GUEST_CPU_KEPT_OFFLINE, INFO) in by_name["d00"]
+    assert not any(code == GUEST_CPU_OFFLINE for code, _ in by_name["d00"])
+    assert (GUEST_CPU_OFFLINE, WARNING) in by_name["d01"]
+
+
+def test_resync_judges_with_the_history_a_reconcile_left(tmp_path: Path, monkeypatch: Any) -> None:
+    uri = node(tmp_path / "node.xml", 1)
+    seen: list[VcpuView] = []
+    resync = BulkResync(Holder(), on_views=lambda _host, views: seen.extend(views))
+    monkeypatch.setattr(collect, "guest_layers", guest_answering("0", "0"))
+    with Connection(uri) as conn:
+        conn.lookup("d00").raw.setVcpusFlags(2, 1)  # live: 2 vCPUs, the guest lists one
+        first = resync.run(conn)
+        [view] = seen
+        assert GUEST_MISSING_VCPUS in {f.code for f in view.findings}
+        # A reconcile recorded that the guest rejected vCPU 1 (watch's history).
+        rejected = HistoryEntry(kind=HISTORY_REJECTED, vcpu=1, time=1.0, source="watch")
+        judged = dataclasses.replace(view, history=History(entries=(rejected,)))
+        resync.reconciled(conn.uri, judged)
+        seen.clear()
+        resync.run(conn)
+    assert first.running == 1
+    [again] = seen
+    codes = {f.code for f in again.findings}
+    assert GUEST_REJECTED_VCPU in codes and GUEST_MISSING_VCPUS not in codes

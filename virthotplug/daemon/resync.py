@@ -8,13 +8,15 @@ One pass over a host, every running domain at once:
                   sight, an event for the domain, a change in its stats, or its age; plus
                   the live definition every time on a driver whose stats have no vCPU
                   counts (the test driver: only that definition tells the live count)
-    agent         only for running domains whose policy may act (``online``, ``match``),
+    agent         never for ``ignore`` domains; otherwise only for running domains whose
+                  policy may act (``online``, ``match``),
                   whose last guest reading had findings (so that a fix made from outside,
                   e.g. ``virthotplug apply``, shows), or whose guest layer is older than the
                   definitions' age limit; the policy comes from the host file and the
                   metadata element already in the definitions read, so it costs no call
 
-then a reconcile job only for the domains that need one: first seen, findings different
+Every view is judged as a reconcile would judge it: under the domain's policy and with its
+vCPU history. Then a reconcile job only for the domains that need one: first seen, findings different
 from the last ones known (this resync's or the last reconcile's), or a plan that is not a
 no-op. Everything else is left alone: a host of a thousand quiet domains costs a few calls
 and no reconcile per resync.
@@ -38,9 +40,9 @@ from virthotplug.core import errors
 from virthotplug.core.config import HostConfig, WatchSettings
 from virthotplug.core.drift import find_drift
 from virthotplug.core.events import DomainRef
-from virthotplug.core.policy import EffectivePolicy, decide
+from virthotplug.core.policy import MODE_IGNORE, EffectivePolicy, decide
 from virthotplug.core.view import VcpuView
-from virthotplug.host import collect
+from virthotplug.host import collect, history
 from virthotplug.host.connection import Connection
 from virthotplug.host.policysource import policy_from_definitions
 
@@ -163,8 +165,10 @@ class BulkResync:
             conn, acting, agent_timeout=settings.agent_timeout, workers=settings.workers
         )
         asked = {view.uuid for view in views}
+        raws = {raw.view.uuid: raw for raw in read.raws}
         with self._lock:
             views += [self._carried_over(state, raw.view) for raw in idle]
+            views = [self._judged(state, v, policies.get(v.uuid), raws[v.uuid]) for v in views]
             chosen = self._choose(state, views, policies, asked, started)
         if self._on_views is not None:
             self._on_views(conn.uri, views)
@@ -195,6 +199,8 @@ class BulkResync:
         view = raw.view
         if not view.agent.configured or view.state != "running":
             return False
+        if policy.policy.mode == MODE_IGNORE:  # 'ignore' leaves the guest alone
+            return False
         if policy.policy.acts:
             return True
         with self._lock:
@@ -207,7 +213,27 @@ class BulkResync:
         known = state.known.get(view.uuid)
         if known is not None and known.view.agent.configured and view.agent.configured:
             view = dataclasses.replace(view, guest=known.view.guest, agent=known.view.agent)
-        return dataclasses.replace(view, findings=find_drift(view))
+        return view
+
+    @staticmethod
+    def _judged(
+        state: _HostState,
+        view: VcpuView,
+        policy: Optional[EffectivePolicy],
+        raw: collect.BulkRaw,
+    ) -> VcpuView:
+        """Findings as a reconcile would judge them: under the domain's policy, with its
+        vCPU history (the daemon's latest, else what the live definition read holds), so a
+        resync never calls CPUs a policy keeps offline a warning, nor a hot-add the guest
+        rejected an unplug gone wrong."""
+        known = state.known.get(view.uuid)
+        live = raw.definitions.live
+        if known is not None:
+            view = dataclasses.replace(view, history=known.view.history)
+        elif live is not None:
+            view = dataclasses.replace(view, history=history.from_raw(live.history))
+        rules = policy.policy if policy is not None else None
+        return dataclasses.replace(view, findings=find_drift(view, rules))
 
     @staticmethod
     def _choose(
