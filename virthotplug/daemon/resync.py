@@ -16,9 +16,9 @@ One pass over a host, every running domain at once:
                   metadata element already in the definitions read, so it costs no call
 
 Every view is judged as a reconcile would judge it: under the domain's policy and with its
-vCPU history. Then a reconcile job only for the domains that need one: first seen, findings different
-from the last ones known (this resync's or the last reconcile's), or a plan that is not a
-no-op. Everything else is left alone: a host of a thousand quiet domains costs a few calls
+vCPU history. Then a reconcile job only for the domains that need one: first seen, findings
+different from the last ones known (this resync's or the last reconcile's), or a plan that
+is not a no-op. Everything else is left alone: a host of a thousand quiet domains costs a few calls
 and no reconcile per resync.
 
 Otherwise the guest layer is not re-read here: the view keeps the guest layer last read
