@@ -131,8 +131,23 @@ def test_a_missing_program_never_fails_the_hook(tmp_path: Path) -> None:
         timeout=30,
         check=False,
     )
+    # A removed package's kept entry point: nothing to run, nothing to say.
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+
+
+def test_a_failing_program_is_logged_and_never_fails_the_hook(tmp_path: Path) -> None:
+    program = tmp_path / "program"
+    program.write_text("import sys\nsys.exit(7)\n")
+    done = subprocess.run(
+        [str(ENTRY), "web1", "reconnect", "begin", "-"],
+        input=XML.encode(),
+        capture_output=True,
+        env={"PATH": "/usr/bin:/bin", "VIRTHOTPLUG_HOOK_PROGRAM": str(program)},
+        timeout=30,
+        check=False,
+    )
     assert done.returncode == 0 and done.stdout == b""
-    assert b"hook program failed (exit status 2); ignored" in done.stderr
+    assert b"hook program failed (exit status 7); ignored" in done.stderr
 
 
 def test_the_strict_refusal_passes_only_at_prepare(tmp_path: Path) -> None:
