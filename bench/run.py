@@ -28,8 +28,8 @@ from typing import Any, Callable, Optional
 from common import RESULTS, fmt_ms, fmt_ratio, fmt_seconds, load_average, table
 from flood import Flood, flood_available, flood_table, flood_targets
 from footprint import SHARED_URI, Footprint, FootprintResult
+from hotadd import AGENT_POLL, DebianResult, Hotadd, HotaddResult, debian12_cached
 from hotadd import METHODS as HOTADD_METHODS
-from hotadd import Hotadd, HotaddResult
 from nodes import MIX, MIXES
 from sweep import SizeResult, Sweep
 
@@ -38,6 +38,7 @@ TARGET_VIRSH_RATIO = 50.0  # at least 50x faster than the virsh loop
 TARGET_RSS_MIB = 50.0
 TARGET_IDLE_CPU = 0.5  # percent of one core, 120 s with 1,000 domains, resyncs included
 TARGET_HOTADD_OVER_RULE = 0.030  # watch's hot-add to online p50 over the guest's own rule
+TARGET_HOTADD_UNDER_RESYNC = 0.050  # ... and at most this much slower under a resync
 TARGET_BURST_OVER_FLOOR = 1.05  # ten at once: OST to online p50 within 5 % of the floor
 
 
@@ -70,6 +71,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--watch-workers", type=int, help="watch --workers for the hot-add part (default: its own)"
     )
+    parser.add_argument(
+        "--hotadd-guest",
+        choices=("busybox", "debian12", "both"),
+        help="guests of the hot-add part: the lab's busybox guest, real Debian 12 guests, or "
+        "both (default: both when the Debian 12 images are built, see make lab-images)",
+    )
+    parser.add_argument(
+        "--hotadd-debian-rounds", type=int, default=14, help="hot-adds per method, Debian 12"
+    )
+    parser.add_argument(
+        "--hotadd-resync-domains",
+        type=int,
+        default=1000,
+        help="test-node domains resynced by the second watch on Debian 12 (0: no such case)",
+    )
     parser.add_argument("--no-flood", action="store_true", help="skip the OST flood cases")
     parser.add_argument(
         "--flood-seconds", type=float, default=60.0, help="length of each flood case"
@@ -83,6 +99,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.mix_sizes = "100"
         args.footprint_domains, args.idle_seconds = 100, 10.0
         args.hotadd_rounds, args.burst_vms, args.burst_rounds = 3, 3, 1
+        args.hotadd_debian_rounds = 3
+        args.hotadd_resync_domains = min(args.hotadd_resync_domains, 100)
         args.flood_seconds = min(args.flood_seconds, 10.0)
     return args
 
@@ -319,7 +337,80 @@ HOTADD_LABELS = {
 }
 
 
+def hotadd_guests(choice: Optional[str]) -> list[str]:
+    """The guests of the hot-add part: as asked, else Debian 12 too when its images exist."""
+    if choice == "both":
+        return ["busybox", "debian12"]
+    if choice is not None:
+        return [choice]
+    if debian12_cached():
+        return ["busybox", "debian12"]
+    log("hot-add: the Debian 12 images are not built (make lab-images): busybox guest only")
+    return ["busybox"]
+
+
 def hotadd_tables(result: HotaddResult) -> str:
+    text = busybox_tables(result) if "busybox" in result.guests else ""
+    if result.debian is not None:
+        text += ("\n\n" if text else "") + debian_table(result.debian)
+    return text
+
+
+DEBIAN_LABELS = {
+    "udev-rule": "(a) udev rule (debian12-rule)",
+    "watch": "(b) watch, policy online (debian12)",
+    "watch-resync": "(c) watch, during a test-node resync",
+}
+
+
+def debian_table(result: DebianResult) -> str:
+    rows = []
+    for method in result.methods:
+        host = result.host[method].summary()
+        clock = result.guest_clock[method].summary()
+        up = result.guest_clock_up[method].summary()
+        rows.append(
+            [
+                DEBIAN_LABELS[method],
+                str(host["n"]),
+                fmt_seconds(host["p50"]),
+                fmt_seconds(host["p95"]),
+                str(host["failures"]),
+                str(clock["n"]),
+                fmt_seconds(clock["p50"]),
+                fmt_seconds(clock["p95"]),
+                fmt_seconds(clock["max"]),
+                fmt_seconds(up["p50"]),
+                fmt_seconds(result.ost[method].summary()["p50"]),
+            ]
+        )
+    header = ["method", "n", "host p50", "p95", "failed", "n", "guest p50", "p95", "max"]
+    header += ["-> up p50", "->OST p50"]
+    poll = result.agent_poll.summary()
+    resync = ""
+    if result.resync_domains:
+        resync = (
+            f"\n(c): a second watch, also on a {result.resync_domains}-domain test node "
+            f"(test+unix, another connection), --resync-interval {result.resync_interval:g}; "
+            f"each hot-add made as a resync began, {result.resync_overlaps} of "
+            f"{result.host['watch-resync'].summary()['n']} returned while the node's listing "
+            f"still ran; its last resync: {result.resync_summary or '-'}"
+        )
+    return (
+        f"Hot-add to online on Debian 12 guests (kernel {result.kernel or '?'}, "
+        f"{result.max_vcpus} vCPUs max, {result.restarts} restarts, boots "
+        f"{min(result.boot_seconds, default=0):.0f}-{max(result.boot_seconds, default=0):.0f} s)"
+        "; rounds interleaved\n"
+        "host: hot-add call returned -> the agent lists the CPU online (polled every "
+        f"{AGENT_POLL * 1000:.0f} ms from the kernel's 'Booting' line on, the CPU cannot be "
+        f"online before it; {poll['n']} polls repeated, p50 interval {fmt_seconds(poll['p50'])})"
+        "; guest: the kernel's 'CPUn has been hot-added' -> "
+        "'smpboot: Booting Node 0 Processor n' (dmesg clock); -> up: to 'Will online and "
+        "init hotplugged CPU: n'\n" + table(header, rows) + resync
+    )
+
+
+def busybox_tables(result: HotaddResult) -> str:
     rows = []
     for method in HOTADD_METHODS if result.latency else ():
         lat = result.latency[method].summary()
@@ -402,6 +493,41 @@ def hotadd_targets(result: HotaddResult) -> list[dict[str, Any]]:
                 "value": f"{ratio:.2f}x (floor p50 {fmt_seconds(floor['p50'])}, "
                 f"max {fmt_seconds(burst['max'])} vs {fmt_seconds(floor['max'])})",
                 "met": ratio <= TARGET_BURST_OVER_FLOOR and not burst["failures"],
+            }
+        )
+    if result.debian is not None:
+        checks += debian_targets(result.debian, label)
+    return checks
+
+
+def debian_targets(result: DebianResult, label: str) -> list[dict[str, Any]]:
+    """watch within 30 ms of the udev rule (guest's clock, and from the host), and no more
+    than 50 ms slower while a resync runs on another connection."""
+    checks: list[dict[str, Any]] = []
+    for what, seen in (("guest_clock", "on the guest's clock"), ("host", "seen from the host")):
+        values = getattr(result, what)
+        rule, watch = values["udev-rule"].summary(), values["watch"].summary()
+        over = watch["p50"] - rule["p50"]
+        checks.append(
+            {
+                "target": f"Debian 12 hot-add to online: {label} p50 within "
+                f"{TARGET_HOTADD_OVER_RULE * 1000:.0f} ms of the guest's udev rule ({seen})",
+                "value": f"{over * 1000:+.0f} ms (rule p50 {fmt_seconds(rule['p50'])})",
+                "met": over <= TARGET_HOTADD_OVER_RULE and not watch["failures"],
+            }
+        )
+    if "watch-resync" in result.guest_clock:
+        watch = result.guest_clock["watch"].summary()
+        busy = result.guest_clock["watch-resync"].summary()
+        over = busy["p50"] - watch["p50"]
+        checks.append(
+            {
+                "target": f"Debian 12: {label} p50 no more than "
+                f"{TARGET_HOTADD_UNDER_RESYNC * 1000:.0f} ms slower while a "
+                f"{result.resync_domains}-domain resync runs on another connection (guest's "
+                "clock)",
+                "value": f"{over * 1000:+.0f} ms (without p50 {fmt_seconds(watch['p50'])})",
+                "met": over <= TARGET_HOTADD_UNDER_RESYNC and not busy["failures"],
             }
         )
     return checks
@@ -537,10 +663,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         output.append(footprint_table(footprints))
     hotadd: Optional[HotaddResult] = None
     if not args.no_hotadd:
-        log(f"hot-add to online: {args.hotadd_rounds} rounds, then {args.burst_vms} VMs at once")
+        guests = hotadd_guests(args.hotadd_guest)
+        parts = []
+        if "busybox" in guests:
+            parts.append(f"busybox {args.hotadd_rounds} rounds, then {args.burst_vms} at once")
+        if "debian12" in guests:
+            parts.append(f"Debian 12 {args.hotadd_debian_rounds} rounds")
+        log(f"hot-add to online: {'; '.join(parts)}")
         try:
             extra = ["--workers", str(args.watch_workers)] if args.watch_workers else []
-            hotadd = Hotadd(args.hotadd_rounds, args.burst_vms, args.burst_rounds, extra).run(log)
+            hotadd = Hotadd(
+                args.hotadd_rounds,
+                args.burst_vms,
+                args.burst_rounds,
+                extra,
+                guests=guests,
+                debian_rounds=args.hotadd_debian_rounds,
+                resync_domains=args.hotadd_resync_domains,
+            ).run(log)
         except Exception as exc:  # the lab could not start: report it, keep the rest
             log(f"hot-add benchmark failed: {exc}")
             document["hotadd"] = {"error": str(exc)}
