@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -92,6 +93,7 @@ class HotaddResult:
     burst_direct_ost_to_online: Latencies = field(default_factory=Latencies)
     guests: list[str] = field(default_factory=list)  # busybox, debian12
     debian: Optional[DebianResult] = None
+    debian_error: str = ""  # why the Debian 12 part has no result
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -335,7 +337,11 @@ class Hotadd:
                 self._busybox(lab, Path(tmp) / "busybox", result, log)
             if "debian12" in self.guests:
                 debian = DebianHotadd(self.debian_rounds, self.resync_domains, self.watch_args)
-                result.debian = debian.run(lab, Path(tmp) / "debian12", log)
+                try:
+                    result.debian = debian.run(lab, Path(tmp) / "debian12", log)
+                except Exception as exc:  # keep the busybox part's results
+                    log(f"  Debian 12 part failed: {exc}")
+                    result.debian_error = str(exc)
         return result
 
     def _busybox(
@@ -735,14 +741,11 @@ class DebianHotadd:
     @staticmethod
     def _restart_full(vms: list[Any], result: DebianResult) -> None:
         """Restart, all at once, the VMs at their maximum (unplug is never used)."""
-        full = [vm for vm in vms if vm.live_vcpus() >= vm.max_vcpus]
+        full = [vm for vm in vms if not vm.dom.isActive() or vm.live_vcpus() >= vm.max_vcpus]
         if not full:
             return
-        threads = [threading.Thread(target=vm.restart) for vm in full]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        with ThreadPoolExecutor(len(full), thread_name_prefix="bench-restart") as pool:
+            list(pool.map(lambda vm: vm.restart(), full))  # raises the first failure
         result.restarts += len(full)
         result.boot_seconds += [round(vm.boot_seconds, 1) for vm in full]
         time.sleep(BOOT_SETTLE)  # and let the watches see the agents connect

@@ -353,6 +353,8 @@ def hotadd_tables(result: HotaddResult) -> str:
     text = busybox_tables(result) if "busybox" in result.guests else ""
     if result.debian is not None:
         text += ("\n\n" if text else "") + debian_table(result.debian)
+    elif result.debian_error:
+        text += ("\n\n" if text else "") + f"Debian 12: not measured: {result.debian_error}"
     return text
 
 
@@ -497,6 +499,9 @@ def hotadd_targets(result: HotaddResult) -> list[dict[str, Any]]:
         )
     if result.debian is not None:
         checks += debian_targets(result.debian, label)
+    elif result.debian_error:
+        target = "Debian 12 hot-add to online: watch within 30 ms of the guest's udev rule"
+        checks.append({"target": target, "value": "not measured", "met": False})
     return checks
 
 
