@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -45,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from common import ROOT, virthotplug_command, watch_env
+from common import RESULTS, ROOT, virthotplug_command, watch_env
 
 sys.path.insert(0, str(ROOT / "tests" / "lab"))
 
@@ -689,8 +690,11 @@ class DebianHotadd:
             if "watch-resync" in self._watches:
                 result.resync_summary = self._watches["watch-resync"].last_listed_reason("test")
         finally:
-            for watch in self._watches.values():
+            for method, watch in self._watches.items():
                 watch.stop()
+                # Kept beside the results: what watch did at each hot-add, with its times.
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(watch.log, RESULTS / f"hotadd-debian12-{method}.log")
             for vm in vms.values():
                 lab.remove(vm)
         return result

@@ -408,7 +408,10 @@ def debian_table(result: DebianResult) -> str:
         f"online before it; {poll['n']} polls repeated, p50 interval {fmt_seconds(poll['p50'])})"
         "; guest: the kernel's 'CPUn has been hot-added' -> "
         "'smpboot: Booting Node 0 Processor n' (dmesg clock); -> up: to 'Will online and "
-        "init hotplugged CPU: n'\n" + table(header, rows) + resync
+        "init hotplugged CPU: n'\n"
+        + table(header, rows)
+        + resync
+        + "\nwatch's logs: bench/results/hotadd-debian12-<method>.log"
     )
 
 
