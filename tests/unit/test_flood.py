@@ -120,7 +120,9 @@ def test_suppressed_domains_are_reconciled_periodically_and_resubscribed_when_qu
 
 
 def test_the_back_off_doubles_with_each_flood_and_is_capped() -> None:
-    guard, clock = _guard(threshold=10, backoff_first=30.0, backoff_max=100.0)
+    guard, clock = _guard(
+        threshold=10, probation_threshold=10, backoff_first=30.0, backoff_max=100.0
+    )
     backoffs = []
     for _ in range(4):
         clock.now += 1.0
@@ -138,6 +140,17 @@ def test_the_back_off_doubles_with_each_flood_and_is_capped() -> None:
     _admit(guard, n=11)
     info = guard.suppressed(A)
     assert info is not None and info.backoff == 30.0
+
+
+def test_a_domain_that_flooded_is_on_probation_when_resubscribed() -> None:
+    guard, clock = _guard(threshold=100, probation_threshold=10, backoff_first=30.0)
+    assert Verdict.FLOOD in _admit(guard, n=101)
+    clock.now += 31.0
+    assert guard.collect()[1]  # quiet for its back-off: listened to again
+    clock.now += 1.0
+    verdicts = _admit(guard, n=11)  # the flood never stopped: cut off at the 11th event
+    assert verdicts.index(Verdict.FLOOD) == 10
+    assert Verdict.FLOOD not in _admit(guard, B, n=100)  # a domain that never flooded
 
 
 def test_memory_follows_the_active_domains() -> None:

@@ -25,7 +25,12 @@ and a warning.
 
 A suppressed domain is re-subscribed once nothing of it arrived for its back-off (30 s,
 doubling with each new flood up to 30 min; libvirtd's backlog for us counts as not quiet).
-If it floods again it is suppressed again at once. After ``BACKOFF_MAX`` seconds subscribed
+Nothing arrives while it is not subscribed, so a re-subscription is a probe that may land
+in a flood that never stopped. A domain that flooded before is therefore on probation: more
+than ``PROBATION_THRESHOLD`` monitor events in one window suppress it again at once. That
+still leaves room for any real vCPU change of all but the largest guests, and a flooding
+guest passes it within about 10 ms of delivery, so libvirtd queues a tenth of the backlog it
+queued before the first detection. After ``BACKOFF_MAX`` seconds subscribed
 without a flood its history is forgotten.
 
 Pure bookkeeping with an injected clock (no threads of its own, no libvirt); one lock,
@@ -48,6 +53,7 @@ Key = tuple[str, str]  # (host URI, domain UUID)
 
 WINDOW = 1.0  # seconds
 FLOOD_THRESHOLD = 500  # QEMU monitor events of one domain in one window
+PROBATION_THRESHOLD = 50  # the same, for a domain that flooded before (a re-subscription)
 PASS_PER_WINDOW = 5  # events of one domain per window that become records
 BACKOFF_FIRST = 30.0  # seconds without events before a suppressed domain is re-subscribed
 BACKOFF_MAX = 1800.0
@@ -112,6 +118,7 @@ class FloodGuard:
         clock: Callable[[], float] = time.monotonic,
         *,
         threshold: int = FLOOD_THRESHOLD,
+        probation_threshold: int = PROBATION_THRESHOLD,
         window: float = WINDOW,
         per_window: int = PASS_PER_WINDOW,
         backoff_first: float = BACKOFF_FIRST,
@@ -120,6 +127,7 @@ class FloodGuard:
     ) -> None:
         self._clock = clock
         self.threshold, self.window, self.per_window = threshold, window, per_window
+        self.probation_threshold = probation_threshold
         self.backoff_first, self.backoff_max, self.resync = backoff_first, backoff_max, resync
         self._domains: dict[Key, _Domain] = {}
         self._summaries: list[Summary] = []
@@ -140,7 +148,8 @@ class FloodGuard:
             if monitor:
                 dom.count += 1
                 dom.last_monitor = now
-                if dom.suppressed is None and dom.count > self.threshold:
+                limit = self.probation_threshold if dom.floods else self.threshold
+                if dom.suppressed is None and dom.count > limit:
                     self._suppress(dom, now)
                     return Verdict.FLOOD
                 if dom.suppressed is not None:
