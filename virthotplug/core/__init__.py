@@ -3,7 +3,9 @@
 Open this package for: cpulist parsing (``cpulist``), ACPI _OST and DEVICE_DELETED decoding
 (``ost``), the event records every source turns into (``events``), the four-layer vCPU view
 (``view``), drift findings (``drift``), onlining policy decisions (``policy``), the
-per-domain job schedule (``schedule``), report rendering (``report``), the configuration
+per-domain job schedule (``schedule``), the circuit breaker for unresponsive agents
+(``breaker``), report rendering (``report``), the watch --json record (``records``), the
+table of settings shared by the command line and the file (``settings``), the configuration
 file (``config``), bounded worker pools (``workpool``) and the project's exceptions and exit
 statuses (``errors``).
 

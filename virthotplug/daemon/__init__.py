@@ -3,7 +3,8 @@
 Open this package for: the main loop and one session per host (``watch``), the libvirt
 callbacks that translate and enqueue (``listener``), the per-domain flood guard for events a
 guest can trigger (``flood``), the per-domain QEMU monitor registrations (``subscriptions``),
-the reconcile jobs (``jobs``), the hook socket (``hookserver``), the JSON-lines event log
+the bulk periodic resync (``resync``), the one-daemon-per-host lock (``lock``), the
+reconcile jobs (``jobs``), the hook socket (``hookserver``), the JSON-lines event log
 (``eventlog``), the decoded QEMU monitor log lines (``monitorlog``) and the Prometheus
 endpoint (``metrics``).
 

@@ -1,7 +1,9 @@
 """The host layer: the only code that talks to libvirt or parses domain XML.
 
-Open this package for: the connection owner, error classification and the typed per-domain
-wrapper (``connection``), the connection's capability record (``support``), the domain XML
+Open this package for: the connection owner (``connection``), the typed per-domain wrapper
+(``domain``) and the Protocols of the libvirt objects it wraps (``libvirt_types``), error
+classification by code and error domain (``errors``), the libvirt import and the one event
+loop (``libvirt_module``), the connection's capability record (``support``), the domain XML
 model (``domxml``), reading the four layers of every domain (``collect``), writes through the
 guest agent (``actions``), one policy reconcile of one domain (``reconcile``), where a
 domain's policy comes from (``policysource``), the domain's vCPU history kept in its live
