@@ -9,28 +9,16 @@ from typing import Callable
 
 import pytest
 from lab import LabVM
-from watchproc import Record, WatchProcess, for_domain, scoped_config
+from watchproc import Record, Watches, WatchProcess, for_domain
 
 StartWatch = Callable[..., WatchProcess]
 
 
 @pytest.fixture
 def start_watch(tmp_path: Path) -> Iterator[StartWatch]:
-    started: list[WatchProcess] = []
-
-    def start(policies: dict[str, str], *extra: str, vms: tuple[LabVM, ...] = ()) -> WatchProcess:
-        for vm in vms:  # judge guests only once their agent answers
-            vm.wait_agent()
-        proc = WatchProcess(scoped_config(tmp_path, policies), *extra)
-        started.append(proc)
-        proc.wait_for(lambda r: r["event"] == "host" and r["details"]["what"] == "connected")
-        return proc
-
-    yield start
-    for proc in started:
-        stopped_in = proc.stop()
-        assert proc.proc.returncode == 0, proc.stderr_tail()
-        assert stopped_in < 2.0, f"SIGTERM took {stopped_in:.2f} s"
+    watches = Watches(tmp_path)
+    yield watches.start
+    watches.stop_all()
 
 
 def _reconciled(name: str, want: Callable[[Record], bool]) -> Callable[[Record], bool]:

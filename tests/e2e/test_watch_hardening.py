@@ -15,31 +15,23 @@ from typing import Any, Callable
 
 import pytest
 from lab import LabVM
-from watchproc import Record, WatchProcess, for_domain, scoped_config
+from watchproc import Record, Watches, WatchProcess, for_domain, scoped_config
 
 StartWatch = Callable[..., WatchProcess]
 
 
 @pytest.fixture
 def start_watch(tmp_path: Path) -> Iterator[StartWatch]:
-    started: list[WatchProcess] = []
+    watches = Watches(tmp_path)
+    run_dir = {"VIRTHOTPLUG_RUN_DIR": str(tmp_path / "run")}  # a lock of the test's own
 
     def start(
         policies: dict[str, str], *extra: str, vms: tuple[LabVM, ...] = (), watch: str = ""
     ) -> WatchProcess:
-        for vm in vms:  # judge guests only once their agent answers
-            vm.wait_agent()
-        config = scoped_config(tmp_path, policies, watch)
-        proc = WatchProcess(config, *extra, env={"VIRTHOTPLUG_RUN_DIR": str(tmp_path / "run")})
-        started.append(proc)
-        proc.wait_for(lambda r: r["event"] == "host" and r["details"]["what"] == "connected")
-        return proc
+        return watches.start(policies, *extra, vms=vms, watch=watch, env=run_dir)
 
     yield start
-    for proc in started:
-        stopped_in = proc.stop()
-        assert proc.proc.returncode == 0, proc.stderr_tail()
-        assert stopped_in < 2.0, f"SIGTERM took {stopped_in:.2f} s"
+    watches.stop_all()
 
 
 def _reconciled(name: str, want: Callable[[Record], bool]) -> Callable[[Record], bool]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 Record = dict[str, Any]
+_SERVING = re.compile(r"metrics: serving http://127\.0\.0\.1:(\d+)/metrics")
 
 
 def write_config(path: Path, text: str) -> Path:
@@ -84,6 +86,14 @@ class WatchProcess:
                     )
                 self._cond.wait(left)
 
+    def metrics_port(self, timeout: float = 10.0) -> int:
+        """The loopback port ``--metrics-listen 127.0.0.1:0`` chose, from the log line."""
+        deadline = time.monotonic() + timeout
+        while not (found := _SERVING.search(self.stderr_path.read_text())):
+            assert time.monotonic() < deadline, self.stderr_tail()
+            time.sleep(0.05)
+        return int(found.group(1))
+
     def stderr_tail(self, lines: int = 25) -> str:
         return "\n".join(self.stderr_path.read_text().splitlines()[-lines:])
 
@@ -112,3 +122,33 @@ def for_domain(name: str, event: str, **details: Any) -> Callable[[Record], bool
 
 def host_event(what: str) -> Callable[[Record], bool]:
     return lambda r: r["event"] == "host" and r["details"]["what"] == what
+
+
+class Watches:
+    """The watch processes one test starts: each waits for its host to connect, and each is
+    stopped at the end, where it must exit 0 within 2 s of SIGTERM."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self._tmp_path = tmp_path
+        self._started: list[WatchProcess] = []
+
+    def start(
+        self,
+        policies: dict[str, str],
+        *extra: str,
+        vms: tuple[Any, ...] = (),
+        watch: str = "",
+        env: Optional[dict[str, str]] = None,
+    ) -> WatchProcess:
+        for vm in vms:  # judge guests only once their agent answers
+            vm.wait_agent()
+        proc = WatchProcess(scoped_config(self._tmp_path, policies, watch), *extra, env=env)
+        self._started.append(proc)
+        proc.wait_for(host_event("connected"))
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self._started:
+            stopped_in = proc.stop()
+            assert proc.proc.returncode == 0, proc.stderr_tail()
+            assert stopped_in < 2.0, f"SIGTERM took {stopped_in:.2f} s"
