@@ -93,7 +93,7 @@ def test_a_flood_is_detected_once_then_everything_is_dropped() -> None:
     assert verdicts[FLOOD_THRESHOLD + 1 :] == [Verdict.DROP] * 99
     info = guard.suppressed(A)
     assert info is not None and info.events == FLOOD_THRESHOLD + 1
-    assert 900 < info.rate < 1100  # ~501 events in ~0.5 s
+    assert 1.8 * FLOOD_THRESHOLD < info.rate < 2.2 * FLOOD_THRESHOLD  # threshold + 1 in ~0.5 s
     finding = flood_finding(info)
     assert (finding.code, finding.severity) == ("ost-flood", "warning")
     assert "/s" in finding.message

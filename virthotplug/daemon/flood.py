@@ -17,10 +17,12 @@ and answers:
            thread), report the finding ``ost-flood``, and handle the domain through its
            lifecycle and agent events and a reconcile every ``SUPPRESSED_RESYNC`` seconds.
 
-Why 500 in one second: a hot-add makes one device-check OST per vCPU, an unplug two or three
-per vCPU, and libvirt plugs vCPUs one at a time, so the largest real change (all of a
-288-vCPU q35 guest's vCPUs at once) stays below it; a flooding guest passes it within
-milliseconds. A false alarm costs only latency (hints arrive through the periodic reconcile)
+Why 200 in one second: a hot-add makes one device-check OST per vCPU, an unplug two or three
+per vCPU, and libvirt plugs vCPUs one at a time, each plug a QEMU command of its own (35-65
+ms each in the lab), so even a guest growing by hundreds of vCPUs at once sends a few dozen
+a second; a flooding guest passes it within milliseconds, and every event libvirtd queues
+for us before the cut-off costs it memory (the e2e flood test saw libvirtd grow 72 MiB at
+500 once). A false alarm costs only latency (hints arrive through the periodic reconcile)
 and a warning.
 
 A suppressed domain is re-subscribed once nothing of it arrived for its back-off (30 s,
@@ -29,8 +31,8 @@ Nothing arrives while it is not subscribed, so a re-subscription is a probe that
 in a flood that never stopped. A domain that flooded before is therefore on probation: more
 than ``PROBATION_THRESHOLD`` monitor events in one window suppress it again at once. That
 still leaves room for any real vCPU change of all but the largest guests, and a flooding
-guest passes it within about 10 ms of delivery, so libvirtd queues a tenth of the backlog it
-queued before the first detection. After ``BACKOFF_MAX`` seconds subscribed
+guest passes it within about 10 ms of delivery, so libvirtd queues a quarter of the backlog
+it queues before the first detection. After ``BACKOFF_MAX`` seconds subscribed
 without a flood its history is forgotten.
 
 Pure bookkeeping with an injected clock (no threads of its own, no libvirt); one lock,
@@ -52,7 +54,7 @@ from virthotplug.core.view import WARNING, Finding
 Key = tuple[str, str]  # (host URI, domain UUID)
 
 WINDOW = 1.0  # seconds
-FLOOD_THRESHOLD = 500  # QEMU monitor events of one domain in one window
+FLOOD_THRESHOLD = 200  # QEMU monitor events of one domain in one window
 PROBATION_THRESHOLD = 50  # the same, for a domain that flooded before (a re-subscription)
 PASS_PER_WINDOW = 5  # events of one domain per window that become records
 BACKOFF_FIRST = 30.0  # seconds without events before a suppressed domain is re-subscribed
