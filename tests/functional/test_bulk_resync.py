@@ -51,10 +51,23 @@ def test_a_quiet_host_gets_no_reconcile_after_the_first_resync(tmp_path: Path) -
         assert first.definition_reads == 24  # inactive and live, each domain
         second = resync.run(conn)
         assert second.reconcile == ()
-        assert second.definition_reads == 12  # only the live XML: no vCPU counts in stats
+        assert second.definition_reads == 0  # the live counts (virDomainGetInfo) unchanged
         resync.invalidate(conn.uri, first.listed[0].uuid)
         third = resync.run(conn)
-        assert third.definition_reads == 13 and third.reconcile == ()
+        assert third.definition_reads == 2 and third.reconcile == ()
+
+
+def test_a_live_count_changed_without_an_event_is_read_again(tmp_path: Path) -> None:
+    """The test driver's stats carry no vCPU counts: the live count from virDomainGetInfo
+    is what tells the cached live definition is out of date."""
+    uri = node(tmp_path / "node.xml", 3)
+    resync = BulkResync(Holder())
+    with Connection(uri) as conn:
+        resync.run(conn)
+        conn.lookup("d01").raw.setVcpusFlags(2, 1)  # live, and no event on this driver
+        again = resync.run(conn)
+        assert again.definition_reads == 2  # d01's two definitions, nothing else
+        assert [ref.name for ref in again.reconcile] == ["d01"]  # its findings changed
 
 
 def test_agents_asked_only_where_the_policy_acts(tmp_path: Path) -> None:

@@ -72,6 +72,8 @@ class MonitorSubscriptions:
             conn = self._current()
             if conn is None:
                 continue  # the reconnect's resync lists every running domain again
+            if not conn.monitoring and priority != _DROP:
+                continue  # a driver without monitor events: nothing to look up or register
             try:
                 self._do(conn, priority, uuids)
             except errors.ConnectError as exc:

@@ -107,7 +107,7 @@ def read_views(
         stats.sort(key=_listing_order)
     transient = conn.transient_uuids() if stats else set()
     raws = []
-    for item in _read_all_definitions(conn, stats, transient, min(workers, DEFINITION_WORKERS)):
+    for item in _read_all_definitions(conn, stats, transient, workers_for(workers)):
         if isinstance(item, DomainError):
             result.errors.append(item)
         elif item is not None:
@@ -547,6 +547,7 @@ class BulkRaw:
     definitions: Definitions
     view: VcpuView  # without the guest layer (agent not queried)
     cached: bool  # the definitions came from the cache
+    reads: int = 0  # XMLDesc calls made for it
 
     @property
     def policy_fields(self) -> Optional[tuple[bool, Any]]:
@@ -576,10 +577,11 @@ def read_running(
     """Every running domain in bulk: one ``getAllDomainStats`` for the running ones, one
     listing of the transient ones, and definitions only where the cache cannot answer.
 
-    The live definition is read when the driver's stats have no vCPU counts (the test
-    driver; every time, since only it can tell the live counts then) and, with QEMU, for
-    the live metadata (the policy) on a cache miss. Guest layers are not read here: see
-    ``guest_layers``.
+    Each domain is first checked against the cache, one domain after another: that costs no
+    call when the stats carry the vCPU counts (QEMU) and one ``virDomainGetInfo`` when they
+    do not (the test driver). Only the misses are read, on a few threads; with QEMU the live
+    definition is read on a miss for its metadata (the policy). Guest layers are not read
+    here: see ``guest_layers``.
     """
     stats = _active_stats(conn)
     if include is not None:  # the daemon's scope: the others are not read any further
@@ -588,28 +590,96 @@ def read_running(
     now = time.monotonic()
     cache.retain({dom.uuid for dom, _ in stats})
     result = BulkRead()
-    reads = [0]
-    reads_lock = threading.Lock()
-
-    def one(item: tuple[Domain, Stats]) -> Union[BulkRaw, DomainError, None]:
-        dom, record = item
-        try:
-            raw, count = _bulk_one(conn, cache, dom, record, dom.uuid not in transient, now)
-        except errors.NoDomainError:
-            return None  # gone between the listing and now
-        except (errors.ConfigError, errors.UnsupportedError) as exc:
-            return DomainError(conn.uri, dom.name, str(exc))
-        with reads_lock:
-            reads[0] += count
-        return raw
-
-    for item in _map_in_order(one, stats, min(workers, DEFINITION_WORKERS)):
+    looked_up = [
+        _checked(conn, cache, dom, record, dom.uuid not in transient, now) for dom, record in stats
+    ]
+    misses = [item for item in looked_up if isinstance(item, _Miss)]
+    read = iter(_map_in_order(_read_miss, misses, workers_for(workers)))
+    for item in looked_up:
+        if isinstance(item, _Miss):
+            item = next(read)  # in order: the misses' results, one for each
+            if isinstance(item, BulkRaw):
+                result.definition_reads += item.reads
         if isinstance(item, DomainError):
             result.errors.append(item)
         elif item is not None:
             result.raws.append(item)
-    result.definition_reads = reads[0]
     return result
+
+
+def workers_for(workers: int) -> int:
+    """Threads for definition reads: the daemon's ``workers``, at most DEFINITION_WORKERS."""
+    return max(1, min(workers, DEFINITION_WORKERS))
+
+
+@dataclass(frozen=True)
+class _Miss:
+    """A domain whose definitions the cache could not answer for."""
+
+    conn: Connection
+    cache: DefinitionCache
+    dom: Domain
+    stats: Stats
+    signature: tuple[Any, ...]
+    persistent: bool
+    now: float
+
+
+def _checked(
+    conn: Connection,
+    cache: DefinitionCache,
+    dom: Domain,
+    stats: Stats,
+    persistent: bool,
+    now: float,
+) -> Union[BulkRaw, DomainError, _Miss, None]:
+    """One domain from the cache, or the miss to read."""
+    try:
+        signature = _signature(stats)
+        live_from_stats = _live_from_stats(stats)
+        if live_from_stats is None:
+            # No vCPU counts in this driver's stats: the live count from virDomainGetInfo
+            # stands in as the change signal of the live definition.
+            signature += (dom.vcpu_count(),)
+        cached = cache.get(dom.uuid, signature, now)
+        if cached is None:
+            return _Miss(conn, cache, dom, stats, signature, persistent, now)
+        view = _bulk_view(conn, dom, stats, cached, persistent, live_from_stats)
+        return BulkRaw(dom=dom, definitions=cached, view=view, cached=True)
+    except errors.NoDomainError:
+        return None  # gone between the listing and now
+    except (errors.ConfigError, errors.UnsupportedError) as exc:
+        return DomainError(conn.uri, dom.name, str(exc))
+
+
+def _read_miss(miss: _Miss) -> Union[BulkRaw, DomainError, None]:
+    """Read a missed domain's definitions (on a reader thread), store and view them."""
+    conn, dom = miss.conn, miss.dom
+    try:
+        generation = miss.cache.generation(dom.uuid)
+        reads = 0
+        inactive = None
+        if miss.persistent:
+            inactive = parse_domain_xml(dom.xml(inactive=True), domain=dom.name)
+            reads += 1
+        # The live definition: the live layer on a driver without vCPU stats, the live
+        # metadata (the policy) with QEMU, the only definition of a transient domain.
+        live = parse_domain_xml(dom.xml(inactive=False), domain=dom.name)
+        reads += 1
+        live_from_stats = _live_from_stats(miss.stats)
+        defs = Definitions(
+            inactive=inactive,
+            live=live,
+            signature=miss.signature,
+            expires=miss.cache.expiry(miss.now),
+        )
+        miss.cache.store(dom.uuid, generation, defs)
+        view = _bulk_view(conn, dom, miss.stats, defs, miss.persistent, live_from_stats)
+    except errors.NoDomainError:
+        return None
+    except (errors.ConfigError, errors.UnsupportedError) as exc:
+        return DomainError(conn.uri, dom.name, str(exc))
+    return BulkRaw(dom=dom, definitions=defs, view=view, cached=False, reads=reads)
 
 
 def _active_stats(conn: Connection) -> list[tuple[Domain, Stats]]:
@@ -641,38 +711,6 @@ def _signature(stats: Stats) -> tuple[Any, ...]:
         sorted((k, v) for k, v in stats.items() if k.startswith("vcpu.") and k.endswith("state"))
     )
     return (stats.get("state.state"), stats.get("vcpu.current"), stats.get("vcpu.maximum"), vcpus)
-
-
-def _bulk_one(
-    conn: Connection,
-    cache: DefinitionCache,
-    dom: Domain,
-    stats: Stats,
-    persistent: bool,
-    now: float,
-) -> tuple[BulkRaw, int]:
-    """One domain of the bulk read: (what was read, XMLDesc calls made)."""
-    signature = _signature(stats)
-    live_from_stats = _live_from_stats(stats)
-    cached = cache.get(dom.uuid, signature, now)
-    calls = 0
-    if cached is not None and live_from_stats is not None:
-        defs = cached
-    else:
-        generation = cache.generation(dom.uuid)
-        inactive = cached.inactive if cached is not None else None
-        if persistent and inactive is None:
-            inactive = parse_domain_xml(dom.xml(inactive=True), domain=dom.name)
-            calls += 1
-        live = None
-        if live_from_stats is None or not persistent or cached is None:
-            live = parse_domain_xml(dom.xml(inactive=False), domain=dom.name)
-            calls += 1
-        expires = cached.expires if cached is not None else cache.expiry(now)
-        defs = Definitions(inactive=inactive, live=live, signature=signature, expires=expires)
-        cache.store(dom.uuid, generation, defs)
-    view = _bulk_view(conn, dom, stats, defs, persistent, live_from_stats)
-    return BulkRaw(dom=dom, definitions=defs, view=view, cached=calls == 0), calls
 
 
 def _bulk_view(

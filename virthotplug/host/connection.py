@@ -394,6 +394,12 @@ class Connection:
             self._deregister_monitor(ids)
         return True
 
+    @property
+    def monitoring(self) -> bool:
+        """Whether this connection is subscribed to QEMU monitor events (``subscribe`` on a
+        driver that has them): only then can ``monitor_domain`` register a domain."""
+        return self._monitor_forward is not None
+
     def monitored(self) -> frozenset[str]:
         """UUIDs of the domains whose QEMU monitor events this connection receives."""
         with self._monitor_lock:

@@ -63,6 +63,11 @@ class Domain:
     def is_persistent(self) -> bool:
         return self._call(self.raw.isPersistent) == 1
 
+    def vcpu_count(self) -> int:
+        """The live (current) vCPU count, from ``virDomainGetInfo``: one small call, no XML."""
+        info = self._call(self.raw.info)
+        return int(info[3])
+
     # reads
 
     def xml(self, *, inactive: bool) -> str:
