@@ -5,9 +5,9 @@ One pass over a host, every running domain at once:
     1 call        getAllDomainStats of the active domains (state, vCPU counts and states)
     1 call        the transient ones
     definitions   only where the cache cannot answer (``collect.DefinitionCache``): first
-                  sight, an event for the domain, a change in its stats, or its age; plus
-                  the live definition every time on a driver whose stats have no vCPU
-                  counts (the test driver: only that definition tells the live count)
+                  sight, an event for the domain, a change in its stats, or its age; on a
+                  driver whose stats have no vCPU counts (the test driver), one
+                  virDomainGetInfo per domain stands in for them as the change signal
     agent         never for ``ignore`` domains; otherwise only for running domains whose
                   policy may act (``online``, ``match``),
                   whose last guest reading had findings (so that a fix made from outside,
@@ -257,7 +257,12 @@ class BulkResync:
                 or not decide(view, policy.policy).is_noop
             )
             read = now if view.uuid in asked or known is None else known.guest_read
-            state.known[view.uuid] = _Known(codes, view, read)
+            if known is not None and known.codes == codes and known.view == view:
+                # Unchanged: keep the old objects and drop this pass's copies, so that a
+                # quiet host's resync leaves no new long-lived objects behind (memory).
+                known.guest_read = read
+            else:
+                state.known[view.uuid] = _Known(codes, view, read)
             if needed:
                 chosen.append(DomainRef(view.host, view.uuid, view.name))
         for uuid in [u for u in state.known if u not in seen]:

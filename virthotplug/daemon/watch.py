@@ -41,6 +41,7 @@ from virthotplug.core.events import (
 from virthotplug.core.records import Record
 from virthotplug.core.schedule import Job, Key, ReconcileQueue
 from virthotplug.core.view import AGENT_UNRESPONSIVE
+from virthotplug.daemon import memory
 from virthotplug.daemon.eventlog import EventLog
 from virthotplug.daemon.flood import FloodGuard, flood_finding, summary_event
 from virthotplug.daemon.listener import Listener
@@ -418,6 +419,7 @@ class Watch:
     # main loop
 
     def run(self) -> None:
+        memory.limit_arenas()  # before the threads
         ensure_event_loop()  # before the first open()
         for session in self.sessions.values():
             self._first_connect(session)
@@ -622,6 +624,7 @@ class Watch:
                 log.warning("%s: resync failed: %s", conn.uri, exc)
             finally:
                 self._resyncing.discard(conn)
+            memory.trim()  # what the pass read and dropped, back to the system
 
         threading.Thread(target=list_running, name="resync", daemon=True).start()
 

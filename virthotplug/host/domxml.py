@@ -26,7 +26,7 @@ domain run and a METADATA_CHANGE subscription filtered on ``NAMESPACE`` never se
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Hashable, Mapping, Optional, TypeVar
 
 from lxml import etree
 
@@ -43,6 +43,25 @@ HISTORY_ENTRY = "entry"
 MAX_HISTORY_XML_ENTRIES = 256  # what we read back; we write far fewer (view.MAX_HISTORY_ENTRIES)
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 MAX_XML_BYTES = 8 * 1024 * 1024  # far above any real domain; bounds what we hand to lxml
+
+# Identical parsed parts share one object: the daemon caches the definitions of every
+# running domain, and a host of a thousand domains has a few dozen distinct <vcpu> entries
+# and topologies, not tens of thousands. Bounded: cleared when full (a miss only costs the
+# copy). Safe across threads: a race stores an equal value.
+_SHARED_MAX = 4096
+_shared_parts: dict[Hashable, Hashable] = {}
+_H = TypeVar("_H", bound=Hashable)
+
+
+def _shared(value: _H) -> _H:
+    found = _shared_parts.get(value)
+    if found is not None:
+        return found  # type: ignore[return-value]  # equal to value, hence of its type
+    if len(_shared_parts) >= _SHARED_MAX:
+        _shared_parts.clear()
+    _shared_parts[value] = value
+    return value
+
 
 # Entities are never resolved and the network is never touched: domain XML may carry
 # metadata written by anyone with write access to the domain.
@@ -254,17 +273,16 @@ def _parse_vcpus(root: etree._Element, vcpu_max: int, ctx: _Ctx) -> tuple[VcpuEn
         if vcpu_id >= vcpu_max or vcpu_id in seen:
             raise ctx.error(f"<vcpus><vcpu id='{vcpu_id}'> is duplicate or beyond {vcpu_max}")
         seen.add(vcpu_id)
-        entries.append(
-            VcpuEntry(
-                id=vcpu_id,
-                enabled=_yes_no(elem.get("enabled"), f"vcpu {vcpu_id} enabled", ctx),
-                hotpluggable=_yes_no(
-                    elem.get("hotpluggable", "no"), f"vcpu {vcpu_id} hotpluggable", ctx
-                ),
-                order=_optional_int(elem.get("order"), f"vcpu {vcpu_id} order", ctx),
-            )
+        entry = VcpuEntry(
+            id=vcpu_id,
+            enabled=_yes_no(elem.get("enabled"), f"vcpu {vcpu_id} enabled", ctx),
+            hotpluggable=_yes_no(
+                elem.get("hotpluggable", "no"), f"vcpu {vcpu_id} hotpluggable", ctx
+            ),
+            order=_optional_int(elem.get("order"), f"vcpu {vcpu_id} order", ctx),
         )
-    return tuple(sorted(entries, key=lambda v: v.id))
+        entries.append(_shared(entry))
+    return _shared(tuple(sorted(entries, key=lambda v: v.id)))
 
 
 def _parse_topology(root: etree._Element, ctx: _Ctx) -> Optional[Topology]:
@@ -275,7 +293,7 @@ def _parse_topology(root: etree._Element, ctx: _Ctx) -> Optional[Topology]:
         key: _optional_int(elem.get(key), f"topology {key}", ctx)
         for key in ("sockets", "dies", "cores", "threads")
     }
-    return Topology(**values)
+    return _shared(Topology(**values))
 
 
 def _has_agent_channel(root: etree._Element) -> bool:
