@@ -83,6 +83,7 @@ class _Raw:
     dom: Domain
     xml: DomainXML
     view: VcpuView
+    live: Optional[DomainXML] = None  # the live definition, when it was read
     context: Optional[DomainContext] = None  # policy and history (``history.contexts``)
 
 
@@ -107,7 +108,8 @@ def read_views(
         stats.sort(key=_listing_order)
     transient = conn.transient_uuids() if stats else set()
     raws = []
-    for item in _read_all_definitions(conn, stats, transient, workers_for(workers)):
+    read = _read_all_definitions(conn, stats, transient, workers_for(workers), context is not None)
+    for item in read:
         if isinstance(item, DomainError):
             result.errors.append(item)
         elif item is not None:
@@ -121,7 +123,7 @@ def _with_context(raw: _Raw, context: Optional[ContextFn]) -> _Raw:
     """The domain's policy and history, for findings (and 'ignore': no agent query)."""
     if context is None:
         return raw
-    found = context(raw.dom, raw.xml, raw.view.active)
+    found = context(raw.dom, raw.xml, raw.view.active, raw.live)
     view = dataclasses.replace(
         raw.view, history=found.history, domain_type=raw.xml.domain_type, qemu=found.qemu
     )
@@ -210,12 +212,17 @@ def read_view(
         raise errors.NoDomainError(f"domain '{dom.name}' disappeared")
     _, record = stats[0]
     persistent = dom.is_persistent()
-    raw = _with_context(_read_definitions(conn, dom, record, persistent), context)
+    raw = _read_definitions(conn, dom, record, persistent, context is not None)
+    raw = _with_context(raw, context)
     return _with_guest_layers(conn, [raw], agent_timeout, 1)[0]
 
 
 def _read_all_definitions(
-    conn: Connection, stats: list[tuple[Domain, Stats]], transient: set[str], workers: int
+    conn: Connection,
+    stats: list[tuple[Domain, Stats]],
+    transient: set[str],
+    workers: int,
+    live_wanted: bool,
 ) -> list[Union[_Raw, DomainError, None]]:
     """``_read_definitions`` of every domain, in order; a few calls in flight at once.
 
@@ -230,7 +237,7 @@ def _read_all_definitions(
     def one(item: tuple[Domain, Stats]) -> Union[_Raw, DomainError, None]:
         dom, record = item
         try:
-            return _read_definitions(conn, dom, record, dom.uuid not in transient)
+            return _read_definitions(conn, dom, record, dom.uuid not in transient, live_wanted)
         except errors.NoDomainError:
             return None  # undefined between the listing and now
         except (errors.ConfigError, errors.UnsupportedError) as exc:
@@ -266,7 +273,12 @@ def _listing_order(item: tuple[Domain, Stats]) -> tuple[int, int, str]:
     return (0, dom_id, "") if dom_id is not None else (1, 0, dom.name)
 
 
-def _read_definitions(conn: Connection, dom: Domain, stats: Stats, persistent: bool) -> _Raw:
+def _read_definitions(
+    conn: Connection, dom: Domain, stats: Stats, persistent: bool, live_wanted: bool
+) -> _Raw:
+    """The definitions and stats of one domain as a view without its guest layer. The live
+    definition of a running persistent domain is read when the stats lack vCPU counts (the
+    test driver) or ``live_wanted`` (its metadata: the live policy and the history)."""
     name = dom.name
     state = int(stats.get("state.state", 0))
     domain_id = dom.id()
@@ -275,10 +287,15 @@ def _read_definitions(conn: Connection, dom: Domain, stats: Stats, persistent: b
     config = _count_layer(xml) if persistent else None
     live: Optional[CountLayer] = None
     hypervisor: Optional[HypervisorLayer] = None
+    live_xml: Optional[DomainXML] = None
     if active:
         live, hypervisor = _live_from_stats(stats), _hypervisor_from_stats(stats)
+        if not persistent:
+            live_xml = xml
+        elif live is None or live_wanted:
+            live_xml = _live_xml(conn, dom, name)
         if live is None:  # this driver has no vCPU stats (the test driver)
-            live_xml = xml if not persistent else _live_xml(conn, dom, name)
+            assert live_xml is not None
             hypervisor = _hypervisor_from_xml(live_xml)
             live = CountLayer(current=live_xml.vcpu_current, maximum=live_xml.vcpu_max)
         if not persistent:
@@ -298,7 +315,7 @@ def _read_definitions(conn: Connection, dom: Domain, stats: Stats, persistent: b
         live=live,
         hypervisor=hypervisor,
     )
-    return _Raw(dom=dom, xml=xml, view=view)
+    return _Raw(dom=dom, xml=xml, view=view, live=live_xml)
 
 
 def _count_layer(xml: DomainXML) -> CountLayer:

@@ -266,34 +266,73 @@ def _parse_vcpu(root: etree._Element, ctx: _Ctx) -> tuple[int, int, Optional[str
 
 
 def _parse_vcpus(root: etree._Element, vcpu_max: int, ctx: _Ctx) -> tuple[VcpuEntry, ...]:
+    elements = [
+        (e.get("id"), e.get("enabled"), e.get("hotpluggable", "no"), e.get("order"))
+        for e in root.findall("vcpus/vcpu")
+    ]
+    key = (vcpu_max, tuple(elements))
+    known = _vcpus_by_attributes.get(key)
+    if known is not None:
+        return known
     entries = []
     seen: set[int] = set()
-    for elem in root.findall("vcpus/vcpu"):
-        vcpu_id = _int(elem.get("id"), "<vcpus><vcpu id>", ctx)
-        if vcpu_id >= vcpu_max or vcpu_id in seen:
-            raise ctx.error(f"<vcpus><vcpu id='{vcpu_id}'> is duplicate or beyond {vcpu_max}")
-        seen.add(vcpu_id)
-        entry = VcpuEntry(
-            id=vcpu_id,
-            enabled=_yes_no(elem.get("enabled"), f"vcpu {vcpu_id} enabled", ctx),
-            hotpluggable=_yes_no(
-                elem.get("hotpluggable", "no"), f"vcpu {vcpu_id} hotpluggable", ctx
-            ),
-            order=_optional_int(elem.get("order"), f"vcpu {vcpu_id} order", ctx),
-        )
-        entries.append(_shared(entry))
-    return _shared(tuple(sorted(entries, key=lambda v: v.id)))
+    for attributes in elements:
+        entry = _shared(_vcpu_entry(*attributes, ctx=ctx))
+        if entry.id >= vcpu_max or entry.id in seen:
+            raise ctx.error(f"<vcpus><vcpu id='{entry.id}'> is duplicate or beyond {vcpu_max}")
+        seen.add(entry.id)
+        entries.append(entry)
+    vcpus = _shared(tuple(sorted(entries, key=lambda v: v.id)))
+    if len(_vcpus_by_attributes) >= _SHARED_MAX:
+        _vcpus_by_attributes.clear()
+    _vcpus_by_attributes[key] = vcpus
+    return vcpus
+
+
+# Each distinct <vcpus> element is validated once: (maximum, its elements' raw attributes)
+# → its entries (bounded like _shared_parts). A host's domains repeat the same few.
+_vcpus_by_attributes: dict[
+    tuple[int, tuple[tuple[Optional[str], ...], ...]], tuple[VcpuEntry, ...]
+] = {}
+
+
+def _vcpu_entry(
+    vcpu_id: Optional[str],
+    enabled: Optional[str],
+    hotpluggable: Optional[str],
+    order: Optional[str],
+    *,
+    ctx: _Ctx,
+) -> VcpuEntry:
+    number = _int(vcpu_id, "<vcpus><vcpu id>", ctx)
+    return VcpuEntry(
+        id=number,
+        enabled=_yes_no(enabled, f"vcpu {number} enabled", ctx),
+        hotpluggable=_yes_no(hotpluggable, f"vcpu {number} hotpluggable", ctx),
+        order=_optional_int(order, f"vcpu {number} order", ctx),
+    )
 
 
 def _parse_topology(root: etree._Element, ctx: _Ctx) -> Optional[Topology]:
     elem = root.find("cpu/topology")
     if elem is None:
         return None
-    values = {
-        key: _optional_int(elem.get(key), f"topology {key}", ctx)
-        for key in ("sockets", "dies", "cores", "threads")
-    }
-    return _shared(Topology(**values))
+    attributes = tuple(elem.get(key) for key in _TOPOLOGY_KEYS)
+    topology = _topologies_by_attributes.get(attributes)
+    if topology is None:
+        values = {
+            key: _optional_int(value, f"topology {key}", ctx)
+            for key, value in zip(_TOPOLOGY_KEYS, attributes)
+        }
+        topology = _shared(Topology(**values))
+        if len(_topologies_by_attributes) >= _SHARED_MAX:
+            _topologies_by_attributes.clear()
+        _topologies_by_attributes[attributes] = topology
+    return topology
+
+
+_TOPOLOGY_KEYS = ("sockets", "dies", "cores", "threads")
+_topologies_by_attributes: dict[tuple[Optional[str], ...], Topology] = {}
 
 
 def _has_agent_channel(root: etree._Element) -> bool:

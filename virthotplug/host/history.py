@@ -73,7 +73,8 @@ class DomainContext:
         return self.policy is None or self.policy.mode != MODE_IGNORE
 
 
-ContextFn = Callable[[Domain, DomainXML, bool], DomainContext]
+# (domain, the definition read, active?, the live definition when already read)
+ContextFn = Callable[[Domain, DomainXML, bool, Optional[DomainXML]], DomainContext]
 
 
 def contexts(
@@ -86,15 +87,19 @@ def contexts(
     """A ``collect`` hook: each domain's context from the definition it has read.
 
     ``definition`` is what collect read (the persistent definition of a persistent domain,
-    the live one of a transient domain). For a running persistent domain this reads the
-    live definition once more (its metadata holds the live policy and the history).
+    the live one of a transient domain), and ``live`` the live definition when collect read
+    it; else, for a running domain, this reads it (its metadata holds the live policy and
+    the history).
     ``policy``: the caller already resolved it (a reconcile); else it is resolved from the
     metadata and ``config`` like ``policysource`` does. ``qemu_monitor``: also ask QEMU
     itself for its vCPUs, which taints every running domain asked (``status`` only).
     """
 
-    def context(dom: Domain, definition: DomainXML, active: bool) -> DomainContext:
-        live = definition if active and definition.domain_id is not None else None
+    def context(
+        dom: Domain, definition: DomainXML, active: bool, live: Optional[DomainXML] = None
+    ) -> DomainContext:
+        if live is None and active and definition.domain_id is not None:
+            live = definition
         if active and live is None:
             try:
                 live = parse_domain_xml(dom.xml(inactive=False), domain=dom.name)
