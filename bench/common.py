@@ -52,6 +52,18 @@ def virthotplug_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "virthotplug"]
 
 
+def byte_compile_virthotplug() -> None:
+    """Byte-compile virthotplug's modules, as installing a package does (pip and dh_python3
+    compile at install time, and libvirt-python's modules, which the floor imports, are
+    compiled so). Where PYTHONDONTWRITEBYTECODE is set every run would otherwise compile
+    the sources again, a cost no installed copy has."""
+    import compileall
+
+    import virthotplug
+
+    compileall.compile_dir(str(Path(virthotplug.__file__).parent), quiet=1)
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIBVIRT_")}
     env.update(extra)

@@ -25,7 +25,15 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-from common import RESULTS, fmt_ms, fmt_ratio, fmt_seconds, load_average, table
+from common import (
+    RESULTS,
+    byte_compile_virthotplug,
+    fmt_ms,
+    fmt_ratio,
+    fmt_seconds,
+    load_average,
+    table,
+)
 from flood import Flood, flood_available, flood_table, flood_targets
 from footprint import SHARED_URI, Footprint, FootprintResult
 from hotadd import AGENT_POLL, DebianResult, Hotadd, HotaddResult, debian12_cached
@@ -638,6 +646,7 @@ def targets_table(checks: list[dict[str, Any]]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     check_daemon()
+    byte_compile_virthotplug()
     started = datetime.datetime.now(datetime.timezone.utc)
     document: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"),
