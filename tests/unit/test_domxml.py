@@ -438,3 +438,45 @@ def test_deeply_nested_document_does_not_crash() -> None:
         assert str(exc).startswith("domain 'deep': ")
     else:
         assert xml.name == "d1"
+
+
+# --- identical parts are shared, and checked as strictly the second time --------------------
+
+VCPUS_BODY = (
+    "<vcpu current='1'>2</vcpu><vcpus><vcpu id='0' enabled='yes' hotpluggable='no'/>"
+    "<vcpu id='1' enabled='no' hotpluggable='yes'/></vcpus>"
+    "<cpu><topology sockets='1' dies='1' cores='2' threads='1'/></cpu>"
+)
+
+
+def test_identical_vcpu_entries_and_topologies_are_one_object() -> None:
+    first = parse_domain_xml(domain(VCPUS_BODY, name="a"))
+    second = parse_domain_xml(domain(VCPUS_BODY, name="b"))
+    assert first.vcpus == second.vcpus and first.vcpus is second.vcpus
+    assert first.topology is second.topology
+    assert first.name == "a" and second.name == "b"
+
+
+def test_a_known_vcpus_element_is_checked_against_each_documents_maximum() -> None:
+    parse_domain_xml(domain(VCPUS_BODY))
+    # The same <vcpus> elements under a smaller maximum: vcpu 1 is beyond it.
+    smaller = VCPUS_BODY.replace("<vcpu current='1'>2</vcpu>", "<vcpu>1</vcpu>")
+    with pytest.raises(MalformedXMLError, match="beyond 1"):
+        parse_domain_xml(domain(smaller))
+
+
+def test_a_malformed_vcpu_entry_fails_every_time() -> None:
+    bad = VCPUS_BODY.replace("enabled='no'", "enabled='maybe'")
+    for _ in range(2):
+        with pytest.raises(MalformedXMLError, match="enabled"):
+            parse_domain_xml(domain(bad))
+
+
+def test_a_repeated_entry_next_to_a_known_one_is_still_a_duplicate() -> None:
+    parse_domain_xml(domain(VCPUS_BODY))
+    twice = VCPUS_BODY.replace(
+        "<vcpu id='1' enabled='no' hotpluggable='yes'/>",
+        "<vcpu id='0' enabled='yes' hotpluggable='no'/>",
+    )
+    with pytest.raises(MalformedXMLError, match="duplicate"):
+        parse_domain_xml(domain(twice))
