@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from virthotplug import __version__
 from virthotplug.cli import main as cli
-from virthotplug.cli.commands.common import DEFAULT_AGENT_TIMEOUT
 from virthotplug.core.errors import EXIT_USAGE
 from virthotplug.core.report import CHECK_UNKNOWN
 
@@ -38,7 +38,7 @@ def test_defaults() -> None:
     assert args.all is False  # type: ignore[attr-defined]
     assert args.json is False  # type: ignore[attr-defined]
     assert args.domains == ["web1"]  # type: ignore[attr-defined]
-    assert args.agent_timeout == DEFAULT_AGENT_TIMEOUT  # type: ignore[attr-defined]
+    assert args.agent_timeout is None  # type: ignore[attr-defined]  # the file's, else 5 s
 
 
 def test_short_global_options() -> None:
@@ -139,3 +139,13 @@ def test_pure_modules_do_not_import_libvirt() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "False"
+
+
+def test_agent_timeout_is_the_option_else_the_configuration_files(tmp_path: Path) -> None:
+    from virthotplug.cli.commands.common import agent_timeout
+    from virthotplug.core.config import parse_config
+
+    config = parse_config("[watch]\nagent_timeout = 12\n", path=str(tmp_path / "conf"))
+    assert agent_timeout(parse("status", "web1"), config) == 12.0
+    assert agent_timeout(parse("check", "--agent-timeout", "0.5", "web1"), config) == 0.5
+    assert agent_timeout(parse("apply", "--all"), parse_config("", path="x")) == 5.0

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from virthotplug.cli.commands.common import add_selection, selected_names, uris
+from virthotplug.cli.commands.common import add_selection, agent_timeout, selected_names, uris
 from virthotplug.core.errors import EXIT_INCOMPLETE, EXIT_OK, UsageError
 
 if TYPE_CHECKING:  # the real imports stay inside run(): start-up stays light
@@ -69,7 +69,7 @@ def _reconcile_all(
                 config,
                 dry_run=args.dry_run,
                 trigger="apply",
-                agent_timeout=args.agent_timeout,
+                agent_timeout=agent_timeout(args, config),
             )
         except VirtHotplugError as exc:
             return (dom.name, exc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from virthotplug.cli.commands.common import add_selection, selected_names, uris
+from virthotplug.cli.commands.common import add_selection, agent_timeout, selected_names, uris
 
 CHECK_UNKNOWN = 3  # report.CHECK_UNKNOWN; importing report here would load lxml at start-up
 
@@ -27,12 +27,13 @@ def run(args: argparse.Namespace) -> int:
     from virthotplug.host import collect, history
 
     # Findings honour each domain's effective policy and history, as watch judges them.
-    context = history.contexts(load_config(args.config_file))
+    config = load_config(args.config_file)
+    context = history.contexts(config)
     result = collect.read_hosts(
         uris(args),
         selected_names(args),
         readonly=args.readonly,
-        agent_timeout=args.agent_timeout,
+        agent_timeout=agent_timeout(args, config),
         context=context,
     )
     failures = [f"{e.host} {e.name}".strip() + f": {e.error}" for e in result.errors]

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 from virthotplug.core.errors import UsageError
 from virthotplug.core.settings import AGENT_TIMEOUT, Setting
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from virthotplug.core.config import HostConfig
 
-DEFAULT_AGENT_TIMEOUT = AGENT_TIMEOUT.default
+T = TypeVar("T")
 
 
 def add_selection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("domains", nargs="*", metavar="DOMAIN", help="domain name, UUID or id")
     parser.add_argument("--all", action="store_true", help="every domain of the host")
-    add_setting(parser, AGENT_TIMEOUT, default=DEFAULT_AGENT_TIMEOUT)
+    add_setting(parser, AGENT_TIMEOUT)
+
+
+def agent_timeout(args: Any, config: HostConfig) -> float:
+    """``--agent-timeout``, else the configuration file's ``[watch] agent_timeout`` (whose
+    own default is the setting's)."""
+    given: Optional[float] = args.agent_timeout
+    return given if given is not None else config.watch.agent_timeout
 
 
 def add_setting(
@@ -24,8 +32,8 @@ def add_setting(
 ) -> None:
     """The option of a ``[watch]`` setting (``core.settings``): its range and help.
 
-    ``default`` None leaves the value to the configuration file (``watch``); the help shows
-    the setting's own default either way.
+    ``default`` None leaves the value to the configuration file; the help shows the
+    setting's own default either way.
     """
     assert setting.option is not None, setting.name
     shown = setting.default

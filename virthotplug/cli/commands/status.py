@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from virthotplug.cli.commands.common import add_selection, selected_names, uris
+from virthotplug.cli.commands.common import add_selection, agent_timeout, selected_names, uris
 from virthotplug.core.errors import EXIT_FAILURE, EXIT_OK
 
 
@@ -36,12 +36,13 @@ def run(args: argparse.Namespace) -> int:
 
     hosts = uris(args)
     # Findings honour each domain's effective policy and history, as watch judges them.
-    context = history.contexts(load_config(args.config_file), qemu_monitor=args.qemu_monitor)
+    config = load_config(args.config_file)
+    context = history.contexts(config, qemu_monitor=args.qemu_monitor)
     result = collect.read_hosts(
         hosts,
         selected_names(args),
         readonly=args.readonly,
-        agent_timeout=args.agent_timeout,
+        agent_timeout=agent_timeout(args, config),
         context=context,
     )
     if args.json:
