@@ -124,7 +124,7 @@ def test_resync_findings_honour_the_policy(tmp_path: Path, monkeypatch: Any) -> 
     seen: list[VcpuView] = []
     resync = BulkResync(
         Holder(config=parse_config(text, path=str(tmp_path / "conf"))),
-        on_views=lambda _host, views: seen.extend(views),
+        on_views=lambda _host, views, _modes: seen.extend(views),
     )
     monkeypatch.setattr(collect, "guest_layers", guest_answering("0-1", "0"))
     with Connection(uri) as conn:
@@ -139,7 +139,7 @@ def test_resync_findings_honour_the_policy(tmp_path: Path, monkeypatch: Any) -> 
 def test_resync_judges_with_the_history_a_reconcile_left(tmp_path: Path, monkeypatch: Any) -> None:
     uri = node(tmp_path / "node.xml", 1)
     seen: list[VcpuView] = []
-    resync = BulkResync(Holder(), on_views=lambda _host, views: seen.extend(views))
+    resync = BulkResync(Holder(), on_views=lambda _host, views, _modes: seen.extend(views))
     monkeypatch.setattr(collect, "guest_layers", guest_answering("0", "0"))
     with Connection(uri) as conn:
         conn.lookup("d00").raw.setVcpusFlags(2, 1)  # live: 2 vCPUs, the guest lists one

@@ -84,9 +84,15 @@ def outcome(
     codes: str = "unchanged",
     failed: bool = False,
     hotadds_online: frozenset[int] = frozenset(),
+    mode: Optional[str] = None,
 ) -> JobResult:
     return JobResult(
-        record=record(codes), line="", failed=failed, view=v, hotadds_online=hotadds_online
+        record=record(codes),
+        line="",
+        failed=failed,
+        view=v,
+        hotadds_online=hotadds_online,
+        policy_mode=mode,
     )
 
 
@@ -94,7 +100,13 @@ def job(first: float = 0.0) -> Job:
     return Job(REF, due=first, first_request=first)
 
 
-def ost(vcpu: int, source: int = 1, status: int = 0, mono: Optional[float] = None) -> Any:
+def ost(
+    vcpu: int,
+    source: int = 1,
+    status: int = 0,
+    mono: Optional[float] = None,
+    at: Optional[float] = None,
+) -> Any:
     details = json.dumps(
         {
             "info": {
@@ -107,6 +119,8 @@ def ost(vcpu: int, source: int = 1, status: int = 0, mono: Optional[float] = Non
         }
     )
     extra = {} if mono is None else {"mono": mono}
+    if at is not None:
+        extra["at"] = at
     return OstMonitorEvent(REF, ost=parse_ost_details(details), **extra)
 
 
@@ -214,6 +228,43 @@ def test_deferred_and_failed_outcomes_are_counted(m: metrics.Metrics) -> None:
     assert value(m, "virthotplug_reconcile_duration_seconds_count", host=HOST) == 3
 
 
+def modes(m: metrics.Metrics) -> dict[str, str]:
+    """domain → policy mode, from the policy info series (one per domain, or it fails)."""
+    found: dict[str, str] = {}
+    for name, labels in samples(m):
+        if name == "virthotplug_domain_policy_info":
+            as_dict = dict(labels)
+            assert as_dict["domain"] not in found, "two modes for one domain"
+            found[as_dict["domain"]] = as_dict["mode"]
+    return found
+
+
+def test_policy_mode_of_the_last_reconcile(m: metrics.Metrics) -> None:
+    m.reconciled(job(), outcome(view(), mode="report"), 0.01)
+    assert modes(m) == {"web1": "report"}
+    assert value(m, "virthotplug_domain_policy_info", host=HOST, domain="web1", mode="report")
+    m.reconciled(job(), outcome(view(), mode="online"), 0.01)
+    assert modes(m) == {"web1": "online"}  # the old mode's series is gone
+
+
+def test_policy_mode_of_a_resync(m: metrics.Metrics) -> None:
+    m.reconciled(job(), outcome(view(), mode="online"), 0.01)
+    m.resynced(HOST, [view()], {REF.uuid: "match"})
+    assert modes(m) == {"web1": "match"}
+    # The policy became invalid (the resync has no mode for it): no mode series, the
+    # domain's other series stay.
+    m.resynced(HOST, [view()], {})
+    assert modes(m) == {}
+    assert value(m, "virthotplug_domain_agent_connected", host=HOST, domain="web1") == 1
+
+
+def test_policy_mode_goes_with_the_domain(m: metrics.Metrics) -> None:
+    m.resynced(HOST, [view()], {REF.uuid: "ignore"})
+    assert modes(m) == {"web1": "ignore"}
+    m.event(LifecycleEvent(REF, event=5, detail=1))  # stopped (destroyed)
+    assert modes(m) == {}
+
+
 # --- events, OST and hot-add latency -------------------------------------------------------
 
 
@@ -264,6 +315,55 @@ def test_hotadd_latency_follows_the_guest_cpu_not_the_vcpu_id(m: metrics.Metrics
     assert value(m, "virthotplug_hotadd_online_latency_seconds_count", host=HOST) in (None, 0)
     m.reconciled(job(), outcome(view(online=(0, 1)), hotadds_online=frozenset({3})), 0.01)
     assert value(m, "virthotplug_hotadd_online_latency_seconds_count", host=HOST) == 1
+
+
+def test_pending_hotadds_from_the_ost_event_until_the_guest_has_them_online(
+    m: metrics.Metrics,
+) -> None:
+    dom = {"host": HOST, "domain": "web1"}
+    m.reconciled(job(), outcome(view(), mode="report"), 0.01)
+    assert value(m, "virthotplug_domain_hotadds_pending", **dom) is None
+    m.event(ost(1, mono=100.0, at=1_700_000_000.0))
+    m.event(ost(2, mono=105.0, at=1_700_000_005.0))
+    m.event(ost(1, mono=110.0, at=1_700_000_010.0))  # the same vCPU again: still the first
+    assert value(m, "virthotplug_domain_hotadds_pending", **dom) == 2
+    since = "virthotplug_domain_hotadd_pending_since_timestamp_seconds"
+    assert value(m, since, **dom) == 1_700_000_000.0  # Unix time, not the monotonic clock
+    m.clock = lambda: 100.5
+    m.reconciled(job(), outcome(view(online=(0, 1)), hotadds_online=frozenset({1})), 0.01)
+    assert value(m, "virthotplug_domain_hotadds_pending", **dom) == 1
+    assert value(m, since, **dom) == 1_700_000_005.0
+    # The latency still runs on the monotonic clock.
+    latency = "virthotplug_hotadd_online_latency_seconds_sum"
+    assert value(m, latency, host=HOST) == pytest.approx(0.5)
+    m.reconciled(job(), outcome(view(online=(0, 1, 2)), hotadds_online=frozenset({2})), 0.01)
+    names = {name for name, _ in samples(m)}
+    assert "virthotplug_domain_hotadds_pending" not in names
+    assert since not in names
+
+
+def test_pending_hotadds_go_with_the_domain(m: metrics.Metrics) -> None:
+    m.reconciled(job(), outcome(view()), 0.01)
+    m.event(ost(1))
+    assert value(m, "virthotplug_domain_hotadds_pending", host=HOST, domain="web1") == 1
+    m.event(LifecycleEvent(REF, event=5, detail=1))
+    assert value(m, "virthotplug_domain_hotadds_pending", host=HOST, domain="web1") is None
+    assert not m._hotadds
+
+
+def test_describe_lists_every_domain_family(m: metrics.Metrics) -> None:
+    collector = metrics._DomainCollector(m._snapshot)
+    described = {family.name for family in collector.describe()}
+    assert {
+        "virthotplug_domain_policy_info",
+        "virthotplug_domain_hotadds_pending",
+        "virthotplug_domain_hotadd_pending_since_timestamp_seconds",
+        "virthotplug_domain_finding",
+    } <= described
+    # A scrape of a daemon with no domain still declares them (HELP and TYPE lines).
+    text = m.text().decode()
+    for name in described:
+        assert f"# TYPE {name} gauge" in text
 
 
 def test_pending_hotadds_are_bounded(m: metrics.Metrics, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -382,6 +382,7 @@ def _reconciled(job: Job, result: ReconcileResult, seen: HotaddSeen) -> JobResul
         view=view,
         warning=bool(seen.rejected),
         hotadds_online=seen.vcpus if seen.cpus and seen.cpus <= online else frozenset(),
+        policy_mode=result.policy.policy.mode,
     )
 
 

@@ -5,9 +5,9 @@ when metrics are asked for. Everything lives in a private ``CollectorRegistry`` 
 the one address given (loopback when only a port is given), never on all interfaces unless
 asked. A fleet of hosts is aggregated by Prometheus itself.
 
-Per domain (labels ``host``, ``domain``), from the view of each domain's last reconcile,
-built at scrape time (``_DomainCollector``); a domain that stops or goes away is dropped
-from the snapshot, and with it every series it had:
+Per domain (labels ``host``, ``domain``), from the view of each domain's last reconcile
+or resync, built at scrape time (``_DomainCollector``); a domain that stops or goes away is
+dropped from the snapshot, and with it every series it had:
 
     virthotplug_domain_vcpus{layer}            config/live: current count; hypervisor:
                                                vCPUs plugged; guest: CPUs present
@@ -16,6 +16,13 @@ from the snapshot, and with it every series it had:
     virthotplug_domain_finding{code,severity}  1 for each drift finding present
     virthotplug_domain_agent_connected         1 when the guest agent answered
     virthotplug_domain_last_reconcile_timestamp_seconds
+    virthotplug_domain_policy_info{mode}       1 for the effective policy mode the daemon
+                                               last used (none while the policy is invalid)
+    virthotplug_domain_hotadds_pending         hot-added vCPUs (OST device check seen) the
+                                               guest has not shown online yet; only while
+                                               there are some
+    virthotplug_domain_hotadd_pending_since_timestamp_seconds
+                                               Unix time of the oldest such OST event
 
 Per host (label ``host``):
 
@@ -41,7 +48,7 @@ import logging
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 from virthotplug.core.errors import UsageError
 from virthotplug.core.events import FORGET, Event, HostEvent, OstMonitorEvent
@@ -90,6 +97,30 @@ def _prometheus() -> Any:
 def _bounded(name: str) -> str:
     """A decoded _OST name without its hex detail: a bounded set of label values."""
     return name.split(" (", 1)[0]
+
+
+class _Latest(NamedTuple):
+    """A domain as its last reconcile or resync left it."""
+
+    view: VcpuView
+    at: float  # when (Unix time)
+    mode: Optional[str]  # its effective policy mode; None: invalid or not known
+
+
+class _Hotadd(NamedTuple):
+    """When a pending hot-add's OST event came: monotonic (for the latency, immune to
+    clock steps) and Unix time (for the since-timestamp a scrape shows)."""
+
+    mono: float
+    wall: float
+
+
+class _Domain(NamedTuple):
+    """One domain in a scrape's snapshot."""
+
+    host: str
+    latest: _Latest
+    hotadds: tuple[float, ...]  # Unix times of its pending hot-adds' OST events
 
 
 class Metrics:
@@ -147,12 +178,12 @@ class Metrics:
             registry=reg,
         )
         self._lock = threading.Lock()
-        # (host, uuid) → the domain's view at its last reconcile, and when (Unix time).
-        self._views: dict[tuple[str, str], tuple[VcpuView, float]] = {}
+        # (host, uuid) → the domain's view at its last reconcile or resync.
+        self._views: dict[tuple[str, str], _Latest] = {}
         self._connected_before: set[str] = set()
         self._gone: set[str] = set()  # hosts whose session ended: never watched again
-        # (host, uuid, vCPU id) → monotonic time of its OST hot-add event; insertion ordered.
-        self._hotadds: dict[tuple[str, str, int], float] = {}
+        # (host, uuid, vCPU id) → when its OST hot-add event came; insertion ordered.
+        self._hotadds: dict[tuple[str, str, int], _Hotadd] = {}
         self._forgotten: dict[tuple[str, str], float] = {}  # (host, uuid) → when it stopped
         self._server: Any = None
         self.clock = time.monotonic  # the events' clock (tests replace it)
@@ -172,16 +203,21 @@ class Metrics:
         except Exception:
             log.exception("metrics: recording a reconcile failed")
 
-    def resynced(self, host: str, views: Sequence[VcpuView]) -> None:
-        """A bulk resync read ``views`` (on its own thread): they are each domain's latest."""
+    def resynced(
+        self, host: str, views: Sequence[VcpuView], modes: Optional[Mapping[str, str]] = None
+    ) -> None:
+        """A bulk resync read ``views`` (on its own thread): they are each domain's latest.
+        ``modes``: uuid → effective policy mode; a domain missing from it has no valid one."""
         try:
             now = time.time()
+            modes = modes or {}
             with self._lock:
                 if host in self._gone:
                     return
                 for view in views:
                     if (host, view.uuid) not in self._forgotten:
-                        self._views[(host, view.uuid)] = (view, now)
+                        latest = _Latest(view, now, modes.get(view.uuid))
+                        self._views[(host, view.uuid)] = latest
             for view in views:
                 self._hotadd_latency(host, view)
         except Exception:
@@ -213,7 +249,8 @@ class Metrics:
             vcpu = ev.hotadd_vcpu
             if vcpu is not None:
                 with self._lock:
-                    self._hotadds.setdefault((host, ev.domain.uuid, vcpu), ev.mono)
+                    seen = _Hotadd(ev.mono, ev.at)
+                    self._hotadds.setdefault((host, ev.domain.uuid, vcpu), seen)
                     while len(self._hotadds) > MAX_PENDING_HOTADDS:
                         del self._hotadds[next(iter(self._hotadds))]
         if ev.intent == FORGET:
@@ -267,7 +304,7 @@ class Metrics:
             if forgotten is not None and forgotten >= self.clock() - seconds:
                 return
             self._forgotten.pop((host, view.uuid), None)
-            self._views[(host, view.uuid)] = (view, time.time())
+            self._views[(host, view.uuid)] = _Latest(view, time.time(), result.policy_mode)
         # The reconcile maps hot-adds to guest CPUs (the guest's present set after minus
         # before): the OST event's vcpuN is libvirt's id, not the guest's CPU number.
         self._hotadd_latency(host, view, result.hotadds_online)
@@ -283,9 +320,17 @@ class Metrics:
                 del self._hotadds[pending]
             self._views.pop(key, None)
 
-    def _snapshot(self) -> list[tuple[str, VcpuView, float]]:
+    def _snapshot(self) -> list[_Domain]:
+        """Every domain with a view; a hot-add of a domain not yet reconciled or resynced
+        shows with its first view (its labels need the view's name)."""
         with self._lock:
-            return [(host, view, at) for (host, _), (view, at) in self._views.items()]
+            pending: dict[tuple[str, str], list[float]] = {}
+            for (host, uuid, _), hotadd in self._hotadds.items():
+                pending.setdefault((host, uuid), []).append(hotadd.wall)
+            return [
+                _Domain(host, latest, tuple(pending.get((host, uuid), ())))
+                for (host, uuid), latest in self._views.items()
+            ]
 
     def _hotadd_latency(
         self, host: str, view: VcpuView, vcpus: Optional[frozenset[int]] = None
@@ -304,8 +349,8 @@ class Metrics:
             ]
             for key, _ in done:
                 del self._hotadds[key]
-        for _, at in done:
-            self.hotadd_latency.labels(host).observe(max(0.0, now - at))
+        for _, hotadd in done:
+            self.hotadd_latency.labels(host).observe(max(0.0, now - hotadd.mono))
 
     # --- exposition -------------------------------------------------------------------------
 
@@ -332,7 +377,7 @@ class _DomainCollector:
     """The per-domain gauges, built at each scrape from a snapshot of the last views
     (a prometheus_client custom collector: the registry calls ``collect``)."""
 
-    def __init__(self, snapshot: Callable[[], list[tuple[str, VcpuView, float]]]) -> None:
+    def __init__(self, snapshot: Callable[[], list[_Domain]]) -> None:
         from prometheus_client.core import GaugeMetricFamily  # present: _prometheus() checked
 
         self._family = GaugeMetricFamily
@@ -344,7 +389,7 @@ class _DomainCollector:
     def collect(self) -> Iterator[Any]:
         return self._families(self._snapshot())
 
-    def _families(self, views: list[tuple[str, VcpuView, float]]) -> Iterator[Any]:
+    def _families(self, domains: list[_Domain]) -> Iterator[Any]:
         dom = ["host", "domain"]
         gauge = self._family
         vcpus = gauge(
@@ -375,7 +420,22 @@ class _DomainCollector:
             "when the domain was last reconciled (Unix time)",
             labels=dom,
         )
-        for host, view, at in views:
+        policy = gauge(
+            "virthotplug_domain_policy_info",
+            "1 for the effective policy mode of the domain's last reconcile or resync",
+            labels=[*dom, "mode"],
+        )
+        pending = gauge(
+            "virthotplug_domain_hotadds_pending",
+            "hot-added vCPUs (OST device check seen) the guest has not shown online yet",
+            labels=dom,
+        )
+        since = gauge(
+            "virthotplug_domain_hotadd_pending_since_timestamp_seconds",
+            "when the OST event of the oldest pending hot-add came (Unix time)",
+            labels=dom,
+        )
+        for host, (view, at, mode), hotadds in domains:
             labels = [host, view.name]
             for layer, count in _layer_counts(view).items():
                 if count is not None:
@@ -390,7 +450,12 @@ class _DomainCollector:
                 finding.add_metric([*labels, code, severity], 1)
             agent.add_metric(labels, 1 if view.agent.state == "connected" else 0)
             last.add_metric(labels, at)
-        yield from (vcpus, maximum, guest_cpus, finding, agent, last)
+            if mode is not None:
+                policy.add_metric([*labels, mode], 1)
+            if hotadds:
+                pending.add_metric(labels, len(hotadds))
+                since.add_metric(labels, min(hotadds))
+        yield from (vcpus, maximum, guest_cpus, finding, agent, last, policy, pending, since)
 
 
 def _layer_counts(view: VcpuView) -> dict[str, Optional[int]]:

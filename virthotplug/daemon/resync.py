@@ -34,7 +34,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 from virthotplug.core import errors
 from virthotplug.core.config import HostConfig, WatchSettings
@@ -50,6 +50,10 @@ log = logging.getLogger("virthotplug.daemon.watch")
 
 # Definitions are read again at least this many resync intervals after they were read.
 MAX_AGE_INTERVALS = 10
+
+# Told of every view a resync read: (host, views, uuid → effective policy mode). A domain
+# whose policy is invalid has no mode (its reconcile reports the error).
+OnViews = Callable[[str, Sequence[VcpuView], Mapping[str, str]], None]
 
 
 class ConfigHolder(Protocol):
@@ -103,7 +107,7 @@ class BulkResync:
     def __init__(
         self,
         holder: ConfigHolder,
-        on_views: Optional[Callable[[str, Sequence[VcpuView]], None]] = None,
+        on_views: Optional[OnViews] = None,
     ) -> None:
         self._holder = holder
         self._on_views = on_views
@@ -171,7 +175,8 @@ class BulkResync:
             views = [self._judged(state, v, policies.get(v.uuid), raws[v.uuid]) for v in views]
             chosen = self._choose(state, views, policies, asked, started)
         if self._on_views is not None:
-            self._on_views(conn.uri, views)
+            modes = {uuid: p.policy.mode for uuid, p in policies.items() if p is not None}
+            self._on_views(conn.uri, views, modes)
         listed = tuple(DomainRef(conn.uri, r.view.uuid, r.view.name) for r in read.raws)
         return ResyncResult(
             host=conn.uri,

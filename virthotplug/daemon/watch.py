@@ -101,6 +101,7 @@ class JobResult:
     warning: bool = False  # news worth a warning (e.g. a hot-add the guest rejected)
     # vCPU ids (of OST hot-add events) whose guest CPUs this reconcile found online.
     hotadds_online: frozenset[int] = frozenset()
+    policy_mode: Optional[str] = None  # the effective policy's mode it ran under (metrics)
 
 
 ReconcileFn = Callable[[Connection, Domain, Job], JobResult]
