@@ -72,10 +72,14 @@ def test_a_refused_file_value_names_the_setting_and_the_file() -> None:
     assert "/x.conf" in message and "hotadd_settle" in message and "0 and 60" in message
 
 
-def test_the_commands_agent_timeout_default_is_the_table() -> None:
+def test_the_commands_agent_timeout_default_is_the_files_else_the_table() -> None:
+    from virthotplug.cli.commands.common import agent_timeout
+    from virthotplug.core.config import HostConfig
+
     for command in ("status", "check", "apply"):
         args = cli.build_parser().parse_args([command, "--all"])
-        assert args.agent_timeout == settings.AGENT_TIMEOUT.default
+        assert args.agent_timeout is None  # not given: the configuration file decides
+        assert agent_timeout(args, HostConfig()) == settings.AGENT_TIMEOUT.default
 
 
 @pytest.mark.parametrize("setting", OPTIONS, ids=lambda s: s.name)
