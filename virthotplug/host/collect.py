@@ -59,6 +59,8 @@ R = TypeVar("R")
 DEFAULT_AGENT_TIMEOUT = AGENT_TIMEOUT.default  # the [watch] setting (core.settings)
 DEFAULT_WORKERS = 8
 DEFINITION_WORKERS = 4  # definition reads in flight at once (libvirtd serves 5 per client)
+RUNS_PER_WORKER = 4  # _map_in_order hands each thread about this many runs of items
+MAX_RUN = 64  # items in one run at most
 MAX_HOSTS_AT_ONCE = 16  # hosts read in parallel by read_hosts
 
 
@@ -243,16 +245,7 @@ def _read_all_definitions(
         except (errors.ConfigError, errors.UnsupportedError) as exc:
             return DomainError(conn.uri, dom.name, str(exc))
 
-    if workers <= 1 or len(stats) <= 1:
-        return [one(item) for item in stats]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
-        try:
-            return list(pool.map(one, stats))
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)  # e.g. the connection is gone
-            raise
+    return _map_in_order(one, stats, workers)
 
 
 def _unique(domains: list[Domain]) -> list[Domain]:
@@ -768,14 +761,24 @@ def _bulk_view(
 
 def _map_in_order(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
     """``fn`` over ``items`` on a few threads, results in order; an exception (a lost
-    connection) cancels what has not started and is raised."""
+    connection) cancels what has not started and is raised.
+
+    Each thread takes a run of consecutive items (a few per thread and round, so that one
+    slow domain holds up little): a future per item would cost more than a definition read.
+    """
     if workers <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
     from concurrent.futures import ThreadPoolExecutor
 
+    size = max(1, min(MAX_RUN, -(-len(items) // (workers * RUNS_PER_WORKER))))
+    runs = [items[i : i + size] for i in range(0, len(items), size)]
+
+    def run(part: Sequence[T]) -> list[R]:
+        return [fn(item) for item in part]
+
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
         try:
-            return list(pool.map(fn, items))
+            return [result for part in pool.map(run, runs) for result in part]
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)  # e.g. the connection is gone
             raise
