@@ -5,8 +5,9 @@ callbacks that translate and enqueue (``listener``), the per-domain flood guard 
 guest can trigger (``flood``), the per-domain QEMU monitor registrations (``subscriptions``),
 the bulk periodic resync (``resync``), the one-daemon-per-host lock (``lock``), the
 reconcile jobs (``jobs``), the hook socket (``hookserver``), the JSON-lines event log
-(``eventlog``), the decoded QEMU monitor log lines (``monitorlog``) and the Prometheus
-endpoint (``metrics``).
+(``eventlog``), the decoded QEMU monitor log lines (``monitorlog``), the Prometheus
+endpoint (``metrics``) and the C allocator's settings for a long-running process
+(``memory``).
 
 Imports: ``virthotplug.core`` and ``virthotplug.host``. Never ``virthotplug.cli``.
 """
