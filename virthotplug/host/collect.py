@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -126,13 +125,17 @@ def _with_context(raw: _Raw, context: Optional[ContextFn]) -> _Raw:
     if context is None:
         return raw
     found = context(raw.dom, raw.xml, raw.view.active, raw.live)
+    agent = raw.view.agent
+    if not found.queries_agent and agent.configured:
+        agent = dataclasses.replace(agent, error="policy 'ignore': the guest agent is not asked")
     view = dataclasses.replace(
-        raw.view, history=found.history, domain_type=raw.xml.domain_type, qemu=found.qemu
+        raw.view,
+        history=found.history,
+        domain_type=raw.xml.domain_type,
+        qemu=found.qemu,
+        agent=agent,
     )
-    if not found.queries_agent and view.agent.configured:
-        why = "policy 'ignore': the guest agent is not asked"
-        view = dataclasses.replace(view, agent=dataclasses.replace(view.agent, error=why))
-    return dataclasses.replace(raw, view=view, context=found)
+    return _Raw(dom=raw.dom, xml=raw.xml, view=view, live=raw.live, context=found)
 
 
 def read_hosts(
@@ -542,6 +545,8 @@ class DefinitionCache:
                 del self._generations[uuid]
 
     def expiry(self, now: float) -> float:
+        import random  # the daemon's alone: status and check do not pay for the import
+
         return now + self.max_age * random.uniform(0.5, 1.0)
 
     def __len__(self) -> int:

@@ -18,13 +18,11 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Sequence
 
 from virthotplug.core import errors
 from virthotplug.core.config import HostConfig
 from virthotplug.core.cpulist import MAX_CPU_ID
-from virthotplug.core.events import DeviceDeletedMonitorEvent, Event, OstMonitorEvent
-from virthotplug.core.ost import SOURCE_DEVICE_CHECK, SOURCE_EJECT_REQUEST, STATUS_SUCCESS
 from virthotplug.core.policy import MODE_IGNORE, Policy, merge_policy
 from virthotplug.core.view import (
     HISTORY_EJECTED,
@@ -44,6 +42,9 @@ from virthotplug.host.domxml import (
     parse_domain_xml,
     parse_history_element,
 )
+
+if TYPE_CHECKING:  # the events are the daemon's: status and check need not import them
+    from virthotplug.core.events import Event
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,9 @@ class EventHistory:
         self._ejecting: Optional[int] = None
 
     def entries(self, ev: Event) -> list[HistoryEntry]:
+        from virthotplug.core.events import DeviceDeletedMonitorEvent, OstMonitorEvent
+        from virthotplug.core.ost import SOURCE_DEVICE_CHECK, SOURCE_EJECT_REQUEST, STATUS_SUCCESS
+
         if isinstance(ev, OstMonitorEvent) and ev.ost is not None and ev.ost.is_cpu:
             ost = ev.ost
             vcpu = ost.vcpu_id
