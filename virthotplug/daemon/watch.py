@@ -420,7 +420,6 @@ class Watch:
     # main loop
 
     def run(self) -> None:
-        memory.limit_arenas()  # before the threads
         ensure_event_loop()  # before the first open()
         for session in self.sessions.values():
             self._first_connect(session)
