@@ -15,18 +15,16 @@ def fresh_library(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memory, "_libc", None)
 
 
-def test_on_glibc_both_calls_reach_the_library() -> None:
-    memory.limit_arenas()
+def test_on_glibc_the_call_reaches_the_library() -> None:
     memory.trim()
     assert memory._libc is not None
 
 
 def test_a_c_library_that_is_not_glibc_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Musl:  # no mallopt, no malloc_trim
+    class Musl:  # no malloc_trim
         pass
 
     monkeypatch.setattr(ctypes, "CDLL", lambda _name: Musl())
-    memory.limit_arenas()
     memory.trim()
     assert memory._libc is None
 
@@ -36,22 +34,5 @@ def test_a_library_that_cannot_be_loaded_is_left_alone(monkeypatch: pytest.Monke
         raise OSError("cannot open shared object")
 
     monkeypatch.setattr(ctypes, "CDLL", refuse)
-    memory.limit_arenas()
     memory.trim()
     assert memory._libc is None
-
-
-def test_a_refused_setting_is_not_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[int, int]] = []
-
-    class Refusing:
-        def mallopt(self, option: int, value: int) -> int:
-            calls.append((option, value))
-            return 0
-
-        def malloc_trim(self, _pad: int) -> int:
-            return 0
-
-    monkeypatch.setattr(ctypes, "CDLL", lambda _name: Refusing())
-    memory.limit_arenas()
-    assert calls == [(memory.M_ARENA_MAX, memory.ARENAS)]

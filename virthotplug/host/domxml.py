@@ -26,7 +26,7 @@ domain run and a METADATA_CHANGE subscription filtered on ``NAMESPACE`` never se
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Optional, TypeVar
+from typing import Any, Hashable, Mapping, Optional, TypeVar
 
 from lxml import etree
 
@@ -57,10 +57,15 @@ def _shared(value: _H) -> _H:
     found = _shared_parts.get(value)
     if found is not None:
         return found  # type: ignore[return-value]  # equal to value, hence of its type
-    if len(_shared_parts) >= _SHARED_MAX:
-        _shared_parts.clear()
-    _shared_parts[value] = value
+    _remember(_shared_parts, value, value)
     return value
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    """Store in one of the bounded caches below: cleared when full (a miss costs a parse)."""
+    if len(cache) >= _SHARED_MAX:
+        cache.clear()
+    cache[key] = value
 
 
 # Entities are never resolved and the network is never touched: domain XML may carry
@@ -288,9 +293,7 @@ def _parse_vcpus(root: etree._Element, vcpu_max: int, ctx: _Ctx) -> tuple[VcpuEn
         seen.add(entry.id)
         entries.append(entry)
     vcpus = _shared(tuple(sorted(entries, key=lambda v: v.id)))
-    if len(_vcpus_by_attributes) >= _SHARED_MAX:
-        _vcpus_by_attributes.clear()
-    _vcpus_by_attributes[key] = vcpus
+    _remember(_vcpus_by_attributes, key, vcpus)
     return vcpus
 
 
@@ -330,9 +333,7 @@ def _parse_topology(root: etree._Element, ctx: _Ctx) -> Optional[Topology]:
             for key, value in zip(_TOPOLOGY_KEYS, attributes)
         }
         topology = _shared(Topology(**values))
-        if len(_topologies_by_attributes) >= _SHARED_MAX:
-            _topologies_by_attributes.clear()
-        _topologies_by_attributes[attributes] = topology
+        _remember(_topologies_by_attributes, attributes, topology)
     return topology
 
 
