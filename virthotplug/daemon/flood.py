@@ -17,23 +17,30 @@ and answers:
            thread), report the finding ``ost-flood``, and handle the domain through its
            lifecycle and agent events and a reconcile every ``SUPPRESSED_RESYNC`` seconds.
 
-Why 200 in one second: a hot-add makes one device-check OST per vCPU, an unplug two or three
-per vCPU, and libvirt plugs vCPUs one at a time, each plug a QEMU command of its own (35-65
-ms each in the lab), so even a guest growing by hundreds of vCPUs at once sends a few dozen
-a second; a flooding guest passes it within milliseconds, and every event libvirtd queues
-for us before the cut-off costs it memory (the e2e flood test saw libvirtd grow 72 MiB at
-500 once). A false alarm costs only latency (hints arrive through the periodic reconcile)
-and a warning.
+Two tests, either suppresses. First, by QEMU's own clock: each monitor event carries the
+time QEMU emitted it, which the guest cannot set, so more than ``BURST_EVENTS`` emitted within
+``BURST_SECONDS`` is a flood however slowly this process reads them (a loaded host, a
+backlog). That bounds what libvirtd queues for us before the cut-off by a count, not by how
+fast we happen to run: ``BURST_EVENTS`` events read, then one call. Second, by arrival, for
+events without a timestamp and floods paced below the burst rate: more than
+``FLOOD_THRESHOLD`` in one ``WINDOW``.
+
+Why those numbers: a hot-add makes one device-check OST per vCPU and an unplug two or three
+(a DEVICE_DELETED and its OSTs, microseconds apart), and libvirt plugs vCPUs one at a time,
+each plug a QEMU command of its own (35-65 ms each in the lab; a few ms on a fast host), so
+even a guest growing by hundreds of vCPUs sends at most a handful within 20 ms and a few
+dozen a second. A flooding guest emits 32 within half a millisecond. Every event libvirtd
+queues for us before the cut-off costs it memory (tens of KiB each: the e2e flood test saw
+libvirtd grow 34 MiB for 760 events on a loaded host), so the cut-off must come early. A false
+alarm costs only latency (hints arrive through the periodic reconcile) and a warning.
 
 A suppressed domain is re-subscribed once nothing of it arrived for its back-off (30 s,
 doubling with each new flood up to 30 min; libvirtd's backlog for us counts as not quiet).
 Nothing arrives while it is not subscribed, so a re-subscription is a probe that may land
-in a flood that never stopped. A domain that flooded before is therefore on probation: more
-than ``PROBATION_THRESHOLD`` monitor events in one window suppress it again at once. That
-still leaves room for any real vCPU change of all but the largest guests, and a flooding
-guest passes it within about 10 ms of delivery, so libvirtd queues a quarter of the backlog
-it queues before the first detection. After ``BACKOFF_MAX`` seconds subscribed
-without a flood its history is forgotten.
+in a flood that never stopped, and the burst test catches it again after ``BURST_EVENTS``.
+A domain that flooded before is also on probation for paced floods: more than
+``PROBATION_THRESHOLD`` monitor events in one window suppress it again at once. After
+``BACKOFF_MAX`` seconds subscribed without a flood its history is forgotten.
 
 Pure bookkeeping with an injected clock (no threads of its own, no libvirt); one lock,
 because the event thread asks and the daemon's main loop collects.
@@ -53,6 +60,8 @@ from virthotplug.core.view import WARNING, Finding
 
 Key = tuple[str, str]  # (host URI, domain UUID)
 
+BURST_EVENTS = 32  # QEMU monitor events of one domain emitted within BURST_SECONDS
+BURST_SECONDS = 0.02  # by QEMU's timestamps: more than 1,600/s
 WINDOW = 1.0  # seconds
 FLOOD_THRESHOLD = 200  # QEMU monitor events of one domain in one window
 PROBATION_THRESHOLD = 50  # the same, for a domain that flooded before (a re-subscription)
@@ -73,15 +82,16 @@ class FloodInfo:
     """A suppressed domain, for its ``ost-flood`` finding and records."""
 
     rate: float  # monitor events/s seen when it was suppressed
-    events: int  # monitor events in that window
-    seconds: float  # how long that took
+    events: int  # monitor events in that burst or window
+    seconds: float  # how long that took (QEMU's clock for a burst, arrival for a window)
     floods: int  # times suppressed (each doubles the back-off)
     backoff: float  # quiet seconds needed before it is re-subscribed
     since: float  # clock time of the last suppression
 
     def describe(self) -> str:
+        took = f"{self.seconds * 1000:.1f} ms" if self.seconds < 0.1 else f"{self.seconds:.2f} s"
         return (
-            f"QEMU monitor events flooded: {self.events} in {self.seconds:.2f} s "
+            f"QEMU monitor events flooded: {self.events} in {took} "
             f"(~{self.rate:.0f}/s); not listening to them, re-subscribing after "
             f"{self.backoff:.0f} s without events"
         )
@@ -105,6 +115,8 @@ class _Domain:
     passed: int = 0  # events in this window that became records
     dropped: dict[str, int] = field(default_factory=dict)
     last_monitor: float = 0.0
+    burst_start: float = -1.0  # QEMU's timestamp of the first event of the current burst
+    burst_count: int = 0
     suppressed: Optional[FloodInfo] = None
     floods: int = 0
     backoff: float = BACKOFF_FIRST
@@ -121,6 +133,8 @@ class FloodGuard:
         *,
         threshold: int = FLOOD_THRESHOLD,
         probation_threshold: int = PROBATION_THRESHOLD,
+        burst_events: int = BURST_EVENTS,
+        burst_seconds: float = BURST_SECONDS,
         window: float = WINDOW,
         per_window: int = PASS_PER_WINDOW,
         backoff_first: float = BACKOFF_FIRST,
@@ -130,6 +144,7 @@ class FloodGuard:
         self._clock = clock
         self.threshold, self.window, self.per_window = threshold, window, per_window
         self.probation_threshold = probation_threshold
+        self.burst_events, self.burst_seconds = burst_events, burst_seconds
         self.backoff_first, self.backoff_max, self.resync = backoff_first, backoff_max, resync
         self._domains: dict[Key, _Domain] = {}
         self._summaries: list[Summary] = []
@@ -137,9 +152,18 @@ class FloodGuard:
 
     # event thread
 
-    def admit(self, key: Key, name: Callable[[], str], kind: str, *, monitor: bool) -> Verdict:
-        """One guest-triggerable event of ``kind``; ``monitor``: a QEMU monitor event.
-        ``name`` is asked only for a domain seen for the first time."""
+    def admit(
+        self,
+        key: Key,
+        name: Callable[[], str],
+        kind: str,
+        *,
+        monitor: bool,
+        emitted: Optional[float] = None,
+    ) -> Verdict:
+        """One guest-triggerable event of ``kind``; ``monitor``: a QEMU monitor event,
+        ``emitted`` when QEMU emitted it (its timestamp, seconds), if known. ``name`` is
+        asked only for a domain seen for the first time."""
         now = self._clock()
         with self._lock:
             dom = self._domains.get(key)
@@ -150,9 +174,7 @@ class FloodGuard:
             if monitor:
                 dom.count += 1
                 dom.last_monitor = now
-                limit = self.probation_threshold if dom.floods else self.threshold
-                if dom.suppressed is None and dom.count > limit:
-                    self._suppress(dom, now)
+                if dom.suppressed is None and self._flooding(dom, now, emitted):
                     return Verdict.FLOOD
                 if dom.suppressed is not None:
                     dom.dropped[kind] = dom.dropped.get(kind, 0) + 1
@@ -163,14 +185,31 @@ class FloodGuard:
             dom.dropped[kind] = dom.dropped.get(kind, 0) + 1
             return Verdict.DROP
 
-    def _suppress(self, dom: _Domain, now: float) -> None:
+    def _flooding(self, dom: _Domain, now: float, emitted: Optional[float]) -> bool:
+        """Count one monitor event; suppress the domain if it floods (see the module doc)."""
+        if emitted is not None:
+            # A step of the host's clock (either way) starts a new burst.
+            if not 0.0 <= emitted - dom.burst_start <= self.burst_seconds:
+                dom.burst_start, dom.burst_count = emitted, 0
+            dom.burst_count += 1
+            if dom.burst_count > self.burst_events:
+                span = max(emitted - dom.burst_start, 1e-6)
+                self._suppress(dom, now, dom.burst_count, span)
+                return True
+        limit = self.probation_threshold if dom.floods else self.threshold
+        if dom.count > limit:
+            self._suppress(dom, now, dom.count, max(now - dom.window_start, 1e-3))
+            return True
+        return False
+
+    def _suppress(self, dom: _Domain, now: float, events: int, seconds: float) -> None:
         if dom.floods:
             dom.backoff = min(dom.backoff * 2, self.backoff_max)
         dom.floods += 1
-        seconds = max(now - dom.window_start, 1e-3)
+        dom.burst_start, dom.burst_count = -1.0, 0
         dom.suppressed = FloodInfo(
-            rate=dom.count / seconds,
-            events=dom.count,
+            rate=events / seconds,
+            events=events,
             seconds=seconds,
             floods=dom.floods,
             backoff=dom.backoff,

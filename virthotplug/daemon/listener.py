@@ -74,9 +74,11 @@ class Listener:
     def on_device_removed(self, dom: VirDomain, alias: str, failed: bool) -> None:
         self._put(lambda: DeviceRemovalEvent(self._ref(dom), alias=str(alias), failed=failed))
 
-    def on_monitor(self, dom: VirDomain, event: str, details: Any) -> None:
+    def on_monitor(
+        self, dom: VirDomain, event: str, details: Any, emitted: Optional[float] = None
+    ) -> None:
         known = _MONITOR_RECORDS.get(event)
-        if known is not None and self._admit(dom, known[0], monitor=True):
+        if known is not None and self._admit(dom, known[0], monitor=True, emitted=emitted):
             self._put(lambda: known[1](self._ref(dom), details))
 
     def on_close(self, reason: int) -> None:
@@ -84,13 +86,16 @@ class Listener:
         self._put(lambda: HostEvent(None, host=self.host, what="lost", reason=why))
         self._on_lost()
 
-    def _admit(self, dom: VirDomain, kind: str, *, monitor: bool) -> bool:
+    def _admit(
+        self, dom: VirDomain, kind: str, *, monitor: bool, emitted: Optional[float] = None
+    ) -> bool:
         """Whether this event becomes a record (see the module doc); cheap, never raises."""
         guard = self._guard
         if guard is None:
             return True
         try:
-            verdict = guard.admit((self.host, dom.UUIDString()), dom.name, kind, monitor=monitor)
+            key = (self.host, dom.UUIDString())
+            verdict = guard.admit(key, dom.name, kind, monitor=monitor, emitted=emitted)
             if verdict is Verdict.FLOOD:
                 ref = self._ref(dom)
                 self._on_flood(ref)

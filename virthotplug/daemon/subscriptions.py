@@ -19,6 +19,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from typing import Callable, Iterable, Optional
 
 from virthotplug.core import errors
@@ -37,7 +38,10 @@ class MonitorSubscriptions:
         self.host = host
         self._current = current
         self._guard = guard
-        self._queue: queue.PriorityQueue[tuple[int, int, tuple[str, ...]]] = queue.PriorityQueue()
+        # (priority, sequence, UUIDs, when requested)
+        self._queue: queue.PriorityQueue[tuple[int, int, tuple[str, ...], float]] = (
+            queue.PriorityQueue()
+        )
         self._seq = itertools.count()
         self._thread = threading.Thread(target=self._loop, name=f"monitor {host}", daemon=True)
 
@@ -60,13 +64,13 @@ class MonitorSubscriptions:
         self._put(_SYNC, tuple(running))
 
     def _put(self, priority: int, uuids: tuple[str, ...]) -> None:
-        self._queue.put((priority, next(self._seq), uuids))
+        self._queue.put((priority, next(self._seq), uuids, time.monotonic()))
 
     # the thread
 
     def _loop(self) -> None:
         while True:
-            priority, _seq, uuids = self._queue.get()
+            priority, _seq, uuids, requested = self._queue.get()
             if priority == _STOP:
                 return
             conn = self._current()
@@ -75,16 +79,26 @@ class MonitorSubscriptions:
             if not conn.monitoring and priority != _DROP:
                 continue  # a driver without monitor events: nothing to look up or register
             try:
-                self._do(conn, priority, uuids)
+                self._do(conn, priority, uuids, requested)
             except errors.ConnectError as exc:
                 log.debug("%s: monitor registration: %s", self.host, exc)
             except Exception:  # a bug here must not end the thread
                 log.exception("%s: monitor registration failed", self.host)
 
-    def _do(self, conn: Connection, priority: int, uuids: tuple[str, ...]) -> None:
+    def _do(
+        self, conn: Connection, priority: int, uuids: tuple[str, ...], requested: float
+    ) -> None:
         if priority == _DROP:
+            started = time.monotonic()
             if conn.unmonitor_domain(uuids[0]):
-                log.debug("%s: monitor events of %s dropped", self.host, uuids[0])
+                log.debug(
+                    "%s: monitor events of %s dropped (asked %.1f ms after the request, "
+                    "answered %.1f ms later)",
+                    self.host,
+                    uuids[0],
+                    (started - requested) * 1000,
+                    (time.monotonic() - started) * 1000,
+                )
         elif priority == _ADD:
             self._add(conn, uuids[0])
         else:

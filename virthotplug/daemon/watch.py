@@ -376,7 +376,9 @@ class Watch:
         self._reconcile_fn = reconcile_fn
         self._eventlog = eventlog
         self._reload = reload
-        self._queue: queue.Queue[Any] = queue.Queue()
+        # SimpleQueue: its put is reentrant, so a signal handler may call it while the main
+        # thread is inside get (a Queue's lock would deadlock there).
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._sched = ReconcileQueue()
         self._breaker = AgentBreaker()
@@ -404,9 +406,8 @@ class Watch:
     # control (signal handlers and tests call these)
 
     def request_stop(self) -> None:
-        self._stop.set()
-        for session in self.sessions.values():
-            session.mark_lost()  # wakes its liveness wait at once
+        """Stop soon; safe from a signal handler (it only enqueues: a handler runs on the
+        main thread between two bytecodes, maybe while that thread holds a lock)."""
         self._queue.put(_Control("stop"))
 
     def request_reload(self) -> None:
@@ -416,6 +417,11 @@ class Watch:
         signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
         signal.signal(signal.SIGINT, lambda *_: self.request_stop())
         signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+
+    def _begin_stop(self) -> None:
+        self._stop.set()
+        for session in self.sessions.values():
+            session.mark_lost()  # wakes its liveness wait at once
 
     # main loop
 
@@ -491,7 +497,9 @@ class Watch:
             self._event(item)
 
     def _control(self, item: _Control) -> None:
-        if item.what == "reload" and self._reload is not None:
+        if item.what == "stop":
+            self._begin_stop()
+        elif item.what == "reload" and self._reload is not None:
             try:
                 self.settings = self._reload()
                 log.info("configuration reloaded")
@@ -605,7 +613,7 @@ class Watch:
             return
         log.error("no host left to watch: exiting")
         self.failure = session.failure
-        self.request_stop()
+        self._begin_stop()
 
     def _resync(self, session: HostSession) -> None:
         """Re-read the host's running domains off the main thread (one resync per host at a

@@ -59,7 +59,9 @@ class EventSink(Protocol):
     def on_agent(self, dom: VirDomain, state: int, reason: int) -> None: ...
     def on_device_removed(self, dom: VirDomain, alias: str, failed: bool) -> None: ...
     def on_metadata(self, dom: VirDomain, mtype: int, namespace: Any) -> None: ...
-    def on_monitor(self, dom: VirDomain, event: str, details: Any) -> None: ...
+    def on_monitor(
+        self, dom: VirDomain, event: str, details: Any, emitted: Optional[float]
+    ) -> None: ...
     def on_close(self, reason: int) -> None: ...
 
 
@@ -450,8 +452,10 @@ class Connection:
 
 def _monitor_forwarder(sink: EventSink) -> Callable[..., None]:
     def forward(
-        _c: Any, dom: VirDomain, event: str, _s: int, _us: int, details: Any, _o: Any
+        _c: Any, dom: VirDomain, event: str, seconds: int, micros: int, details: Any, _o: Any
     ) -> None:
-        sink.on_monitor(dom, event, details)
+        # When QEMU emitted it (host clock; libvirt passes -1 when QEMU sent none).
+        emitted = seconds + micros / 1e6 if seconds >= 0 and micros >= 0 else None
+        sink.on_monitor(dom, event, details, emitted)
 
     return forward
