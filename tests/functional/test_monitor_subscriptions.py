@@ -10,7 +10,7 @@ from tdriver import MIXED
 
 from virthotplug.daemon.flood import FloodGuard
 from virthotplug.daemon.listener import Listener
-from virthotplug.daemon.subscriptions import MonitorSubscriptions
+from virthotplug.daemon.subscriptions import HANDOFF_WAIT, MonitorSubscriptions
 from virthotplug.host.connection import Connection
 from virthotplug.host.libvirt_module import ensure_event_loop
 
@@ -44,3 +44,19 @@ def test_the_registration_thread_survives_a_missing_connection() -> None:
     while subs._thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not subs._thread.is_alive()
+
+
+def test_drop_now_returns_once_the_removal_is_under_way() -> None:
+    with Connection(MIXED) as conn:
+        subs = MonitorSubscriptions(conn.uri, lambda: conn, FloodGuard())
+        started = time.monotonic()
+        subs.drop_now("00000000-0000-0000-0000-000000000000")  # no thread yet: it waits
+        waited = time.monotonic() - started
+        subs.start()
+        started = time.monotonic()
+        subs.drop_now("00000000-0000-0000-0000-000000000000")
+        handed_over = time.monotonic() - started
+        subs.stop()
+        subs._thread.join(5)
+    assert waited >= HANDOFF_WAIT * 0.9  # bounded: the event thread is never held long
+    assert handed_over < HANDOFF_WAIT / 2

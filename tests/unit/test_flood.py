@@ -15,6 +15,8 @@ from virthotplug.core.events import DomainRef, Event, OstMonitorEvent
 from virthotplug.core.schedule import Job
 from virthotplug.daemon.eventlog import EventLog
 from virthotplug.daemon.flood import (
+    BURST_EVENTS,
+    BURST_SECONDS,
     FLOOD_THRESHOLD,
     PASS_PER_WINDOW,
     FloodEvent,
@@ -153,6 +155,54 @@ def test_a_domain_that_flooded_is_on_probation_when_resubscribed() -> None:
     assert Verdict.FLOOD not in _admit(guard, B, n=100)  # a domain that never flooded
 
 
+def _emitted(guard: FloodGuard, times: list[float]) -> list[Verdict]:
+    """Monitor events QEMU emitted at ``times`` (its timestamps), all read at once."""
+    return [guard.admit(A, lambda: "dom-a", "ost", monitor=True, emitted=t) for t in times]
+
+
+def test_a_burst_by_qemus_clock_is_a_flood_however_slowly_it_is_read() -> None:
+    guard, clock = _guard()
+    start = 1_700_000_000.0
+    verdicts = []
+    for i in range(BURST_EVENTS + 10):  # 10 us apart at QEMU, read one per 10 ms here
+        clock.now += 0.01
+        verdicts += _emitted(guard, [start + i * 1e-5])
+    assert verdicts.index(Verdict.FLOOD) == BURST_EVENTS  # the event that passed it
+    info = guard.suppressed(A)
+    assert info is not None and info.events == BURST_EVENTS + 1
+    assert 50_000 < info.rate < 200_000  # QEMU's rate (~100,000/s), not the read rate
+    assert "ms (~" in info.describe()
+
+
+def test_real_vcpu_changes_are_no_burst() -> None:
+    # An unplug of 100 vCPUs on a fast host: DEVICE_DELETED and two OSTs microseconds
+    # apart, one vCPU every 5 ms; then a hot-add of 100, one OST every 5 ms.
+    guard, _clock = _guard(threshold=10**6)
+    start = 1_700_000_000.0
+    unplug = [start + cpu * 0.005 + k * 1e-6 for cpu in range(100) for k in range(3)]
+    hotadd = [start + 1.0 + cpu * 0.005 for cpu in range(100)]
+    assert Verdict.FLOOD not in _emitted(guard, unplug + hotadd)
+
+
+def test_a_paced_flood_below_the_burst_rate_is_caught_by_the_window() -> None:
+    guard, clock = _guard()
+    start = 1_700_000_000.0
+    step = 2 * BURST_SECONDS / BURST_EVENTS  # half the burst rate
+    verdicts = []
+    for i in range(FLOOD_THRESHOLD + 1):
+        clock.now += step
+        verdicts += _emitted(guard, [start + i * step])
+    assert verdicts.index(Verdict.FLOOD) == FLOOD_THRESHOLD
+
+
+def test_a_step_of_the_hosts_clock_starts_a_new_burst() -> None:
+    guard, _clock = _guard()
+    start = 1_700_000_000.0
+    times = [start + i * 1e-5 for i in range(BURST_EVENTS // 2)]
+    times += [start - 3600 + i * 1e-5 for i in range(BURST_EVENTS // 2 + 1)]  # stepped back
+    assert Verdict.FLOOD not in _emitted(guard, times)
+
+
 def test_memory_follows_the_active_domains() -> None:
     guard, clock = _guard()
     for i in range(1000):
@@ -214,6 +264,17 @@ def test_the_listener_hands_a_flooding_domain_over_once() -> None:
     floods = [e for e in got if isinstance(e, FloodEvent)]
     assert len(osts) == PASS_PER_WINDOW and len(floods) == 1
     assert floods[0].info is not None and floods[0].info.events == FLOOD_THRESHOLD + 1
+
+
+def test_the_listener_passes_qemus_timestamp_to_the_guard() -> None:
+    flooded: list[DomainRef] = []
+    listener = Listener(
+        HOST, lambda _e: None, lambda: None, guard=FloodGuard(), on_flood=flooded.append
+    )
+    dom = FakeDomain("uuid-a", "dom-a")
+    for i in range(BURST_EVENTS + 1):
+        listener.on_monitor(dom, "ACPI_DEVICE_OST", HOTADD, 1_700_000_000.0 + i * 1e-5)
+    assert [ref.name for ref in flooded] == ["dom-a"]
 
 
 def test_lifecycle_events_are_never_dropped() -> None:

@@ -12,7 +12,7 @@ and answers:
            ``PASS_PER_WINDOW`` events of a domain per ``WINDOW``;
 ``DROP``   count it only; once the window is over, one summary (``Summary``) says how many
            were dropped, and asks for one reconcile, so a hint that was dropped is not lost;
-``FLOOD``  this domain's QEMU monitor events passed ``FLOOD_THRESHOLD`` in one window: stop
+``FLOOD``  this domain's QEMU monitor events came in a burst or passed ``FLOOD_THRESHOLD``: stop
            listening to them now (the caller removes its monitor registrations from another
            thread), report the finding ``ost-flood``, and handle the domain through its
            lifecycle and agent events and a reconcile every ``SUPPRESSED_RESYNC`` seconds.

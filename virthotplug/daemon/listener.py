@@ -8,7 +8,9 @@ Events a guest can trigger at will (QEMU monitor events, guest agent lifecycle) 
 a ``FloodGuard`` when one is given: before anything is parsed, each is counted per domain,
 and only a few per domain and second become records; the rest are counted into one summary
 record. A domain that floods its monitor events is handed to ``on_flood``, which must only
-schedule the removal of its registrations (never deregister on this thread).
+schedule the removal of its registrations (never deregister on this thread); it may wait a
+moment for that removal to be sent, the one wait allowed here (see
+``MonitorSubscriptions.drop_now``).
 """
 
 from __future__ import annotations

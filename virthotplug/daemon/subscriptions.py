@@ -29,6 +29,11 @@ from virthotplug.host.connection import Connection
 log = logging.getLogger("virthotplug.daemon.watch")
 
 _DROP, _ADD, _SYNC, _STOP = 0, 1, 2, 3  # priorities: lower runs first
+# How long the event thread waits for a flooding domain's removal to be under way.
+HANDOFF_WAIT = 0.2  # seconds
+
+
+_Request = tuple[int, int, tuple[str, ...], float, threading.Event]
 
 
 class MonitorSubscriptions:
@@ -38,10 +43,8 @@ class MonitorSubscriptions:
         self.host = host
         self._current = current
         self._guard = guard
-        # (priority, sequence, UUIDs, when requested)
-        self._queue: queue.PriorityQueue[tuple[int, int, tuple[str, ...], float]] = (
-            queue.PriorityQueue()
-        )
+        # (priority, sequence, UUIDs, when requested, set once the request is under way)
+        self._queue: queue.PriorityQueue[_Request] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._thread = threading.Thread(target=self._loop, name=f"monitor {host}", daemon=True)
 
@@ -59,35 +62,51 @@ class MonitorSubscriptions:
     def drop(self, uuid: str) -> None:
         self._put(_DROP, (uuid,))
 
+    def drop_now(self, uuid: str) -> None:
+        """``drop``, then wait (up to ``HANDOFF_WAIT``) until the removal is sent. For the
+        event thread when a domain floods: the flooding events it would read meanwhile
+        would hold the GIL and a CPU the removal needs, and every millisecond of delay is
+        more events libvirtd queues for us."""
+        self._put(_DROP, (uuid,)).wait(HANDOFF_WAIT)
+
     def sync(self, running: Iterable[str]) -> None:
         """The host's running domains, as a resync listed them."""
         self._put(_SYNC, tuple(running))
 
-    def _put(self, priority: int, uuids: tuple[str, ...]) -> None:
-        self._queue.put((priority, next(self._seq), uuids, time.monotonic()))
+    def _put(self, priority: int, uuids: tuple[str, ...]) -> threading.Event:
+        under_way = threading.Event()
+        self._queue.put((priority, next(self._seq), uuids, time.monotonic(), under_way))
+        return under_way
 
     # the thread
 
     def _loop(self) -> None:
         while True:
-            priority, _seq, uuids, requested = self._queue.get()
+            priority, _seq, uuids, requested, under_way = self._queue.get()
             if priority == _STOP:
                 return
             conn = self._current()
-            if conn is None:
-                continue  # the reconnect's resync lists every running domain again
-            if not conn.monitoring and priority != _DROP:
-                continue  # a driver without monitor events: nothing to look up or register
+            if conn is None or (not conn.monitoring and priority != _DROP):
+                # None: the reconnect's resync lists every running domain again; no
+                # monitoring: a driver without monitor events, nothing to register.
+                under_way.set()
+                continue
             try:
-                self._do(conn, priority, uuids, requested)
+                self._do(conn, priority, uuids, requested, under_way)
             except errors.ConnectError as exc:
                 log.debug("%s: monitor registration: %s", self.host, exc)
             except Exception:  # a bug here must not end the thread
                 log.exception("%s: monitor registration failed", self.host)
 
     def _do(
-        self, conn: Connection, priority: int, uuids: tuple[str, ...], requested: float
+        self,
+        conn: Connection,
+        priority: int,
+        uuids: tuple[str, ...],
+        requested: float,
+        under_way: threading.Event,
     ) -> None:
+        under_way.set()  # the call below releases the GIL at once
         if priority == _DROP:
             started = time.monotonic()
             if conn.unmonitor_domain(uuids[0]):

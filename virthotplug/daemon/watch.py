@@ -242,7 +242,7 @@ class HostSession:
                 self._enqueue,
                 lambda: self.mark_lost(conn),
                 guard=self._guard,
-                on_flood=lambda ref: self.monitors.drop(ref.uuid),
+                on_flood=lambda ref: self.monitors.drop_now(ref.uuid),
             )
             conn.subscribe(listener)
             self._monitor_running(conn)
