@@ -4,7 +4,9 @@ The guest writes QEMU's CPU-hotplug OST registers at full speed for 60 s (tests/
 QEMU emits one event per write, tens of thousands per second. With ``watch`` subscribed,
 libvirtd must keep answering (virConnectListAllDomains within 1 s throughout), grow less than
 50 MiB, still let another domain's hot-add be onlined, and ``watch`` must write fewer than
-50 lines/s and report the flooding domain with the finding ``ost-flood``.
+50 lines/s and report the flooding domain with the finding ``ost-flood``. Past its 30 s
+back-off, watch probes the flooding domain, finds its vCPU busy and keeps its monitor events
+off (re-subscribing into a flood that never stopped is what could wedge libvirtd).
 
 Never against the host's system daemon: on stack 1 a private session-mode libvirtd of the
 lab user (tests/lab/private_libvirtd.py), and stack 2 (tests/lab/stack2.py, built if missing).
@@ -97,6 +99,7 @@ class Measured:
     watch_bytes_per_s: float = 0.0
     hotadds: list[str] = field(default_factory=list)  # "onlined 0.62 s" or the failure
     ost_flood_finding: bool = False
+    probe: str = ""  # what watch said of the flooding domain's quiet probe
 
     def failures(self) -> list[str]:
         problems = []
@@ -112,6 +115,8 @@ class Measured:
             problems.append(f"watch wrote {self.watch_lines_per_s:.0f} lines/s")
         if not self.ost_flood_finding:
             problems.append("no ost-flood finding for the flooding domain")
+        if "still off" not in self.probe or "quiet again" in self.probe:
+            problems.append(f"the quiet probe did not hold the flooding domain off: {self.probe!r}")
         return problems
 
 
@@ -170,6 +175,18 @@ def _flood(
     measured.watch_bytes_per_s = (bytes_after - bytes_before) / window
     measured.rss_start_mib, measured.rss_max_mib = rss[0] / MIB, max(rss) / MIB
     measured.list_max = probe.max_seconds()
+    measured.probe = _probe_lines(watch, flooder.name)
+
+
+def _probe_lines(watch: WatchProcess, domain: str) -> str:
+    """watch's log lines on the flooding domain's quiet probe, during the flood."""
+    text = watch.stderr_path.read_text(errors="replace")
+    said = ("monitor events still off", "quiet again")
+    return "; ".join(
+        line.split(" ", 3)[-1]
+        for line in text.splitlines()
+        if domain in line and any(s in line for s in said)
+    )
 
 
 def _hotadd(vm: LabVM, cpu: int) -> str:

@@ -101,24 +101,56 @@ def test_a_flood_is_detected_once_then_everything_is_dropped() -> None:
     assert "/s" in finding.message
 
 
-def test_suppressed_domains_are_reconciled_periodically_and_resubscribed_when_quiet() -> None:
-    guard, clock = _guard(threshold=10, backoff_first=30.0, resync=10.0)
+def test_suppressed_domains_are_reconciled_periodically_and_probed_when_quiet() -> None:
+    guard, clock = _guard(threshold=10, backoff_first=30.0, resync=10.0, probe_interval=1.0)
     _admit(guard, n=11)
     assert guard.is_suppressed(A)
     resyncs = 0
     for _ in range(29):  # a backlog keeps arriving for 29 s: not quiet
         clock.now += 1.0
         _admit(guard, n=3)
-        _summaries, resubscribe, resync = guard.collect()
-        assert resubscribe == []
+        _summaries, probe, resync = guard.collect()
+        assert probe == []
         resyncs += len(resync)
     assert resyncs == 2  # every 10 s
     clock.now += 29.0
     assert guard.collect()[1] == []
-    clock.now += 1.0  # 30 s without an event
-    _summaries, resubscribe, _resync = guard.collect()
-    assert [ref.uuid for ref in resubscribe] == ["uuid-a"]
+    clock.now += 1.0  # 30 s without an event: probe (its vCPU times), not yet listened to
+    _summaries, probe, _resync = guard.collect()
+    assert [ref.uuid for ref in probe] == ["uuid-a"]
+    assert guard.is_suppressed(A)
+    clock.now += 0.5
+    assert guard.collect()[1] == []  # one probe per probe_interval
+    clock.now += 0.5
+    assert [ref.uuid for ref in guard.collect()[1]] == ["uuid-a"]
+    ref = guard.resubscribe(A)  # the probe found its vCPUs idle
+    assert ref is not None and ref.name == "dom-a"
     assert not guard.is_suppressed(A)
+    assert guard.resubscribe(A) is None  # only once
+
+
+def test_a_busy_domain_is_probed_again_later_and_logged_once() -> None:
+    guard, clock = _guard(threshold=10, backoff_first=30.0, probe_retry=10.0)
+    _admit(guard, n=11)
+    clock.now += 30.0
+    assert guard.collect()[1]
+    assert guard.still_busy(A) is True  # worth one log line
+    for _ in range(9):
+        clock.now += 1.0
+        assert guard.collect()[1] == []
+    clock.now += 1.0
+    assert guard.collect()[1]
+    assert guard.still_busy(A) is False  # already said
+    assert guard.is_suppressed(A)
+
+
+def test_events_during_a_probe_keep_the_domain_suppressed() -> None:
+    guard, clock = _guard(threshold=10, backoff_first=30.0)
+    _admit(guard, n=11)
+    clock.now += 30.0
+    assert guard.collect()[1]
+    _admit(guard, n=1)  # a late backlog event: not quiet after all
+    assert guard.resubscribe(A) is None and guard.is_suppressed(A)
 
 
 def test_the_back_off_doubles_with_each_flood_and_is_capped() -> None:
@@ -133,7 +165,8 @@ def test_the_back_off_doubles_with_each_flood_and_is_capped() -> None:
         assert info is not None
         backoffs.append(info.backoff)
         clock.now += info.backoff
-        assert guard.collect()[1]  # resubscribed
+        assert guard.collect()[1]  # probed
+        assert guard.resubscribe(A) is not None  # idle: listened to again
     assert backoffs == [30.0, 60.0, 100.0, 100.0]
     clock.now += 100.0  # behaved for backoff_max: the history goes
     clock.now += 1.0
@@ -148,7 +181,8 @@ def test_a_domain_that_flooded_is_on_probation_when_resubscribed() -> None:
     guard, clock = _guard(threshold=100, probation_threshold=10, backoff_first=30.0)
     assert Verdict.FLOOD in _admit(guard, n=101)
     clock.now += 31.0
-    assert guard.collect()[1]  # quiet for its back-off: listened to again
+    assert guard.collect()[1]  # quiet for its back-off: probed
+    assert guard.resubscribe(A) is not None  # and idle: listened to again
     clock.now += 1.0
     verdicts = _admit(guard, n=11)  # the flood never stopped: cut off at the 11th event
     assert verdicts.index(Verdict.FLOOD) == 10
@@ -380,6 +414,9 @@ class _Monitors:
     def sync(self, uuids: Any) -> None:
         self.calls.append(("sync", sorted(uuids)))
 
+    def probe(self, uuid: str) -> None:
+        self.calls.append(("probe", uuid))
+
 
 class _Session:
     def __init__(self) -> None:
@@ -424,4 +461,4 @@ def test_a_quiet_domain_is_listened_to_again_and_suppressed_ones_are_reconciled(
     assert [job.reasons for job in watch._sched.pop_due(10**9, 8)] == [["flood"]]
     clock.now += 20.0
     watch._flood_collect()
-    assert session.monitors.calls == [("add", "uuid-a")]
+    assert session.monitors.calls == [("probe", "uuid-a")]

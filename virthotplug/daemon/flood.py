@@ -34,13 +34,19 @@ queues for us before the cut-off costs it memory (tens of KiB each: the e2e floo
 libvirtd grow 34 MiB for 760 events on a loaded host), so the cut-off must come early. A false
 alarm costs only latency (hints arrive through the periodic reconcile) and a warning.
 
-A suppressed domain is re-subscribed once nothing of it arrived for its back-off (30 s,
-doubling with each new flood up to 30 min; libvirtd's backlog for us counts as not quiet).
-Nothing arrives while it is not subscribed, so a re-subscription is a probe that may land
-in a flood that never stopped, and the burst test catches it again after ``BURST_EVENTS``.
-A domain that flooded before is also on probation for paced floods: more than
-``PROBATION_THRESHOLD`` monitor events in one window suppress it again at once. After
-``BACKOFF_MAX`` seconds subscribed without a flood its history is forgotten.
+A suppressed domain is listened to again once it is quiet: nothing of it arrived for its
+back-off (30 s, doubling with each new flood up to 30 min; libvirtd's backlog for us counts
+as not quiet), and then its vCPUs were idle (none above ``BUSY_FRACTION`` of a CPU) between
+two probes (``PROBE_INTERVAL`` apart, then every ``PROBE_RETRY`` while busy). Nothing arrives
+while it is not subscribed, so the first test alone says nothing; the second is what a flood
+cannot hide: writing the OST registers at tens of thousands a second keeps a vCPU busy, and
+re-subscribing into a flood that never stopped is the dangerous moment for libvirtd (its
+event queue for us is already full-rate before our first read). A guest that stays busy is
+handled through its lifecycle and agent events and the periodic reconcile. If a flood does
+start again, the burst test catches it after ``BURST_EVENTS``, and a domain that flooded
+before is also on probation for paced floods: more than ``PROBATION_THRESHOLD`` monitor
+events in one window suppress it again at once. After ``BACKOFF_MAX`` seconds subscribed
+without a flood its history is forgotten.
 
 Pure bookkeeping with an injected clock (no threads of its own, no libvirt); one lock,
 because the event thread asks and the daemon's main loop collects.
@@ -69,6 +75,9 @@ PASS_PER_WINDOW = 5  # events of one domain per window that become records
 BACKOFF_FIRST = 30.0  # seconds without events before a suppressed domain is re-subscribed
 BACKOFF_MAX = 1800.0
 SUPPRESSED_RESYNC = 10.0  # reconcile a suppressed domain this often
+PROBE_INTERVAL = 1.0  # seconds between the two vCPU-time reads of a quiet probe
+PROBE_RETRY = 10.0  # seconds until the next probe of a domain whose vCPUs were busy
+BUSY_FRACTION = 0.1  # of one CPU, for the busiest vCPU: above it, not quiet
 
 
 class Verdict(enum.Enum):
@@ -122,6 +131,8 @@ class _Domain:
     backoff: float = BACKOFF_FIRST
     subscribed_at: float = 0.0  # when it was last re-subscribed
     last_resync: float = 0.0
+    probe_after: float = 0.0  # no quiet probe before this clock time
+    busy_reported: bool = False  # "still busy" is logged once per suppression
 
 
 class FloodGuard:
@@ -140,12 +151,15 @@ class FloodGuard:
         backoff_first: float = BACKOFF_FIRST,
         backoff_max: float = BACKOFF_MAX,
         resync: float = SUPPRESSED_RESYNC,
+        probe_interval: float = PROBE_INTERVAL,
+        probe_retry: float = PROBE_RETRY,
     ) -> None:
         self._clock = clock
         self.threshold, self.window, self.per_window = threshold, window, per_window
         self.probation_threshold = probation_threshold
         self.burst_events, self.burst_seconds = burst_events, burst_seconds
         self.backoff_first, self.backoff_max, self.resync = backoff_first, backoff_max, resync
+        self.probe_interval, self.probe_retry = probe_interval, probe_retry
         self._domains: dict[Key, _Domain] = {}
         self._summaries: list[Summary] = []
         self._lock = threading.Lock()
@@ -207,6 +221,7 @@ class FloodGuard:
             dom.backoff = min(dom.backoff * 2, self.backoff_max)
         dom.floods += 1
         dom.burst_start, dom.burst_count = -1.0, 0
+        dom.probe_after, dom.busy_reported = 0.0, False
         dom.suppressed = FloodInfo(
             rate=events / seconds,
             events=events,
@@ -227,11 +242,11 @@ class FloodGuard:
     # main loop
 
     def collect(self) -> tuple[list[Summary], list[DomainRef], list[DomainRef]]:
-        """(summaries of windows that ended, domains to re-subscribe now, suppressed domains
-        due for their periodic reconcile). Forgets domains that have been quiet a while, so
-        memory follows the number of active domains."""
+        """(summaries of windows that ended, suppressed domains past their back-off due for
+        a quiet probe, suppressed domains due for their periodic reconcile). Forgets domains
+        that have been quiet a while, so memory follows the number of active domains."""
         now = self._clock()
-        resubscribe: list[DomainRef] = []
+        probe: list[DomainRef] = []
         resync: list[DomainRef] = []
         with self._lock:
             for key, dom in list(self._domains.items()):
@@ -241,14 +256,39 @@ class FloodGuard:
                         del self._domains[key]
                         continue
                 if dom.suppressed is not None:
-                    if now - dom.last_monitor >= dom.backoff:
-                        dom.suppressed, dom.subscribed_at = None, now
-                        resubscribe.append(dom.ref)
-                    elif now - dom.last_resync >= self.resync:
+                    if now - dom.last_monitor >= dom.backoff and now >= dom.probe_after:
+                        dom.probe_after = now + self.probe_interval
+                        probe.append(dom.ref)
+                    if now - dom.last_resync >= self.resync:
                         dom.last_resync = now
                         resync.append(dom.ref)
             summaries, self._summaries = self._summaries, []
-        return summaries, resubscribe, resync
+        return summaries, probe, resync
+
+    # the probe (MonitorSubscriptions' thread)
+
+    def resubscribe(self, key: Key) -> Optional[DomainRef]:
+        """A probe found the domain's vCPUs idle: listen to it again, on probation. None
+        if it is no longer suppressed, or events of it arrived since the back-off ended."""
+        now = self._clock()
+        with self._lock:
+            dom = self._domains.get(key)
+            if dom is None or dom.suppressed is None or now - dom.last_monitor < dom.backoff:
+                return None
+            dom.suppressed, dom.subscribed_at = None, now
+            return dom.ref
+
+    def still_busy(self, key: Key) -> bool:
+        """A probe found a vCPU of the domain busy: probe again in ``probe_retry``. True the
+        first time for this suppression (worth one log line)."""
+        now = self._clock()
+        with self._lock:
+            dom = self._domains.get(key)
+            if dom is None or dom.suppressed is None:
+                return False
+            dom.probe_after = now + self.probe_retry
+            first, dom.busy_reported = not dom.busy_reported, True
+            return first
 
     def _idle(self, dom: _Domain, now: float) -> bool:
         if dom.suppressed is not None or dom.passed or dom.count:

@@ -23,12 +23,12 @@ import time
 from typing import Callable, Iterable, Optional
 
 from virthotplug.core import errors
-from virthotplug.daemon.flood import FloodGuard
+from virthotplug.daemon.flood import BUSY_FRACTION, FloodGuard
 from virthotplug.host.connection import Connection
 
 log = logging.getLogger("virthotplug.daemon.watch")
 
-_DROP, _ADD, _SYNC, _STOP = 0, 1, 2, 3  # priorities: lower runs first
+_DROP, _ADD, _PROBE, _SYNC, _STOP = 0, 1, 2, 3, 4  # priorities: lower runs first
 # How long the event thread waits for a flooding domain's removal to be under way.
 HANDOFF_WAIT = 0.2  # seconds
 
@@ -39,13 +39,22 @@ _Request = tuple[int, int, tuple[str, ...], float, threading.Event]
 class MonitorSubscriptions:
     """Keeps one host's per-domain monitor registrations on ``current()``'s connection."""
 
-    def __init__(self, host: str, current: Callable[[], Optional[Connection]], guard: FloodGuard):
+    def __init__(
+        self,
+        host: str,
+        current: Callable[[], Optional[Connection]],
+        guard: FloodGuard,
+        clock: Callable[[], float] = time.monotonic,  # for the vCPU-time reads
+    ):
         self.host = host
+        self._clock = clock
         self._current = current
         self._guard = guard
         # (priority, sequence, UUIDs, when requested, set once the request is under way)
         self._queue: queue.PriorityQueue[_Request] = queue.PriorityQueue()
         self._seq = itertools.count()
+        # Suppressed domains' last vCPU times (when read, ns per vCPU), for quiet probes.
+        self._cpu: dict[str, tuple[float, dict[int, int]]] = {}
         self._thread = threading.Thread(target=self._loop, name=f"monitor {host}", daemon=True)
 
     def start(self) -> None:
@@ -68,6 +77,11 @@ class MonitorSubscriptions:
         would hold the GIL and a CPU the removal needs, and every millisecond of delay is
         more events libvirtd queues for us."""
         self._put(_DROP, (uuid,)).wait(HANDOFF_WAIT)
+
+    def probe(self, uuid: str) -> None:
+        """A suppressed domain past its back-off: re-subscribe it if its vCPUs are idle
+        (``FloodGuard`` says why). Each probe reads the vCPU times; the next one decides."""
+        self._put(_PROBE, (uuid,))
 
     def sync(self, running: Iterable[str]) -> None:
         """The host's running domains, as a resync listed them."""
@@ -120,12 +134,48 @@ class MonitorSubscriptions:
                 )
         elif priority == _ADD:
             self._add(conn, uuids[0])
+        elif priority == _PROBE:
+            self._probe(conn, uuids[0])
         else:
             # Only additions: a domain started after the listing was taken would be dropped
             # again. A stopped domain's registration is dropped by its stop event (one that
             # stays because that event was lost delivers nothing: it is filtered by UUID).
             for uuid in sorted(set(uuids) - conn.monitored()):
                 self._add(conn, uuid)
+
+    def _probe(self, conn: Connection, uuid: str) -> None:
+        key = (self.host, uuid)
+        try:
+            dom = conn.domain_by_uuid(uuid)
+            sample = (self._clock(), dom.vcpu_times())
+        except errors.NoDomainError:
+            self._cpu.pop(uuid, None)
+            return
+        except errors.ConnectError:
+            raise
+        except errors.VirtHotplugError as exc:  # no vCPU times here: the back-off alone
+            log.debug("%s: %s; re-subscribing on the back-off alone", self.host, exc)
+            sample = None
+        before = self._cpu.get(uuid)
+        if sample is not None:
+            self._cpu[uuid] = sample
+            if before is None:
+                return  # the next probe decides
+            busiest, vcpu = _busiest(before, sample)
+            if busiest >= BUSY_FRACTION:
+                if self._guard.still_busy(key):
+                    log.info(
+                        "domain '%s': monitor events still off: vcpu%d is %.0f %% busy",
+                        dom.name,
+                        vcpu,
+                        busiest * 100,
+                    )
+                return
+        self._cpu.pop(uuid, None)
+        ref = self._guard.resubscribe(key)
+        if ref is not None:
+            log.info("domain '%s': quiet again: listening to its monitor events", ref.name)
+            self._add(conn, uuid)
 
     def _add(self, conn: Connection, uuid: str) -> None:
         if self._guard.is_suppressed((self.host, uuid)) or uuid in conn.monitored():
@@ -138,3 +188,17 @@ class MonitorSubscriptions:
             raise
         except errors.VirtHotplugError as exc:
             log.warning("%s: no QEMU monitor events for %s: %s", self.host, uuid, exc)
+
+
+def _busiest(
+    before: tuple[float, dict[int, int]], after: tuple[float, dict[int, int]]
+) -> tuple[float, int]:
+    """(the largest share of one CPU a vCPU used between two reads, that vCPU); vCPUs
+    plugged or unplugged in between are left out."""
+    seconds = max(after[0] - before[0], 1e-3)
+    shares = [
+        ((ns - before[1][vcpu]) / 1e9 / seconds, vcpu)
+        for vcpu, ns in after[1].items()
+        if vcpu in before[1]
+    ]
+    return max(shares, default=(0.0, 0))

@@ -545,15 +545,15 @@ class Watch:
 
     def _flood_collect(self) -> None:
         """Summaries of what the flood guard dropped, suppressed domains whose back-off is
-        over (listen to them again), and the periodic reconcile of suppressed ones."""
-        summaries, resubscribe, resync = self._flood.collect()
+        over (probe them: listen again once their vCPUs are idle), and the periodic
+        reconcile of suppressed ones."""
+        summaries, probe, resync = self._flood.collect()
         for summary in summaries:
             self._handle(summary_event(summary))
-        for ref in resubscribe:
+        for ref in probe:
             session = self.sessions.get(ref.host)
             if session is not None:
-                log.info("domain '%s': quiet again: listening to its monitor events", ref.name)
-                session.monitors.add(ref.uuid)
+                session.monitors.probe(ref.uuid)
         now = time.monotonic()
         for ref in resync:
             self._sched.request(ref, due=now, at=now, reason="flood")

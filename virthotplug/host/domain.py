@@ -68,6 +68,11 @@ class Domain:
         info = self._call(self.raw.info)
         return int(info[3])
 
+    def vcpu_times(self) -> dict[int, int]:
+        """CPU time used so far by each running vCPU (ns), from ``virDomainGetVcpus``."""
+        info, _cpumaps = self._call(self.raw.vcpus, " vCPU times")
+        return {number: cpu_time for number, _state, cpu_time, _cpu in info}
+
     # reads
 
     def xml(self, *, inactive: bool) -> str:
