@@ -187,6 +187,27 @@ def test_rejected_hot_add_is_decided_once_with_at_most_five_reconciles(
     assert [f["severity"] for f in again.record.findings] == ["warning"]
 
 
+def test_a_flood_voids_the_hot_add_its_forged_osts_started(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch, recorded: list[list[HistoryEntry]]
+) -> None:
+    # A guest fakes device-check OSTs for vcpu1 and then floods: the few that became
+    # records must not turn into "the guest rejected a hot-add" that never happened.
+    from virthotplug.daemon.flood import FloodEvent
+
+    guest = Guest(Policy(mode="report"), ("0", "0", 1))
+    r = runner(guest, monkeypatch)
+    run(r, clock)
+    ost_at = clock.now
+    done = run(r, clock, frozenset({1}), first=ost_at)
+    assert done.retry_after is not None  # looking for the new CPU
+    r.observe(FloodEvent(REF))
+    clock.now += jobs.HOTADD_WAIT + 1
+    done = run(r, clock, frozenset({1}), first=ost_at)  # the retry carries the hint again
+    assert done.retry_after is None and not done.warning
+    assert "rejected" not in done.line and recorded == []
+    assert "guest-rejected-vcpu" not in [f["code"] for f in done.record.findings]
+
+
 def test_look_delays_are_bounded() -> None:
     first = WatchSettings().hotadd_settle
     times, waited = [0.0], 0.0

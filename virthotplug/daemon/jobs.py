@@ -32,6 +32,7 @@ from virthotplug.core.policy import Policy
 from virthotplug.core.records import Record, iso_time
 from virthotplug.core.schedule import Job, Key
 from virthotplug.core.view import CRITICAL, HISTORY_REJECTED, HistoryEntry, VcpuView, to_dict
+from virthotplug.daemon.flood import FloodEvent
 from virthotplug.daemon.watch import JobResult
 from virthotplug.host import actions, history
 from virthotplug.host.actions import ONLINED
@@ -115,6 +116,9 @@ class JobRunner:
         """Every event, on the daemon's main loop (quick, no libvirt call): what QEMU's
         monitor events say about vCPUs is kept for the domain's history, which its next
         job writes."""
+        if isinstance(ev, FloodEvent) and ev.domain is not None:
+            self._distrust_monitor(ev.domain.key)
+            return
         if not isinstance(ev, (OstMonitorEvent, DeviceDeletedMonitorEvent)) or ev.domain is None:
             return
         memory = self._memory_for(ev.domain.key)
@@ -122,6 +126,16 @@ class JobRunner:
         if found:
             with self._ours_lock:
                 memory.unrecorded = (memory.unrecorded + found)[-MAX_UNRECORDED:]
+
+    def _distrust_monitor(self, key: Key) -> None:
+        """The domain flooded its monitor events, so the few that became records were the
+        guest's to forge: no hot-add is judged on them (no "rejected" for a hot-add that
+        never was) and none goes into its history. Policy still acts on what the guest
+        lists."""
+        memory = self._memory_for(key)
+        with self._ours_lock:
+            memory.pending, memory.decided_upto = None, time.monotonic()
+            memory.unrecorded = []
 
     def forget(self, key: Key) -> None:
         """The domain stopped or went away: drop what was kept for it."""
