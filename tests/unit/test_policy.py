@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import pytest
@@ -343,7 +344,7 @@ def test_match_counts_excluded_online_cpus() -> None:
 
 def test_match_without_count_or_live_layer_is_a_noop() -> None:
     base = view(online="0")
-    no_live = VcpuView(**{**base.__dict__, "live": None})
+    no_live = dataclasses.replace(base, live=None)
     assert decide(no_live, policy(MODE_MATCH)).is_noop
 
 
@@ -391,7 +392,7 @@ def test_decide_invariants(
 ) -> None:
     present, online, offlinable = guest
     layer = GuestLayer(present=present, online=online, offlinable=offlinable)
-    the_view = VcpuView(**{**view().__dict__, "guest": layer, "live": CountLayer(live, 16)})
+    the_view = dataclasses.replace(view(), guest=layer, live=CountLayer(live, 16))
     plan = decide(the_view, Policy(mode=mode, count=count, exclude=exclude))
 
     assert isinstance(plan, Plan) and plan.note

@@ -365,9 +365,9 @@ def test_view_properties() -> None:
     assert view.active
     assert view.worst_severity == WARNING
     findings = (Finding("a", INFO, "."), Finding("b", CRITICAL, "."), Finding("c", WARNING, "."))
-    assert VcpuView(**{**view.__dict__, "findings": findings}).worst_severity == CRITICAL
-    assert VcpuView(**{**view.__dict__, "findings": ()}).worst_severity is None
-    assert not VcpuView(**{**view.__dict__, "live": None}).active
+    assert dataclasses.replace(view, findings=findings).worst_severity == CRITICAL
+    assert dataclasses.replace(view, findings=()).worst_severity is None
+    assert not dataclasses.replace(view, live=None).active
 
 
 # --- history ----------------------------------------------------------------------------

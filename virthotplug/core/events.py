@@ -63,7 +63,7 @@ FORGET = "forget"  # the domain is gone or stopped: drop pending work
 REPORT = "report"  # worth reporting, nothing to reconcile
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DomainRef:
     host: str
     uuid: str

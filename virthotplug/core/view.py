@@ -42,7 +42,7 @@ VCPU_STATES = {0: "offline", 1: "running", 2: "blocked"}
 MAX_GUEST_REPLY_KEYS = 16
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VcpuEntry:
     """One ``<vcpus><vcpu .../></vcpus>`` entry (parsed by ``host.domxml``)."""
 
@@ -52,7 +52,7 @@ class VcpuEntry:
     order: Optional[int] = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CountLayer:
     """Counts of one definition layer (config or live), with per-vCPU detail when known."""
 
@@ -61,7 +61,7 @@ class CountLayer:
     vcpus: tuple[VcpuEntry, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HypervisorLayer:
     """vCPU id → state ("running", "blocked", "offline") for the vCPUs QEMU has plugged."""
 
@@ -72,7 +72,7 @@ class HypervisorLayer:
         return len(self.vcpus)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class QemuCpus:
     """QEMU's own answer (``query-hotpluggable-cpus``; only with ``status --qemu-monitor``,
     which taints the domain): its CPU slots, and the QOM paths of those with a CPU."""
@@ -81,7 +81,7 @@ class QemuCpus:
     plugged: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GuestLayer:
     """What the guest kernel reports through the agent (guest logical CPU ids)."""
 
@@ -103,7 +103,7 @@ HISTORY_KINDS = (HISTORY_UNPLUG_TIMEOUT, HISTORY_EJECTED, HISTORY_REJECTED, HIST
 MAX_HISTORY_ENTRIES = 32  # the latest are kept; counts survive in ``plugged``
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HistoryEntry:
     """One thing seen about one vCPU (libvirt's vCPU id), at ``time`` (Unix seconds)."""
 
@@ -113,7 +113,7 @@ class HistoryEntry:
     source: str = ""  # how it was seen: "ost", "device-deleted", "setvcpus", ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class History:
     """What virthotplug saw happen to a running domain's vCPUs during this run.
 
@@ -172,14 +172,14 @@ def _same(a: HistoryEntry, b: HistoryEntry) -> bool:
     return a.kind == b.kind and a.vcpu == b.vcpu and abs(a.time - b.time) < 1.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AgentStatus:
     configured: bool
     state: str
     error: Optional[str] = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Finding:
     """One drift finding: a stable ``code``, a severity and a one-line explanation."""
 
@@ -189,7 +189,7 @@ class Finding:
     cpus: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VcpuView:
     host: str
     name: str

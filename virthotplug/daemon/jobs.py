@@ -61,7 +61,7 @@ RETRY_GRACE = "grace"
 MAX_UNRECORDED = 64  # monitor-event entries kept per domain until its next job writes them
 
 
-@dataclass
+@dataclass(slots=True)
 class PendingHotadd:
     """A hot-add QEMU reported (OST device check) that the guest has not listed yet."""
 
@@ -71,7 +71,7 @@ class PendingHotadd:
     looks: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class DomainMemory:
     """What the daemon remembers of one domain between its jobs."""
 

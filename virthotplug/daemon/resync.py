@@ -81,7 +81,7 @@ class ResyncResult:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class _Known:
     codes: tuple[str, ...]
     view: VcpuView

@@ -77,7 +77,7 @@ class ReadResult:
     missing: list[str] = field(default_factory=list)  # names not found (with ``missing_ok``)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Raw:
     """What was read for one domain before the guest layer."""
 
@@ -482,7 +482,7 @@ def _agent_state_for(error: BaseException) -> str:
 # --- the daemon's bulk resync: every running domain, definitions cached between reads ------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Definitions:
     """One domain's parsed definitions as the bulk read last fetched them."""
 
@@ -554,7 +554,7 @@ class DefinitionCache:
             return len(self._entries)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BulkRaw:
     """One running domain as the bulk read saw it, before any guest-agent query."""
 
@@ -627,7 +627,7 @@ def workers_for(workers: int) -> int:
     return max(1, min(workers, DEFINITION_WORKERS))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Miss:
     """A domain whose definitions the cache could not answer for."""
 

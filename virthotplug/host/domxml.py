@@ -79,7 +79,7 @@ _PARSER = etree.XMLParser(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Topology:
     """``<cpu><topology .../></cpu>``; absent attributes are None."""
 
@@ -89,7 +89,7 @@ class Topology:
     threads: Optional[int] = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RawHistory:
     """Our history element's raw attributes and entries' attributes (``host.history``
     validates them)."""
@@ -98,7 +98,7 @@ class RawHistory:
     entries: tuple[Mapping[str, str], ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DomainXML:
     """What virthotplug reads from one domain XML document (inactive or live)."""
 
