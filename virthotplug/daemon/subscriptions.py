@@ -9,8 +9,11 @@ first (a flooding domain is cut off before any pending additions are made).
 The wanted set is the host's running domains, less those the ``FloodGuard`` holds
 suppressed: added on start/resume and whenever a resync lists the running domains (at
 session start, after a reconnect, and periodically), dropped on stop, crash or undefine, and
-at once when a domain floods. Registrations belong to one connection: after a reconnect the
-new connection has none until the reconnect's resync lists the running domains.
+at once when a domain floods (``drop_now``). A suppressed domain comes back through
+``probe``: past its back-off, its vCPU times are read on each probe, and once its busiest
+vCPU used less than ``BUSY_FRACTION`` of a CPU since the previous read it is registered
+again. Registrations belong to one connection: after a reconnect the new connection has
+none until the reconnect's resync lists the running domains.
 """
 
 from __future__ import annotations
