@@ -63,6 +63,11 @@ SHUTDOWN_GRACE = 1.5  # SIGTERM to exit stays under 2 s even with a slow daemon
 # under a sustained flood the queue never empties, and the loop must still go round.
 DRAIN_BATCH = 500
 FLOOD_COLLECT = 0.25  # seconds between two looks at the flood guard (summaries, back-offs)
+# A reconcile that failed (libvirt refused a call) is tried once more after this long; if
+# that fails too, the next periodic resync tries again (it no longer counts the domain as
+# known), so a lasting failure costs one warning a resync, never a spin.
+FAILED_RETRY = 5.0  # seconds
+RETRY_FAILED = "failed"
 
 
 class EventSource(Protocol):
@@ -135,6 +140,10 @@ class _JobDone:
     job: Optional[Job] = None
     reason: str = "grace"
     unresponsive: bool = False  # the reconcile found the guest agent not answering
+
+
+class _ReconcileFailed(Exception):
+    """A reconcile job failed with an error already logged: retry it (``FAILED_RETRY``)."""
 
 
 @dataclass(frozen=True)
@@ -701,13 +710,18 @@ class Watch:
 
     def _run_job(self, job: Job) -> None:
         result = None
+        failed = False
         try:
             result = self._reconcile(job)
+        except _ReconcileFailed:
+            failed = True
         except Exception:  # a bug in one reconcile must not kill a worker
             log.exception("domain '%s': reconcile crashed", job.ref.name)
         finally:
             retry_after = result.retry_after if result is not None else None
             reason = result.retry_reason if result is not None else "grace"
+            if failed and RETRY_FAILED not in job.reasons:
+                retry_after, reason = FAILED_RETRY, RETRY_FAILED
             view = result.view if result is not None else None
             unresponsive = view is not None and view.agent.state == AGENT_UNRESPONSIVE
             self._queue.put(_JobDone(job.ref.key, retry_after, job, reason, unresponsive))
@@ -732,7 +746,9 @@ class Watch:
             self.stats.count(failures=1)
             log.warning("domain '%s': %s", job.ref.name, exc)
             self._observer.failed(job, time.monotonic() - started)
-            return None
+            if self._bulk is not None:
+                self._bulk.forget(conn.uri, job.ref.uuid)  # not known: the next resync picks it
+            raise _ReconcileFailed from exc
         result = self._with_flood_finding(job, result)
         self.stats.count(reconciles=1)
         self._eventlog.reconcile(

@@ -1,0 +1,54 @@
+"""A reconcile that libvirt refused is tried again: once after ``FAILED_RETRY``, and then by
+the next periodic resync, which no longer counts the domain as known. Never a spin."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from virthotplug.core import errors
+from virthotplug.core.config import WatchSettings
+from virthotplug.core.events import DomainRef
+from virthotplug.core.schedule import Job
+from virthotplug.daemon.eventlog import EventLog
+from virthotplug.daemon.watch import FAILED_RETRY, RETRY_FAILED, JobResult, Watch, _JobDone
+
+HOST = "test:///default"
+REF = DomainRef(HOST, "uuid-1", "dom1")
+
+
+class _Conn:
+    uri = HOST
+
+    def domain_by_uuid(self, uuid: str) -> Any:
+        return uuid
+
+
+class _Bulk:
+    def __init__(self) -> None:
+        self.forgotten: list[tuple[str, str]] = []
+
+    def forget(self, host: str, uuid: str) -> None:
+        self.forgotten.append((host, uuid))
+
+
+def _refused(_conn: Any, _dom: Any, _job: Job) -> JobResult:
+    raise errors.VirtHotplugError("domain 'dom1' metadata: virDomainGetMetadata() failed")
+
+
+def _run(watch: Watch, reasons: list[str]) -> _JobDone:
+    watch._run_job(Job(REF, due=0.0, first_request=0.0, reasons=reasons))
+    item = watch._queue.get_nowait()  # what the worker handed back to the main loop
+    assert isinstance(item, _JobDone)
+    return item
+
+
+def test_a_failed_reconcile_is_retried_once_and_forgotten_by_the_resync() -> None:
+    bulk = _Bulk()
+    watch = Watch([HOST], WatchSettings(), _refused, EventLog(None), resync=bulk)  # type: ignore[arg-type]
+    watch.sessions[HOST]._conn = _Conn()  # type: ignore[assignment]
+    first = _run(watch, ["host"])
+    assert (first.retry_after, first.reason) == (FAILED_RETRY, RETRY_FAILED)
+    assert bulk.forgotten == [(HOST, "uuid-1")]  # the next resync reconciles it
+    again = _run(watch, ["host", RETRY_FAILED])
+    assert again.retry_after is None  # no timer after the retry: the resync takes over
+    assert watch.stats.failures == 2
