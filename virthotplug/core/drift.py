@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Optional
 
 from virthotplug.core.cpulist import format_cpulist
 from virthotplug.core.policy import MODE_IGNORE, Policy, kept_offline, unreachable
+from virthotplug.core.shared import SharedValues
 from virthotplug.core.view import (
     AGENT_BAD_REPLY,
     AGENT_NOT_CONFIGURED,
@@ -104,24 +105,13 @@ def find_drift(
         _guest_offline,
         _match,
     )
-    found = tuple(_one(f) for check in checks for f in check(view, policy))
+    found = tuple(_findings.one(f) for check in checks for f in check(view, policy))
     return tuple(_settle(f) for f in found) if settling else found
 
 
 # Most domains of a host share their findings word for word ("the guest agent is not
-# connected; ..."): one object each, however many views hold it. Bounded: cleared when full.
-_FINDINGS_MAX = 4096
-_findings: dict[Finding, Finding] = {}
-
-
-def _one(finding: Finding) -> Finding:
-    known = _findings.get(finding)
-    if known is not None:
-        return known
-    if len(_findings) >= _FINDINGS_MAX:
-        _findings.clear()
-    _findings[finding] = finding
-    return finding
+# connected; ..."): one object each, however many views hold it.
+_findings = SharedValues()
 
 
 def _settle(finding: Finding) -> Finding:

@@ -6,11 +6,9 @@ another system) or cannot be loaded:
 * **Trim after a burst.** After a resync, free memory at the top of each arena goes back to
   the system (``malloc_trim``), instead of staying resident until the next burst reuses it.
 
-Not done: a limit of two malloc arenas (``mallopt(M_ARENA_MAX, 2)``) saves about 2 MiB at a
-thousand domains, but the other threads would then share arenas with the
-libvirt event thread, whose allocations could wait on theirs while a guest floods events,
-and the cut-off that protects libvirtd depends on reading those quickly. With it, the flood
-e2e test failed twice in three runs. The cause is not proven.
+Not done: a limit of two malloc arenas (``mallopt(M_ARENA_MAX, 2)``) saved about 1 MiB at a
+thousand domains; with the per-domain records slotted and shared (``core.shared``) watch
+stays well under its budget without making its threads share arenas.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Optional
 from virthotplug.core import errors
 from virthotplug.daemon.flood import BUSY_FRACTION, FloodGuard
 from virthotplug.host.connection import Connection
+from virthotplug.host.domain import Domain
 
 log = logging.getLogger("virthotplug.daemon.watch")
 
@@ -100,30 +101,24 @@ class MonitorSubscriptions:
     def _loop(self) -> None:
         while True:
             priority, _seq, uuids, requested, under_way = self._queue.get()
+            under_way.set()  # this thread has it: a waiting event thread may go on
             if priority == _STOP:
                 return
             conn = self._current()
-            if conn is None or (not conn.monitoring and priority != _DROP):
-                # None: the reconnect's resync lists every running domain again; no
-                # monitoring: a driver without monitor events, nothing to register.
-                under_way.set()
-                continue
+            if conn is None:
+                continue  # the reconnect's resync lists every running domain again
+            if not conn.monitoring and priority != _DROP:
+                continue  # a driver without monitor events: nothing to look up or register
             try:
-                self._do(conn, priority, uuids, requested, under_way)
+                self._do(conn, priority, uuids, requested)
             except errors.ConnectError as exc:
                 log.debug("%s: monitor registration: %s", self.host, exc)
             except Exception:  # a bug here must not end the thread
                 log.exception("%s: monitor registration failed", self.host)
 
     def _do(
-        self,
-        conn: Connection,
-        priority: int,
-        uuids: tuple[str, ...],
-        requested: float,
-        under_way: threading.Event,
+        self, conn: Connection, priority: int, uuids: tuple[str, ...], requested: float
     ) -> None:
-        under_way.set()  # the call below releases the GIL at once
         if priority == _DROP:
             started = time.monotonic()
             if conn.unmonitor_domain(uuids[0]):
@@ -148,9 +143,10 @@ class MonitorSubscriptions:
 
     def _probe(self, conn: Connection, uuid: str) -> None:
         key = (self.host, uuid)
+        dom: Optional[Domain] = None
         try:
             dom = conn.domain_by_uuid(uuid)
-            sample = (self._clock(), dom.vcpu_times())
+            busy = self._busy(key, dom)
         except errors.NoDomainError:
             self._cpu.pop(uuid, None)
             return
@@ -158,33 +154,40 @@ class MonitorSubscriptions:
             raise
         except errors.VirtHotplugError as exc:  # no vCPU times here: the back-off alone
             log.debug("%s: %s; re-subscribing on the back-off alone", self.host, exc)
-            sample = None
-        before = self._cpu.get(uuid)
-        if sample is not None:
-            self._cpu[uuid] = sample
-            if before is None:
-                return  # the next probe decides
-            busiest, vcpu = _busiest(before, sample)
-            if busiest >= BUSY_FRACTION:
-                if self._guard.still_busy(key):
-                    log.info(
-                        "domain '%s': monitor events still off: vcpu%d is %.0f %% busy",
-                        dom.name,
-                        vcpu,
-                        busiest * 100,
-                    )
-                return
+            busy = False
+        if busy:
+            return
         self._cpu.pop(uuid, None)
         ref = self._guard.resubscribe(key)
         if ref is not None:
             log.info("domain '%s': quiet again: listening to its monitor events", ref.name)
-            self._add(conn, uuid)
+            self._add(conn, uuid, dom)
 
-    def _add(self, conn: Connection, uuid: str) -> None:
+    def _busy(self, key: tuple[str, str], dom: Domain) -> bool:
+        """Reads the domain's vCPU times: whether it stays off for now (its first read, or a
+        vCPU above ``BUSY_FRACTION`` of a CPU since the previous read)."""
+        sample = (self._clock(), dom.vcpu_times())
+        before = self._cpu.get(dom.uuid)
+        self._cpu[dom.uuid] = sample
+        if before is None:
+            return True  # the next probe decides
+        busiest, vcpu = _busiest(before, sample)
+        if busiest < BUSY_FRACTION:
+            return False
+        if self._guard.still_busy(key):
+            log.info(
+                "domain '%s': monitor events still off: vcpu%d is %.0f %% busy",
+                dom.name,
+                vcpu,
+                busiest * 100,
+            )
+        return True
+
+    def _add(self, conn: Connection, uuid: str, dom: Optional[Domain] = None) -> None:
         if self._guard.is_suppressed((self.host, uuid)) or uuid in conn.monitored():
             return
         try:
-            conn.monitor_domain(conn.domain_by_uuid(uuid))
+            conn.monitor_domain(dom if dom is not None else conn.domain_by_uuid(uuid))
         except errors.NoDomainError:
             return
         except errors.ConnectError:

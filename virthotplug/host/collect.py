@@ -21,11 +21,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
 from virthotplug.core import errors
 from virthotplug.core.drift import find_drift
 from virthotplug.core.settings import AGENT_TIMEOUT
+from virthotplug.core.shared import SharedValues
 from virthotplug.core.view import (
     AGENT_BAD_REPLY,
     AGENT_CONNECTED,
@@ -314,24 +315,13 @@ def _read_definitions(
     return _Raw(dom=dom, xml=xml, view=view, live=live_xml)
 
 
-# Equal layers of different domains are one object: a host runs few distinct vCPU shapes,
-# and every view of every domain holds its layers until the next read. Bounded: cleared
-# when full (a miss only builds the layer again).
-_LAYERS_MAX = 4096
-_layers: dict[Hashable, Any] = {}
-
-
-def _shared_layer(key: Hashable, build: Callable[[], T]) -> T:
-    known = _layers.get(key)
-    if known is None:
-        if len(_layers) >= _LAYERS_MAX:
-            _layers.clear()
-        known = _layers[key] = build()
-    return known  # type: ignore[no-any-return]  # built for this key, hence of its type
+# Equal layers of different domains are one object (``core.shared``): every view of every
+# domain holds its layers until the next read.
+_layers = SharedValues()
 
 
 def _count_layer(xml: DomainXML) -> CountLayer:
-    return _shared_layer(
+    return _layers.get(
         ("count", xml.vcpu_current, xml.vcpu_max, xml.vcpus),
         lambda: CountLayer(current=xml.vcpu_current, maximum=xml.vcpu_max, vcpus=xml.vcpus),
     )
@@ -341,7 +331,7 @@ def _live_from_stats(stats: Stats) -> Optional[CountLayer]:
     current, maximum = stats.get("vcpu.current"), stats.get("vcpu.maximum")
     if not isinstance(current, int) or not isinstance(maximum, int):
         return None
-    return _shared_layer(
+    return _layers.get(
         ("live", current, maximum), lambda: CountLayer(current=current, maximum=maximum)
     )
 
@@ -353,7 +343,7 @@ def _hypervisor_from_stats(stats: Stats) -> HypervisorLayer:
         parts = key.split(".")
         if len(parts) == 3 and parts[0] == "vcpu" and parts[2] == "state" and parts[1].isdigit():
             vcpus[int(parts[1])] = VCPU_STATES.get(int(value), "unknown")
-    return _shared_layer(("stats", *vcpus.items()), lambda: HypervisorLayer(vcpus=vcpus))
+    return _layers.get(("stats", *vcpus.items()), lambda: HypervisorLayer(vcpus=vcpus))
 
 
 def _live_xml(conn: Connection, dom: Domain, name: str) -> DomainXML:
@@ -368,7 +358,7 @@ def _hypervisor_from_xml(live: DomainXML) -> HypervisorLayer:
     ``virDomainGetVcpus`` does. With no ``<vcpus>`` element, vCPUs 0..current-1 are on."""
     enabled = [v.id for v in live.vcpus if v.enabled] if live.vcpus else []
     ids = enabled or list(range(live.vcpu_current))
-    return _shared_layer(
+    return _layers.get(
         ("xml", *ids), lambda: HypervisorLayer(vcpus=dict.fromkeys(ids, VCPU_STATES[1]))
     )
 

@@ -26,11 +26,12 @@ domain run and a METADATA_CHANGE subscription filtered on ``NAMESPACE`` never se
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Hashable, Mapping, Optional, TypeVar
+from typing import Mapping, Optional, Sequence
 
 from lxml import etree
 
 from virthotplug.core.errors import MalformedXMLError
+from virthotplug.core.shared import SharedValues
 from virthotplug.core.view import VcpuEntry
 
 NAMESPACE = "http://virthotplug.org/xmlns/policy/1.0"
@@ -44,28 +45,10 @@ MAX_HISTORY_XML_ENTRIES = 256  # what we read back; we write far fewer (view.MAX
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 MAX_XML_BYTES = 8 * 1024 * 1024  # far above any real domain; bounds what we hand to lxml
 
-# Identical parsed parts share one object: the daemon caches the definitions of every
-# running domain, and a host of a thousand domains has a few dozen distinct <vcpu> entries
-# and topologies, not tens of thousands. Bounded: cleared when full (a miss only costs the
-# copy). Safe across threads: a race stores an equal value.
-_SHARED_MAX = 4096
-_shared_parts: dict[Hashable, Hashable] = {}
-_H = TypeVar("_H", bound=Hashable)
-
-
-def _shared(value: _H) -> _H:
-    found = _shared_parts.get(value)
-    if found is not None:
-        return found  # type: ignore[return-value]  # equal to value, hence of its type
-    _remember(_shared_parts, value, value)
-    return value
-
-
-def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
-    """Store in one of the bounded caches below: cleared when full (a miss costs a parse)."""
-    if len(cache) >= _SHARED_MAX:
-        cache.clear()
-    cache[key] = value
+# Identical parsed parts share one object (``core.shared``): the daemon caches the definitions
+# of every running domain, and a host of a thousand domains has a few dozen distinct <vcpu>
+# entries and topologies.
+_parts = SharedValues()
 
 
 # Entities are never resolved and the network is never touched: domain XML may carry
@@ -280,28 +263,30 @@ def _parse_vcpus(root: etree._Element, vcpu_max: int, ctx: _Ctx) -> tuple[VcpuEn
         (e.get("id"), e.get("enabled"), e.get("hotpluggable", "no"), e.get("order"))
         for e in root.findall("vcpus/vcpu")
     ]
-    key = (vcpu_max, tuple(elements))
-    known = _vcpus_by_attributes.get(key)
-    if known is not None:
-        return known
+    return _vcpus_by_attributes.get(
+        (vcpu_max, tuple(elements)), lambda: _validated_vcpus(elements, vcpu_max, ctx)
+    )
+
+
+def _validated_vcpus(
+    elements: Sequence[tuple[Optional[str], Optional[str], Optional[str], Optional[str]]],
+    vcpu_max: int,
+    ctx: _Ctx,
+) -> tuple[VcpuEntry, ...]:
     entries = []
     seen: set[int] = set()
     for attributes in elements:
-        entry = _shared(_vcpu_entry(*attributes, ctx=ctx))
+        entry = _parts.one(_vcpu_entry(*attributes, ctx=ctx))
         if entry.id >= vcpu_max or entry.id in seen:
             raise ctx.error(f"<vcpus><vcpu id='{entry.id}'> is duplicate or beyond {vcpu_max}")
         seen.add(entry.id)
         entries.append(entry)
-    vcpus = _shared(tuple(sorted(entries, key=lambda v: v.id)))
-    _remember(_vcpus_by_attributes, key, vcpus)
-    return vcpus
+    return _parts.one(tuple(sorted(entries, key=lambda v: v.id)))
 
 
 # Each distinct <vcpus> element is validated once: (maximum, its elements' raw attributes)
-# → its entries (bounded like _shared_parts). A host's domains repeat the same few.
-_vcpus_by_attributes: dict[
-    tuple[int, tuple[tuple[Optional[str], ...], ...]], tuple[VcpuEntry, ...]
-] = {}
+# → its entries. A host's domains repeat the same few.
+_vcpus_by_attributes = SharedValues()
 
 
 def _vcpu_entry(
@@ -326,19 +311,19 @@ def _parse_topology(root: etree._Element, ctx: _Ctx) -> Optional[Topology]:
     if elem is None:
         return None
     attributes = tuple(elem.get(key) for key in _TOPOLOGY_KEYS)
-    topology = _topologies_by_attributes.get(attributes)
-    if topology is None:
+
+    def validated() -> Topology:
         values = {
             key: _optional_int(value, f"topology {key}", ctx)
             for key, value in zip(_TOPOLOGY_KEYS, attributes)
         }
-        topology = _shared(Topology(**values))
-        _remember(_topologies_by_attributes, attributes, topology)
-    return topology
+        return _parts.one(Topology(**values))
+
+    return _topologies_by_attributes.get(attributes, validated)
 
 
 _TOPOLOGY_KEYS = ("sockets", "dies", "cores", "threads")
-_topologies_by_attributes: dict[tuple[Optional[str], ...], Topology] = {}
+_topologies_by_attributes = SharedValues()
 
 
 def _agent_target(root: etree._Element) -> Optional[etree._Element]:
