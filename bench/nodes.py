@@ -15,7 +15,10 @@ The layouts are deterministic (seeded) and mixed like a real host:
 That is the ``mix``. The other mixes keep the vCPU layouts and change only the run state
 and the agent channel, so each stresses one read path: ``agents`` (every domain running with
 an agent channel: the most per-domain reads), ``no-agents`` (every domain running, no
-channel), ``shut-off`` (every domain shut off: the config layer only).
+channel), ``shut-off`` (every domain shut off: the config layer only), and
+``agents-counts``: every domain running with an agent channel and a ``<vcpus>`` block, the
+maximum 4, 8 or 16 and the current count every value from 1 to the maximum in turn (so the
+vCPU counts and per-vCPU states, and with them the shared layers, vary the most).
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ from xml.sax.saxutils import escape
 SIZES = (10, 100, 1000, 5000)
 RUNNING, PAUSED, SHUTOFF = 1, 3, 5
 MIX = "mix"
-MIXES = (MIX, "agents", "no-agents", "shut-off")
+AGENTS_COUNTS = "agents-counts"
+MIXES = (MIX, "agents", "no-agents", "shut-off", AGENTS_COUNTS)
 _TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"
 _NAMESPACE = uuid.UUID("6f1c1c3e-46a4-4e43-9d5b-7f8a2b1c0d9e")  # stable UUIDs across runs
 _MAXIMA = (2, 4, 4, 8, 8, 8, 16, 16, 32)
+# agents-counts: every (maximum, current) pair of these maxima, taken in turn.
+_COUNT_PAIRS = tuple((m, c) for m in (4, 8, 16) for c in range(1, m + 1))
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,22 @@ def layouts(count: int, *, seed: int = 7, mix: str = MIX) -> list[Layout]:
                 runstate=runstate,
             )
         )
+    if mix == AGENTS_COUNTS:
+        return [_counted(layout, index) for index, layout in enumerate(result)]
     return [_remixed(layout, mix) for layout in result]
+
+
+def _counted(layout: Layout, index: int) -> Layout:
+    """Running with an agent channel, the ``index``-th (maximum, current) pair."""
+    maximum, current = _COUNT_PAIRS[index % len(_COUNT_PAIRS)]
+    return dataclasses.replace(
+        layout,
+        maximum=maximum,
+        current=current,
+        vcpus_block=True,
+        agent=True,
+        runstate=RUNNING,
+    )
 
 
 def _remixed(layout: Layout, mix: str) -> Layout:
