@@ -115,12 +115,12 @@ def test_a_driver_with_the_api_gets_every_agent_asked_without_a_batch_boundary(
 ) -> None:
     asked: list[str] = []
 
-    def reply(self: Connection, dom: Any) -> dict[str, str]:
-        asked.append(dom.name)
+    def reply(self: Domain) -> dict[str, str]:
+        asked.append(self.name)
         return {"vcpus": "0", "online": "0", "offlinable": ""}
 
     monkeypatch.setattr(Capabilities, "guest_agent_api", property(lambda _self: True))
-    monkeypatch.setattr(Connection, "guest_vcpus", reply)
+    monkeypatch.setattr(Domain, "guest_vcpus", reply)
     with Connection(MIXED) as conn:
         views = {v.name: v for v in collect.read_views(conn, None).views}
     assert asked == ["hotplug-agent"]  # the one running domain with an agent channel

@@ -4,7 +4,9 @@ Open this package for: the connection owner (``connection``), the typed per-doma
 (``domain``) and the Protocols of the libvirt objects it wraps (``libvirt_types``), error
 classification by code and error domain (``errors``), the libvirt import and the one event
 loop (``libvirt_module``), the connection's capability record (``support``), the domain XML
-model (``domxml``), reading the four layers of every domain (``collect``), writes through the
+model (``domxml``), reading the four layers of every domain (``collect``: its entry points;
+``bulk``: the one bulk reader of stats and definitions; ``views``: the one view builder;
+``agentread``: the guest agents asked, findings added), writes through the
 guest agent (``actions``), one policy reconcile of one domain (``reconcile``), where a
 domain's policy comes from (``policysource``), the domain's vCPU history kept in its live
 metadata and each domain's policy and history for findings (``history``), and QEMU's own

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Optional, Protocol, TypeVar
 
 from virthotplug.core import errors
 from virthotplug.host.domain import Domain
-from virthotplug.host.errors import classify, last_error, open_error
+from virthotplug.host.errors import classify, open_error
 from virthotplug.host.libvirt_module import libvirt_module
 from virthotplug.host.libvirt_types import Stats, VirConnect, VirDomain
 from virthotplug.host.support import Capabilities, read_capabilities
@@ -65,43 +65,88 @@ class EventSink(Protocol):
     def on_close(self, reason: int) -> None: ...
 
 
+class NoLeaseError(errors.AgentUnavailableError):
+    """Every agent lease of the connection is out (``_AgentLeases``): the agent was not asked."""
+
+
 class _AgentLeases:
-    """Connections for guest-agent calls: one call per connection at a time.
+    """Connections for guest-agent calls: one call per connection at a time, and at most
+    ``limit`` calls in flight per host.
 
     A call to a hung guest agent can block inside libvirtd indefinitely, and libvirt's client
     then holds back every other call on the same connection until its next keepalive
     wake-up (measured: exactly the keepalive interval; without keepalive, until the stuck
     call returns). So an agent call never shares its connection: it leases one, and a call
     stuck on a hung guest ties up only its own lease, never other domains.
+
+    Each lease is a connection of its own, and under ``qemu+ssh`` an ssh process: so the
+    leases out at once are capped. A lease is returned by the thread that made the call,
+    when the call really ends: a caller that stopped waiting for it (``call_with_timeout``)
+    leaves it counted until then, so hung guests cannot make the host open more than
+    ``limit`` connections. A call that finds every lease out waits ``wait`` seconds for one,
+    then fails for its domain (``AgentUnavailableError``).
     """
 
     MAX_IDLE = 8
+    LIMIT = 16  # leases out at once, per connection (per host)
+    WAIT = 30.0  # seconds a call waits for a lease when all of them are out
 
-    def __init__(self, open_connection: Callable[[], VirConnect]) -> None:
+    def __init__(
+        self,
+        open_connection: Callable[[], VirConnect],
+        *,
+        limit: int = LIMIT,
+        wait: float = WAIT,
+    ) -> None:
         self._open = open_connection
         self._idle: list[VirConnect] = []
         self._lock = threading.Lock()
+        self.limit = limit
+        self._wait = wait
+        self._slots = threading.BoundedSemaphore(limit)
+        self._out = 0  # leases out now (their calls have not ended yet)
         # Set when the owning connection closes (a reconnect): leases still out are closed
         # when they come back, and no new ones are opened for the old connection.
         self._closed = False
 
+    @property
+    def out(self) -> int:
+        """Leases out now: calls that have not ended, whether or not anyone still waits."""
+        with self._lock:
+            return self._out
+
     def run(self, uuid: str, fn: Callable[[VirDomain], T]) -> T:
-        conn = self._lease()
+        if not self._slots.acquire(timeout=self._wait):
+            raise NoLeaseError(
+                f"guest agent not asked: {self.limit} guest-agent calls on this host "
+                f"are still out after {self._wait:g} s"
+            )
         try:
-            return fn(conn.lookupByUUIDString(uuid))
+            conn = self._lease()
+            try:
+                return fn(conn.lookupByUUIDString(uuid))
+            finally:
+                self._release(conn)
         finally:
-            self._release(conn)
+            self._slots.release()
 
     def _lease(self) -> VirConnect:
         with self._lock:
             if self._closed:
                 raise errors.ConnectError("the connection was closed (reconnecting)")
+            self._out += 1
             if self._idle:
                 return self._idle.pop()
-        return self._open()
+        try:
+            return self._open()
+        except BaseException:
+            with self._lock:
+                self._out -= 1
+            raise
 
     def _release(self, conn: VirConnect) -> None:
         with self._lock:
+            self._out -= 1
             if not self._closed and len(self._idle) < self.MAX_IDLE:
                 self._idle.append(conn)
                 return
@@ -248,11 +293,15 @@ class Connection:
 
     # reads
 
-    def bulk_stats(self, domains: Optional[list[Domain]] = None) -> list[tuple[Domain, Stats]]:
-        """State and vCPU stats of all (or the given) domains in one call."""
+    def bulk_stats(
+        self, domains: Optional[list[Domain]] = None, *, active: bool = False
+    ) -> list[tuple[Domain, Stats]]:
+        """State and vCPU stats of all (or only the active, or the given) domains in one
+        call."""
         groups = self.libvirt.VIR_DOMAIN_STATS_STATE | self.libvirt.VIR_DOMAIN_STATS_VCPU
         if domains is None:
-            rows = self.call(lambda: self.raw.getAllDomainStats(groups, 0), context="stats")
+            flags = self.libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE if active else 0
+            rows = self.call(lambda: self.raw.getAllDomainStats(groups, flags), context="stats")
         elif not domains:
             return []
         else:
@@ -268,33 +317,14 @@ class Connection:
         """
         try:
             return self._agents.run(uuid, fn)
+        except NoLeaseError as exc:
+            raise NoLeaseError(f"{context}: {exc}" if context else str(exc)) from None
         except self.libvirt.libvirtError as exc:
             raise classify(exc, context=context, agent=True) from None
 
     def guest_vcpus(self, dom: Domain) -> dict[str, str]:
-        """The guest agent's view; always raises on failure (the binding returns None)."""
-        libvirt = self.libvirt
-
-        def query(leased: VirDomain) -> dict[str, str]:
-            reply = leased.guestVcpus(0)
-            if reply is None:
-                # Read now: freeing the leased handle resets the thread's last error.
-                raise last_error(libvirt, dom.context)
-            return reply
-
-        return self.agent_call(dom.uuid, query, context=dom.context)
-
-    def metadata(self, dom: Domain, namespace: str, *, live: bool) -> Optional[str]:
-        """An element of the live (or persistent) definition's metadata; None when absent."""
-        libvirt = self.libvirt
-        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE if live else libvirt.VIR_DOMAIN_AFFECT_CONFIG
-        kind = libvirt.VIR_DOMAIN_METADATA_ELEMENT
-        try:
-            return str(dom.raw.metadata(kind, namespace, flags))
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == getattr(libvirt, "VIR_ERR_NO_DOMAIN_METADATA", 80):
-                return None
-            raise classify(exc, context=f"{dom.context} metadata") from None
+        """The guest agent's view of ``dom`` (``Domain.guest_vcpus``)."""
+        return dom.guest_vcpus()
 
     # events
 
@@ -368,18 +398,13 @@ class Connection:
         forward = self._monitor_forward
         if forward is None:
             return False
-        import libvirt_qemu
-
         with self._monitor_lock:
             if dom.uuid in self._monitor_callbacks:
                 return True
             ids: list[int] = []
             for name in MONITOR_EVENTS:
-                register = functools.partial(
-                    libvirt_qemu.qemuMonitorEventRegister, self.raw, dom.raw, name, forward, None, 0
-                )
                 try:
-                    ids.append(self.call(register, context=f"{dom.context} monitor event {name}"))
+                    ids.append(dom.register_monitor_event(name, forward))
                 except errors.VirtHotplugError:
                     self._deregister_monitor(ids)
                     raise

@@ -4,13 +4,18 @@
 read once, and the few calls virthotplug makes on it, each translating libvirt's errors into
 the project's (``host.errors``) with the domain named in the message. Guest-agent calls go
 through the connection's agent leases (see ``Connection.agent_call``).
+
+It is the only code that calls libvirt on a domain: the handle (``raw``) leaves it only for
+the connection's own calls that take domain handles (stats of a list of domains) and for
+tests that set a domain up behind virthotplug's back.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional, Protocol, TypeVar
 
-from virthotplug.host.libvirt_types import VirDomain
+from virthotplug.host.errors import classify, last_error
+from virthotplug.host.libvirt_types import VirConnect, VirDomain
 
 T = TypeVar("T")
 
@@ -21,11 +26,11 @@ class DomainOwner(Protocol):
     uri: str
     libvirt: Any
 
+    @property
+    def raw(self) -> VirConnect: ...
     def call(self, fn: Callable[[], T], *, context: str = "") -> T: ...
     def affect_flags(self, *, live: bool, config: bool) -> int: ...
     def agent_call(self, uuid: str, fn: Callable[[VirDomain], T], *, context: str = "") -> T: ...
-    def guest_vcpus(self, dom: Domain) -> dict[str, str]: ...
-    def metadata(self, dom: Domain, namespace: str, *, live: bool) -> Optional[str]: ...
 
 
 class Domain:
@@ -80,12 +85,43 @@ class Domain:
         return str(self._call(lambda: self.raw.XMLDesc(flags)))
 
     def guest_vcpus(self) -> dict[str, str]:
-        """The guest agent's view; always raises on failure (the binding returns None)."""
-        return self._conn.guest_vcpus(self)
+        """The guest agent's view, on a leased connection of its own; always raises on
+        failure (the binding returns None)."""
+        libvirt, context = self._conn.libvirt, self.context
+
+        def query(leased: VirDomain) -> dict[str, str]:
+            reply = leased.guestVcpus(0)
+            if reply is None:
+                # Read now: freeing the leased handle resets the thread's last error.
+                raise last_error(libvirt, context)
+            return reply
+
+        return self._conn.agent_call(self.uuid, query, context=context)
+
+    def guest_vcpus_unleased(self) -> dict[str, str]:
+        """``guestVcpus`` on the shared connection: only for a driver that the capability
+        record says has no guest-agent API, so that no guest can hold the call up (and no
+        lease, a connection of its own, is opened for an answer the driver gives itself)."""
+
+        def query() -> dict[str, str]:
+            reply = self.raw.guestVcpus(0)
+            if reply is None:  # the binding's quirk: the error is only in the last error
+                raise last_error(self._conn.libvirt, self.context)
+            return reply
+
+        return self._call(query)
 
     def metadata(self, namespace: str, *, live: bool) -> Optional[str]:
         """An element of the live (or persistent) definition's metadata; None when absent."""
-        return self._conn.metadata(self, namespace, live=live)
+        libvirt = self._conn.libvirt
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE if live else libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        kind = libvirt.VIR_DOMAIN_METADATA_ELEMENT
+        try:
+            return str(self.raw.metadata(kind, namespace, flags))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == getattr(libvirt, "VIR_ERR_NO_DOMAIN_METADATA", 80):
+                return None
+            raise classify(exc, context=f"{self.context} metadata") from None
 
     # writes
 
@@ -126,3 +162,19 @@ class Domain:
         import libvirt_qemu
 
         return str(self._call(lambda: libvirt_qemu.qemuMonitorCommand(self.raw, command, 0)))
+
+    # QEMU monitor events (passthrough: no taint)
+
+    def register_monitor_event(self, event: str, callback: Callable[..., None]) -> int:
+        """Subscribe ``callback`` to one QEMU monitor event of this domain; its callback id."""
+        import libvirt_qemu
+
+        conn = self._conn.raw
+        return int(
+            self._call(
+                lambda: libvirt_qemu.qemuMonitorEventRegister(
+                    conn, self.raw, event, callback, None, 0
+                ),
+                f" monitor event {event}",
+            )
+        )
