@@ -118,3 +118,35 @@ def test_the_hook_parses_a_large_file_in_linear_time(hookmod: ModuleType) -> Non
     seconds = time.perf_counter() - started
     assert parsed["domain:x"]["exclude"].startswith("1\n2")
     assert seconds < 0.5, f"{seconds:.2f} s"
+
+
+# --- the hook's policy mode is the daemon's merge --------------------------------------------
+
+UUID = "3b3c0e4f-8a6e-4d9a-9f0e-1d4a5c6b7e01"
+POLICY_CASES = {
+    "nothing": ("", None),
+    "defaults": ("[defaults]\nmode = online\n", None),
+    "first section wins": (
+        "[defaults]\nmode = online\n[domain:web1]\ngrace = 2\n[domain:web*]\nmode = ignore\n",
+        None,
+    ),
+    "glob": ("[domain:w?b[0-9]]\nmode = match\n[defaults]\nmode = ignore\n", None),
+    "uuid in another case": (f"[domain:{UUID.upper()}]\nmode = ignore\n", None),
+    "metadata over all": ("[domain:web1]\nmode = ignore\n[defaults]\nmode=online\n", "match"),
+    "no match": ("[domain:db*]\nmode = online\n", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POLICY_CASES))
+def test_the_hook_and_the_daemon_merge_policies_alike(hookmod: ModuleType, case: str) -> None:
+    from virthotplug.core.policy import merge_policy
+
+    text, metadata = POLICY_CASES[case]
+    config = parse_config(text, path="p.conf")
+    layers = list(config.policy_layers("web1", UUID))
+    if metadata is not None:
+        layers.insert(0, ("metadata (live)", {"mode": metadata}))
+    daemon = merge_policy(layers, domain="web1").policy.mode
+    domain = hookmod.Domain()
+    domain.name, domain.uuid, domain.policy_mode = "web1", UUID, metadata
+    assert hookmod.policy_mode(domain, hookmod.parse_ini(text)) == daemon

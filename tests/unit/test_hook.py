@@ -25,6 +25,7 @@ import json
 import os
 import resource
 import select
+import shutil
 import socket
 import statistics
 import subprocess
@@ -40,6 +41,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from virthotplug.core import hookproto, precedence
 from virthotplug.core.config import WatchSettings, parse_config
 from virthotplug.daemon.hookserver import HookMessage, MessageError, parse_message
 
@@ -648,8 +650,8 @@ def test_hook_reads_the_shipped_example_config(hookmod: ModuleType) -> None:
     "text",
     ["", "plain", 'q"b\\s', "\x00\x1f\x7f", "é", "\u2028", "\U0001f600", "\ud7ff\ue000"],
 )
-def test_hook_json_strings_round_trip(hookmod: ModuleType, text: str) -> None:
-    encoded = hookmod.json_string(text)
+def test_hook_json_strings_round_trip(text: str) -> None:
+    encoded = hookproto.json_string(text)
     assert encoded.isascii()
     assert json.loads(encoded) == text
 
@@ -659,8 +661,8 @@ def test_hook_json_strings_round_trip(hookmod: ModuleType, text: str) -> None:
     pattern=st.text(alphabet="ab-!]*?[\\^&", max_size=10),
     name=st.text(alphabet="ab-!]*?[\\^&", max_size=8),
 )
-def test_hook_globs_match_like_fnmatch(hookmod: ModuleType, pattern: str, name: str) -> None:
-    assert hookmod.glob_match(name, pattern) == fnmatch.fnmatchcase(name, pattern)
+def test_hook_globs_match_like_fnmatch(pattern: str, name: str) -> None:
+    assert precedence.glob_match(name, pattern) == fnmatch.fnmatchcase(name, pattern)
 
 
 @pytest.mark.parametrize(
@@ -675,8 +677,8 @@ def test_hook_globs_match_like_fnmatch(hookmod: ModuleType, pattern: str, name: 
         ("a*b*c", "aXbYbZc", True),
     ],
 )
-def test_hook_glob_examples(hookmod: ModuleType, pattern: str, name: str, expected: bool) -> None:
-    assert hookmod.glob_match(name, pattern) is expected
+def test_hook_glob_examples(pattern: str, name: str, expected: bool) -> None:
+    assert precedence.glob_match(name, pattern) is expected
 
 
 def test_hook_imports_nothing_heavy(tmp_path: Path, daemon: Daemon) -> None:
@@ -704,3 +706,41 @@ def test_hook_is_executable_with_an_isolated_interpreter() -> None:
     assert os.access(HOOK, os.X_OK)
     first = HOOK.read_text().splitlines()[0]
     assert first.startswith("#!/usr/bin/python3 -I")
+
+
+def test_the_hook_without_virthotplug_modules_fails_open(tmp_path: Path) -> None:
+    if Path(f"/usr{'/lib/python3/dist-packages'}/virthotplug").exists():
+        pytest.skip("a virthotplug package is installed for the system python3")
+    lone = tmp_path / "hooks" / "qemu"  # no virthotplug/ beside hooks/
+    lone.parent.mkdir()
+    shutil.copy(HOOK, lone)
+    for operation in ("prepare", "started", "reconnect"):
+        proc = subprocess.run(
+            ["/usr/bin/python3", "-IS", str(lone), "web1", operation, "begin", "-"],
+            input=NO_AGENT.encode(),
+            capture_output=True,
+            env={"VIRTHOTPLUG_HOOK_SOCKET": str(tmp_path / "nobody.sock")},
+            timeout=30,
+            check=False,
+        )
+        assert proc.returncode == 0 and proc.stdout == b""
+        assert b"virthotplug's modules not found" in proc.stderr
+
+
+def test_the_hook_finds_the_modules_beside_its_directory(tmp_path: Path, daemon: Daemon) -> None:
+    share = tmp_path / "share" / "virthotplug"  # make install's $(PREFIX)/share/virthotplug
+    shutil.copytree(
+        ROOT / "virthotplug", share / "virthotplug", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (share / "hooks").mkdir()
+    shutil.copy(HOOK, share / "hooks" / "qemu")
+    proc = subprocess.run(
+        ["/usr/bin/python3", "-IS", str(share / "hooks" / "qemu"), "web1", "started", "begin", "-"],
+        input=XML.encode(),
+        capture_output=True,
+        env=daemon.env,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0 and proc.stdout == b"", proc.stderr
+    assert daemon.receive().name == "web1"

@@ -35,11 +35,10 @@ from typing import Any, Mapping, Optional
 from virthotplug.core import settings
 from virthotplug.core.errors import ConfigError
 from virthotplug.core.policy import parse_policy_fields
+from virthotplug.core.precedence import DEFAULTS_SECTION, DOMAIN_PREFIX, first_match
 
 DEFAULT_CONFIG_PATH = "/etc/virthotplug/virthotplug.conf"
 MAX_CONFIG_BYTES = 1024 * 1024
-DOMAIN_PREFIX = "domain:"
-DEFAULTS_SECTION = "defaults"
 WATCH_SECTION = "watch"
 
 
@@ -75,9 +74,6 @@ class DomainSection:
     pattern: str
     raw: Mapping[str, str]
 
-    def matches(self, name: str, uuid: str) -> bool:
-        return fnmatch.fnmatchcase(name, self.pattern) or self.pattern.lower() == uuid.lower()
-
 
 @dataclass(frozen=True)
 class HostConfig:
@@ -89,8 +85,9 @@ class HostConfig:
     def policy_layers(self, name: str, uuid: str) -> list[tuple[str, Mapping[str, str]]]:
         """The file's raw policy layers for one domain, highest precedence first."""
         layers: list[tuple[str, Mapping[str, str]]] = []
-        section = next((s for s in self.domains if s.matches(name, uuid)), None)
-        if section is not None:
+        index = first_match((s.pattern for s in self.domains), name, uuid)  # the hook's rule
+        if index is not None:
+            section = self.domains[index]
             layers.append((self.source(DOMAIN_PREFIX + section.pattern), section.raw))
         if self.defaults:
             layers.append((self.source(DEFAULTS_SECTION), self.defaults))

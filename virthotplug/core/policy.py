@@ -26,6 +26,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from virthotplug.core.cpulist import MAX_CPU_ID, CpulistError, format_cpulist, parse_cpulist
 from virthotplug.core.errors import ConfigError
+from virthotplug.core.precedence import merge_fields
 from virthotplug.core.view import GuestLayer, VcpuView
 
 MODE_ONLINE = "online"
@@ -171,12 +172,12 @@ def merge_policy(
     Each layer is ``(source label, raw fields)``. Every layer is validated, also those whose
     values are shadowed: a broken layer is a broken configuration wherever it sits.
     """
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    for source, raw in layers:
-        for name, value in parse_policy_fields(raw, source=source, domain=domain).items():
-            if name not in values:
-                values[name], sources[name] = value, source
+    parsed = [
+        (source, parse_policy_fields(raw, source=source, domain=domain)) for source, raw in layers
+    ]
+    merged = merge_fields(parsed)  # the precedence the hook applies too
+    values = {name: value for name, (_source, value) in merged.items()}
+    sources = {name: source for name, (source, _value) in merged.items()}
     for name in FIELDS:
         sources.setdefault(name, DEFAULT_SOURCE)
     return EffectivePolicy(policy=Policy(**values), sources=sources)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Optional, TypeVar
 
+from virthotplug.core.hookproto import DEFAULT_SOCKET
+
 T = TypeVar("T")
 
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
@@ -123,7 +125,7 @@ HOTADD_SETTLE = _seconds_setting(
 )
 HOOK_SOCKET = Setting(
     "hook_socket",
-    "/run/virthotplug/hook.sock",
+    DEFAULT_SOCKET,
     socket_path,
     "the unix datagram socket on which watch receives the hook's messages",
 )

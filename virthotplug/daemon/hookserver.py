@@ -6,25 +6,16 @@
 strictly and enqueues an ``events.HookEvent``. Anything else is logged (rate-limited) and
 dropped: a message is only a hint to re-read a domain, never trusted for its content.
 
-Message, protocol version 1 (one JSON object per datagram, at most 4096 bytes, exactly
-these keys and types)::
-
-    {"v": 1, "op": "started", "subop": "begin", "name": "web1",
-     "uuid": "3b3c0e4f-8a6e-4d9a-9f0e-1d4a5c6b7e01",
-     "vcpus": {"current": 1, "maximum": 4, "hotpluggable": 3}, "agent_channel": true}
-
-``op`` is a libvirt QEMU hook operation, ``subop`` its sub-operation, ``vcpus`` may be null.
-The sender must be root or the daemon's own user (checked with SCM_CREDENTIALS).
+The message (its keys, limits and encoding) is ``core.hookproto``'s, which the hook imports
+too. The sender must be root or the daemon's own user (checked with SCM_CREDENTIALS).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
-import re
 import select
 import socket
 import stat
@@ -32,42 +23,19 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
+from virthotplug.core import hookproto
 from virthotplug.core.events import DomainRef, Event, HookEvent
+from virthotplug.core.hookproto import MAX_MESSAGE_BYTES, MessageError
 
 log = logging.getLogger("virthotplug.hook")
 
-PROTOCOL_VERSION = 1
-MAX_MESSAGE_BYTES = 4096
-MAX_NAME_CHARS = 1024
-MAX_VCPUS = 65535
-OPERATIONS = frozenset(
-    (
-        "prepare",
-        "start",
-        "started",
-        "stopped",
-        "release",
-        "migrate",
-        "restore",
-        "reconnect",
-        "attach",
-    )
-)
-SUB_OPERATIONS = frozenset(("begin", "end", "-"))
-KEYS = frozenset(("v", "op", "subop", "name", "uuid", "vcpus", "agent_channel"))
-VCPU_KEYS = frozenset(("current", "maximum", "hotpluggable"))
+OPERATIONS = frozenset(hookproto.OPERATIONS)
 GARBAGE_LOG_INTERVAL = 60.0  # at most one warning a minute about dropped messages
 
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
-
-
-class MessageError(ValueError):
-    """A datagram that is not a valid hook message."""
 
 
 @dataclass(frozen=True)
@@ -81,73 +49,9 @@ class HookMessage:
 
 
 def parse_message(data: bytes) -> HookMessage:
-    """Validate one datagram; raises ``MessageError`` saying what is wrong."""
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise MessageError(f"larger than {MAX_MESSAGE_BYTES} bytes")
-    try:
-        doc = json.loads(
-            data.decode("utf-8"),
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_no_constant,
-        )
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise MessageError(f"not JSON: {_short(str(exc))}") from None
-    if not isinstance(doc, dict):
-        raise MessageError("not a JSON object")
-    if set(doc) != KEYS:
-        missing, extra = sorted(KEYS - set(doc)), sorted(set(doc) - KEYS)
-        raise MessageError(f"wrong keys (missing {missing}, unknown {_short(str(extra))})")
-    if type(doc["v"]) is not int or doc["v"] != PROTOCOL_VERSION:
-        raise MessageError(f"protocol version {_short(repr(doc['v']))}, expected 1")
-    op, subop, name, uuid = doc["op"], doc["subop"], doc["name"], doc["uuid"]
-    if not isinstance(op, str) or op not in OPERATIONS:
-        raise MessageError(f"unknown operation {_short(repr(op))}")
-    if not isinstance(subop, str) or subop not in SUB_OPERATIONS:
-        raise MessageError(f"unknown sub-operation {_short(repr(subop))}")
-    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS or _CONTROL.search(name):
-        raise MessageError("invalid domain name")
-    if not isinstance(uuid, str) or not _UUID.fullmatch(uuid):
-        raise MessageError(f"invalid UUID {_short(repr(uuid))}")
-    if type(doc["agent_channel"]) is not bool:
-        raise MessageError("agent_channel is not true or false")
-    return HookMessage(
-        operation=op,
-        sub_operation=subop,
-        name=name,
-        uuid=uuid.lower(),
-        vcpus=_vcpus(doc["vcpus"]),
-        agent_channel=doc["agent_channel"],
-    )
-
-
-def _vcpus(value: Any) -> Optional[tuple[int, int, int]]:
-    if value is None:
-        return None
-    if not isinstance(value, dict) or set(value) != VCPU_KEYS:
-        raise MessageError("vcpus is not an object with current, maximum and hotpluggable")
-    numbers = [value[key] for key in ("current", "maximum", "hotpluggable")]
-    if not all(type(n) is int and 0 <= n <= MAX_VCPUS for n in numbers):
-        raise MessageError(f"vcpus counts must be integers from 0 to {MAX_VCPUS}")
-    current, maximum, hotpluggable = numbers
-    if current > maximum or hotpluggable > maximum:
-        raise MessageError("vcpus counts exceed the maximum")
-    return current, maximum, hotpluggable
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise ValueError("duplicate key")
-    return result
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
-
-
-def _short(text: str, limit: int = 60) -> str:
-    text = _CONTROL.sub("?", text)
-    return text if len(text) <= limit else text[:limit] + "..."
+    """Validate one datagram (``hookproto.decode``); raises ``MessageError`` saying what is
+    wrong."""
+    return HookMessage(*hookproto.decode(data))
 
 
 def local_qemu_uri(uris: Sequence[str]) -> str:
