@@ -2,6 +2,7 @@
 #   make demo    set up this machine and show the main job on a real tiny VM
 #   make demo-matrix   the same seed case on a real Debian 12 guest
 #   make test    set up this machine and run lint, type checks and every test tier
+#   make lint typecheck   lint and type checks in a plain virtualenv (no machine set-up)
 #   make bench   benchmarks side by side (prints tables, writes bench/results/)
 
 PYTHON ?= python3
@@ -40,7 +41,8 @@ $(VENV)/.installed: setup.py pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-venv: host $(VENV)/.installed
+# The virtualenv alone: enough for lint and type checks, which touch nothing on the host.
+venv: $(VENV)/.installed
 
 lint: venv
 	$(VENV)/bin/ruff check virthotplug tests bench hooks/qemu man/fixup.py
@@ -50,18 +52,18 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-unit: venv
+unit: host venv
 	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
 
-functional: venv
+functional: host venv
 	$(VENV)/bin/pytest tests/functional $(PYTEST_ARGS)
 
-e2e: venv
+e2e: host venv
 	$(VENV)/bin/pytest tests/e2e $(PYTEST_ARGS)
 
 # One pytest run, cheapest tier first: the unit tier's timing checks (the hook's 50 ms) never
 # share the machine with the e2e tier's running guests.
-test: lint typecheck
+test: host lint typecheck
 	$(VENV)/bin/pytest tests/unit tests/functional tests/e2e $(PYTEST_ARGS)
 
 # The Debian package on this host: build from a copy of the tree, lintian (errors fail),
@@ -75,7 +77,7 @@ package-test: host
 deb:
 	bash tests/package/build.sh build/package
 
-demo: venv
+demo: host venv
 	$(PY) tests/lab/demo.py
 
 # Stack 2 (libvirt 11.3 + QEMU 10.0 in a Debian trixie root) and the Debian 12/13 guest images,
@@ -85,10 +87,10 @@ demo: venv
 lab-images: host
 	$(PYTHON) tests/lab/lab_images.py
 
-demo-matrix: venv
+demo-matrix: host venv
 	$(PY) tests/lab/demo_matrix.py
 
-bench: venv
+bench: host venv
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:

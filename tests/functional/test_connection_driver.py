@@ -188,8 +188,8 @@ def test_model_of_libvirt_xml(conn: Connection) -> None:
     live = parse_domain_xml(dom.xml(inactive=False), domain="hotplug-agent")
     assert (config.vcpu_current, config.vcpu_max, config.placement) == (1, 4, "static")
     assert config.topology == Topology(sockets=1, dies=1, cores=4, threads=1)
-    assert config.hotpluggable_ids == frozenset({1, 2, 3})
-    assert config.enabled_ids == frozenset({0})
+    assert {v.id for v in config.vcpus if v.hotpluggable} == {1, 2, 3}
+    assert {v.id for v in config.vcpus if v.enabled} == {0}
     assert config.agent_channel
     assert config.policy == {"mode": "online", "grace": "1.5", "exclude": "3"}
     assert config.domain_id is None

@@ -132,14 +132,14 @@ def test_policy_set_writes_metadata_and_reads_it_back(capsys: Capsys) -> None:
 def test_policy_set_round_trip_live_and_persistent() -> None:
     with Connection(MIXED) as conn:
         dom = conn.lookup("fixed-noagent")
-        write_policy(conn, dom, {"mode": "online"}, live=False, config=True)
-        assert metadata_layer(conn, dom) == (SOURCE_PERSISTENT, {"mode": "online"})
-        write_policy(conn, dom, {"mode": "ignore", "grace": "2"}, live=True, config=False)
-        assert metadata_layer(conn, dom) == (SOURCE_LIVE, {"mode": "ignore", "grace": "2"})
+        write_policy(dom, {"mode": "online"}, live=False, config=True)
+        assert metadata_layer(dom) == (SOURCE_PERSISTENT, {"mode": "online"})
+        write_policy(dom, {"mode": "ignore", "grace": "2"}, live=True, config=False)
+        assert metadata_layer(dom) == (SOURCE_LIVE, {"mode": "ignore", "grace": "2"})
         effective = effective_policy(conn, dom, HostConfig())
         assert effective.policy.mode == "ignore" and effective.sources["mode"] == SOURCE_LIVE
-        write_policy(conn, dom, None, live=True, config=True)
-        assert metadata_layer(conn, dom) is None
+        write_policy(dom, None, live=True, config=True)
+        assert metadata_layer(dom) is None
         assert effective_policy(conn, dom, HostConfig()).sources["mode"] == "default"
 
 

@@ -87,8 +87,8 @@ def test_full_document() -> None:
         policy={"mode": "online", "grace": "2", "exclude": "3"},
         domain_id=7,
     )
-    assert xml.hotpluggable_ids == frozenset({1, 2, 3})
-    assert xml.enabled_ids == frozenset({0, 1})
+    assert {v.id for v in xml.vcpus if v.hotpluggable} == {1, 2, 3}
+    assert {v.id for v in xml.vcpus if v.enabled} == {0, 1}
 
 
 def test_bytes_input_is_accepted() -> None:

@@ -41,7 +41,7 @@ from virthotplug.core.view import (
 
 
 def test_typical_reply() -> None:
-    # What libvirt returns after a hot-add the guest did not online (design.md §2).
+    # What libvirt returns after a hot-add the guest did not online (plugged, not online).
     reply = {"vcpus": "0-3", "online": "0-1", "offlinable": "1-3"}
     guest = parse_guest_reply(reply, maximum=4, domain="d1")
     assert guest == GuestLayer(

@@ -1,7 +1,8 @@
 """Parse and format cpulist strings such as ``0-3,^2,7``.
 
 Cpulists reach us from the guest agent (``dom.guestVcpus()``), from domain XML and from
-users. The guest is untrusted (design.md §7), so the parser is strict and bounded:
+users. The guest is untrusted (anyone with root in it writes what the agent returns), so
+the parser is strict and bounded:
 
 * the input is at most ``MAX_CPULIST_CHARS`` characters and every id is at most ``max_id``;
   bounds are checked on the digit strings *before* any conversion or expansion, so a

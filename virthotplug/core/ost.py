@@ -6,13 +6,13 @@ When the guest evaluates ``_OST(source, status)`` QEMU emits::
      "status": 0, "slot": "1", "slot-type": "CPU"}}}
 
 and ``libvirt_qemu.qemuMonitorEventRegister`` hands its callback the ``data`` part as a JSON
-*string* (design.md §3 says dict; the lab saw a string, so both are accepted). The guest
-chooses source and status, so everything here is untrusted input (design.md §7): sizes are
+*string* (the lab's bindings pass a string; a dict is accepted too). The guest chooses
+source and status, so everything here is untrusted input: sizes are
 bounded before ``json.loads``, types are exact, and every failure is an ``EventDataError``
 with a one-line message. An OST event is only a hint: ``device check: success`` means the
 guest *detected* the CPU, never that it is online.
 
-Codes follow ACPI 6.x §6.3.5 (design.md §4).
+Codes follow ACPI 6.x §6.3.5 (_OST, OSPM Status Indication).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ _QUOTE_CHARS = 40
 
 # --- source (notify) codes -------------------------------------------------------------
 
-SOURCE_BUS_CHECK = 0x00
 SOURCE_DEVICE_CHECK = 0x01
 SOURCE_EJECT_REQUEST = 0x03
 SOURCE_OSPM_SHUTDOWN = 0x100
@@ -236,7 +235,7 @@ def _explain_detected(event: OstEvent) -> str:
     # The guest's ACPI code reports Device Check success; that the kernel has the CPU (a
     # cpuN in sysfs) is known only once the guest lists it: a kernel with no room in its
     # possible-CPU mask accepts the device and still never lists a CPU (lab notes, Debian
-    # 13 under TCG). And listed never means online (design.md §1).
+    # 13 under TCG). And listed never means online: the guest decides that on its own.
     suffix = "; not yet listed by the guest" if event.is_cpu else ""
     return f"the guest's ACPI accepted {event.subject}{suffix}"
 
@@ -272,18 +271,9 @@ class DeviceDeleted:
         return self.device is not None and self.path == _PERIPHERAL_PREFIX + self.device
 
     @property
-    def is_child(self) -> bool:
-        """True when a child object of a named device was deleted (e.g. ``.../lapic``)."""
-        return _peripheral_parent(self.path) is not None
-
-    @property
     def vcpu_id(self) -> int | None:
         """The vCPU deleted, only when this event is for the vCPU device itself."""
         return _vcpu_id_from_alias(self.device) if self.is_device_itself else None
-
-    @property
-    def is_vcpu(self) -> bool:
-        return self.vcpu_id is not None
 
     @property
     def is_vcpu_child(self) -> bool:

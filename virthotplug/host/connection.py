@@ -273,10 +273,6 @@ class Connection:
         raw = self.call(lambda: self.raw.lookupByUUIDString(uuid), context=f"domain {uuid}")
         return Domain(self, raw)
 
-    def wrap(self, raw: VirDomain) -> Domain:
-        """The wrapper for a handle libvirt gave us (an event callback's domain)."""
-        return Domain(self, raw)
-
     def list_domains(self) -> list[Domain]:
         return self._list(0)
 

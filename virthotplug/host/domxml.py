@@ -100,14 +100,6 @@ class DomainXML:
     domain_id: Optional[int] = None  # only in live XML of a running domain
     history: Optional[RawHistory] = None  # our history element (live XML only)
 
-    @property
-    def hotpluggable_ids(self) -> frozenset[int]:
-        return frozenset(v.id for v in self.vcpus if v.hotpluggable)
-
-    @property
-    def enabled_ids(self) -> frozenset[int]:
-        return frozenset(v.id for v in self.vcpus if v.enabled)
-
 
 @dataclass(frozen=True)
 class _Ctx:

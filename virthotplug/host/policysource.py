@@ -5,7 +5,7 @@
 3. the built-in default (``report``).
 
 Fields merge one by one, and each value keeps the label of its source. The element is read
-and written through the connection module (``virDomainGetMetadata``/``SetMetadata``).
+and written through ``host.domain.Domain`` (``virDomainGetMetadata``/``SetMetadata``).
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ def effective_policy(conn: Connection, dom: Domain, config: HostConfig) -> Effec
     """The domain's policy with the source of every field; ``ConfigError`` when invalid."""
     name = dom.name
     layers = list(config.policy_layers(name, dom.uuid))
-    metadata = metadata_layer(conn, dom)
+    metadata = metadata_layer(dom)
     if metadata is not None:
         layers.insert(0, metadata)
     return merge_policy(layers, domain=name)
 
 
-def metadata_layer(conn: Connection, dom: Domain) -> Optional[tuple[str, Mapping[str, str]]]:
+def metadata_layer(dom: Domain) -> Optional[tuple[str, Mapping[str, str]]]:
     """The raw fields of our metadata element, live definition first, with their source."""
     name = dom.name
     candidates = []
@@ -48,7 +48,6 @@ def metadata_layer(conn: Connection, dom: Domain) -> Optional[tuple[str, Mapping
 
 
 def write_policy(
-    conn: Connection,
     dom: Domain,
     fields: Optional[Mapping[str, str]],
     *,

@@ -1,8 +1,8 @@
 """What one libvirt connection can do, read once when it opens.
 
 Every decision that depends on the stack — the driver, libvirt's and the hypervisor's
-versions, whether the guest-agent vCPU API and QEMU monitor events exist, which error codes
-the bindings know — reads this record instead of probing per call. Versions are kept only
+versions, whether the guest-agent vCPU API and QEMU monitor events exist — reads this
+record instead of probing per call. Versions are kept only
 to be shown as the host reports them; behaviour is decided from what is observed.
 """
 
@@ -15,13 +15,6 @@ from virthotplug.host.libvirt_types import VirConnect
 
 # Drivers whose domains can have a QEMU guest agent and QEMU monitor events (getType()).
 QEMU_DRIVERS = frozenset({"QEMU"})
-
-# Error codes that only newer bindings define (libvirt 11.2 added the agent ones).
-OPTIONAL_ERROR_CODES = (
-    "VIR_ERR_AGENT_COMMAND_TIMEOUT",
-    "VIR_ERR_AGENT_COMMAND_FAILED",
-    "VIR_ERR_NO_DOMAIN_METADATA",
-)
 
 
 def version_text(number: Optional[int]) -> Optional[str]:
@@ -39,7 +32,6 @@ class Capabilities:
     driver: str  # getType(): "QEMU", "Test", ...
     libvirt_version: Optional[int]  # the daemon's (getLibVersion)
     hypervisor_version: Optional[int]  # QEMU's for the QEMU driver (getVersion)
-    error_codes: frozenset[str]  # optional codes the client bindings define
 
     @property
     def guest_agent_api(self) -> bool:
@@ -77,7 +69,6 @@ def read_capabilities(uri: str, conn: VirConnect, libvirt: Any) -> Capabilities:
         driver=str(conn.getType()),
         libvirt_version=_optional(conn.getLibVersion, libvirt),
         hypervisor_version=_optional(conn.getVersion, libvirt),
-        error_codes=frozenset(name for name in OPTIONAL_ERROR_CODES if hasattr(libvirt, name)),
     )
 
 

@@ -86,7 +86,7 @@ def _write(
         values = parse_policy_fields(raw, source="the command line", domain=dom.name)
         fields = {name: format_field(name, value) for name, value in values.items()}
     live, persistent = _affect(dom, args)
-    write_policy(conn, dom, fields, live=live, config=persistent)
+    write_policy(dom, fields, live=live, config=persistent)
 
 
 def _affect(dom: Domain, args: argparse.Namespace) -> tuple[bool, bool]:
