@@ -26,7 +26,7 @@ from virthotplug.core.view import VcpuView
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
 from virthotplug.host.domxml import parse_domain_xml
-from virthotplug.host.history import DomainContext
+from virthotplug.host.history import ContextFn, DomainContext
 from virthotplug.host.libvirt_types import Stats
 from virthotplug.host.views import Definitions, build_view, live_from_stats, signature
 
@@ -155,6 +155,7 @@ class _Reader:
     cache: Optional[DefinitionCache]
     now: float
     one: bool = False  # a single domain's read: its failure is raised, not listed
+    context: Optional[ContextFn] = None  # each domain's policy and history
 
     def read(self, item: _Item) -> Union[DomainRead, DomainError, None]:
         """Read one domain's definitions (on a reader thread) and view them; store them in
@@ -179,7 +180,6 @@ class _Reader:
                 expires = self.cache.expiry(self.now)
                 defs = Definitions(inactive, live, signature=item.signature, expires=expires)
                 self.cache.store(dom.uuid, generation, defs)
-            view = build_view(self.conn.uri, dom.name, dom.uuid, domain_id, item.stats, defs)
         except errors.NoDomainError:
             if self.one:
                 raise
@@ -188,7 +188,11 @@ class _Reader:
             if self.one:
                 raise
             return DomainError(self.conn.uri, dom.name, str(exc))
-        return DomainRead(dom=dom, definitions=defs, view=view, reads=reads)
+        found = None
+        if self.context is not None:
+            found = self.context(dom, defs.main, domain_id is not None, defs.live)
+        view = build_view(self.conn.uri, dom.name, dom.uuid, domain_id, item.stats, defs, found)
+        return DomainRead(dom=dom, definitions=defs, view=view, reads=reads, context=found)
 
     def cached(self, item: _Item) -> Union[DomainRead, DomainError, _Item, None]:
         """One domain from the cache, or the item to read (with its signature)."""
@@ -220,6 +224,7 @@ def read_domains(
     live_wanted: bool,
     cache: Optional[DefinitionCache] = None,
     one: bool = False,
+    context: Optional[ContextFn] = None,
 ) -> BulkRead:
     """The definitions and views of the domains in ``stats``, in their order.
 
@@ -229,9 +234,10 @@ def read_domains(
     that costs no call when the stats carry the vCPU counts (QEMU) and one
     ``virDomainGetInfo`` when they do not (the test driver); only the misses are read.
     ``one``: a single domain is read, and its failures are raised (``NoDomainError`` for a
-    domain undefined meanwhile) instead of being listed or skipped.
+    domain undefined meanwhile) instead of being listed or skipped. ``context``: each
+    domain's policy and history, asked on the reader threads as its definitions arrive.
     """
-    reader = _Reader(conn, live_wanted, cache, time.monotonic(), one)
+    reader = _Reader(conn, live_wanted, cache, time.monotonic(), one, context)
     items = [_Item(dom, record, dom.uuid not in transient) for dom, record in stats]
     looked_up: list[Union[DomainRead, DomainError, _Item, None]]
     looked_up = [reader.cached(item) for item in items] if cache is not None else list(items)

@@ -15,7 +15,6 @@ they never stop the other domains from being read.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -89,11 +88,15 @@ def read_views(
         stats.sort(key=_listing_order)
     transient = conn.transient_uuids() if stats else set()
     read = read_domains(
-        conn, stats, transient=transient, workers=workers, live_wanted=context is not None
+        conn,
+        stats,
+        transient=transient,
+        workers=workers,
+        live_wanted=context is not None,
+        context=context,
     )
     result.errors.extend(read.errors)
-    raws = [_with_context(r, context) for r in read.raws]
-    result.views = guest_layers(conn, raws, agent_timeout=agent_timeout, workers=workers)
+    result.views = guest_layers(conn, read.raws, agent_timeout=agent_timeout, workers=workers)
     return result
 
 
@@ -106,10 +109,15 @@ def read_view(
         raise errors.NoDomainError(f"domain '{dom.name}' disappeared")
     transient = set() if dom.is_persistent() else {dom.uuid}
     read = read_domains(
-        conn, stats[:1], transient=transient, workers=1, live_wanted=context is not None, one=True
+        conn,
+        stats[:1],
+        transient=transient,
+        workers=1,
+        live_wanted=context is not None,
+        one=True,
+        context=context,
     )
-    raw = _with_context(read.raws[0], context)
-    return guest_layers(conn, [raw], agent_timeout=agent_timeout, workers=1)[0]
+    return guest_layers(conn, read.raws, agent_timeout=agent_timeout, workers=1)[0]
 
 
 def read_running(
@@ -132,25 +140,6 @@ def read_running(
     return read_domains(
         conn, stats, transient=transient, workers=workers, live_wanted=True, cache=cache
     )
-
-
-def _with_context(raw: DomainRead, context: Optional[ContextFn]) -> DomainRead:
-    """The domain's policy and history, for findings (and 'ignore': no agent query)."""
-    if context is None:
-        return raw
-    defs = raw.definitions
-    found = context(raw.dom, defs.main, raw.view.active, defs.live)
-    agent = raw.view.agent
-    if not found.queries_agent and agent.configured:
-        agent = dataclasses.replace(agent, error="policy 'ignore': the guest agent is not asked")
-    view = dataclasses.replace(
-        raw.view,
-        history=found.history,
-        domain_type=defs.main.domain_type,
-        qemu=found.qemu,
-        agent=agent,
-    )
-    return dataclasses.replace(raw, view=view, context=found)
 
 
 def read_hosts(

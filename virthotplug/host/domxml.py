@@ -26,7 +26,7 @@ domain run and a METADATA_CHANGE subscription filtered on ``NAMESPACE`` never se
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from lxml import etree
 
@@ -43,6 +43,8 @@ HISTORY_ELEMENT = "history"
 HISTORY_ENTRY = "entry"
 MAX_HISTORY_XML_ENTRIES = 256  # what we read back; we write far fewer (view.MAX_HISTORY_ENTRIES)
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
+_POLICY_TAG = f"{{{NAMESPACE}}}{METADATA_ELEMENT}"
+_HISTORY_TAG = f"{{{HISTORY_NAMESPACE}}}{HISTORY_ELEMENT}"
 MAX_XML_BYTES = 8 * 1024 * 1024  # far above any real domain; bounds what we hand to lxml
 
 # Identical parsed parts share one object (``core.shared``): the daemon caches the definitions
@@ -117,25 +119,47 @@ def parse_domain_xml(text: str | bytes, *, domain: str = "") -> DomainXML:
     root = _parse_root(text, ctx)
     if root.tag != "domain":
         raise ctx.error(f"root element is <{root.tag}>, expected <domain>")
-    name = _required_text(root, "name", ctx)
+    children = _children(root)
+    name = _required_text(children, "name", ctx)
     ctx = _Ctx(f"domain '{name}'")
-    vcpu_max, vcpu_current, placement = _parse_vcpu(root, ctx)
-    agent_target = _agent_target(root)
+    vcpu_max, vcpu_current, placement = _parse_vcpu(children, ctx)
+    agent_target = _agent_target(children)
+    metadata = children.get("metadata", ())
     return DomainXML(
         name=name,
-        uuid=_required_text(root, "uuid", ctx),
+        uuid=_required_text(children, "uuid", ctx),
         domain_type=root.get("type", ""),
         vcpu_max=vcpu_max,
         vcpu_current=vcpu_current,
         placement=placement,
-        vcpus=_parse_vcpus(root, vcpu_max, ctx),
-        topology=_parse_topology(root, ctx),
+        vcpus=_parse_vcpus(children, vcpu_max, ctx),
+        topology=_parse_topology(children, ctx),
         agent_channel=agent_target is not None,
         agent_channel_state=_agent_channel_state(agent_target),
-        policy=_parse_policy(root),
+        policy=_parse_policy(metadata),
         domain_id=_optional_int(root.get("id"), "domain id", ctx),
-        history=_parse_history(root.find(f"metadata/{{{HISTORY_NAMESPACE}}}{HISTORY_ELEMENT}")),
+        history=_parse_history(_first(metadata, _HISTORY_TAG)),
     )
+
+
+# The elements below <domain>, by tag, in document order: one pass over them instead of a
+# path search per value (lxml's find() is Python code, and a domain has ~20 children).
+Children = dict[Any, list[etree._Element]]
+
+
+def _children(root: etree._Element) -> Children:
+    children: Children = {}
+    for child in root:  # comments too: their tag is a function, never asked for
+        children.setdefault(child.tag, []).append(child)
+    return children
+
+
+def _first(parents: Sequence[etree._Element], tag: str) -> Optional[etree._Element]:
+    """The first ``tag`` child of any of ``parents``, in document order: ``find("p/tag")``."""
+    for parent in parents:
+        for child in parent.iterchildren(tag):
+            return child
+    return None
 
 
 def policy_element(attributes: Mapping[str, str]) -> str:
@@ -204,9 +228,9 @@ def _parse_root(text: str | bytes, ctx: _Ctx) -> etree._Element:
         raise ctx.error(str(exc).splitlines()[0]) from None
 
 
-def _required_text(root: etree._Element, tag: str, ctx: _Ctx) -> str:
-    elem = root.find(tag)
-    value = (elem.text or "").strip() if elem is not None else ""
+def _required_text(children: Children, tag: str, ctx: _Ctx) -> str:
+    elems = children.get(tag)
+    value = (elems[0].text or "").strip() if elems else ""
     if not value:
         raise ctx.error(f"missing <{tag}>")
     return value
@@ -238,11 +262,12 @@ def _yes_no(value: Optional[str], what: str, ctx: _Ctx) -> bool:
     raise ctx.error(f"{what} must be 'yes' or 'no', got {value!r}")
 
 
-def _parse_vcpu(root: etree._Element, ctx: _Ctx) -> tuple[int, int, Optional[str]]:
-    elem = root.find("vcpu")
-    if elem is None:
+def _parse_vcpu(children: Children, ctx: _Ctx) -> tuple[int, int, Optional[str]]:
+    elems = children.get("vcpu")
+    if not elems:
         # libvirt defaults to one vCPU when <vcpu> is absent.
         return 1, 1, None
+    elem = elems[0]
     maximum = _int(elem.text, "<vcpu> count", ctx, minimum=1)
     current = _int(elem.get("current", str(maximum)), "<vcpu current>", ctx, minimum=1)
     if current > maximum:
@@ -250,10 +275,11 @@ def _parse_vcpu(root: etree._Element, ctx: _Ctx) -> tuple[int, int, Optional[str
     return maximum, current, elem.get("placement")
 
 
-def _parse_vcpus(root: etree._Element, vcpu_max: int, ctx: _Ctx) -> tuple[VcpuEntry, ...]:
+def _parse_vcpus(children: Children, vcpu_max: int, ctx: _Ctx) -> tuple[VcpuEntry, ...]:
     elements = [
         (e.get("id"), e.get("enabled"), e.get("hotpluggable", "no"), e.get("order"))
-        for e in root.findall("vcpus/vcpu")
+        for block in children.get("vcpus", ())
+        for e in block.iterchildren("vcpu")
     ]
     return _vcpus_by_attributes.get(
         (vcpu_max, tuple(elements)), lambda: _validated_vcpus(elements, vcpu_max, ctx)
@@ -298,8 +324,8 @@ def _vcpu_entry(
     )
 
 
-def _parse_topology(root: etree._Element, ctx: _Ctx) -> Optional[Topology]:
-    elem = root.find("cpu/topology")
+def _parse_topology(children: Children, ctx: _Ctx) -> Optional[Topology]:
+    elem = _first(children.get("cpu", ()), "topology")
     if elem is None:
         return None
     attributes = tuple(elem.get(key) for key in _TOPOLOGY_KEYS)
@@ -318,11 +344,13 @@ _TOPOLOGY_KEYS = ("sockets", "dies", "cores", "threads")
 _topologies_by_attributes = SharedValues()
 
 
-def _agent_target(root: etree._Element) -> Optional[etree._Element]:
+def _agent_target(children: Children) -> Optional[etree._Element]:
     """The guest agent channel's <target>, if the domain has one."""
-    for target in root.iterfind("devices/channel/target"):
-        if target.get("type") == "virtio" and target.get("name") == AGENT_CHANNEL:
-            return target
+    for devices in children.get("devices", ()):
+        for channel in devices.iterchildren("channel"):
+            for target in channel.iterchildren("target"):
+                if target.get("type") == "virtio" and target.get("name") == AGENT_CHANNEL:
+                    return target
     return None
 
 
@@ -331,8 +359,8 @@ def _agent_channel_state(target: Optional[etree._Element]) -> Optional[str]:
     return state if state in ("connected", "disconnected") else None
 
 
-def _parse_policy(root: etree._Element) -> Optional[dict[str, str]]:
-    elem = root.find(f"metadata/{{{NAMESPACE}}}{METADATA_ELEMENT}")
+def _parse_policy(metadata: Sequence[etree._Element]) -> Optional[dict[str, str]]:
+    elem = _first(metadata, _POLICY_TAG)
     return None if elem is None else _attributes(elem)
 
 

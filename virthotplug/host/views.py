@@ -24,11 +24,13 @@ from virthotplug.core.view import (
     VCPU_STATES,
     AgentStatus,
     CountLayer,
+    History,
     HypervisorLayer,
     VcpuView,
 )
 from virthotplug.host.connection import DOMAIN_STATES
 from virthotplug.host.domxml import DomainXML
+from virthotplug.host.history import DomainContext
 from virthotplug.host.libvirt_types import Stats
 
 
@@ -62,8 +64,11 @@ def build_view(
     domain_id: Optional[int],
     stats: Stats,
     defs: Definitions,
+    context: Optional[DomainContext] = None,
 ) -> VcpuView:
-    """The view of one domain: ``domain_id`` None when it is not running."""
+    """The view of one domain: ``domain_id`` None when it is not running. With its
+    ``context`` (``history.contexts``), the view has its history, its domain type and
+    QEMU's answer, and says when the policy ('ignore') keeps its agent from being asked."""
     persistent = defs.inactive is not None
     live: Optional[CountLayer] = None
     hypervisor: Optional[HypervisorLayer] = None
@@ -78,17 +83,29 @@ def build_view(
         if not persistent and defs.live is not None:
             live = dataclasses.replace(live, vcpus=defs.live.vcpus)
     channel = defs.main.agent_channel
+    agent = _agent_status(channel)
+    state = DOMAIN_STATES.get(int(stats.get("state.state", 0)), "unknown")
+    config = _count_layer(defs.inactive) if defs.inactive is not None else None
+    history, domain_type, qemu = _NO_HISTORY, "", None
+    if context is not None:
+        history, domain_type, qemu = context.history, defs.main.domain_type, context.qemu
+        if channel and not context.queries_agent:
+            note = "policy 'ignore': the guest agent is not asked"
+            agent = dataclasses.replace(agent, error=note)
     return VcpuView(
         host=uri,
         name=name,
         uuid=uuid,
-        domain_id=domain_id,
-        state=DOMAIN_STATES.get(int(stats.get("state.state", 0)), "unknown"),
+        state=state,
         persistent=persistent,
-        agent=_agent_status(channel),
-        config=_count_layer(defs.inactive) if defs.inactive is not None else None,
+        agent=agent,
+        domain_id=domain_id,
+        config=config,
         live=live,
         hypervisor=hypervisor,
+        history=history,
+        domain_type=domain_type,
+        qemu=qemu,
     )
 
 
@@ -111,6 +128,7 @@ def live_from_stats(stats: Stats) -> Optional[CountLayer]:
 
 
 _layers = SharedValues()
+_NO_HISTORY = History()  # immutable: one for every view without a record
 
 
 def _agent_status(channel: bool) -> AgentStatus:
