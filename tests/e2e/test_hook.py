@@ -3,10 +3,10 @@
 
 The hook is installed as users get it: the /bin/sh entry point ``hooks/virthotplug`` as
 ``/etc/libvirt/hooks/qemu.d/virthotplug``, running the Python hook program ``hooks/qemu``.
-The program goes to a directory of the test laid out like ``$(PREFIX)/share/virthotplug``,
-and the entry point is pointed at it the way ``make install`` does (its ``PROGRAM=`` line
-rewritten): libvirtd passes no environment to hooks, so ``VIRTHOTPLUG_HOOK_PROGRAM`` cannot,
-and a package's ``/usr/share/virthotplug`` is never touched.
+The program and the package go to a directory of the test laid out like
+``$(PREFIX)/share/virthotplug``, and the entry point is pointed at it the way ``make install``
+does (its ``PROGRAM=`` line rewritten): libvirtd passes no environment to hooks, so
+``VIRTHOTPLUG_HOOK_PROGRAM`` cannot, and a package's ``/usr/share/virthotplug`` is never touched.
 
 The entry point goes to ``/etc/libvirt/hooks/qemu.d/virthotplug`` only for the test: whatever
 was there before (hook, configuration file, directories) is put back afterwards, also when
@@ -115,7 +115,13 @@ def installed_hook(tmp_path: Path) -> Iterator[Path]:
         saved.directory(INSTALLED.parent)
         saved.directory(SYSTEM_CONFIG.parent)
         write_config(SYSTEM_CONFIG, f"[watch]\nhook_socket = {socket_path}\n")
-        program = tmp_path / "share" / "virthotplug" / "hooks" / "qemu"
+        share = tmp_path / "share" / "virthotplug"  # make install's layout: the package
+        shutil.copytree(  # beside the hooks (the program imports its protocol from it)
+            ROOT / "virthotplug",
+            share / "virthotplug",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+        program = share / "hooks" / "qemu"
         program.parent.mkdir(parents=True)
         shutil.copyfile(PROGRAM, program)
         program.chmod(0o755)
