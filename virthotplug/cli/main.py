@@ -9,17 +9,42 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from virthotplug import __version__
-from virthotplug.cli.commands import COMMANDS
+from virthotplug.cli.commands import COMMANDS, check
 from virthotplug.core import errors
 
 log = logging.getLogger("virthotplug")
 
+# Global options that take a value: the word after them is not the command.
+_GLOBAL_OPTIONS_WITH_VALUE = ("-c", "--connect", "--config-file")
+# Commands that are monitoring plugins: every failure is their UNKNOWN status, on stdout.
+PLUGIN_COMMANDS = {check.NAME: check.CHECK_UNKNOWN}
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+
+class CommandLineError(Exception):
+    """argparse refused the arguments; ``parser`` is the (sub)parser that refused them."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class RaisingParser(argparse.ArgumentParser):
+    """argparse, except that a usage error is raised, not printed: ``main`` decides how to
+    report it (``check`` reports it as a monitoring plugin does). Subparsers share the class."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandLineError(self, message)
+
+
+def build_parser(*, raise_usage_errors: bool = False) -> argparse.ArgumentParser:
+    """The parser; with ``raise_usage_errors`` its usage errors raise ``CommandLineError``
+    instead of printing argparse's usage and exiting."""
+    parser_class = RaisingParser if raise_usage_errors else argparse.ArgumentParser
+    parser = parser_class(
         prog="virthotplug",
         description="Watch vCPU hotplug on libvirt/QEMU hosts and bring hot-added vCPUs "
         "online in the guest according to a per-domain policy.",
@@ -59,8 +84,11 @@ def setup_logging(debug: bool, quiet: bool) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser = build_parser(raise_usage_errors=True)
+    try:
+        args = parser.parse_args(argv)
+    except CommandLineError as exc:
+        return _usage_error(exc, sys.argv[1:] if argv is None else argv)
     setup_logging(args.debug, args.quiet)
     try:
         return int(args.run(args))
@@ -78,11 +106,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _report_failure(args, f"internal error: {exc} (run with --debug)", 1)
 
 
+def _usage_error(exc: CommandLineError, argv: Sequence[str]) -> int:
+    """argparse's usage and one error line on stderr, exit status 2 (argparse's own way);
+    for ``check``, one UNKNOWN line on stdout and the plugin's status instead."""
+    plugin_status = PLUGIN_COMMANDS.get(command_word(argv) or "")
+    if plugin_status is not None:
+        print(plugin_unknown_line(exc.message))
+        return plugin_status
+    exc.parser.print_usage(sys.stderr)
+    exc.parser.exit(errors.EXIT_USAGE, f"{exc.parser.prog}: error: {exc.message}\n")
+
+
+def command_word(argv: Sequence[str]) -> Optional[str]:
+    """The command named in ``argv``, found without parsing it (parsing just failed): the
+    first word that is neither an option nor a global option's value."""
+    words = iter(argv)
+    for word in words:
+        if word in _GLOBAL_OPTIONS_WITH_VALUE:
+            next(words, None)
+        elif word == "--":
+            break
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def plugin_unknown_line(message: str) -> str:
+    """The monitoring plugin's line for a failure: UNKNOWN, on one line, no perfdata."""
+    return f"VIRTHOTPLUG UNKNOWN - {errors.printable(' '.join(message.split())).replace('|', '/')}"
+
+
 def _report_failure(args: argparse.Namespace, message: str, status: int) -> int:
     plugin_status = getattr(args, "plugin_unknown_status", None)
     if plugin_status is not None:
         # Monitoring plugins report every failure as UNKNOWN, on stdout.
-        print(f"VIRTHOTPLUG UNKNOWN - {message.replace('|', '/')}")  # '|' starts perfdata
+        print(plugin_unknown_line(message))
         return int(plugin_status)
     print(f"virthotplug: error: {message}", file=sys.stderr)
     return status

@@ -5,9 +5,9 @@ systems (one Nagios/Icinga plugin line with an exit status). Pure: no libvirt.
 from __future__ import annotations
 
 import json
-import unicodedata
 from typing import Any, Iterable, Optional, Sequence
 
+from virthotplug.core.errors import printable as printable  # its home is core.errors
 from virthotplug.core.view import (
     CRITICAL,
     INFO,
@@ -26,29 +26,7 @@ _CHECK_NAMES = {CHECK_OK: "OK", CHECK_WARNING: "WARNING", CHECK_CRITICAL: "CRITI
 _CHECK_NAMES[CHECK_UNKNOWN] = "UNKNOWN"
 _SEVERITY_STATUS = {INFO: CHECK_OK, WARNING: CHECK_WARNING, CRITICAL: CHECK_CRITICAL}
 
-# Characters a terminal acts on instead of showing: C0/C1 controls and DEL (Cc), format
-# characters such as bidi overrides (Cf), and line/paragraph separators (Zl, Zp).
-_UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
-
 _COLUMNS = ("Domain", "State", "Config", "Live", "Guest", "Agent", "Findings")
-
-
-def printable(text: str) -> str:
-    """``text`` with every control character escaped (``\\x1b``, ``\\u202e``), for terminals.
-
-    Messages carry text a guest wrote (its agent's error replies, embedded by libvirt);
-    escape sequences in them must not reach an operator's terminal or a monitoring line.
-    """
-    if text.isprintable():  # fast path; isprintable() is False for every escaped category
-        return text
-    return "".join(_escape(c) if unicodedata.category(c) in _UNPRINTABLE else c for c in text)
-
-
-def _escape(char: str) -> str:
-    code = ord(char)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def status_document(views: Iterable[VcpuView], errors: Iterable[Any]) -> dict[str, Any]:

@@ -7,12 +7,13 @@ from typing import Any
 
 from virthotplug.cli.commands.common import add_selection, agent_timeout, selected_names, uris
 
-CHECK_UNKNOWN = 3  # report.CHECK_UNKNOWN; importing report here would load lxml at start-up
+NAME = "check"
+CHECK_UNKNOWN = 3  # report.CHECK_UNKNOWN; report stays out of start-up (it loads the view model)
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "check",
+        NAME,
         help="monitoring plugin: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN",
         description="Evaluate vCPU drift like 'status' and print one monitoring-plugin line; "
         "the exit status is 0 OK, 1 WARNING, 2 CRITICAL or 3 UNKNOWN.",
