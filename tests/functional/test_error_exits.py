@@ -21,10 +21,16 @@ from virthotplug.core.report import CHECK_UNKNOWN
 ERROR = "virthotplug: error: "
 
 
-def assert_one_line_error(result: Result, status: int, start: str) -> str:
-    """The failure is exactly one stderr line beginning with ``start``; stdout stays empty."""
+def assert_one_line_error(result: Result, status: int, start: str, *, json: bool = False) -> str:
+    """The failure is exactly one stderr line beginning with ``start``; stdout stays empty,
+    or holds the JSON failure document when ``json``."""
     assert result.status == status, result
-    assert result.out == ""
+    if json:
+        document = result.json()
+        assert (document["version"], document["exit_status"]) == (1, status)
+        assert document["error"].startswith(start)
+    else:
+        assert result.out == ""
     assert "Traceback" not in result.err
     assert len(result.err_lines) == 1, result.err
     line = result.err_lines[0]
@@ -72,7 +78,7 @@ def test_one_unknown_domain_among_known_ones_fails_the_command(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     result = run_cli(capsys, "-c", MIXED, "status", "hotplug-agent", "nosuch", "--json")
-    assert_one_line_error(result, EXIT_NO_DOMAIN, "failed to get domain 'nosuch'")
+    assert_one_line_error(result, EXIT_NO_DOMAIN, "failed to get domain 'nosuch'", json=True)
 
 
 def test_inactive_domain_has_no_id(capsys: pytest.CaptureFixture[str]) -> None:
@@ -166,7 +172,7 @@ def test_read_only_all_fails_when_one_domain_needs_the_agent(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     result = run_cli(capsys, "-c", MIXED, "--readonly", "status", "--all", "--json")
-    assert_one_line_error(result, EXIT_PERMISSION, "domain 'hotplug-agent': ")
+    assert_one_line_error(result, EXIT_PERMISSION, "domain 'hotplug-agent': ", json=True)
 
 
 @pytest.mark.parametrize("name", ["fixed-noagent", "stopped-big", "paused-agent"])

@@ -150,10 +150,11 @@ def test_policy_clear(capsys: Capsys) -> None:
 
 
 def test_policy_set_validates_before_writing(capsys: Capsys) -> None:
-    result = run_cli(
-        capsys, "-c", MIXED, "policy", "fixed-noagent", "--set", "online", "--grace", "-1"
-    )
-    assert result.status == EXIT_CONFIG and "grace" in result.err
+    # A bad value on the command line is a usage error (2), found before connecting.
+    with pytest.raises(SystemExit) as info:
+        run_cli(capsys, "-c", "bogus:///never", "policy", "x", "--set", "online", "--grace", "-1")
+    assert info.value.code == EXIT_USAGE
+    assert "argument --grace: must be seconds from 0 to 3600" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

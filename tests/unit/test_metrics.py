@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families
 
-from virthotplug.core.errors import UsageError
+from virthotplug.core.errors import EXIT_FAILURE, UsageError, VirtHotplugError
 from virthotplug.core.events import DomainRef, HostEvent, LifecycleEvent, OstMonitorEvent
 from virthotplug.core.ost import parse_ost_details
 from virthotplug.core.records import Record
@@ -428,11 +428,12 @@ def test_serves_the_registry_on_the_given_address_only(m: metrics.Metrics) -> No
         m.close()
 
 
-def test_port_in_use_is_a_one_line_usage_error(m: metrics.Metrics) -> None:
+def test_port_in_use_is_a_one_line_error_not_a_usage_error(m: metrics.Metrics) -> None:
     _, port = m.serve("127.0.0.1", 0)
     try:
         other = metrics.Metrics()
-        with pytest.raises(UsageError, match=r"cannot listen on 127\.0\.0\.1:"):
+        with pytest.raises(VirtHotplugError, match=r"cannot listen on 127\.0\.0\.1:") as info:
             other.serve("127.0.0.1", port)
+        assert info.value.exit_status == EXIT_FAILURE
     finally:
         m.close()

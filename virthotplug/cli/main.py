@@ -7,9 +7,10 @@ raise the project's exceptions and return an exit status when they succeed.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
-from typing import NoReturn, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 from virthotplug import __version__
 from virthotplug.cli.commands import COMMANDS, check
@@ -19,6 +20,9 @@ log = logging.getLogger("virthotplug")
 
 # Global options that take a value: the word after them is not the command.
 _GLOBAL_OPTIONS_WITH_VALUE = ("-c", "--connect", "--config-file")
+# Commands whose --json prints one document (watch prints a stream of records).
+JSON_DOCUMENT_COMMANDS = frozenset({"status", "policy", "apply", "setvcpus"})
+JSON_VERSION = 1  # every --json document's "version"
 # Commands that are monitoring plugins: every failure is their UNKNOWN status, on stdout.
 PLUGIN_COMMANDS = {check.NAME: check.CHECK_UNKNOWN}
 
@@ -142,8 +146,22 @@ def _report_failure(args: argparse.Namespace, message: str, status: int) -> int:
         # Monitoring plugins report every failure as UNKNOWN, on stdout.
         print(plugin_unknown_line(message))
         return int(plugin_status)
+    if (
+        getattr(args, "json", False)
+        and args.command in JSON_DOCUMENT_COMMANDS
+        and status != errors.EXIT_USAGE
+    ):
+        # A program that asked for JSON gets a document, whatever went wrong once the
+        # command line was right (a usage error is the caller's to fix, as argparse's are).
+        print(json.dumps(failure_document(message, status), indent=2))
     print(f"virthotplug: error: {message}", file=sys.stderr)
     return status
+
+
+def failure_document(message: str, status: int) -> dict[str, Any]:
+    """The ``--json`` document of a command that failed as a whole (its schema: every
+    command's ``failure`` branch)."""
+    return {"version": JSON_VERSION, "error": message, "exit_status": status}
 
 
 if __name__ == "__main__":

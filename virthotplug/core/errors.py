@@ -149,3 +149,13 @@ def _escape(char: str) -> str:
     if code < 0x100:
         return f"\\x{code:02x}"
     return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+ECHO_LIMIT = 200  # characters of user input echoed in one message
+
+
+def quote(text: str, limit: int = ECHO_LIMIT) -> str:
+    """User input as messages echo it: quoted, control characters escaped, and cut to
+    ``limit`` characters with an ellipsis (a 100 KB name must not fill a terminal)."""
+    shown = printable(text[:limit])
+    return f"'{shown}...'" if len(text) > limit else f"'{shown}'"

@@ -114,6 +114,11 @@ def parse_policy_fields(raw: Mapping[str, str], *, source: str, domain: str) -> 
     return values
 
 
+def parse_field(name: str, text: str) -> Any:
+    """One known field's value from its text; ``ValueError`` says what is wrong."""
+    return _PARSERS[name](text.strip())
+
+
 def _field_error(source: str, domain: str, what: str) -> ConfigError:
     return ConfigError(f"domain '{domain}': invalid policy in {source}: {what}")
 

@@ -50,7 +50,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
-from virthotplug.core.errors import UsageError
+from virthotplug.core.errors import UsageError, VirtHotplugError
 from virthotplug.core.events import FORGET, Event, HostEvent, OstMonitorEvent
 
 if TYPE_CHECKING:
@@ -496,7 +496,10 @@ def _serve(registry: Any, address: str, port: int) -> Any:
         )
     except OSError as exc:
         where = _host_port(address, port)
-        raise UsageError(f"--metrics-listen: cannot listen on {where}: {exc.strerror}") from None
+        # Not a usage error: the same command works once the port is free (exit status 1).
+        raise VirtHotplugError(
+            f"--metrics-listen: cannot listen on {where}: {exc.strerror}"
+        ) from None
     thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
     thread.start()
     return server

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Collection, Optional, Sequence, Sized, TypeVar
 
-from virthotplug.core.errors import UsageError
+from virthotplug.core.errors import NoDomainError, UsageError, quote
 from virthotplug.core.settings import AGENT_TIMEOUT, Setting
 
 if TYPE_CHECKING:
@@ -83,3 +83,27 @@ def positive_float(text: str) -> float:
     if not value > 0 or value > 3600:
         raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds: {text!r}")
     return value
+
+
+def missing_everywhere(
+    names: Sequence[str], found: Collection[str], hosts: Sequence[Optional[str]], down: Sized
+) -> None:
+    """A name found on none of several hosts is the same error, with the same exit status
+    (3), as a name one host does not know. Not while a host could not be read: the domain
+    may be there (the host's failure is reported instead)."""
+    if len(hosts) < 2 or len(down):
+        return
+    for name in dict.fromkeys(names):
+        if name not in found:
+            raise NoDomainError(
+                f"failed to get domain {quote(name)}: no such domain on any of the "
+                f"{len(hosts)} hosts"
+            )
+
+
+def check_read_result(result: Any, names: Optional[Sequence[str]], hosts: Sequence[Any]) -> None:
+    """``missing_everywhere`` for a read of several hosts (``collect.read_hosts``): there a
+    name found nowhere comes back as an error without a host."""
+    nowhere = {e.name for e in result.errors if not e.host and e.name}
+    found = [name for name in names or () if name not in nowhere]
+    missing_everywhere(names or (), found, hosts, [e for e in result.errors if not e.name])

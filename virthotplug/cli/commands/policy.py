@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from virthotplug.cli.commands.common import uris
-from virthotplug.core.errors import EXIT_OK, UsageError
+from virthotplug.core.errors import EXIT_OK, NotRunningError, UsageError, quote
 
 if TYPE_CHECKING:  # the real imports stay inside run(): start-up stays light
     from virthotplug.core.config import HostConfig
@@ -32,13 +32,33 @@ def register(subparsers: Any) -> None:
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--set", choices=MODES, metavar="MODE", help=f"one of {', '.join(MODES)}")
     action.add_argument("--clear", action="store_true", help="remove the metadata element")
-    parser.add_argument("--count", metavar="N", help="online CPUs for mode match")
-    parser.add_argument("--grace", metavar="SECONDS", help="wait after a hot-add before acting")
-    parser.add_argument("--exclude", metavar="CPULIST", help="guest CPUs never changed by us")
-    parser.add_argument("--retries", metavar="N", help="retries of transient agent errors")
+    for name, metavar, help_text in (
+        ("count", "N", "online CPUs for mode match"),
+        ("grace", "SECONDS", "wait after a hot-add before acting"),
+        ("exclude", "CPULIST", "guest CPUs never changed by us"),
+        ("retries", "N", "retries of transient agent errors"),
+    ):
+        parser.add_argument(f"--{name}", type=_field_type(name), metavar=metavar, help=help_text)
     parser.add_argument("--live", action="store_true", help="change the running definition")
     parser.add_argument("--config", action="store_true", help="change the persistent definition")
     parser.set_defaults(run=run)
+
+
+def _field_type(name: str) -> Callable[[str], str]:
+    """An argparse type: the policy field's own rule, so a bad value is a usage error
+    (exit status 2) found before connecting; the text is kept, normalised when written."""
+
+    def check(text: str) -> str:
+        from virthotplug.core.policy import parse_field
+
+        try:
+            parse_field(name, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{exc}: {quote(text)}") from None
+        return text
+
+    check.__name__ = name
+    return check
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,6 +106,8 @@ def _write(
         values = parse_policy_fields(raw, source="the command line", domain=dom.name)
         fields = {name: format_field(name, value) for name, value in values.items()}
     live, persistent = _affect(dom, args)
+    if live and not dom.is_active():
+        raise NotRunningError(f"domain {quote(dom.name)} is not running: --live needs it running")
     write_policy(conn, dom, fields, live=live, config=persistent)
 
 

@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         dom = conn.lookup(args.domain)
         log = _monitor(conn, dom)
         live, persistent = _affect(dom, args)
+        _refuse_over_maximum(conn, dom, args.count, live=live, config=persistent)
         mode = {True: "online", False: "report", None: None}[args.online]
         request = resize.Request(args.count, live, persistent, args.timeout, mode, args.force)
         started = time.monotonic()
@@ -104,6 +105,31 @@ def _affect(dom: Domain, args: argparse.Namespace) -> tuple[bool, bool]:
         return bool(args.live), bool(args.config)
     running = dom.is_active()
     return running, not running
+
+
+def _refuse_over_maximum(
+    conn: Connection, dom: Domain, count: int, *, live: bool, config: bool
+) -> None:
+    """More vCPUs than the definition's maximum: the domain cannot do it (exit status 9),
+    refused before anything changes. A live change of a stopped domain is left to the
+    resize, which says it must run."""
+    from virthotplug.core.errors import UnsupportedError
+
+    lv = conn.libvirt
+    affected = [lv.VIR_DOMAIN_AFFECT_CONFIG] if config else []
+    if live and dom.is_active():
+        affected.append(lv.VIR_DOMAIN_AFFECT_LIVE)
+    for affect in affected:
+        maximum = _maximum(conn, dom, lv.VIR_DOMAIN_VCPU_MAXIMUM | affect)
+        if count > maximum:
+            raise UnsupportedError(
+                f"{dom.context}: {count} vCPUs requested, the maximum is {maximum} "
+                "(raise <vcpu> in the persistent definition and restart)"
+            )
+
+
+def _maximum(conn: Connection, dom: Domain, flags: int) -> int:
+    return int(conn.call(lambda: dom.raw.vcpusFlags(flags), context=f"{dom.context} maximum"))
 
 
 def _monitor(conn: Connection, dom: Domain) -> Optional[MonitorLog]:

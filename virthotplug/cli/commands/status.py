@@ -6,7 +6,13 @@ import argparse
 import sys
 from typing import Any
 
-from virthotplug.cli.commands.common import add_selection, agent_timeout, selected_names, uris
+from virthotplug.cli.commands.common import (
+    add_selection,
+    agent_timeout,
+    check_read_result,
+    selected_names,
+    uris,
+)
 from virthotplug.core.errors import EXIT_FAILURE, EXIT_OK
 
 
@@ -38,13 +44,15 @@ def run(args: argparse.Namespace) -> int:
     # Findings honour each domain's effective policy and history, as watch judges them.
     config = load_config(args.config_file)
     context = history.contexts(config, qemu_monitor=args.qemu_monitor)
+    names = selected_names(args)
     result = collect.read_hosts(
         hosts,
-        selected_names(args),
+        names,
         readonly=args.readonly,
         agent_timeout=agent_timeout(args, config),
         context=context,
     )
+    check_read_result(result, names, hosts)
     if args.json:
         print(report.status_json(result.views, result.errors))
     else:
