@@ -59,8 +59,10 @@ def build_parser(*, raise_usage_errors: bool = False) -> argparse.ArgumentParser
         metavar="URI",
         action="append",
         dest="uris",
-        help="libvirt connection URI; repeat for several hosts "
-        "(default: $LIBVIRT_DEFAULT_URI, else qemu:///system)",
+        type=connection_uri,
+        help="libvirt connection URI; repeat for several hosts (default: libvirt's own: "
+        "$LIBVIRT_DEFAULT_URI, else uri_default of libvirt.conf, else the system daemon for "
+        "root and the session daemon for other users)",
     )
     parser.add_argument("-r", "--readonly", action="store_true", help="open a read-only connection")
     parser.add_argument(
@@ -76,6 +78,15 @@ def build_parser(*, raise_usage_errors: bool = False) -> argparse.ArgumentParser
     for module in COMMANDS:
         module.register(subparsers)
     return parser
+
+
+def connection_uri(text: str) -> str:
+    """An argparse type: a URI as given; an empty one would silently mean libvirt's default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "an empty URI; leave -c out to connect to libvirt's default URI"
+        )
+    return text
 
 
 def setup_logging(debug: bool, quiet: bool) -> None:

@@ -56,7 +56,6 @@ def run(args: argparse.Namespace) -> int:
     from virthotplug.daemon.lock import HostLocks
     from virthotplug.daemon.resync import BulkResync
     from virthotplug.daemon.watch import Watch
-    from virthotplug.host.connection import resolve_uri
 
     setup_daemon_logging(args.debug, args.quiet)
     config_path = getattr(args, "config_file", None)
@@ -82,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         return new_settings
 
     # The hook socket is read at start only; a new hook_socket needs a restart.
-    hosts = [resolve_uri(uri) for uri in uris(args)]
+    hosts = _host_uris(args)
     # One watch per host: held until this process ends, however it ends.
     locks = HostLocks()
     locks.acquire(hosts)
@@ -98,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     # the domains that need it; the metrics get every view it read.
     resync = BulkResync(runner, on_views=metrics.resynced if metrics is not None else None)
     watch = Watch(
-        uris(args),
+        hosts,
         settings,
         runner.run,
         EventLog(sys.stdout if args.json else None),
@@ -116,3 +115,11 @@ def run(args: argparse.Namespace) -> int:
         if metrics is not None:
             metrics.close()
     return EXIT_OK
+
+
+def _host_uris(args: argparse.Namespace) -> list[str]:
+    """The hosts' URIs. Without -c, the URI libvirt's default resolves to, asked at start:
+    the one-per-host lock, the hook socket's host and every log line need its name."""
+    from virthotplug.host.connection import default_uri
+
+    return [uri if uri is not None else default_uri() for uri in uris(args)]
