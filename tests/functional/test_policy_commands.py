@@ -154,7 +154,7 @@ def test_policy_set_validates_before_writing(capsys: Capsys) -> None:
     with pytest.raises(SystemExit) as info:
         run_cli(capsys, "-c", "bogus:///never", "policy", "x", "--set", "online", "--grace", "-1")
     assert info.value.code == EXIT_USAGE
-    assert "argument --grace: must be seconds from 0 to 3600" in capsys.readouterr().err
+    assert "argument --grace: must be between 0 and 3600 seconds" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, 
 
 from virthotplug.core.errors import UsageError, VirtHotplugError
 from virthotplug.core.events import FORGET, Event, HostEvent, OstMonitorEvent
+from virthotplug.core.settings import parse_integer
 
 if TYPE_CHECKING:
     from virthotplug.core.schedule import Job
@@ -81,9 +82,11 @@ def parse_listen(text: str) -> tuple[str, int]:
         host = host[1:-1]
     elif ":" in host:
         raise UsageError(f"--metrics-listen {text!r}: write an IPv6 address as [ADDR]:PORT")
-    if not port_text.isdigit() or int(port_text) > 65535:
-        raise UsageError(f"--metrics-listen {text!r}: expected [ADDR:]PORT, PORT 0-65535")
-    return host or LOOPBACK, int(port_text)
+    try:
+        port = parse_integer(port_text, 0, 65535)  # the one number rule: ASCII digits only
+    except ValueError:
+        raise UsageError(f"--metrics-listen {text!r}: expected [ADDR:]PORT, PORT 0-65535") from None
+    return host or LOOPBACK, port
 
 
 def _prometheus() -> Any:

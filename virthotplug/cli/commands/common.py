@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING, Any, Callable, Collection, Optional, Sequence, Sized, TypeVar
 
 from virthotplug.core.errors import NoDomainError, UsageError, quote
-from virthotplug.core.settings import AGENT_TIMEOUT, Setting
+from virthotplug.core.settings import AGENT_TIMEOUT, Setting, parse_seconds
 
 if TYPE_CHECKING:
     from virthotplug.core.config import HostConfig
@@ -56,7 +56,7 @@ def setting_type(setting: Setting[T]) -> Callable[[str], T]:
         try:
             return setting.parse(text.strip())
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"{exc}: {text!r}") from None
+            raise argparse.ArgumentTypeError(f"{exc}: {quote(text)}") from None
 
     parse.__name__ = setting.name  # argparse names it in "invalid <name> value"
     return parse
@@ -75,14 +75,12 @@ def uris(args: Any) -> list[str | None]:
     return list(args.uris) if args.uris else [None]
 
 
-def positive_float(text: str) -> float:
+def timeout_seconds(text: str) -> float:
+    """An argparse type: seconds from 0.001 to 3600, by the one number rule (core.settings)."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value > 3600:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds: {text!r}")
-    return value
+        return parse_seconds(text.strip(), 0.001, 3600)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}: {quote(text)}") from None
 
 
 def missing_everywhere(

@@ -7,14 +7,23 @@ import json
 import time
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from virthotplug.cli.commands.common import positive_float, uris
-from virthotplug.core.errors import EXIT_GUEST_REJECTED, EXIT_INCOMPLETE, EXIT_OK, UsageError
+from virthotplug.cli.commands.common import timeout_seconds, uris
+from virthotplug.core.errors import (
+    EXIT_GUEST_REJECTED,
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    UsageError,
+    quote,
+)
 
 if TYPE_CHECKING:  # the real imports stay inside run(): start-up stays light
     from virthotplug.cli.resize import LayerCheck, ResizeResult
     from virthotplug.daemon.monitorlog import MonitorLog
     from virthotplug.host.connection import Connection
     from virthotplug.host.domain import Domain
+
+
+MAX_VCPUS = 16384  # QEMU's own limit on vCPUs, for any machine type
 
 
 def register(subparsers: Any) -> None:
@@ -35,7 +44,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--config", action="store_true", help="change the persistent definition")
     parser.add_argument(
         "--timeout",
-        type=positive_float,
+        type=timeout_seconds,
         default=10.0,
         metavar="SECONDS",
         help="longest wait for the guest to see the change (default: %(default)s)",
@@ -65,9 +74,14 @@ def register(subparsers: Any) -> None:
 
 
 def _count(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 16384:
-        raise argparse.ArgumentTypeError(f"not a vCPU count from 1 to 16384: {text!r}")
-    return int(text)
+    from virthotplug.core.settings import parse_integer
+
+    try:
+        return parse_integer(text, 1, MAX_VCPUS)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a vCPU count from 1 to {MAX_VCPUS}: {quote(text)}"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:
