@@ -124,12 +124,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _usage_error(exc: CommandLineError, argv: Sequence[str]) -> int:
     """argparse's usage and one error line on stderr, exit status 2 (argparse's own way);
     for ``check``, one UNKNOWN line on stdout and the plugin's status instead."""
+    message = errors.shown(exc.message, errors.MESSAGE_LIMIT)  # argparse echoes input raw
     plugin_status = PLUGIN_COMMANDS.get(command_word(argv) or "")
     if plugin_status is not None:
-        print(plugin_unknown_line(exc.message))
+        print(plugin_unknown_line(message))
         return plugin_status
     exc.parser.print_usage(sys.stderr)
-    exc.parser.exit(errors.EXIT_USAGE, f"{exc.parser.prog}: error: {exc.message}\n")
+    exc.parser.exit(errors.EXIT_USAGE, f"{exc.parser.prog}: error: {message}\n")
 
 
 def command_word(argv: Sequence[str]) -> Optional[str]:
@@ -148,10 +149,13 @@ def command_word(argv: Sequence[str]) -> Optional[str]:
 
 def plugin_unknown_line(message: str) -> str:
     """The monitoring plugin's line for a failure: UNKNOWN, on one line, no perfdata."""
-    return f"VIRTHOTPLUG UNKNOWN - {errors.printable(' '.join(message.split())).replace('|', '/')}"
+    text = errors.shown(" ".join(message.split()), errors.MESSAGE_LIMIT)
+    return f"VIRTHOTPLUG UNKNOWN - {text.replace('|', '/')}"
 
 
 def _report_failure(args: argparse.Namespace, message: str, status: int) -> int:
+    # Messages quote input escaped and bounded where they echo it; this is the last net.
+    message = errors.shown(message, errors.MESSAGE_LIMIT)
     plugin_status = getattr(args, "plugin_unknown_status", None)
     if plugin_status is not None:
         # Monitoring plugins report every failure as UNKNOWN, on stdout.

@@ -151,11 +151,17 @@ def _escape(char: str) -> str:
     return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
-ECHO_LIMIT = 200  # characters of user input echoed in one message
+ECHO_LIMIT = 200  # characters of one piece of user input echoed in a message
+MESSAGE_LIMIT = 2000  # characters of a whole message shown (the last safety net)
+
+
+def shown(text: str, limit: int = ECHO_LIMIT) -> str:
+    """Text from outside (user input, a guest) as messages show it: control characters
+    escaped, cut to ``limit`` characters with an ellipsis (a 100 KB name must not fill a
+    terminal or a monitoring line)."""
+    return printable(text[:limit]) + ("..." if len(text) > limit else "")
 
 
 def quote(text: str, limit: int = ECHO_LIMIT) -> str:
-    """User input as messages echo it: quoted, control characters escaped, and cut to
-    ``limit`` characters with an ellipsis (a 100 KB name must not fill a terminal)."""
-    shown = printable(text[:limit])
-    return f"'{shown}...'" if len(text) > limit else f"'{shown}'"
+    """``shown`` in single quotes, as messages name domains, URIs and values."""
+    return f"'{shown(text, limit)}'"

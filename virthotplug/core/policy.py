@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 from virthotplug.core.cpulist import MAX_CPU_ID, CpulistError, format_cpulist, parse_cpulist
-from virthotplug.core.errors import ConfigError
+from virthotplug.core.errors import ConfigError, quote
 from virthotplug.core.settings import parse_integer, parse_seconds
 from virthotplug.core.view import GuestLayer, VcpuView
 
@@ -117,11 +117,11 @@ def parse_field(name: str, text: str) -> Any:
 
 
 def _field_error(source: str, domain: str, what: str) -> ConfigError:
-    return ConfigError(f"domain '{domain}': invalid policy in {source}: {what}")
+    return ConfigError(f"domain {quote(domain)}: invalid policy in {source}: {what}")
 
 
 def _quote(text: str) -> str:
-    return repr(text if len(text) <= 40 else text[:40] + "...")
+    return quote(text, 40)
 
 
 def _parse_mode(text: str) -> str:

@@ -229,8 +229,11 @@ class Connection:
             except self.libvirt.libvirtError as exc:
                 err = classify(exc)
                 if not isinstance(err, (errors.NoDomainError, errors.InvalidRequestError)):
-                    raise classify(exc, context=f"domain '{ident}'") from None
-        raise errors.NoDomainError(f"failed to get domain '{ident}': no such domain on {self.uri}")
+                    raise classify(exc, context=f"domain {errors.quote(ident)}") from None
+        where = errors.shown(self.uri)
+        raise errors.NoDomainError(
+            f"failed to get domain {errors.quote(ident)}: no such domain on {where}"
+        )
 
     def domain_by_uuid(self, uuid: str) -> Domain:
         raw = self.call(lambda: self.raw.lookupByUUIDString(uuid), context=f"domain {uuid}")

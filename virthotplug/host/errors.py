@@ -115,7 +115,7 @@ def open_error(exc: Exception, uri: Optional[str]) -> errors.VirtHotplugError:
     """Errors from ``open()`` are about the URI or the daemon, whatever their code.
     ``uri`` None: libvirt's default was asked for."""
     libvirt = libvirt_module()
-    where = f"'{uri}'" if uri is not None else "libvirt's default URI"
+    where = errors.quote(uri) if uri is not None else "libvirt's default URI"
     err = classify(exc, context=f"cannot connect to {where}")
     lv_error: Any = exc if isinstance(exc, libvirt.libvirtError) else None
     domain = lv_error.get_error_domain() if lv_error is not None else None

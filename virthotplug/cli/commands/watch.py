@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
+import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO, cast
 
 from virthotplug.cli.commands.common import add_setting, uris
-from virthotplug.core.errors import EXIT_OK
+from virthotplug.core.errors import EXIT_OK, VirtHotplugError
 from virthotplug.core.settings import AGENT_TIMEOUT, HOTADD_SETTLE, RESYNC_INTERVAL, WORKERS
+
+if TYPE_CHECKING:
+    from virthotplug.daemon.watch import Watch
 
 
 def register(subparsers: Any) -> None:
@@ -28,6 +33,7 @@ def register(subparsers: Any) -> None:
         "--domain",
         action="append",
         dest="domains",
+        type=domain_glob,
         metavar="GLOB",
         help="act only on domains whose name matches GLOB, or with this UUID; repeat for "
         "several (default: [watch] domains, else every domain)",
@@ -46,6 +52,47 @@ def register(subparsers: Any) -> None:
         "pip install 'virthotplug[metrics]'",
     )
     parser.set_defaults(run=run)
+
+
+def domain_glob(text: str) -> str:
+    """An argparse type: a glob or UUID; an empty one would match no domain at all."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty GLOB matches no domain")
+    return text
+
+
+class JsonLines(io.TextIOBase):
+    """stdout for ``--json``. When its reader goes away (EPIPE) the daemon stops and
+    exits with an error: records nobody reads must not pass for a working watch."""
+
+    def __init__(self, out: TextIO, on_closed: Callable[[], None]) -> None:
+        super().__init__()
+        self._out = out
+        self._on_closed = on_closed
+        self.reader_gone = False
+
+    def write(self, text: str) -> int:
+        if not self.reader_gone:
+            try:
+                self._out.write(text)
+            except BrokenPipeError:
+                self._gone()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_gone:
+            try:
+                self._out.flush()
+            except BrokenPipeError:
+                self._gone()
+
+    def _gone(self) -> None:
+        self.reader_gone = True
+        # What is still buffered must not fail again when the interpreter exits.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._out.fileno())
+        os.close(devnull)
+        self._on_closed()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,11 +143,13 @@ def run(args: argparse.Namespace) -> int:
     # Periodic and reconnect resyncs read every running domain in bulk and reconcile only
     # the domains that need it; the metrics get every view it read.
     resync = BulkResync(runner, on_views=metrics.resynced if metrics is not None else None)
+    watch: Optional[Watch] = None
+    json_out = JsonLines(sys.stdout, lambda: watch.request_stop() if watch else None)
     watch = Watch(
         hosts,
         settings,
         runner.run,
-        EventLog(sys.stdout if args.json else None),
+        EventLog(cast(TextIO, json_out) if args.json else None),
         reload=reload,
         sources=sources,
         observer=metrics,
@@ -114,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if metrics is not None:
             metrics.close()
+    if json_out.reader_gone:
+        raise VirtHotplugError("stdout was closed (broken pipe): the JSON records have no reader")
     return EXIT_OK
 
 
