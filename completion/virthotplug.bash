@@ -7,9 +7,9 @@ _virthotplug_global="-h --help -c --connect -r --readonly --config-file -d --deb
 _virthotplug_status="-h --help --all --agent-timeout --json --qemu-monitor"
 _virthotplug_check="-h --help --all --agent-timeout"
 _virthotplug_watch="-h --help --json --resync-interval --agent-timeout --workers --hotadd-settle --domain --no-hook-socket --metrics-listen"
-_virthotplug_policy="-h --help --json --set --clear --count --grace --exclude --retries --live --config"
+_virthotplug_policy="-h --help --json --set --clear --count --grace --exclude --retries --live --config --current"
 _virthotplug_apply="-h --help --all --agent-timeout --dry-run --json"
-_virthotplug_setvcpus="-h --help --live --config --timeout --online --no-online --force --json"
+_virthotplug_setvcpus="-h --help --live --config --current --timeout --online --no-online --force --json"
 # Options followed by a value.
 _virthotplug_with_value="-c --connect --config-file --agent-timeout --resync-interval --workers --hotadd-settle --set --count --grace --exclude --retries --timeout --metrics-listen --domain"
 # Commands and how many DOMAIN arguments they take (0: any number).

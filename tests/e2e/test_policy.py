@@ -61,13 +61,13 @@ def policy_for(vh: Cli) -> Iterator[Callable[..., None]]:
 
     def set_policy(vm: LabVM, mode: str, *options: str) -> None:
         touched.append(vm)
-        status, _out, err = vh("policy", vm.name, "--set", mode, *options)
+        status, _out, err = vh("policy", vm.name, "--set", mode, *options, "--live", "--config")
         assert status == EXIT_OK, err
 
     yield set_policy
     for vm in touched:
         if vm.dom.isActive():
-            vh("policy", vm.name, "--clear")
+            vh("policy", vm.name, "--clear", "--live", "--config")
 
 
 def latency(capsys: Capsys, record_property: Record, name: str, seconds: float) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tdriver import MIXED, run_cli
@@ -144,9 +145,17 @@ def test_policy_set_round_trip_live_and_persistent() -> None:
 
 
 def test_policy_clear(capsys: Capsys) -> None:
-    result = run_cli(capsys, "-c", MIXED, "policy", "hotplug-agent", "--clear", "--json")
+    argv = ["-c", MIXED, "policy", "hotplug-agent", "--clear", "--live", "--config", "--json"]
+    result = run_cli(capsys, *argv)
     assert result.status == EXIT_OK, result.err
     assert result.json()["policy"]["mode"] == {"value": "report", "source": "default"}
+
+
+def test_policy_clear_of_a_running_domain_keeps_its_persistent_policy(capsys: Capsys) -> None:
+    # --current, the default: only the running definition, as virsh does.
+    result = run_cli(capsys, "-c", MIXED, "policy", "hotplug-agent", "--clear", "--json")
+    assert result.status == EXIT_OK, result.err
+    assert result.json()["policy"]["mode"]["source"] == "metadata (persistent)"
 
 
 def test_policy_set_validates_before_writing(capsys: Capsys) -> None:
@@ -307,3 +316,76 @@ def test_setvcpus_bad_count(capsys: Capsys, count: str) -> None:
     with pytest.raises(SystemExit) as info:
         run_cli(capsys, "-c", MIXED, "setvcpus", "hotplug-agent", count)
     assert info.value.code == EXIT_USAGE
+
+
+# --- --live, --config, --current: virsh's meaning and default ----------------------------
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool]]:
+    """(live, config) of every policy metadata write the command makes."""
+    from virthotplug.host import policysource
+
+    calls: list[tuple[bool, bool]] = []
+    real = policysource.write_policy
+
+    def recording(conn: Any, dom: Any, fields: Any, *, live: bool, config: bool) -> None:
+        calls.append((live, config))
+        real(conn, dom, fields, live=live, config=config)
+
+    monkeypatch.setattr(policysource, "write_policy", recording)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("domain", "flags", "expected"),
+    [
+        ("fixed-noagent", [], (True, False)),  # running: live only, like virsh
+        ("fixed-noagent", ["--current"], (True, False)),
+        ("fixed-noagent", ["--config"], (False, True)),
+        ("fixed-noagent", ["--live"], (True, False)),
+        ("fixed-noagent", ["--live", "--config"], (True, True)),
+        ("stopped-big", [], (False, True)),  # shut off: the persistent definition
+        ("stopped-big", ["--current"], (False, True)),
+        ("stopped-big", ["--config"], (False, True)),
+    ],
+)
+@pytest.mark.parametrize("action", [["--set", "online"], ["--clear"]])
+def test_policy_affects_like_virsh(
+    domain: str,
+    flags: list[str],
+    expected: tuple[bool, bool],
+    action: list[str],
+    writes: list[tuple[bool, bool]],
+    capsys: Capsys,
+) -> None:
+    result = run_cli(capsys, "-c", MIXED, "policy", domain, *action, *flags, "--json")
+    assert result.status == EXIT_OK, result.err
+    assert writes == [expected]
+    assert result.json()["changed"] == {"live": expected[0], "config": expected[1]}
+
+
+@pytest.mark.parametrize("flag", ["--live", "--config"])
+def test_policy_current_is_exclusive_with_live_and_config(flag: str, capsys: Capsys) -> None:
+    result = run_cli(
+        capsys, "-c", MIXED, "policy", "fixed-noagent", "--set", "online", "--current", flag
+    )
+    assert result.status == EXIT_USAGE
+    assert result.err == "virthotplug: error: --current is exclusive with --live and --config\n"
+
+
+def test_policy_show_changes_nothing(writes: list[tuple[bool, bool]], capsys: Capsys) -> None:
+    result = run_cli(capsys, "-c", MIXED, "policy", "fixed-noagent", "--json")
+    assert result.status == EXIT_OK
+    assert writes == [] and result.json()["changed"] is None
+
+
+def test_setvcpus_current_is_exclusive_with_live(capsys: Capsys) -> None:
+    result = run_cli(capsys, "-c", MIXED, "setvcpus", "stopped-big", "3", "--current", "--live")
+    assert result.status == EXIT_USAGE
+
+
+def test_setvcpus_current_on_a_stopped_domain_changes_its_config(capsys: Capsys) -> None:
+    result = run_cli(capsys, "-c", MIXED, "setvcpus", "stopped-big", "3", "--current")
+    assert result.status == EXIT_OK, result.err
+    assert "(config)" in result.out.splitlines()[0]

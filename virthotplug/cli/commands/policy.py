@@ -24,8 +24,8 @@ def register(subparsers: Any) -> None:
         description="Without --set/--clear: show the domain's effective onlining policy and "
         "the source of every value (metadata, configuration file, default). With --set: "
         "replace the policy stored in the domain's metadata; with --clear: remove it. "
-        "Without --live/--config the running definition (if running) and the persistent one "
-        "(if persistent) are both changed.",
+        "Like virsh: --live, --config (both may be given), or --current (the default): the "
+        "running definition if the domain runs, else the persistent one.",
     )
     parser.add_argument("domain", metavar="DOMAIN", help="domain name, UUID or id")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -41,6 +41,12 @@ def register(subparsers: Any) -> None:
         parser.add_argument(f"--{name}", type=_field_type(name), metavar=metavar, help=help_text)
     parser.add_argument("--live", action="store_true", help="change the running definition")
     parser.add_argument("--config", action="store_true", help="change the persistent definition")
+    parser.add_argument(
+        "--current",
+        action="store_true",
+        help="change the running definition if the domain runs, else the persistent one "
+        "(the default, like virsh)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -66,16 +72,20 @@ def run(args: argparse.Namespace) -> int:
     from virthotplug.host.connection import Connection
 
     options = _field_options(args)
-    if (options or args.live or args.config) and not (args.set or args.clear):
-        raise UsageError("--count, --grace, --exclude, --retries, --live and --config need --set")
+    if (options or args.live or args.config or args.current) and not (args.set or args.clear):
+        raise UsageError(
+            "--count, --grace, --exclude, --retries, --live, --config and --current need "
+            "--set or --clear"
+        )
     if args.clear and options:
         raise UsageError("--clear takes no policy values")
+    if args.current and (args.live or args.config):
+        raise UsageError("--current is exclusive with --live and --config")
     config = load_config(args.config_file)
     with Connection(_one_uri(args), readonly=args.readonly) as conn:
         dom = conn.lookup(args.domain)
-        if args.set or args.clear:
-            _write(conn, dom, args, options)
-        _show(conn, dom, config, args.json)
+        changed = _write(conn, dom, args, options) if args.set or args.clear else None
+        _show(conn, dom, config, args.json, changed)
     return EXIT_OK
 
 
@@ -93,7 +103,8 @@ def _one_uri(args: argparse.Namespace) -> str | None:
 
 def _write(
     conn: Connection, dom: Domain, args: argparse.Namespace, options: dict[str, str]
-) -> None:
+) -> dict[str, bool]:
+    """Write (or clear) the metadata; which definitions were changed."""
     from virthotplug.core.policy import format_field, parse_policy_fields
     from virthotplug.host.policysource import write_policy
 
@@ -105,28 +116,42 @@ def _write(
         # Validate and normalise before anything is written.
         values = parse_policy_fields(raw, source="the command line", domain=dom.name)
         fields = {name: format_field(name, value) for name, value in values.items()}
-    live, persistent = _affect(dom, args)
+    live, persistent = affected(args.live, args.config, running=dom.is_active())
     if live and not dom.is_active():
         raise NotRunningError(f"domain {quote(dom.name)} is not running: --live needs it running")
     write_policy(conn, dom, fields, live=live, config=persistent)
+    return {"live": live, "config": persistent}
 
 
-def _affect(dom: Domain, args: argparse.Namespace) -> tuple[bool, bool]:
-    """--live/--config as given; neither: running definition if running + persistent if so."""
-    if args.live or args.config:
-        return bool(args.live), bool(args.config)
-    return dom.is_active(), dom.is_persistent()
+def affected(live: bool, config: bool, *, running: bool) -> tuple[bool, bool]:
+    """virsh's rule: --live and/or --config as given; neither (--current, the default): the
+    running definition if the domain runs, else the persistent one."""
+    if live or config:
+        return live, config
+    return running, not running
 
 
-def _show(conn: Connection, dom: Domain, config: HostConfig, as_json: bool) -> None:
+def _show(
+    conn: Connection,
+    dom: Domain,
+    config: HostConfig,
+    as_json: bool,
+    changed: dict[str, bool] | None,
+) -> None:
     from virthotplug.core.policy import FIELDS, format_field
     from virthotplug.host.policysource import effective_policy
 
     effective = effective_policy(conn, dom, config)
     if as_json:
-        doc = {"domain": dom.name, "uuid": dom.uuid, "policy": effective.to_dict()}
+        doc: dict[str, Any] = {"domain": dom.name, "uuid": dom.uuid}
+        doc["policy"] = effective.to_dict()
+        doc["changed"] = changed  # None: nothing was asked to change
         print(json.dumps(doc, indent=2))
         return
+    if changed is not None:
+        names = {"live": "running", "config": "persistent"}
+        where = " and ".join(names[w] for w, on in changed.items() if on)
+        print(f"Changed: the {where} definition{'s' if all(changed.values()) else ''}")
     print(f"Domain: {dom.name}")
     rows = [
         (name, format_field(name, getattr(effective.policy, name)) or "-", effective.sources[name])

@@ -43,6 +43,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--live", action="store_true", help="change the running domain")
     parser.add_argument("--config", action="store_true", help="change the persistent definition")
     parser.add_argument(
+        "--current",
+        action="store_true",
+        help="change the running domain if it runs, else the persistent definition (the "
+        "default, like virsh)",
+    )
+    parser.add_argument(
         "--timeout",
         type=timeout_seconds,
         default=10.0,
@@ -93,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     hosts = uris(args)
     if len(hosts) > 1:
         raise UsageError("setvcpus works on one host: give -c once")
+    if args.current and (args.live or args.config):
+        raise UsageError("--current is exclusive with --live and --config")
     config = load_config(args.config_file)
     ensure_event_loop()  # before open(): monitor events need it
     with Connection(hosts[0], readonly=args.readonly) as conn:
@@ -114,11 +122,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _affect(dom: Domain, args: argparse.Namespace) -> tuple[bool, bool]:
-    """--live/--config as given; neither: the current state, like virsh (live if running)."""
-    if args.live or args.config:
-        return bool(args.live), bool(args.config)
-    running = dom.is_active()
-    return running, not running
+    """virsh's rule (``policy.affected``): --live/--config as given; neither (--current):
+    live if running, else the persistent definition."""
+    from virthotplug.cli.commands.policy import affected
+
+    return affected(bool(args.live), bool(args.config), running=dom.is_active())
 
 
 def _refuse_over_maximum(
