@@ -14,12 +14,15 @@ from typing import Any, NoReturn, Optional, Sequence
 
 from virthotplug import __version__
 from virthotplug.cli.commands import COMMANDS, check
+from virthotplug.cli.commands.common import log_level
 from virthotplug.core import errors
+from virthotplug.core.settings import parse_integer
 
 log = logging.getLogger("virthotplug")
 
 # Global options that take a value: the word after them is not the command.
 _GLOBAL_OPTIONS_WITH_VALUE = ("-c", "--connect", "--config-file")
+_DEBUG_OPTIONS = ("-d", "--debug")
 # Commands whose --json prints one document (watch prints a stream of records).
 JSON_DOCUMENT_COMMANDS = frozenset({"status", "policy", "apply", "setvcpus"})
 JSON_VERSION = 1  # every --json document's "version"
@@ -71,13 +74,72 @@ def build_parser(*, raise_usage_errors: bool = False) -> argparse.ArgumentParser
         help="host configuration file (default: /etc/virthotplug/virthotplug.conf, "
         "ignored when absent)",
     )
-    parser.add_argument("-d", "--debug", action="store_true", help="debug output, tracebacks")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only print errors")
+    parser.add_argument(
+        "-d",
+        "--debug",
+        nargs="?",
+        const=0,
+        type=debug_level,
+        action=DebugAction,
+        metavar="LEVEL",
+        help="log level like virsh's: 0 debug (the default of -d alone, with tracebacks of "
+        "internal errors), 1 info, 2 notice, 3 warning, 4 error",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="quiet, like virsh: no table headers or informational lines, only errors logged",
+    )
+    parser.set_defaults(debug=False, debug_level=None)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS:
         module.register(subparsers)
+    _register_help(parser, subparsers)
     return parser
+
+
+def _register_help(top: argparse.ArgumentParser, subparsers: Any) -> None:
+    """``help [COMMAND]``, as virsh has it: the help of the program or of one command."""
+    commands = dict(subparsers.choices)
+    parser = subparsers.add_parser(
+        "help",
+        help="show the help of the program, or of one command",
+        description="Print the help of COMMAND (the same as 'virthotplug COMMAND --help'), or "
+        "of the program without one.",
+    )
+    parser.add_argument("topic", nargs="?", metavar="COMMAND", choices=sorted(commands))
+
+    def run(args: argparse.Namespace) -> int:
+        (commands[args.topic] if args.topic else top).print_help()
+        return errors.EXIT_OK
+
+    parser.set_defaults(run=run)
+
+
+def debug_level(text: str) -> int:
+    """An argparse type: a -d level, 0 to 4."""
+    try:
+        return parse_integer(text.strip(), 0, 4)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a level from 0 to 4: {errors.quote(text)}"
+        ) from None
+
+
+class DebugAction(argparse.Action):
+    """``-d [LEVEL]``: ``debug_level`` is the level, ``debug`` whether it is 0 (tracebacks)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: Optional[str] = None,
+    ) -> None:
+        namespace.debug_level = values
+        namespace.debug = values == 0
 
 
 def connection_uri(text: str) -> str:
@@ -89,8 +151,7 @@ def connection_uri(text: str) -> str:
     return text
 
 
-def setup_logging(debug: bool, quiet: bool) -> None:
-    level = logging.DEBUG if debug else logging.ERROR if quiet else logging.WARNING
+def setup_logging(level: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("virthotplug: %(levelname)s: %(message)s"))
     root = logging.getLogger()
@@ -100,11 +161,12 @@ def setup_logging(debug: bool, quiet: bool) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser(raise_usage_errors=True)
+    words = with_debug_levels(sys.argv[1:] if argv is None else list(argv))
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(words)
     except CommandLineError as exc:
-        return _usage_error(exc, sys.argv[1:] if argv is None else argv)
-    setup_logging(args.debug, args.quiet)
+        return _usage_error(exc, words)
+    setup_logging(log_level(args, default=logging.WARNING))
     try:
         return int(args.run(args))
     except KeyboardInterrupt:
@@ -133,6 +195,24 @@ def _usage_error(exc: CommandLineError, argv: Sequence[str]) -> int:
     exc.parser.exit(errors.EXIT_USAGE, f"{exc.parser.prog}: error: {message}\n")
 
 
+def with_debug_levels(argv: list[str]) -> list[str]:
+    """``-d`` takes an optional level; so that ``-d status`` does not take the command for
+    one, a -d not followed by a level is given its default (0) explicitly."""
+    words = list(argv)
+    for i, word in enumerate(words):
+        if word == "--":
+            break
+        if word in _DEBUG_OPTIONS and (i + 1 == len(words) or not _is_level(words[i + 1])):
+            words[i] = "--debug=0"
+    return words
+
+
+def _is_level(word: str) -> bool:
+    """Whether a word after -d is meant as its level (digits; 0 to 4 are valid): a command
+    never is one."""
+    return word.isascii() and word.isdigit()
+
+
 def command_word(argv: Sequence[str]) -> Optional[str]:
     """The command named in ``argv``, found without parsing it (parsing just failed): the
     first word that is neither an option nor a global option's value."""
@@ -140,6 +220,8 @@ def command_word(argv: Sequence[str]) -> Optional[str]:
     for word in words:
         if word in _GLOBAL_OPTIONS_WITH_VALUE:
             next(words, None)
+        elif _is_level(word):
+            continue  # -d's level
         elif word == "--":
             break
         elif not word.startswith("-"):

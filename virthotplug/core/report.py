@@ -55,12 +55,16 @@ def status_json(views: Iterable[VcpuView], errors: Iterable[Any]) -> str:
     )
 
 
-def status_table(views: Sequence[VcpuView], *, show_host: bool = False) -> str:
-    """A fixed-width table; counts are cur/max, guest is online/present."""
+def status_table(
+    views: Sequence[VcpuView], *, show_host: bool = False, headers: bool = True
+) -> str:
+    """A fixed-width table; counts are cur/max, guest is online/present. Like ``virsh
+    list``: the header even without rows, and no header with ``headers`` False (-q)."""
     header = (("Host",) if show_host else ()) + _COLUMNS
     rows = [tuple(map(printable, ((v.host,) if show_host else ()) + _row(v))) for v in views]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     lines = [_format_row(header, widths), "-" * (sum(widths) + 2 * len(widths))]
+    lines = lines if headers else []
     lines.extend(_format_row(row, widths) for row in rows)
     return "\n".join(lines)
 

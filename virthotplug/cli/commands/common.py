@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import TYPE_CHECKING, Any, Callable, Collection, Optional, Sequence, Sized, TypeVar
 
 from virthotplug.core.errors import NoDomainError, UsageError, quote
@@ -12,6 +13,19 @@ if TYPE_CHECKING:
     from virthotplug.core.config import HostConfig
 
 T = TypeVar("T")
+
+
+# virsh's -d levels (0 debug ... 4 error) and the logging level of each.
+DEBUG_LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.WARNING}
+DEBUG_LEVELS[4] = logging.ERROR
+
+
+def log_level(args: Any, *, default: int) -> int:
+    """The logging level -d LEVEL or -q asks for; ``default`` without either."""
+    level: Optional[int] = getattr(args, "debug_level", None)
+    if level is not None:
+        return DEBUG_LEVELS[level]
+    return logging.ERROR if args.quiet else default
 
 
 def add_selection(parser: argparse.ArgumentParser) -> None:

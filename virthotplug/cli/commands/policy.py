@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     with Connection(_one_uri(args), readonly=args.readonly) as conn:
         dom = conn.lookup(args.domain)
         changed = _write(conn, dom, args, options) if args.set or args.clear else None
-        _show(conn, dom, config, args.json, changed)
+        _show(conn, dom, config, args.json, changed, quiet=args.quiet)
     return EXIT_OK
 
 
@@ -137,6 +137,8 @@ def _show(
     config: HostConfig,
     as_json: bool,
     changed: dict[str, bool] | None,
+    *,
+    quiet: bool,
 ) -> None:
     from virthotplug.core.policy import FIELDS, format_field
     from virthotplug.host.policysource import effective_policy
@@ -148,11 +150,12 @@ def _show(
         doc["changed"] = changed  # None: nothing was asked to change
         print(json.dumps(doc, indent=2))
         return
-    if changed is not None:
-        names = {"live": "running", "config": "persistent"}
-        where = " and ".join(names[w] for w, on in changed.items() if on)
-        print(f"Changed: the {where} definition{'s' if all(changed.values()) else ''}")
-    print(f"Domain: {dom.name}")
+    if not quiet:  # -q: the field rows only, like virsh's quiet mode
+        if changed is not None:
+            names = {"live": "running", "config": "persistent"}
+            where = " and ".join(names[w] for w, on in changed.items() if on)
+            print(f"Changed: the {where} definition{'s' if all(changed.values()) else ''}")
+        print(f"Domain: {dom.name}")
     rows = [
         (name, format_field(name, getattr(effective.policy, name)) or "-", effective.sources[name])
         for name in FIELDS

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         result = resize.resize(conn, dom, config, request, events)
         if log is not None:
             log.wait_quiet(0.3, 1.0)  # the final eject report trails the unplug
-        _print(result, log, started, args.json)
+        _print(result, log, started, args.json, quiet=args.quiet)
     if result.complete:
         return EXIT_OK
     return EXIT_GUEST_REJECTED if result.rejected else EXIT_INCOMPLETE
@@ -168,7 +168,14 @@ def _monitor(conn: Connection, dom: Domain) -> Optional[MonitorLog]:
     return log
 
 
-def _print(result: ResizeResult, log: Optional[MonitorLog], started: float, as_json: bool) -> None:
+def _print(
+    result: ResizeResult,
+    log: Optional[MonitorLog],
+    started: float,
+    as_json: bool,
+    *,
+    quiet: bool,
+) -> None:
     from virthotplug.cli import resize
     from virthotplug.cli.commands.apply import describe
     from virthotplug.daemon.monitorlog import describe as describe_event
@@ -190,15 +197,15 @@ def _print(result: ResizeResult, log: Optional[MonitorLog], started: float, as_j
         print(f"  {key}: {seconds:.3f} s")
     if result.reconcile is not None:
         print("\n".join("  " + line for line in describe(result.reconcile)[1:]))
-    _print_checks(result.checks)
+    _print_checks(result.checks, headers=not quiet)
     for note in result.notes:
         print(f"  note: {note}")
 
 
-def _print_checks(checks: Sequence[LayerCheck]) -> None:
+def _print_checks(checks: Sequence[LayerCheck], *, headers: bool) -> None:
     rows = [("layer", "now", "target", "")]
     rows += [(c.layer, c.now, c.target, "ok" if c.ok else "NOT REACHED") for c in checks]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
+    for row in rows if headers else rows[1:]:
         cells = [cell.ljust(width) for cell, width in zip(row, widths)]
         print(f"  {'  '.join(cells)}  {row[3]}".rstrip())

@@ -56,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(report.status_json(result.views, result.errors))
     else:
-        if result.views:
-            print(report.status_table(result.views, show_host=len(hosts) > 1))
+        table = report.status_table(result.views, show_host=len(hosts) > 1, headers=not args.quiet)
+        if table:
+            print(table)
         for failure in result.errors:
             where = f"{failure.host} {failure.name}".strip()
             print(f"virthotplug: error: {where}: {failure.error}", file=sys.stderr)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import logging
 import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO, cast
 
-from virthotplug.cli.commands.common import add_setting, uris
+from virthotplug.cli.commands.common import add_setting, log_level, uris
 from virthotplug.core.errors import EXIT_OK, VirtHotplugError
 from virthotplug.core.settings import AGENT_TIMEOUT, HOTADD_SETTLE, RESYNC_INTERVAL, WORKERS
 
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from virthotplug.daemon.watch import Watch
 
     setup_daemon_logging(args.debug, args.quiet)
+    logging.getLogger().setLevel(log_level(args, default=logging.INFO))  # -d LEVEL, like virsh
     config_path = getattr(args, "config_file", None)
 
     def load() -> Any:
