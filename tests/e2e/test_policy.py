@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
+from jsonschemas import validate_output
 from lab import CpuState, Lab, LabVM
 
 from virthotplug.cli import main as cli
@@ -45,6 +46,7 @@ class Cli:
     def json(self, *argv: str) -> tuple[int, Any]:
         status, out, err = self(*argv, "--json")
         assert out, err
+        validate_output([*argv, "--json"], out)  # the published schema (schemas/)
         return status, json.loads(out)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+from jsonschemas import validate_output  # tests/jsonschemas.py
 
 from virthotplug.cli import main as cli
 
@@ -44,6 +45,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> Result:
     """``virthotplug ARGV`` in this process."""
     status = cli.main(list(argv))
     captured = capsys.readouterr()
+    validate_output(argv, captured.out)  # every --json document against its schema
     return Result(status, captured.out, captured.err)
 
 
@@ -59,4 +61,5 @@ def run_module(*argv: str, env: Optional[dict[str, str]] = None) -> Result:
         env=child_env,
         check=False,
     )
+    validate_output(argv, done.stdout)
     return Result(done.returncode, done.stdout, done.stderr)

@@ -61,7 +61,7 @@ def test_policy_json(capsys: Capsys) -> None:
     doc = run_cli(capsys, "-c", MIXED, "policy", "fixed-noagent", "--json").json()
     assert doc["domain"] == "fixed-noagent"
     assert doc["policy"]["mode"] == {"value": "report", "source": "default"}
-    assert doc["policy"]["exclude"] == {"value": "", "source": "default"}
+    assert doc["policy"]["exclude"] == {"value": [], "source": "default"}  # a CPU list
 
 
 def test_policy_invalid_metadata_names_domain_and_source(capsys: Capsys) -> None:
@@ -126,7 +126,7 @@ def test_policy_set_writes_metadata_and_reads_it_back(capsys: Capsys) -> None:
     doc = result.json()["policy"]
     assert doc["mode"] == {"value": "match", "source": SOURCE_LIVE}
     assert doc["count"]["value"] == 2 and doc["grace"]["value"] == 0.5
-    assert doc["exclude"] == {"value": "1-3", "source": SOURCE_LIVE}
+    assert doc["exclude"] == {"value": [1, 2, 3], "source": SOURCE_LIVE}
     assert doc["retries"]["source"] == "default"
 
 

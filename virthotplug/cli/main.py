@@ -7,7 +7,6 @@ raise the project's exceptions and return an exit status when they succeed.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from typing import Any, NoReturn, Optional, Sequence
@@ -250,7 +249,9 @@ def _report_failure(args: argparse.Namespace, message: str, status: int) -> int:
     ):
         # A program that asked for JSON gets a document, whatever went wrong once the
         # command line was right (a usage error is the caller's to fix, as argparse's are).
-        print(json.dumps(failure_document(message, status), indent=2))
+        from virthotplug.core.report import json_document
+
+        print(json_document(failure_document(message, status)))
     print(f"virthotplug: error: {message}", file=sys.stderr)
     return status
 
@@ -258,7 +259,7 @@ def _report_failure(args: argparse.Namespace, message: str, status: int) -> int:
 def failure_document(message: str, status: int) -> dict[str, Any]:
     """The ``--json`` document of a command that failed as a whole (its schema: every
     command's ``failure`` branch)."""
-    return {"version": JSON_VERSION, "error": message, "exit_status": status}
+    return {"version": JSON_VERSION, "error": message, "exit_status": status}  # report's version
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ class EffectivePolicy:
 
 
 def _json_value(value: Any) -> Any:
-    return format_cpulist(value) if isinstance(value, frozenset) else value
+    return sorted(value) if isinstance(value, frozenset) else value  # a CPU list: an array
 
 
 # --- validation of raw values ----------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,8 +27,6 @@ if TYPE_CHECKING:  # the real imports stay inside run(): start-up stays light
     from virthotplug.host.connection import Connection
     from virthotplug.host.domain import Domain
     from virthotplug.host.reconcile import ReconcileResult
-
-JSON_SCHEMA_VERSION = 1
 
 
 def register(subparsers: Any) -> None:
@@ -168,12 +165,14 @@ def _print(
     results: list[ReconcileResult], failures: list[Failure], as_json: bool, *, show_host: bool
 ) -> None:
     if as_json:
+        from virthotplug.core.report import JSON_SCHEMA_VERSION, json_document
+
         doc = {
             "version": JSON_SCHEMA_VERSION,
             "results": [r.to_dict() for r in results],
             "errors": [f.to_dict() for f in failures],
         }
-        print(json.dumps(doc, indent=2))
+        print(json_document(doc))
         return
     for result in results:
         lines = describe(result)

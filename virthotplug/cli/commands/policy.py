@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import TYPE_CHECKING, Any, Callable
 
 from virthotplug.cli.commands.common import uris
@@ -145,10 +144,12 @@ def _show(
 
     effective = effective_policy(conn, dom, config)
     if as_json:
-        doc: dict[str, Any] = {"domain": dom.name, "uuid": dom.uuid}
-        doc["policy"] = effective.to_dict()
+        from virthotplug.core.report import JSON_SCHEMA_VERSION, json_document
+
+        doc: dict[str, Any] = {"version": JSON_SCHEMA_VERSION}
+        doc.update(domain=dom.name, uuid=dom.uuid, policy=effective.to_dict())
         doc["changed"] = changed  # None: nothing was asked to change
-        print(json.dumps(doc, indent=2))
+        print(json_document(doc))
         return
     if not quiet:  # -q: the field rows only, like virsh's quiet mode
         if changed is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
@@ -182,9 +181,11 @@ def _print(
 
     events = log.events(since=started) if log is not None else []
     if as_json:
-        doc = resize.to_dict(result)
+        from virthotplug.core.report import JSON_SCHEMA_VERSION, json_document
+
+        doc = {"version": JSON_SCHEMA_VERSION, **resize.to_dict(result)}
         doc["events"] = [{"t": round(e.mono - started, 3), "event": e.describe()} for e in events]
-        print(json.dumps(doc, indent=2))
+        print(json_document(doc))
         return
     before = result.before.live.current if result.before.live is not None else "?"
     where = "+".join(
