@@ -367,6 +367,12 @@ class Metrics:
         self._server = _serve(self.registry, address, port)
         bound = self._server.server_address
         log.info("metrics: serving http://%s/metrics", _host_port(bound[0], bound[1]))
+        if not _is_loopback(str(bound[0])):
+            log.warning(
+                "metrics: %s is not a loopback address: every host that can reach it can read "
+                "the metrics (domain names, vCPU counts); bind 127.0.0.1, or restrict access",
+                _host_port(bound[0], bound[1]),
+            )
         return str(bound[0]), int(bound[1])
 
     def close(self) -> None:
@@ -471,6 +477,38 @@ def _layer_counts(view: VcpuView) -> dict[str, Optional[int]]:
     }
 
 
+def _is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1 (a wildcard such as 0.0.0.0 or :: is every interface: not one)."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+INDEX_PAGE = (
+    b"<html><head><title>virthotplug</title></head><body>"
+    b'<p>virthotplug watch: <a href="/metrics">metrics</a></p></body></html>\n'
+)
+
+
+def _only_metrics(metrics_app: Any) -> Any:
+    """The WSGI app: ``/metrics`` (the registry), a small page at ``/``, 404 elsewhere."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics_app(environ, start_response)
+        if path == "/":
+            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
+            return [INDEX_PAGE]
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: metrics are at /metrics\n"]
+
+    return app
+
+
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -495,7 +533,11 @@ def _serve(registry: Any, address: str, port: int) -> Any:
 
     try:
         server = make_server(
-            address, port, prom.make_wsgi_app(registry), Server, handler_class=QuietHandler
+            address,
+            port,
+            _only_metrics(prom.make_wsgi_app(registry)),
+            Server,
+            handler_class=QuietHandler,
         )
     except OSError as exc:
         where = _host_port(address, port)
