@@ -51,7 +51,8 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> Result:
 
 def run_module(*argv: str, env: Optional[dict[str, str]] = None) -> Result:
     """``python -m virthotplug ARGV`` in a child process."""
-    child_env = {k: v for k, v in os.environ.items() if k != "LIBVIRT_DEFAULT_URI"}
+    inherited = ("LIBVIRT_DEFAULT_URI", "VIRTHOTPLUG_CONFIG")
+    child_env = {k: v for k, v in os.environ.items() if k not in inherited}
     child_env.update(env or {})
     done = subprocess.run(
         [sys.executable, "-m", "virthotplug", *argv],

@@ -389,3 +389,44 @@ def test_setvcpus_current_on_a_stopped_domain_changes_its_config(capsys: Capsys)
     result = run_cli(capsys, "-c", MIXED, "setvcpus", "stopped-big", "3", "--current")
     assert result.status == EXIT_OK, result.err
     assert "(config)" in result.out.splitlines()[0]
+
+
+# --- VIRTHOTPLUG_CONFIG: the file the hook reads, for every command too ---------------------
+
+
+def _match_config(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    path.write_text("[defaults]\nmode = match\ncount = 2\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_the_environment_names_the_configuration_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Capsys
+) -> None:
+    path = _match_config(tmp_path, "env.conf")
+    monkeypatch.setenv("VIRTHOTPLUG_CONFIG", str(path))
+    result = run_cli(capsys, "-c", MIXED, "policy", "fixed-noagent", "--json")
+    assert result.status == EXIT_OK, result.err
+    assert result.json()["policy"]["mode"] == {
+        "value": "match",
+        "source": f"config {path}: [defaults]",
+    }
+
+
+def test_config_file_wins_over_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Capsys
+) -> None:
+    monkeypatch.setenv("VIRTHOTPLUG_CONFIG", str(tmp_path / "absent.conf"))
+    path = _match_config(tmp_path, "given.conf")
+    result = run_cli(capsys, "-c", MIXED, "--config-file", str(path), "policy", "fixed-noagent")
+    assert result.status == EXIT_OK, result.err
+
+
+def test_a_file_the_environment_names_must_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Capsys
+) -> None:
+    monkeypatch.setenv("VIRTHOTPLUG_CONFIG", str(tmp_path / "absent.conf"))
+    result = run_cli(capsys, "-c", MIXED, "status", "--all")
+    assert result.status == EXIT_CONFIG
+    assert result.err == f"virthotplug: error: config file {tmp_path / 'absent.conf'}: not found\n"

@@ -37,6 +37,7 @@ from virthotplug.core.errors import ConfigError, quote, shown
 from virthotplug.core.policy import parse_policy_fields
 
 DEFAULT_CONFIG_PATH = "/etc/virthotplug/virthotplug.conf"
+CONFIG_ENV = "VIRTHOTPLUG_CONFIG"  # another file, for every command and the hook
 MAX_CONFIG_BYTES = 1024 * 1024
 DOMAIN_PREFIX = "domain:"
 DEFAULTS_SECTION = "defaults"
@@ -109,7 +110,10 @@ class HostConfig:
 
 
 def load_config(path: Optional[str] = None) -> HostConfig:
-    """Load ``path``, or the default file when None. Only the default file may be missing."""
+    """Load ``path``, else ``$VIRTHOTPLUG_CONFIG`` (which the libvirt hook reads too), else
+    the default file. Only the default file may be missing."""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or None
     explicit = path is not None
     path = path if path is not None else DEFAULT_CONFIG_PATH
     try:
