@@ -64,7 +64,6 @@ def test_check_one_warning_domain_by_id(capsys: pytest.CaptureFixture[str]) -> N
     [
         (["-c", MIXED, "check", "nosuch"], "failed to get domain 'nosuch': no such domain"),
         (["-c", "bogus:///x", "check", "--all"], "cannot connect to 'bogus:///x': "),
-        (["-c", MIXED, "-r", "check", "hotplug-agent"], "domain 'hotplug-agent': operation"),
         (["-c", MIXED, "check"], "no domain given"),
     ],
 )
@@ -124,3 +123,77 @@ def test_python_m_check() -> None:
     assert result.status == CHECK_WARNING
     assert result.err == ""
     assert plugin_line(result.out)["status"] == "WARNING"
+
+
+# --- a monitoring user: read-only, no access to the configuration file ---------------------
+
+
+def test_check_read_only_gives_a_verdict_and_says_what_it_did_not_read(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    result = run_cli(capsys, "-c", MIXED, "-r", "check", "--all")
+    assert result.status == CHECK_WARNING  # the two growable domains without an agent
+    line = plugin_line(result.out)
+    assert (line["domains"], line["warning"], line["unknown"]) == ("6", "2", "0")
+    assert line["summary"].endswith(
+        "; not read: the guest layer of 1 running domain with a guest agent "
+        "(a read-only connection cannot ask the agent)"
+    )
+
+
+def test_check_read_only_of_one_domain_with_an_agent(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(capsys, "-c", MIXED, "-r", "check", "hotplug-agent")
+    assert result.status == CHECK_OK
+    assert result.out.startswith("VIRTHOTPLUG OK - 1 domain, vCPUs consistent; not read: the ")
+
+
+@pytest.fixture
+def unreadable_default_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The default configuration file exists but this user may not read it (root reads
+    every file, so the refusal is simulated where the file is opened)."""
+    from virthotplug.core import config
+
+    path = tmp_path / "virthotplug.conf"
+    path.write_text("[defaults]\nmode = online\n")
+    real = config._read_private_file
+
+    def refuse(name: str) -> str:
+        if name == str(path):
+            raise PermissionError(13, "Permission denied", name)
+        return real(name)
+
+    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", str(path))
+    monkeypatch.setattr(config, "_read_private_file", refuse)
+    return path
+
+
+def test_check_without_access_to_the_configuration_file(
+    unreadable_default_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_cli(capsys, "-c", MIXED, "check", "fixed-noagent")
+    assert result.status == CHECK_OK
+    assert result.out.startswith(
+        "VIRTHOTPLUG OK - 1 domain, vCPUs consistent; not read: config file "
+        f"{unreadable_default_config}: Permission denied (policies from metadata and defaults "
+        "only) |"
+    )
+
+
+def test_status_without_access_to_the_configuration_file(
+    unreadable_default_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_cli(capsys, "-c", MIXED, "status", "fixed-noagent", "--json")
+    assert result.status == CHECK_OK
+    assert result.json()["not_read"] == [
+        f"config file {unreadable_default_config}: Permission denied (policies from metadata "
+        "and defaults only)"
+    ]
+
+
+def test_a_named_configuration_file_must_be_readable(
+    unreadable_default_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(unreadable_default_config)
+    result = run_cli(capsys, "-c", MIXED, "--config-file", path, "check", "fixed-noagent")
+    assert result.status == CHECK_UNKNOWN
+    assert result.out.startswith(f"VIRTHOTPLUG UNKNOWN - config file {path}: Permission denied")

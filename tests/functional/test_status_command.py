@@ -52,7 +52,7 @@ def mixed(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
 
 
 def test_json_document(mixed: dict[str, Any]) -> None:
-    assert list(mixed) == ["version", "domains", "errors"]
+    assert list(mixed) == ["version", "domains", "errors", "not_read"]
     assert mixed["version"] == 1
     assert mixed["errors"] == []
     assert [d["name"] for d in mixed["domains"]] == MIXED_ORDER

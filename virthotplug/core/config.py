@@ -86,6 +86,9 @@ class HostConfig:
     defaults: Mapping[str, str] = field(default_factory=dict)
     domains: tuple[DomainSection, ...] = ()
     watch: WatchSettings = field(default_factory=WatchSettings)
+    # Why the default file could not be read (``load_config(unreadable_ok=True)``): the
+    # built-in defaults stand in for it, and the reports say so.
+    unread: Optional[str] = None
 
     def policy_layers(self, name: str, uuid: str) -> list[tuple[str, Mapping[str, str]]]:
         """The file's raw policy layers for one domain, highest precedence first."""
@@ -109,9 +112,11 @@ class HostConfig:
             parse_policy_fields(section.raw, source=source, domain=section.pattern)
 
 
-def load_config(path: Optional[str] = None) -> HostConfig:
+def load_config(path: Optional[str] = None, *, unreadable_ok: bool = False) -> HostConfig:
     """Load ``path``, else ``$VIRTHOTPLUG_CONFIG`` (which the libvirt hook reads too), else
-    the default file. Only the default file may be missing."""
+    the default file. Only the default file may be missing; with ``unreadable_ok`` it may
+    also be unreadable to us (a monitoring user's read-only checks): the built-in defaults
+    then stand in, and ``HostConfig.unread`` says why."""
     if path is None:
         path = os.environ.get(CONFIG_ENV) or None
     explicit = path is not None
@@ -122,6 +127,10 @@ def load_config(path: Optional[str] = None) -> HostConfig:
         if explicit:
             raise ConfigError(f"config file {shown(path)}: not found") from None
         return HostConfig()
+    except PermissionError as exc:
+        if explicit or not unreadable_ok:
+            raise ConfigError(f"config file {shown(path)}: {exc.strerror or exc}") from None
+        return HostConfig(unread=f"config file {shown(path)}: {exc.strerror or exc}")
     except OSError as exc:
         raise ConfigError(f"config file {shown(path)}: {exc.strerror or exc}") from None
     return parse_config(text, path=path)

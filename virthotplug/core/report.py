@@ -29,18 +29,25 @@ _SEVERITY_STATUS = {INFO: CHECK_OK, WARNING: CHECK_WARNING, CRITICAL: CHECK_CRIT
 _COLUMNS = ("Domain", "State", "Config", "Live", "Guest", "Agent", "Findings")
 
 
-def status_document(views: Iterable[VcpuView], errors: Iterable[Any]) -> dict[str, Any]:
-    """The ``status --json`` document."""
+def status_document(
+    views: Iterable[VcpuView], errors: Iterable[Any], not_read: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The ``status --json`` document. ``not_read``: what could not be read though every
+    domain got its verdict (the configuration file, the guest layer on a read-only
+    connection)."""
     return {
         "version": JSON_SCHEMA_VERSION,
         "domains": [to_dict(v) for v in views],
         "errors": [{"host": e.host, "domain": e.name or None, "error": e.error} for e in errors],
+        "not_read": list(not_read),
     }
 
 
-def status_json(views: Iterable[VcpuView], errors: Iterable[Any]) -> str:
+def status_json(
+    views: Iterable[VcpuView], errors: Iterable[Any], not_read: Sequence[str] = ()
+) -> str:
     """The ``status --json`` document, laid out as every ``--json`` document is."""
-    return json_document(status_document(views, errors))
+    return json_document(status_document(views, errors, not_read))
 
 
 def json_document(document: Mapping[str, Any]) -> str:
@@ -106,8 +113,15 @@ def check_status(views: Sequence[VcpuView], failures: int) -> int:
     return status
 
 
-def check_line(views: Sequence[VcpuView], failures: Sequence[str], status: int) -> str:
-    """One plugin output line: ``VIRTHOTPLUG STATUS - summary | perfdata``."""
+def check_line(
+    views: Sequence[VcpuView],
+    failures: Sequence[str],
+    status: int,
+    *,
+    not_read: Sequence[str] = (),
+) -> str:
+    """One plugin output line: ``VIRTHOTPLUG STATUS - summary | perfdata``. ``not_read``
+    (what could not be read, though every domain got a verdict) ends the summary."""
     bad = [v for v in views if v.worst_severity in (WARNING, CRITICAL)]
     parts = [_problem_summary(v) for v in bad[:5]]
     if len(bad) > 5:
@@ -115,6 +129,8 @@ def check_line(views: Sequence[VcpuView], failures: Sequence[str], status: int) 
     parts.extend(failures[:3])
     noun = "domain" if len(views) == 1 else "domains"
     summary = "; ".join(parts) if parts else f"{len(views)} {noun}, vCPUs consistent"
+    if not_read:
+        summary += "; not read: " + ", ".join(not_read)
     # '|' starts the perfdata: text the guest influences (agent replies) must not add one.
     summary = summary.replace("|", "/")
     counts = {sev: sum(1 for v in views if v.worst_severity == sev) for sev in (WARNING, CRITICAL)}

@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from virthotplug.cli.commands.common import (
-    add_selection,
-    agent_timeout,
-    check_read_result,
-    selected_names,
-    uris,
-)
+from virthotplug.cli.commands.common import add_selection, read_for_report
 
 NAME = "check"
 CHECK_UNKNOWN = 3  # report.CHECK_UNKNOWN; report stays out of start-up (it loads the view model)
@@ -30,22 +24,11 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from virthotplug.core import report
-    from virthotplug.core.config import load_config
-    from virthotplug.host import collect, history
 
     # Findings honour each domain's effective policy and history, as watch judges them.
-    config = load_config(args.config_file)
-    context = history.contexts(config)
-    hosts, names = uris(args), selected_names(args)
-    result = collect.read_hosts(
-        hosts,
-        names,
-        readonly=args.readonly,
-        agent_timeout=agent_timeout(args, config),
-        context=context,
-    )
-    check_read_result(result, names, hosts)
+    reading = read_for_report(args)
+    result = reading.result
     failures = [f"{e.host} {e.name}".strip() + f": {e.error}" for e in result.errors]
     status = report.check_status(result.views, len(failures))
-    print(report.check_line(result.views, failures, status))
+    print(report.check_line(result.views, failures, status, not_read=reading.not_read))
     return status

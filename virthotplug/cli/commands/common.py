@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Collection, Optional, Sequence, Sized, TypeVar
 
 from virthotplug.core.errors import NoDomainError, UsageError, quote
@@ -119,3 +120,80 @@ def check_read_result(result: Any, names: Optional[Sequence[str]], hosts: Sequen
     nowhere = {e.name for e in result.errors if not e.host and e.name}
     found = [name for name in names or () if name not in nowhere]
     missing_everywhere(names or (), found, hosts, [e for e in result.errors if not e.name])
+
+
+READ_ONLY_AGENT = (
+    "read-only connection: libvirt refuses guest-agent calls, the guest layer is not read"
+)
+
+
+@dataclass
+class Reading:
+    """What ``status`` and ``check`` read, and what they could not read though the rest
+    was (a monitoring user: no access to the configuration file, a read-only connection)."""
+
+    hosts: list[Optional[str]]
+    result: Any  # collect.ReadResult
+    not_read: list[str] = field(default_factory=list)
+
+
+def read_for_report(args: Any, *, qemu_monitor: bool = False) -> Reading:
+    """The views of the selected domains for ``status``/``check``. A configuration file
+    that cannot be read, or a read-only connection's refused agent calls, leave a verdict
+    for every domain from what could be read, and say what was not."""
+    from virthotplug.core.config import load_config
+    from virthotplug.host import collect, history
+
+    hosts, names = uris(args), selected_names(args)
+    config = load_config(args.config_file, unreadable_ok=True)
+    context = history.contexts(config, qemu_monitor=qemu_monitor)
+    if args.readonly:
+        context = _without_agent(context)
+    result = collect.read_hosts(
+        hosts,
+        names,
+        readonly=args.readonly,
+        agent_timeout=agent_timeout(args, config),
+        context=context,
+    )
+    check_read_result(result, names, hosts)
+    reading = Reading(hosts, result)
+    if config.unread:
+        reading.not_read.append(f"{config.unread} (policies from metadata and defaults only)")
+    if args.readonly:
+        result.views = [_agent_not_read(view) for view in result.views]
+        skipped = sum(1 for v in result.views if v.agent.error == READ_ONLY_AGENT)
+        if skipped:
+            noun = "domain" if skipped == 1 else "domains"
+            reading.not_read.append(
+                f"the guest layer of {skipped} running {noun} with a guest agent "
+                "(a read-only connection cannot ask the agent)"
+            )
+    return reading
+
+
+def _without_agent(context: Any) -> Any:
+    """The context hook with the guest agent never asked (a read-only connection)."""
+    import dataclasses
+
+    from virthotplug.host.history import DomainContext
+
+    @dataclasses.dataclass(frozen=True)
+    class NoAgent(DomainContext):
+        @property
+        def queries_agent(self) -> bool:
+            return False
+
+    def without(*args: Any) -> DomainContext:
+        found = context(*args)
+        return NoAgent(**{f.name: getattr(found, f.name) for f in dataclasses.fields(found)})
+
+    return without
+
+
+def _agent_not_read(view: Any) -> Any:
+    import dataclasses
+
+    if not view.agent.configured or view.state != "running":
+        return view
+    return dataclasses.replace(view, agent=dataclasses.replace(view.agent, error=READ_ONLY_AGENT))
