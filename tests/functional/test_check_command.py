@@ -38,7 +38,9 @@ def test_check_all_warns_about_growable_domains_without_agent(
         "0",
     )
     assert line["summary"].startswith("growable-noagent: agent-not-configured (no guest agent")
-    assert "; bad-metadata: agent-not-configured (" in line["summary"]
+    # Its invalid policy first, then the missing agent.
+    assert "; bad-metadata: invalid-policy (invalid policy in metadata (live): " in line["summary"]
+    assert "), agent-not-configured (" in line["summary"]
     # Info-only domains are not named.
     for quiet in ("hotplug-agent", "fixed-noagent", "stopped-big", "paused-agent"):
         assert quiet not in line["summary"]
@@ -197,3 +199,45 @@ def test_a_named_configuration_file_must_be_readable(
     result = run_cli(capsys, "-c", MIXED, "--config-file", path, "check", "fixed-noagent")
     assert result.status == CHECK_UNKNOWN
     assert result.out.startswith(f"VIRTHOTPLUG UNKNOWN - config file {path}: Permission denied")
+
+
+# --- an invalid policy is a finding, not OK -------------------------------------------------
+
+
+def _config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "virthotplug.conf"
+    path.write_text(text)
+    path.chmod(0o600)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "source"),
+    [
+        ("[defaults]\nmode = sometimes\n", "[defaults]"),
+        ("[domain:fixed-*]\ngrace = soon\n", "[domain:fixed-*]"),
+    ],
+)
+def test_check_reports_an_invalid_policy_in_the_configuration_file(
+    text: str, source: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _config(tmp_path, text)
+    result = run_cli(capsys, "-c", MIXED, "--config-file", path, "check", "fixed-noagent")
+    assert result.status == CHECK_WARNING
+    summary = plugin_line(result.out)["summary"]
+    assert summary.startswith(f"fixed-noagent: invalid-policy (invalid policy in config {path}: ")
+    assert source in summary and "nothing is done to the guest" in summary
+
+
+def test_status_reports_an_invalid_metadata_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(capsys, "-c", MIXED, "status", "bad-metadata", "--json")
+    findings = result.json()["domains"][0]["findings"]
+    assert findings[0]["code"] == "invalid-policy"
+    assert findings[0]["severity"] == "warning"
+    assert findings[0]["message"].startswith("invalid policy in metadata (live): mode='sometimes'")
+
+
+def test_a_valid_policy_is_no_finding(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(capsys, "-c", MIXED, "status", "--all", "--json")
+    codes = {d["name"]: [f["code"] for f in d["findings"]] for d in result.json()["domains"]}
+    assert [name for name, found in codes.items() if "invalid-policy" in found] == ["bad-metadata"]

@@ -146,7 +146,10 @@ def read_for_report(args: Any, *, qemu_monitor: bool = False) -> Reading:
 
     hosts, names = uris(args), selected_names(args)
     config = load_config(args.config_file, unreadable_ok=True)
-    context = history.contexts(config, qemu_monitor=qemu_monitor)
+    invalid: dict[tuple[str, str], str] = {}  # (name, uuid) -> why its policy is invalid
+    context = _noting_invalid_policies(
+        history.contexts(config, qemu_monitor=qemu_monitor), config, invalid
+    )
     if args.readonly:
         context = _without_agent(context)
     result = collect.read_hosts(
@@ -157,6 +160,7 @@ def read_for_report(args: Any, *, qemu_monitor: bool = False) -> Reading:
         context=context,
     )
     check_read_result(result, names, hosts)
+    result.views = [_with_invalid_policy(view, invalid) for view in result.views]
     reading = Reading(hosts, result)
     if config.unread:
         reading.not_read.append(f"{config.unread} (policies from metadata and defaults only)")
@@ -170,6 +174,46 @@ def read_for_report(args: Any, *, qemu_monitor: bool = False) -> Reading:
                 "(a read-only connection cannot ask the agent)"
             )
     return reading
+
+
+def _noting_invalid_policies(context: Any, config: Any, invalid: dict[tuple[str, str], str]) -> Any:
+    """The context hook, noting each domain whose policy is invalid and why (the hook
+    itself only says the policy is unknown: nothing is then done to the guest)."""
+    from virthotplug.core.errors import ConfigError
+    from virthotplug.host.policysource import policy_from_definitions
+
+    def noting(dom: Any, definition: Any, active: bool, live: Any = None) -> Any:
+        found = context(dom, definition, active, live)
+        if found.policy is None:
+            if live is None and active and definition.domain_id is not None:
+                live = definition  # as the hook reads it: the live definition's element
+            metadata = None
+            if live is not None and live.policy is not None:
+                metadata = (True, live.policy)
+            elif definition.domain_id is None and definition.policy is not None:
+                metadata = (False, definition.policy)
+            try:
+                policy_from_definitions(dom.name, dom.uuid, metadata, config)
+            except ConfigError as exc:
+                invalid[(dom.name, dom.uuid)] = str(exc)
+        return found
+
+    return noting
+
+
+def _with_invalid_policy(view: Any, invalid: dict[tuple[str, str], str]) -> Any:
+    import dataclasses
+
+    from virthotplug.core.drift import INVALID_POLICY
+    from virthotplug.core.view import WARNING, Finding
+
+    why = invalid.get((view.name, view.uuid))
+    if why is None:
+        return view
+    prefix = f"domain {quote(view.name)}: "
+    message = why[len(prefix) :] if why.startswith(prefix) else why
+    finding = Finding(INVALID_POLICY, WARNING, f"{message}; nothing is done to the guest")
+    return dataclasses.replace(view, findings=(finding, *view.findings))
 
 
 def _without_agent(context: Any) -> Any:
