@@ -24,7 +24,6 @@ _GLOBAL_OPTIONS_WITH_VALUE = ("-c", "--connect", "--config-file")
 _DEBUG_OPTIONS = ("-d", "--debug")
 # Commands whose --json prints one document (watch prints a stream of records).
 JSON_DOCUMENT_COMMANDS = frozenset({"status", "policy", "apply", "setvcpus"})
-JSON_VERSION = 1  # every --json document's "version"
 # Commands that are monitoring plugins: every failure is their UNKNOWN status, on stdout.
 PLUGIN_COMMANDS = {check.NAME: check.CHECK_UNKNOWN}
 
@@ -70,8 +69,8 @@ def build_parser(*, raise_usage_errors: bool = False) -> argparse.ArgumentParser
     parser.add_argument(
         "--config-file",
         metavar="PATH",
-        help="host configuration file (default: /etc/virthotplug/virthotplug.conf, "
-        "ignored when absent)",
+        help="host configuration file (default: $VIRTHOTPLUG_CONFIG, else "
+        "/etc/virthotplug/virthotplug.conf, ignored when absent)",
     )
     parser.add_argument(
         "-d",
@@ -259,7 +258,9 @@ def _report_failure(args: argparse.Namespace, message: str, status: int) -> int:
 def failure_document(message: str, status: int) -> dict[str, Any]:
     """The ``--json`` document of a command that failed as a whole (its schema: every
     command's ``failure`` branch)."""
-    return {"version": JSON_VERSION, "error": message, "exit_status": status}  # report's version
+    from virthotplug.core.report import JSON_SCHEMA_VERSION
+
+    return {"version": JSON_SCHEMA_VERSION, "error": message, "exit_status": status}
 
 
 if __name__ == "__main__":

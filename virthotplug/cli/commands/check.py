@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from virthotplug.cli.commands.common import add_selection, read_for_report
+from virthotplug.cli.commands.common import add_selection
+from virthotplug.cli.commands.reading import read_for_report
 
 NAME = "check"
 CHECK_UNKNOWN = 3  # report.CHECK_UNKNOWN; report stays out of start-up (it loads the view model)

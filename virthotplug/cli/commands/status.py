@@ -6,7 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from virthotplug.cli.commands.common import add_selection, read_for_report
+from virthotplug.cli.commands.common import add_selection
+from virthotplug.cli.commands.reading import read_for_report
 from virthotplug.core.errors import EXIT_FAILURE, EXIT_OK
 
 
