@@ -50,7 +50,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
-from virthotplug.core.errors import UsageError, VirtHotplugError
+from virthotplug.core.errors import UsageError, VirtHotplugError, quote
 from virthotplug.core.events import FORGET, Event, HostEvent, OstMonitorEvent
 from virthotplug.core.settings import parse_integer
 
@@ -81,11 +81,13 @@ def parse_listen(text: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        raise UsageError(f"--metrics-listen {text!r}: write an IPv6 address as [ADDR]:PORT")
+        raise UsageError(f"--metrics-listen {quote(text)}: write an IPv6 address as [ADDR]:PORT")
     try:
         port = parse_integer(port_text, 0, 65535)  # the one number rule: ASCII digits only
     except ValueError:
-        raise UsageError(f"--metrics-listen {text!r}: expected [ADDR:]PORT, PORT 0-65535") from None
+        raise UsageError(
+            f"--metrics-listen {quote(text)}: expected [ADDR:]PORT, PORT 0-65535"
+        ) from None
     return host or LOOPBACK, port
 
 
@@ -521,7 +523,7 @@ def _serve(registry: Any, address: str, port: int) -> Any:
     try:
         family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
     except socket.gaierror as exc:
-        raise UsageError(f"--metrics-listen: cannot resolve {address!r}: {exc}") from None
+        raise UsageError(f"--metrics-listen: cannot resolve {quote(address)}: {exc}") from None
 
     class Server(ThreadingMixIn, WSGIServer):
         daemon_threads = True
