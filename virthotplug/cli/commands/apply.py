@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     for uri in hosts:
         _apply_on_host(uri, names, config, args, len(hosts) > 1, applied)
     failures = sorted(applied.failures, key=lambda f: (f.host, f.name))
-    missing_everywhere(names or [], applied.found, hosts, [f for f in failures if not f.name])
+    hosts_down = sum(1 for f in failures if not f.name)
+    missing_everywhere(names or [], applied.found, hosts, hosts_down)
     results = sorted(applied.results, key=lambda r: (r.host, r.name))
     if names is not None and len(names) == 1 and failures:
         # One named domain: its own error and exit status, like virsh.

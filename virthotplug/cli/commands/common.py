@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Collection, Optional, Sequence, Sized, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Collection, Optional, Sequence, TypeVar
 
 from virthotplug.core.errors import NoDomainError, UsageError, quote
 from virthotplug.core.settings import AGENT_TIMEOUT, Setting, parse_seconds
@@ -98,12 +98,12 @@ def timeout_seconds(text: str) -> float:
 
 
 def missing_everywhere(
-    names: Sequence[str], found: Collection[str], hosts: Sequence[Optional[str]], down: Sized
+    names: Sequence[str], found: Collection[str], hosts: Sequence[Optional[str]], hosts_down: int
 ) -> None:
     """A name found on none of several hosts is the same error, with the same exit status
     (3), as a name one host does not know. Not while a host could not be read: the domain
     may be there (the host's failure is reported instead)."""
-    if len(hosts) < 2 or len(down):
+    if len(hosts) < 2 or hosts_down:
         return
     for name in dict.fromkeys(names):
         if name not in found:
@@ -118,4 +118,5 @@ def check_read_result(result: Any, names: Optional[Sequence[str]], hosts: Sequen
     name found nowhere comes back as an error without a host."""
     nowhere = {e.name for e in result.errors if not e.host and e.name}
     found = [name for name in names or () if name not in nowhere]
-    missing_everywhere(names or (), found, hosts, [e for e in result.errors if not e.name])
+    hosts_down = sum(1 for e in result.errors if not e.name)
+    missing_everywhere(names or (), found, hosts, hosts_down)
