@@ -39,6 +39,8 @@ setup(
             "lxml-stubs",
             "import-linter>=2",
             "prometheus-client>=0.12",
+            # The tests validate every --json output against schemas/*.json.
+            "jsonschema>=4.18",
         ],
     },
     entry_points={"console_scripts": ["virthotplug = virthotplug.cli.main:main"]},

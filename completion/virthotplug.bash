@@ -2,16 +2,17 @@
 # Installed as /usr/share/bash-completion/completions/virthotplug.
 # Commands and options are listed here; a test keeps the lists in sync with the parser.
 
-_virthotplug_commands="status check watch policy apply setvcpus"
+_virthotplug_commands="status check watch policy apply setvcpus help"
 _virthotplug_global="-h --help -c --connect -r --readonly --config-file -d --debug -q --quiet --version"
 _virthotplug_status="-h --help --all --agent-timeout --json --qemu-monitor"
 _virthotplug_check="-h --help --all --agent-timeout"
 _virthotplug_watch="-h --help --json --resync-interval --agent-timeout --workers --hotadd-settle --domain --no-hook-socket --metrics-listen"
-_virthotplug_policy="-h --help --json --set --clear --count --grace --exclude --retries --live --config"
+_virthotplug_policy="-h --help --json --set --clear --count --grace --exclude --retries --live --config --current"
 _virthotplug_apply="-h --help --all --agent-timeout --dry-run --json"
-_virthotplug_setvcpus="-h --help --live --config --timeout --online --no-online --force --json"
+_virthotplug_help="-h --help"
+_virthotplug_setvcpus="-h --help --live --config --current --timeout --online --no-online --force --json"
 # Options followed by a value.
-_virthotplug_with_value="-c --connect --config-file --agent-timeout --resync-interval --workers --hotadd-settle --set --count --grace --exclude --retries --timeout --metrics-listen --domain"
+_virthotplug_with_value="-c --connect -d --debug --config-file --agent-timeout --resync-interval --workers --hotadd-settle --set --count --grace --exclude --retries --timeout --metrics-listen --domain"
 # Commands and how many DOMAIN arguments they take (0: any number).
 _virthotplug_domains="status:0 check:0 apply:0 policy:1 setvcpus:1"
 
@@ -46,6 +47,15 @@ _virthotplug()
             return
             ;;
     esac
+    case $prev in
+        -d | --debug)
+            mapfile -t COMPREPLY < <(compgen -W "0 1 2 3 4" -- "$cur")
+            # The level is optional: a command may follow -d at once.
+            [[ $cur == [0-4] || -z $cur ]] && return
+            mapfile -t COMPREPLY < <(compgen -W "$_virthotplug_commands" -- "$cur")
+            return
+            ;;
+    esac
     local opt
     for opt in $_virthotplug_with_value; do
         [[ $prev == "$opt" ]] && return # a URI, a number, a cpulist: nothing to offer
@@ -60,6 +70,10 @@ _virthotplug()
             -c | --connect) uri=${words[i + 1]} ;;
             --connect=*) uri=${word#--connect=} ;;
         esac
+        if [[ $word == -d || $word == --debug ]] && [[ ${words[i + 1]} != [0-9]* ]]; then
+            ((i++)) # -d without its optional level
+            continue
+        fi
         case " $_virthotplug_with_value " in
             *" $word "*)
                 ((i += 2))
@@ -88,6 +102,10 @@ _virthotplug()
     local options_var="_virthotplug_${command}"
     if [[ $cur == -* ]]; then
         mapfile -t COMPREPLY < <(compgen -W "${!options_var}" -- "$cur")
+        return
+    fi
+    if [[ $command == help ]]; then
+        ((positionals == 0)) && mapfile -t COMPREPLY < <(compgen -W "$_virthotplug_commands" -- "$cur")
         return
     fi
     local entry limit=""

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
+from jsonschemas import validate_output
 from lab import CpuState, Lab, LabVM
 
 from virthotplug.cli import main as cli
@@ -45,6 +46,7 @@ class Cli:
     def json(self, *argv: str) -> tuple[int, Any]:
         status, out, err = self(*argv, "--json")
         assert out, err
+        validate_output([*argv, "--json"], out)  # the published schema (schemas/)
         return status, json.loads(out)
 
 
@@ -61,13 +63,13 @@ def policy_for(vh: Cli) -> Iterator[Callable[..., None]]:
 
     def set_policy(vm: LabVM, mode: str, *options: str) -> None:
         touched.append(vm)
-        status, _out, err = vh("policy", vm.name, "--set", mode, *options)
+        status, _out, err = vh("policy", vm.name, "--set", mode, *options, "--live", "--config")
         assert status == EXIT_OK, err
 
     yield set_policy
     for vm in touched:
         if vm.dom.isActive():
-            vh("policy", vm.name, "--clear")
+            vh("policy", vm.name, "--clear", "--live", "--config")
 
 
 def latency(capsys: Capsys, record_property: Record, name: str, seconds: float) -> None:

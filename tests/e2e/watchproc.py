@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import jsonschema
+from jsonschemas import validate
+
 Record = dict[str, Any]
 _SERVING = re.compile(r"metrics: serving http://127\.0\.0\.1:(\d+)/metrics")
 
@@ -56,6 +59,7 @@ class WatchProcess:
             env={**os.environ, **(env or {})},
         )
         self.records: list[tuple[float, Record]] = []  # (monotonic arrival, record)
+        self.schema_errors: list[str] = []  # records that do not fit schemas/watch-record.json
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -64,6 +68,10 @@ class WatchProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             record = json.loads(line)
+            try:
+                validate("watch-record", record)  # the published schema (schemas/)
+            except jsonschema.ValidationError as exc:
+                self.schema_errors.append(f"{exc.message}: {line.strip()}")
             with self._cond:
                 self.records.append((time.monotonic(), record))
                 self._cond.notify_all()
@@ -108,6 +116,7 @@ class WatchProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._stderr.close()
+        assert not self.schema_errors, self.schema_errors[:3]
         return time.monotonic() - started
 
 

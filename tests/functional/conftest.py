@@ -23,5 +23,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(autouse=True)
 def _no_default_uri(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests name their URI; an inherited LIBVIRT_DEFAULT_URI must not change what runs."""
+    """Tests name their URI and configuration file; an inherited LIBVIRT_DEFAULT_URI or
+    VIRTHOTPLUG_CONFIG must not change what runs."""
     monkeypatch.delenv("LIBVIRT_DEFAULT_URI", raising=False)
+    monkeypatch.delenv("VIRTHOTPLUG_CONFIG", raising=False)

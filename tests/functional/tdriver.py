@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+from jsonschemas import validate_output  # tests/jsonschemas.py
 
 from virthotplug.cli import main as cli
 
@@ -44,12 +45,14 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> Result:
     """``virthotplug ARGV`` in this process."""
     status = cli.main(list(argv))
     captured = capsys.readouterr()
+    validate_output(argv, captured.out)  # every --json document against its schema
     return Result(status, captured.out, captured.err)
 
 
 def run_module(*argv: str, env: Optional[dict[str, str]] = None) -> Result:
     """``python -m virthotplug ARGV`` in a child process."""
-    child_env = {k: v for k, v in os.environ.items() if k != "LIBVIRT_DEFAULT_URI"}
+    inherited = ("LIBVIRT_DEFAULT_URI", "VIRTHOTPLUG_CONFIG")
+    child_env = {k: v for k, v in os.environ.items() if k not in inherited}
     child_env.update(env or {})
     done = subprocess.run(
         [sys.executable, "-m", "virthotplug", *argv],
@@ -59,4 +62,5 @@ def run_module(*argv: str, env: Optional[dict[str, str]] = None) -> Result:
         env=child_env,
         check=False,
     )
+    validate_output(argv, done.stdout)
     return Result(done.returncode, done.stdout, done.stderr)

@@ -38,7 +38,9 @@ def test_check_all_warns_about_growable_domains_without_agent(
         "0",
     )
     assert line["summary"].startswith("growable-noagent: agent-not-configured (no guest agent")
-    assert "; bad-metadata: agent-not-configured (" in line["summary"]
+    # Its invalid policy first, then the missing agent.
+    assert "; bad-metadata: invalid-policy (invalid policy in metadata (live): " in line["summary"]
+    assert "), agent-not-configured (" in line["summary"]
     # Info-only domains are not named.
     for quiet in ("hotplug-agent", "fixed-noagent", "stopped-big", "paused-agent"):
         assert quiet not in line["summary"]
@@ -64,7 +66,6 @@ def test_check_one_warning_domain_by_id(capsys: pytest.CaptureFixture[str]) -> N
     [
         (["-c", MIXED, "check", "nosuch"], "failed to get domain 'nosuch': no such domain"),
         (["-c", "bogus:///x", "check", "--all"], "cannot connect to 'bogus:///x': "),
-        (["-c", MIXED, "-r", "check", "hotplug-agent"], "domain 'hotplug-agent': operation"),
         (["-c", MIXED, "check"], "no domain given"),
     ],
 )
@@ -124,3 +125,119 @@ def test_python_m_check() -> None:
     assert result.status == CHECK_WARNING
     assert result.err == ""
     assert plugin_line(result.out)["status"] == "WARNING"
+
+
+# --- a monitoring user: read-only, no access to the configuration file ---------------------
+
+
+def test_check_read_only_gives_a_verdict_and_says_what_it_did_not_read(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    result = run_cli(capsys, "-c", MIXED, "-r", "check", "--all")
+    assert result.status == CHECK_WARNING  # the two growable domains without an agent
+    line = plugin_line(result.out)
+    assert (line["domains"], line["warning"], line["unknown"]) == ("6", "2", "0")
+    assert line["summary"].endswith(
+        "; not read: the guest layer of 1 running domain with a guest agent "
+        "(a read-only connection cannot ask the agent)"
+    )
+
+
+def test_check_read_only_of_one_domain_with_an_agent(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(capsys, "-c", MIXED, "-r", "check", "hotplug-agent")
+    assert result.status == CHECK_OK
+    assert result.out.startswith("VIRTHOTPLUG OK - 1 domain, vCPUs consistent; not read: the ")
+
+
+@pytest.fixture
+def unreadable_default_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The default configuration file exists but this user may not read it (root reads
+    every file, so the refusal is simulated where the file is opened)."""
+    from virthotplug.core import config
+
+    path = tmp_path / "virthotplug.conf"
+    path.write_text("[defaults]\nmode = online\n")
+    real = config._read_private_file
+
+    def refuse(name: str) -> str:
+        if name == str(path):
+            raise PermissionError(13, "Permission denied", name)
+        return real(name)
+
+    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", str(path))
+    monkeypatch.setattr(config, "_read_private_file", refuse)
+    return path
+
+
+def test_check_without_access_to_the_configuration_file(
+    unreadable_default_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_cli(capsys, "-c", MIXED, "check", "fixed-noagent")
+    assert result.status == CHECK_OK
+    assert result.out.startswith(
+        "VIRTHOTPLUG OK - 1 domain, vCPUs consistent; not read: config file "
+        f"{unreadable_default_config}: Permission denied (policies from metadata and defaults "
+        "only) |"
+    )
+
+
+def test_status_without_access_to_the_configuration_file(
+    unreadable_default_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_cli(capsys, "-c", MIXED, "status", "fixed-noagent", "--json")
+    assert result.status == CHECK_OK
+    assert result.json()["not_read"] == [
+        f"config file {unreadable_default_config}: Permission denied (policies from metadata "
+        "and defaults only)"
+    ]
+
+
+def test_a_named_configuration_file_must_be_readable(
+    unreadable_default_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(unreadable_default_config)
+    result = run_cli(capsys, "-c", MIXED, "--config-file", path, "check", "fixed-noagent")
+    assert result.status == CHECK_UNKNOWN
+    assert result.out.startswith(f"VIRTHOTPLUG UNKNOWN - config file {path}: Permission denied")
+
+
+# --- an invalid policy is a finding, not OK -------------------------------------------------
+
+
+def _config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "virthotplug.conf"
+    path.write_text(text)
+    path.chmod(0o600)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "source"),
+    [
+        ("[defaults]\nmode = sometimes\n", "[defaults]"),
+        ("[domain:fixed-*]\ngrace = soon\n", "[domain:fixed-*]"),
+    ],
+)
+def test_check_reports_an_invalid_policy_in_the_configuration_file(
+    text: str, source: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _config(tmp_path, text)
+    result = run_cli(capsys, "-c", MIXED, "--config-file", path, "check", "fixed-noagent")
+    assert result.status == CHECK_WARNING
+    summary = plugin_line(result.out)["summary"]
+    assert summary.startswith(f"fixed-noagent: invalid-policy (invalid policy in config {path}: ")
+    assert source in summary and "nothing is done to the guest" in summary
+
+
+def test_status_reports_an_invalid_metadata_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(capsys, "-c", MIXED, "status", "bad-metadata", "--json")
+    findings = result.json()["domains"][0]["findings"]
+    assert findings[0]["code"] == "invalid-policy"
+    assert findings[0]["severity"] == "warning"
+    assert findings[0]["message"].startswith("invalid policy in metadata (live): mode='sometimes'")
+
+
+def test_a_valid_policy_is_no_finding(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(capsys, "-c", MIXED, "status", "--all", "--json")
+    codes = {d["name"]: [f["code"] for f in d["findings"]] for d in result.json()["domains"]}
+    assert [name for name, found in codes.items() if "invalid-policy" in found] == ["bad-metadata"]

@@ -21,10 +21,16 @@ from virthotplug.core.report import CHECK_UNKNOWN
 ERROR = "virthotplug: error: "
 
 
-def assert_one_line_error(result: Result, status: int, start: str) -> str:
-    """The failure is exactly one stderr line beginning with ``start``; stdout stays empty."""
+def assert_one_line_error(result: Result, status: int, start: str, *, json: bool = False) -> str:
+    """The failure is exactly one stderr line beginning with ``start``; stdout stays empty,
+    or holds the JSON failure document when ``json``."""
     assert result.status == status, result
-    assert result.out == ""
+    if json:
+        document = result.json()
+        assert (document["version"], document["exit_status"]) == (1, status)
+        assert document["error"].startswith(start)
+    else:
+        assert result.out == ""
     assert "Traceback" not in result.err
     assert len(result.err_lines) == 1, result.err
     line = result.err_lines[0]
@@ -72,7 +78,7 @@ def test_one_unknown_domain_among_known_ones_fails_the_command(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     result = run_cli(capsys, "-c", MIXED, "status", "hotplug-agent", "nosuch", "--json")
-    assert_one_line_error(result, EXIT_NO_DOMAIN, "failed to get domain 'nosuch'")
+    assert_one_line_error(result, EXIT_NO_DOMAIN, "failed to get domain 'nosuch'", json=True)
 
 
 def test_inactive_domain_has_no_id(capsys: pytest.CaptureFixture[str]) -> None:
@@ -154,19 +160,30 @@ def test_missing_node_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 # --- read-only connections --------------------------------------------------------------
 
 
-def test_read_only_connection_cannot_ask_the_agent(capsys: pytest.CaptureFixture[str]) -> None:
-    # libvirt refuses virDomainGetGuestVcpus on a read-only connection before the driver is
-    # reached, so even the test driver (which cannot query agents) enforces it.
+def test_read_only_connection_does_not_ask_the_agent(capsys: pytest.CaptureFixture[str]) -> None:
+    # libvirt refuses virDomainGetGuestVcpus on a read-only connection (even the test
+    # driver): the domain is judged from the layers that can be read, and that is said.
     result = run_cli(capsys, "-c", MIXED, "-r", "status", "hotplug-agent")
-    line = assert_one_line_error(result, EXIT_PERMISSION, "domain 'hotplug-agent': ")
-    assert "read only access prevents virDomainGetGuestVcpus" in line
+    assert result.status == EXIT_OK, result.err
+    assert result.out.splitlines()[2].split()[:2] == ["hotplug-agent", "running"]
+    assert result.err == (
+        "virthotplug: warning: not read: the guest layer of 1 running domain with a guest "
+        "agent (a read-only connection cannot ask the agent)\n"
+    )
 
 
-def test_read_only_all_fails_when_one_domain_needs_the_agent(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+def test_read_only_all_judges_every_domain(capsys: pytest.CaptureFixture[str]) -> None:
     result = run_cli(capsys, "-c", MIXED, "--readonly", "status", "--all", "--json")
-    assert_one_line_error(result, EXIT_PERMISSION, "domain 'hotplug-agent': ")
+    assert result.status == EXIT_OK, result.err
+    document = result.json()
+    assert len(document["domains"]) == 6 and document["errors"] == []
+    assert document["not_read"] == [
+        "the guest layer of 1 running domain with a guest agent (a read-only connection "
+        "cannot ask the agent)"
+    ]
+    agent = next(d for d in document["domains"] if d["name"] == "hotplug-agent")["agent"]
+    assert agent["state"] == "not-queried"
+    assert agent["error"].startswith("read-only connection: libvirt refuses guest-agent calls")
 
 
 @pytest.mark.parametrize("name", ["fixed-noagent", "stopped-big", "paused-agent"])
@@ -210,7 +227,11 @@ Case = Callable[[Path], tuple[list[str], int, str]]
             EXIT_CONNECT,
             "cannot connect",
         ),
-        lambda _t: (["-c", MIXED, "-r", "status", "hotplug-agent"], EXIT_PERMISSION, "domain"),
+        lambda _t: (
+            ["-c", MIXED, "-r", "policy", "hotplug-agent", "--set", "online"],
+            EXIT_PERMISSION,
+            "domain",
+        ),
         lambda _t: (["-c", MIXED, "status", "--all", "x"], EXIT_USAGE, "give domain names"),
         lambda _t: (["-c", MIXED, "status"], EXIT_USAGE, "no domain given"),
     ],

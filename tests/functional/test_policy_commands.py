@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tdriver import MIXED, run_cli
@@ -60,7 +61,7 @@ def test_policy_json(capsys: Capsys) -> None:
     doc = run_cli(capsys, "-c", MIXED, "policy", "fixed-noagent", "--json").json()
     assert doc["domain"] == "fixed-noagent"
     assert doc["policy"]["mode"] == {"value": "report", "source": "default"}
-    assert doc["policy"]["exclude"] == {"value": "", "source": "default"}
+    assert doc["policy"]["exclude"] == {"value": [], "source": "default"}  # a CPU list
 
 
 def test_policy_invalid_metadata_names_domain_and_source(capsys: Capsys) -> None:
@@ -125,7 +126,7 @@ def test_policy_set_writes_metadata_and_reads_it_back(capsys: Capsys) -> None:
     doc = result.json()["policy"]
     assert doc["mode"] == {"value": "match", "source": SOURCE_LIVE}
     assert doc["count"]["value"] == 2 and doc["grace"]["value"] == 0.5
-    assert doc["exclude"] == {"value": "1-3", "source": SOURCE_LIVE}
+    assert doc["exclude"] == {"value": [1, 2, 3], "source": SOURCE_LIVE}
     assert doc["retries"]["source"] == "default"
 
 
@@ -144,16 +145,25 @@ def test_policy_set_round_trip_live_and_persistent() -> None:
 
 
 def test_policy_clear(capsys: Capsys) -> None:
-    result = run_cli(capsys, "-c", MIXED, "policy", "hotplug-agent", "--clear", "--json")
+    argv = ["-c", MIXED, "policy", "hotplug-agent", "--clear", "--live", "--config", "--json"]
+    result = run_cli(capsys, *argv)
     assert result.status == EXIT_OK, result.err
     assert result.json()["policy"]["mode"] == {"value": "report", "source": "default"}
 
 
+def test_policy_clear_of_a_running_domain_keeps_its_persistent_policy(capsys: Capsys) -> None:
+    # --current, the default: only the running definition, as virsh does.
+    result = run_cli(capsys, "-c", MIXED, "policy", "hotplug-agent", "--clear", "--json")
+    assert result.status == EXIT_OK, result.err
+    assert result.json()["policy"]["mode"]["source"] == "metadata (persistent)"
+
+
 def test_policy_set_validates_before_writing(capsys: Capsys) -> None:
-    result = run_cli(
-        capsys, "-c", MIXED, "policy", "fixed-noagent", "--set", "online", "--grace", "-1"
-    )
-    assert result.status == EXIT_CONFIG and "grace" in result.err
+    # A bad value on the command line is a usage error (2), found before connecting.
+    with pytest.raises(SystemExit) as info:
+        run_cli(capsys, "-c", "bogus:///never", "policy", "x", "--set", "online", "--grace", "-1")
+    assert info.value.code == EXIT_USAGE
+    assert "argument --grace: must be between 0 and 3600 seconds" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -306,3 +316,117 @@ def test_setvcpus_bad_count(capsys: Capsys, count: str) -> None:
     with pytest.raises(SystemExit) as info:
         run_cli(capsys, "-c", MIXED, "setvcpus", "hotplug-agent", count)
     assert info.value.code == EXIT_USAGE
+
+
+# --- --live, --config, --current: virsh's meaning and default ----------------------------
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool]]:
+    """(live, config) of every policy metadata write the command makes."""
+    from virthotplug.host import policysource
+
+    calls: list[tuple[bool, bool]] = []
+    real = policysource.write_policy
+
+    def recording(dom: Any, fields: Any, *, live: bool, config: bool) -> None:
+        calls.append((live, config))
+        real(dom, fields, live=live, config=config)
+
+    monkeypatch.setattr(policysource, "write_policy", recording)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("domain", "flags", "expected"),
+    [
+        ("fixed-noagent", [], (True, False)),  # running: live only, like virsh
+        ("fixed-noagent", ["--current"], (True, False)),
+        ("fixed-noagent", ["--config"], (False, True)),
+        ("fixed-noagent", ["--live"], (True, False)),
+        ("fixed-noagent", ["--live", "--config"], (True, True)),
+        ("stopped-big", [], (False, True)),  # shut off: the persistent definition
+        ("stopped-big", ["--current"], (False, True)),
+        ("stopped-big", ["--config"], (False, True)),
+    ],
+)
+@pytest.mark.parametrize("action", [["--set", "online"], ["--clear"]])
+def test_policy_affects_like_virsh(
+    domain: str,
+    flags: list[str],
+    expected: tuple[bool, bool],
+    action: list[str],
+    writes: list[tuple[bool, bool]],
+    capsys: Capsys,
+) -> None:
+    result = run_cli(capsys, "-c", MIXED, "policy", domain, *action, *flags, "--json")
+    assert result.status == EXIT_OK, result.err
+    assert writes == [expected]
+    assert result.json()["changed"] == {"live": expected[0], "config": expected[1]}
+
+
+@pytest.mark.parametrize("flag", ["--live", "--config"])
+def test_policy_current_is_exclusive_with_live_and_config(flag: str, capsys: Capsys) -> None:
+    result = run_cli(
+        capsys, "-c", MIXED, "policy", "fixed-noagent", "--set", "online", "--current", flag
+    )
+    assert result.status == EXIT_USAGE
+    assert result.err == "virthotplug: error: --current is exclusive with --live and --config\n"
+
+
+def test_policy_show_changes_nothing(writes: list[tuple[bool, bool]], capsys: Capsys) -> None:
+    result = run_cli(capsys, "-c", MIXED, "policy", "fixed-noagent", "--json")
+    assert result.status == EXIT_OK
+    assert writes == [] and result.json()["changed"] is None
+
+
+def test_setvcpus_current_is_exclusive_with_live(capsys: Capsys) -> None:
+    result = run_cli(capsys, "-c", MIXED, "setvcpus", "stopped-big", "3", "--current", "--live")
+    assert result.status == EXIT_USAGE
+
+
+def test_setvcpus_current_on_a_stopped_domain_changes_its_config(capsys: Capsys) -> None:
+    result = run_cli(capsys, "-c", MIXED, "setvcpus", "stopped-big", "3", "--current")
+    assert result.status == EXIT_OK, result.err
+    assert "(config)" in result.out.splitlines()[0]
+
+
+# --- VIRTHOTPLUG_CONFIG: the file the hook reads, for every command too ---------------------
+
+
+def _match_config(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    path.write_text("[defaults]\nmode = match\ncount = 2\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_the_environment_names_the_configuration_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Capsys
+) -> None:
+    path = _match_config(tmp_path, "env.conf")
+    monkeypatch.setenv("VIRTHOTPLUG_CONFIG", str(path))
+    result = run_cli(capsys, "-c", MIXED, "policy", "fixed-noagent", "--json")
+    assert result.status == EXIT_OK, result.err
+    assert result.json()["policy"]["mode"] == {
+        "value": "match",
+        "source": f"config {path}: [defaults]",
+    }
+
+
+def test_config_file_wins_over_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Capsys
+) -> None:
+    monkeypatch.setenv("VIRTHOTPLUG_CONFIG", str(tmp_path / "absent.conf"))
+    path = _match_config(tmp_path, "given.conf")
+    result = run_cli(capsys, "-c", MIXED, "--config-file", str(path), "policy", "fixed-noagent")
+    assert result.status == EXIT_OK, result.err
+
+
+def test_a_file_the_environment_names_must_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Capsys
+) -> None:
+    monkeypatch.setenv("VIRTHOTPLUG_CONFIG", str(tmp_path / "absent.conf"))
+    result = run_cli(capsys, "-c", MIXED, "status", "--all")
+    assert result.status == EXIT_CONFIG
+    assert result.err == f"virthotplug: error: config file {tmp_path / 'absent.conf'}: not found\n"

@@ -36,23 +36,24 @@ def test_named_domains_found_on_some_hosts_only(capsys: pytest.CaptureFixture[st
     assert document["errors"] == []
 
 
-def test_a_name_found_on_no_host_is_an_error_the_rest_is_shown(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    result = run_cli(capsys, "-c", MIXED, "-c", EDGE, "status", "--json", "nosuch", "big-order")
-    assert result.status == EXIT_FAILURE
-    document = result.json()
-    assert [d["name"] for d in document["domains"]] == ["big-order"]
-    assert document["errors"] == [
-        {"host": "", "domain": "nosuch", "error": "no such domain on any host"}
-    ]
-
-
-def test_a_name_found_on_no_host_in_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_name_found_on_no_host_is_the_one_host_error(capsys: pytest.CaptureFixture[str]) -> None:
+    # The same error and exit status as a name one host does not know (no partial table).
     result = run_cli(capsys, "-c", MIXED, "-c", EDGE, "status", "nosuch", "hotplug-agent")
-    assert result.status == EXIT_FAILURE
-    assert result.out.splitlines()[2].split()[:2] == [MIXED, "hotplug-agent"]
-    assert result.err == "virthotplug: error: nosuch: no such domain on any host\n"
+    assert result.status == EXIT_NO_DOMAIN
+    assert result.out == ""
+    assert result.err == (
+        "virthotplug: error: failed to get domain 'nosuch': no such domain on any of the 2 hosts\n"
+    )
+
+
+def test_a_name_found_on_no_host_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(capsys, "-c", MIXED, "-c", EDGE, "status", "--json", "nosuch", "big-order")
+    assert result.status == EXIT_NO_DOMAIN
+    assert result.json() == {
+        "version": 1,
+        "error": "failed to get domain 'nosuch': no such domain on any of the 2 hosts",
+        "exit_status": EXIT_NO_DOMAIN,
+    }
 
 
 def test_one_host_keeps_the_virsh_like_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -126,3 +127,25 @@ def test_qemu_system_next_to_a_test_driver_host(capsys: pytest.CaptureFixture[st
     assert result.status in (EXIT_OK, EXIT_FAILURE)
     table = run_cli(capsys, "-c", SYSTEM, "-c", MIXED, "status", "--all", "--agent-timeout", "2")
     assert table.out.splitlines()[0].split()[:2] == ["Host", "Domain"]
+
+
+def test_apply_on_several_hosts_sorted_by_host_then_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    result = run_cli(capsys, "-c", MIXED, "-c", EDGE, "apply", "--all", "--dry-run", "--json")
+    document = result.json()
+    keys = [(r["host"], r["name"]) for r in document["results"]]
+    assert keys == sorted(keys)
+    assert {host for host, _ in keys} == {MIXED, EDGE}
+    # bad-metadata's invalid policy: an error of its own, naming its host.
+    assert document["errors"][0]["host"] == MIXED
+    assert document["errors"][0]["domain"] == "bad-metadata"
+
+
+def test_apply_of_one_failed_domain_prints_its_json(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(capsys, "-c", MIXED, "apply", "bad-metadata", "--json")
+    assert result.status == 8  # the domain's own error: an invalid policy
+    document = result.json()
+    assert document["results"] == []
+    assert [(e["host"], e["domain"]) for e in document["errors"]] == [(MIXED, "bad-metadata")]
+    assert result.err.startswith("virthotplug: error: domain 'bad-metadata': invalid policy")

@@ -52,7 +52,7 @@ def mixed(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
 
 
 def test_json_document(mixed: dict[str, Any]) -> None:
-    assert list(mixed) == ["version", "domains", "errors"]
+    assert list(mixed) == ["version", "domains", "errors", "not_read"]
     assert mixed["version"] == 1
     assert mixed["errors"] == []
     assert [d["name"] for d in mixed["domains"]] == MIXED_ORDER
@@ -133,7 +133,7 @@ def test_paused_agent(mixed: dict[str, Any]) -> None:
 def test_bad_metadata_domain_is_still_read(mixed: dict[str, Any]) -> None:
     domain = by_name(mixed)["bad-metadata"]
     assert counts(domain["config"]) == counts(domain["live"]) == (1, 2)
-    assert findings(domain) == [("agent-not-configured", "warning")]
+    assert findings(domain) == [("invalid-policy", "warning"), ("agent-not-configured", "warning")]
 
 
 # --- table ------------------------------------------------------------------------------
@@ -158,7 +158,15 @@ def test_table(capsys: pytest.CaptureFixture[str]) -> None:
             "agent-not-configured",
         ],
         ["paused-agent", "paused", "2/4", "2/4", "-", "not-queried", "-"],
-        ["bad-metadata", "running", "1/2", "1/2", "-", "not-configured", "agent-not-configured"],
+        [
+            "bad-metadata",
+            "running",
+            "1/2",
+            "1/2",
+            "-",
+            "not-configured",
+            "invalid-policy,agent-not-configured",
+        ],
         ["stopped-big", "shut off", "2/8", "-", "-", "not-queried", "-"],
     ]
 

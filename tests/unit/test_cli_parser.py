@@ -65,7 +65,7 @@ def test_several_domains() -> None:
         ["status", "--all", "--agent-timeout", "3601"],
         ["status", "--all", "--agent-timeout", "nan"],
         ["status", "--all", "--agent-timeout", "soon"],
-        ["check", "--all", "--json"],  # --json belongs to status only
+        ["apply", "--all", "--qemu-monitor"],  # --qemu-monitor belongs to status only
     ],
 )
 def test_argparse_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -123,6 +123,45 @@ def test_check_reports_selection_errors_as_unknown(
     captured = capsys.readouterr()
     assert captured.out == f"VIRTHOTPLUG UNKNOWN - {message}\n"
     assert captured.err == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["check", "--bogus"], "unrecognized arguments: --bogus"),
+        (["check", "--all", "--json"], "unrecognized arguments: --json"),  # status's only
+        (["--bogus", "check", "--all"], "unrecognized arguments: --bogus"),
+        (
+            ["check", "--all", "--agent-timeout", "0"],
+            "argument --agent-timeout: must be between 0.1 and 600 seconds: '0'",
+        ),
+        (["check", "--agent-timeout"], "argument --agent-timeout: expected one argument"),
+        (["--config-file", "check", "check", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_check_reports_usage_errors_as_one_unknown_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Monitoring Plugins guidelines: a plugin's every failure is UNKNOWN (3) on stdout.
+    assert cli.main(["-c", NOWHERE, *argv]) == CHECK_UNKNOWN
+    captured = capsys.readouterr()
+    assert captured.out == f"VIRTHOTPLUG UNKNOWN - {message}\n"
+    assert captured.err == ""
+
+
+def test_check_usage_error_in_a_child_process() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "virthotplug", "-c", NOWHERE, "check", "--bogus"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (
+        CHECK_UNKNOWN,
+        "VIRTHOTPLUG UNKNOWN - unrecognized arguments: --bogus\n",
+        "",
+    )
 
 
 def test_pure_modules_do_not_import_libvirt() -> None:

@@ -130,3 +130,17 @@ def test_one_domain_for_policy_and_setvcpus(tmp_path: Path) -> None:
 def test_no_completion_after_an_option_value(tmp_path: Path) -> None:
     assert complete(tmp_path, "virthotplug", "status", "--agent-timeout", "") == []
     assert virsh_calls(tmp_path) == []
+
+
+def test_debug_takes_an_optional_level(tmp_path: Path) -> None:
+    assert complete(tmp_path, "virthotplug", "-d", "") == ["0", "1", "2", "3", "4"]
+    assert complete(tmp_path, "virthotplug", "-d", "st") == ["status"]  # no level given
+    assert complete(tmp_path, "virthotplug", "-d", "2", "st") == ["status"]
+    assert complete(tmp_path, "virthotplug", "-d", "status", "web") == ["web1", "web2"]
+    assert complete(tmp_path, "virthotplug", "--debug", "3", "status", "web") == ["web1", "web2"]
+
+
+def test_help_completes_commands(tmp_path: Path) -> None:
+    assert complete(tmp_path, "virthotplug", "help", "se") == ["setvcpus"]
+    assert complete(tmp_path, "virthotplug", "help", "status", "") == []
+    assert virsh_calls(tmp_path) == []

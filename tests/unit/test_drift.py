@@ -112,6 +112,7 @@ def test_codes_are_stable() -> None:
         "guest-rejected-vcpu",
         "match-unreachable",
         "ost-flood",
+        "invalid-policy",
     )
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import urllib.error
 import urllib.request
 from typing import Any, Optional
 
@@ -12,7 +14,7 @@ import pytest
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families
 
-from virthotplug.core.errors import UsageError
+from virthotplug.core.errors import EXIT_FAILURE, UsageError, VirtHotplugError
 from virthotplug.core.events import DomainRef, HostEvent, LifecycleEvent, OstMonitorEvent
 from virthotplug.core.ost import parse_ost_details
 from virthotplug.core.records import Record
@@ -428,11 +430,66 @@ def test_serves_the_registry_on_the_given_address_only(m: metrics.Metrics) -> No
         m.close()
 
 
-def test_port_in_use_is_a_one_line_usage_error(m: metrics.Metrics) -> None:
+@pytest.mark.parametrize("path", ["/", "/metrics", "/metrics?name[]=x", "/other", "/metricsx"])
+def test_serves_metrics_and_an_index_only(m: metrics.Metrics, path: str) -> None:
+    _, port = m.serve("127.0.0.1", 0)
+    try:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+                status, body = reply.status, reply.read().decode()
+        except urllib.error.HTTPError as exc:
+            status, body = exc.code, exc.read().decode()
+    finally:
+        m.close()
+    if path == "/":
+        assert status == 200 and 'href="/metrics"' in body
+    elif path == "/metrics":
+        assert status == 200 and "virthotplug_" in body
+    elif path.startswith("/metrics?"):
+        assert status == 200  # prometheus_client's own query (a filter by name)
+    else:
+        assert status == 404 and "virthotplug_" not in body
+
+
+@pytest.mark.parametrize(
+    ("address", "warned"),
+    [("127.0.0.1", False), ("::1", False), ("0.0.0.0", True), ("::", True)],
+)
+def test_a_bind_beyond_loopback_is_warned_about(
+    address: str, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = metrics.Metrics()
+    try:
+        with caplog.at_level(logging.WARNING):
+            try:
+                m.serve(address, 0)
+            except VirtHotplugError as exc:
+                pytest.skip(f"no {address} here: {exc}")
+    finally:
+        m.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert bool(warnings) == warned, warnings
+    if warned:
+        assert "is not a loopback address" in warnings[0]
+
+
+def test_the_wildcard_zero_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    address, port = metrics.parse_listen("0:0")  # "0:9177" binds every interface
+    m = metrics.Metrics()
+    try:
+        with caplog.at_level(logging.WARNING):
+            m.serve(address, port)
+    finally:
+        m.close()
+    assert any("is not a loopback address" in r.getMessage() for r in caplog.records)
+
+
+def test_port_in_use_is_a_one_line_error_not_a_usage_error(m: metrics.Metrics) -> None:
     _, port = m.serve("127.0.0.1", 0)
     try:
         other = metrics.Metrics()
-        with pytest.raises(UsageError, match=r"cannot listen on 127\.0\.0\.1:"):
+        with pytest.raises(VirtHotplugError, match=r"cannot listen on 127\.0\.0\.1:") as info:
             other.serve("127.0.0.1", port)
+        assert info.value.exit_status == EXIT_FAILURE
     finally:
         m.close()

@@ -184,7 +184,7 @@ def test_merge_field_by_field_with_sources() -> None:
         "count": DEFAULT_SOURCE,
     }
     as_dict = effective.to_dict()
-    assert as_dict["exclude"] == {"value": "3", "source": "config f: [domain:web-*]"}
+    assert as_dict["exclude"] == {"value": [3], "source": "config f: [domain:web-*]"}
     assert set(as_dict) == set(FIELDS)
 
 

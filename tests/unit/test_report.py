@@ -122,7 +122,7 @@ def test_json_document_shape() -> None:
     views = [make_view("web1", OFFLINE), stopped()]
     errors = [Failure("qemu:///system", "broken", "bad XML"), Failure("qemu+ssh://h2/", "", "down")]
     document = json.loads(report.status_json(views, errors))
-    assert list(document) == ["version", "domains", "errors"]
+    assert list(document) == ["version", "domains", "errors", "not_read"]
     assert document["version"] == report.JSON_SCHEMA_VERSION == 1
     assert [d["name"] for d in document["domains"]] == ["web1", "off1"]
     for domain in document["domains"]:
@@ -136,7 +136,12 @@ def test_json_document_shape() -> None:
 
 
 def test_json_document_empty() -> None:
-    assert report.status_document([], []) == {"version": 1, "domains": [], "errors": []}
+    assert report.status_document([], []) == {
+        "version": 1,
+        "domains": [],
+        "errors": [],
+        "not_read": [],
+    }
 
 
 # --- monitoring plugin ------------------------------------------------------------------

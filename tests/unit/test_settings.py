@@ -12,7 +12,7 @@ import pytest
 from virthotplug.cli import main as cli
 from virthotplug.core import settings
 from virthotplug.core.config import WatchSettings, parse_config
-from virthotplug.core.errors import ConfigError
+from virthotplug.core.errors import ConfigError, UsageError
 
 CONF_PAGE = Path(__file__).resolve().parents[2] / "man" / "virthotplug.conf.5.rst"
 OPTIONS = [s for s in settings.WATCH_SETTINGS if s.option is not None]
@@ -89,3 +89,66 @@ def test_the_manual_page_states_the_range(setting: settings.Setting[Any]) -> Non
     stated = rf"{re.escape(f'{setting.low:g}')} to {re.escape(f'{setting.high:g}')}\W"
     assert re.search(stated, " ".join(body.split())), setting.name
     assert f"**{setting.option}**" in body
+
+
+# --- one number rule ---------------------------------------------------------------------
+
+# Numbers int() or float() take that the rule refuses: other scripts' digits, digit
+# separators, exponents, signs, special values, hexadecimal, bare points.
+NOT_NUMBERS = [
+    "\uff15",
+    "\u0663",
+    "1_0",
+    "1e2",
+    "1E2",
+    "+1",
+    "-0",
+    "nan",
+    "inf",
+    "0x10",
+    "1.",
+    ".5",
+    "1 0",
+]
+
+
+def refused_by_the_parser(argv: list[str]) -> bool:
+    try:
+        cli.build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return exc.code == 2
+    return False
+
+
+@pytest.mark.parametrize("text", NOT_NUMBERS)
+def test_one_number_rule_for_every_option_and_value(
+    text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from virthotplug.core.policy import parse_field
+    from virthotplug.daemon.metrics import parse_listen
+
+    for setting in settings.WATCH_SETTINGS:
+        if setting.low is None:
+            continue
+        with pytest.raises(ConfigError):
+            from_file(setting.name, text)
+        assert setting.option is not None
+        assert refused_by_the_parser(["watch", f"{setting.option}={text}"]), setting.option
+    for field in ("count", "grace", "retries"):
+        with pytest.raises(ValueError):
+            parse_field(field, text)
+        assert refused_by_the_parser(["policy", "d", "--set", "match", f"--{field}={text}"])
+    assert refused_by_the_parser(["setvcpus", "d", text])
+    assert refused_by_the_parser(["setvcpus", "d", "2", f"--timeout={text}"])
+    with pytest.raises(UsageError):
+        parse_listen(f"127.0.0.1:{text}")
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("0", 0), ("7", 7), ("1.5", 1.5), ("600", 600), ("0.125", 0.125)]
+)
+def test_plain_numbers_pass_the_rule(text: str, value: float) -> None:
+    assert settings.parse_seconds(text, 0, 600) == value
+    if "." not in text:
+        assert settings.parse_integer(text, 0, 600) == value

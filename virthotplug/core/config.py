@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from virthotplug.core import settings
-from virthotplug.core.errors import ConfigError
+from virthotplug.core.errors import ConfigError, quote, shown
 from virthotplug.core.policy import parse_policy_fields
 from virthotplug.core.precedence import DEFAULTS_SECTION, DOMAIN_PREFIX, first_match
 
 DEFAULT_CONFIG_PATH = "/etc/virthotplug/virthotplug.conf"
+CONFIG_ENV = "VIRTHOTPLUG_CONFIG"  # another file, for every command and the hook
 MAX_CONFIG_BYTES = 1024 * 1024
 WATCH_SECTION = "watch"
 
@@ -81,6 +82,9 @@ class HostConfig:
     defaults: Mapping[str, str] = field(default_factory=dict)
     domains: tuple[DomainSection, ...] = ()
     watch: WatchSettings = field(default_factory=WatchSettings)
+    # Why the default file could not be read (``load_config(unreadable_ok=True)``): the
+    # built-in defaults stand in for it, and the reports say so.
+    unread: Optional[str] = None
 
     def policy_layers(self, name: str, uuid: str) -> list[tuple[str, Mapping[str, str]]]:
         """The file's raw policy layers for one domain, highest precedence first."""
@@ -105,18 +109,27 @@ class HostConfig:
             parse_policy_fields(section.raw, source=source, domain=section.pattern)
 
 
-def load_config(path: Optional[str] = None) -> HostConfig:
-    """Load ``path``, or the default file when None. Only the default file may be missing."""
+def load_config(path: Optional[str] = None, *, unreadable_ok: bool = False) -> HostConfig:
+    """Load ``path``, else ``$VIRTHOTPLUG_CONFIG`` (which the libvirt hook reads too), else
+    the default file. Only the default file may be missing; with ``unreadable_ok`` it may
+    also be unreadable to us (a monitoring user's read-only checks): the built-in defaults
+    then stand in, and ``HostConfig.unread`` says why."""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or None
     explicit = path is not None
     path = path if path is not None else DEFAULT_CONFIG_PATH
     try:
         text = _read_private_file(path)
     except FileNotFoundError:
         if explicit:
-            raise ConfigError(f"config file {path}: not found") from None
+            raise ConfigError(f"config file {shown(path)}: not found") from None
         return HostConfig()
+    except PermissionError as exc:
+        if explicit or not unreadable_ok:
+            raise ConfigError(f"config file {shown(path)}: {exc.strerror or exc}") from None
+        return HostConfig(unread=f"config file {shown(path)}: {exc.strerror or exc}")
     except OSError as exc:
-        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+        raise ConfigError(f"config file {shown(path)}: {exc.strerror or exc}") from None
     return parse_config(text, path=path)
 
 
@@ -131,25 +144,25 @@ def _read_private_file(path: str) -> str:
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"config file {path}: not a regular file")
+            raise ConfigError(f"config file {shown(path)}: not a regular file")
         if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise ConfigError(
-                f"config file {path}: refusing a file writable by group or others "
+                f"config file {shown(path)}: refusing a file writable by group or others "
                 f"(mode {stat.S_IMODE(info.st_mode):04o}); it drives actions taken as root: "
-                f"chmod go-w {path}"
+                f"chmod go-w {shown(path)}"
             )
         if info.st_uid not in (0, os.geteuid()):
             raise ConfigError(
-                f"config file {path}: refusing a file owned by uid {info.st_uid}, "
+                f"config file {shown(path)}: refusing a file owned by uid {info.st_uid}, "
                 "neither root nor the current user"
             )
         data = handle.read(MAX_CONFIG_BYTES + 1)
     if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config file {path}: larger than {MAX_CONFIG_BYTES} bytes")
+        raise ConfigError(f"config file {shown(path)}: larger than {MAX_CONFIG_BYTES} bytes")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {path}: not valid UTF-8") from None
+        raise ConfigError(f"config file {shown(path)}: not valid UTF-8") from None
 
 
 # Characters on which the daemon's parser (configparser: lines end at "\n") and the hook's
@@ -172,14 +185,16 @@ def parse_config(text: str, *, path: str) -> HostConfig:
     """Parse the file's text; ``path`` names it in errors and policy sources."""
     ambiguous = check_characters(text)
     if ambiguous is not None:
-        raise ConfigError(f"config file {path}: {ambiguous} (not read, by watch or the hook)")
+        raise ConfigError(
+            f"config file {shown(path)}: {ambiguous} (not read, by watch or the hook)"
+        )
     parser = configparser.ConfigParser(
         interpolation=None, strict=True, empty_lines_in_values=False, default_section="\0"
     )
     try:
         parser.read_string(text, source=path)
     except configparser.Error as exc:
-        raise ConfigError(f"config file {path}: {_one_line(str(exc))}") from None
+        raise ConfigError(f"config file {shown(path)}: {_one_line(str(exc))}") from None
     defaults: Mapping[str, str] = {}
     domains: list[DomainSection] = []
     watch = WatchSettings()
@@ -193,7 +208,7 @@ def parse_config(text: str, *, path: str) -> HostConfig:
             domains.append(DomainSection(pattern=name[len(DOMAIN_PREFIX) :].strip(), raw=values))
         else:
             raise ConfigError(
-                f"config file {path}: unknown section [{name}] "
+                f"config file {shown(path)}: unknown section [{shown(name)}] "
                 "(expected [defaults], [watch] or [domain:NAME-GLOB-OR-UUID])"
             )
     return HostConfig(path=path, defaults=defaults, domains=tuple(domains), watch=watch)
@@ -212,9 +227,13 @@ def _parse_watch(raw: Mapping[str, str], path: str) -> WatchSettings:
         setting = settings.BY_NAME.get(key)
         if setting is None:
             known = ", ".join(settings.BY_NAME)
-            raise ConfigError(f"config file {path}: [watch]: unknown setting {key!r} ({known})")
+            raise ConfigError(
+                f"config file {shown(path)}: [watch]: unknown setting {quote(key)} ({known})"
+            )
         try:
             values[key] = setting.parse(text.strip())
         except ValueError as exc:
-            raise ConfigError(f"config file {path}: [watch] {key}={text!r}: {exc}") from None
+            raise ConfigError(
+                f"config file {shown(path)}: [watch] {shown(key)}={quote(text)}: {exc}"
+            ) from None
     return WatchSettings(**values)

@@ -54,6 +54,9 @@ DOMAIN_NOT_RUNNING = "domain-not-running"
 # Not from the view: the daemon stopped listening to a domain's QEMU monitor events because
 # the guest flooded them (daemon/flood.py); only watch's records and metrics carry it.
 OST_FLOOD = "ost-flood"
+# The domain's policy (its metadata, or the configuration file's section for it) is invalid:
+# nothing is done to the guest. status and check report it (host/policysource resolves it).
+INVALID_POLICY = "invalid-policy"
 
 ALL_CODES = (
     GUEST_CPU_OFFLINE,
@@ -71,6 +74,7 @@ ALL_CODES = (
     GUEST_REJECTED_VCPU,
     MATCH_UNREACHABLE,
     OST_FLOOD,
+    INVALID_POLICY,
 )
 
 

@@ -7,6 +7,8 @@ into exit statuses.
 
 from __future__ import annotations
 
+import unicodedata
+
 # Exit statuses of the command line (documented in virthotplug(1)).
 EXIT_OK = 0
 EXIT_FAILURE = 1  # generic failure, or a transient libvirt error that outlived its retries
@@ -122,3 +124,44 @@ class TransientError(VirtHotplugError):
     """Worth a bounded retry with backoff (e.g. a state-change lock timeout)."""
 
     exit_status = EXIT_FAILURE
+
+
+# --- text shown to people ---------------------------------------------------------------
+
+# Characters a terminal acts on instead of showing: C0/C1 controls and DEL (Cc), format
+# characters such as bidi overrides (Cf), and line/paragraph separators (Zl, Zp).
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character escaped (``\\x1b``, ``\\u202e``), for terminals.
+
+    Messages carry text a guest wrote (its agent's error replies, embedded by libvirt);
+    escape sequences in them must not reach an operator's terminal or a monitoring line.
+    """
+    if text.isprintable():  # fast path; isprintable() is False for every escaped category
+        return text
+    return "".join(_escape(c) if unicodedata.category(c) in _UNPRINTABLE else c for c in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+ECHO_LIMIT = 200  # characters of one piece of user input echoed in a message
+MESSAGE_LIMIT = 2000  # characters of a whole message shown (the last safety net)
+
+
+def shown(text: str, limit: int = ECHO_LIMIT) -> str:
+    """Text from outside (user input, a guest) as messages show it: control characters
+    escaped, cut to ``limit`` characters with an ellipsis (a 100 KB name must not fill a
+    terminal or a monitoring line)."""
+    return printable(text[:limit]) + ("..." if len(text) > limit else "")
+
+
+def quote(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``shown`` in single quotes, as messages name domains, URIs and values."""
+    return f"'{shown(text, limit)}'"

@@ -20,13 +20,13 @@ and a ``Plan`` come out.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 from virthotplug.core.cpulist import MAX_CPU_ID, CpulistError, format_cpulist, parse_cpulist
-from virthotplug.core.errors import ConfigError
+from virthotplug.core.errors import ConfigError, quote
 from virthotplug.core.precedence import merge_fields
+from virthotplug.core.settings import parse_integer, parse_seconds
 from virthotplug.core.view import GuestLayer, VcpuView
 
 MODE_ONLINE = "online"
@@ -39,9 +39,6 @@ FIELDS = ("mode", "count", "grace", "exclude", "retries")
 DEFAULT_SOURCE = "default"
 MAX_GRACE = 3600.0
 MAX_RETRIES = 10
-
-_INT = re.compile(r"0|[1-9][0-9]{0,5}")
-_SECONDS = re.compile(r"(?:0|[1-9][0-9]{0,4})(?:\.[0-9]{1,3})?")
 
 
 @dataclass(frozen=True)
@@ -79,7 +76,7 @@ class EffectivePolicy:
 
 
 def _json_value(value: Any) -> Any:
-    return format_cpulist(value) if isinstance(value, frozenset) else value
+    return sorted(value) if isinstance(value, frozenset) else value  # a CPU list: an array
 
 
 # --- validation of raw values ----------------------------------------------------------
@@ -115,12 +112,17 @@ def parse_policy_fields(raw: Mapping[str, str], *, source: str, domain: str) -> 
     return values
 
 
+def parse_field(name: str, text: str) -> Any:
+    """One known field's value from its text; ``ValueError`` says what is wrong."""
+    return _PARSERS[name](text.strip())
+
+
 def _field_error(source: str, domain: str, what: str) -> ConfigError:
-    return ConfigError(f"domain '{domain}': invalid policy in {source}: {what}")
+    return ConfigError(f"domain {quote(domain)}: invalid policy in {source}: {what}")
 
 
 def _quote(text: str) -> str:
-    return repr(text if len(text) <= 40 else text[:40] + "...")
+    return quote(text, 40)
 
 
 def _parse_mode(text: str) -> str:
@@ -130,16 +132,11 @@ def _parse_mode(text: str) -> str:
 
 
 def _parse_count(text: str) -> int:
-    if not _INT.fullmatch(text) or not 1 <= int(text) <= MAX_CPU_ID + 1:
-        raise ValueError(f"must be an integer from 1 to {MAX_CPU_ID + 1}")
-    return int(text)
+    return parse_integer(text, 1, MAX_CPU_ID + 1)
 
 
 def _parse_grace(text: str) -> float:
-    # A strict pattern: float() would accept "nan", "inf", "1e9" and "-3".
-    if not _SECONDS.fullmatch(text) or not 0 <= float(text) <= MAX_GRACE:
-        raise ValueError(f"must be seconds from 0 to {MAX_GRACE:g} (e.g. 1.5)")
-    return float(text)
+    return parse_seconds(text, 0, MAX_GRACE)
 
 
 def _parse_exclude(text: str) -> frozenset[int]:
@@ -150,9 +147,7 @@ def _parse_exclude(text: str) -> frozenset[int]:
 
 
 def _parse_retries(text: str) -> int:
-    if not _INT.fullmatch(text) or int(text) > MAX_RETRIES:
-        raise ValueError(f"must be an integer from 0 to {MAX_RETRIES}")
-    return int(text)
+    return parse_integer(text, 0, MAX_RETRIES)
 
 
 _PARSERS = {

@@ -5,9 +5,9 @@ systems (one Nagios/Icinga plugin line with an exit status). Pure: no libvirt.
 from __future__ import annotations
 
 import json
-import unicodedata
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from virthotplug.core.errors import printable as printable  # its home is core.errors
 from virthotplug.core.view import (
     CRITICAL,
     INFO,
@@ -26,63 +26,56 @@ _CHECK_NAMES = {CHECK_OK: "OK", CHECK_WARNING: "WARNING", CHECK_CRITICAL: "CRITI
 _CHECK_NAMES[CHECK_UNKNOWN] = "UNKNOWN"
 _SEVERITY_STATUS = {INFO: CHECK_OK, WARNING: CHECK_WARNING, CRITICAL: CHECK_CRITICAL}
 
-# Characters a terminal acts on instead of showing: C0/C1 controls and DEL (Cc), format
-# characters such as bidi overrides (Cf), and line/paragraph separators (Zl, Zp).
-_UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
-
 _COLUMNS = ("Domain", "State", "Config", "Live", "Guest", "Agent", "Findings")
 
 
-def printable(text: str) -> str:
-    """``text`` with every control character escaped (``\\x1b``, ``\\u202e``), for terminals.
-
-    Messages carry text a guest wrote (its agent's error replies, embedded by libvirt);
-    escape sequences in them must not reach an operator's terminal or a monitoring line.
-    """
-    if text.isprintable():  # fast path; isprintable() is False for every escaped category
-        return text
-    return "".join(_escape(c) if unicodedata.category(c) in _UNPRINTABLE else c for c in text)
-
-
-def _escape(char: str) -> str:
-    code = ord(char)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
-def status_document(views: Iterable[VcpuView], errors: Iterable[Any]) -> dict[str, Any]:
-    """The ``status --json`` document."""
+def status_document(
+    views: Iterable[VcpuView], errors: Iterable[Any], not_read: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The ``status --json`` document. ``not_read``: what could not be read though every
+    domain got its verdict (the configuration file, the guest layer on a read-only
+    connection)."""
     return {
         "version": JSON_SCHEMA_VERSION,
         "domains": [to_dict(v) for v in views],
         "errors": [{"host": e.host, "domain": e.name or None, "error": e.error} for e in errors],
+        "not_read": list(not_read),
     }
 
 
-def status_json(views: Iterable[VcpuView], errors: Iterable[Any]) -> str:
-    """The document with one domain (and one error) per line: easy to read and to grep,
-    and fast: ``indent`` would force json's pure-Python encoder, several times slower than
-    the C one at thousands of domains.
-    """
-    document = status_document(views, errors)
-
-    def rows(key: str) -> str:
-        lines = [json.dumps(item) for item in document[key]]
-        return "[\n    " + ",\n    ".join(lines) + "\n  ]" if lines else "[]"
-
-    return (
-        f'{{\n  "version": {json.dumps(document["version"])},\n'
-        f'  "domains": {rows("domains")},\n  "errors": {rows("errors")}\n}}'
-    )
+def status_json(
+    views: Iterable[VcpuView], errors: Iterable[Any], not_read: Sequence[str] = ()
+) -> str:
+    """The ``status --json`` document, laid out as every ``--json`` document is."""
+    return json_document(status_document(views, errors, not_read))
 
 
-def status_table(views: Sequence[VcpuView], *, show_host: bool = False) -> str:
-    """A fixed-width table; counts are cur/max, guest is online/present."""
+def json_document(document: Mapping[str, Any]) -> str:
+    """The one layout of every command's ``--json`` document: one top-level key per line,
+    and each item of a top-level list on a line of its own. Easy to read and to grep, and
+    fast: ``indent`` would force json's pure-Python encoder, several times slower than the
+    C one at thousands of domains."""
+    lines = []
+    for key, value in document.items():
+        if isinstance(value, list) and value:
+            items = ",\n    ".join(json.dumps(item) for item in value)
+            text = f"[\n    {items}\n  ]"
+        else:
+            text = json.dumps(value)
+        lines.append(f"  {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n}"
+
+
+def status_table(
+    views: Sequence[VcpuView], *, show_host: bool = False, headers: bool = True
+) -> str:
+    """A fixed-width table; counts are cur/max, guest is online/present. Like ``virsh
+    list``: the header even without rows, and no header with ``headers`` False (-q)."""
     header = (("Host",) if show_host else ()) + _COLUMNS
     rows = [tuple(map(printable, ((v.host,) if show_host else ()) + _row(v))) for v in views]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     lines = [_format_row(header, widths), "-" * (sum(widths) + 2 * len(widths))]
+    lines = lines if headers else []
     lines.extend(_format_row(row, widths) for row in rows)
     return "\n".join(lines)
 
@@ -120,8 +113,15 @@ def check_status(views: Sequence[VcpuView], failures: int) -> int:
     return status
 
 
-def check_line(views: Sequence[VcpuView], failures: Sequence[str], status: int) -> str:
-    """One plugin output line: ``VIRTHOTPLUG STATUS - summary | perfdata``."""
+def check_line(
+    views: Sequence[VcpuView],
+    failures: Sequence[str],
+    status: int,
+    *,
+    not_read: Sequence[str] = (),
+) -> str:
+    """One plugin output line: ``VIRTHOTPLUG STATUS - summary | perfdata``. ``not_read``
+    (what could not be read, though every domain got a verdict) ends the summary."""
     bad = [v for v in views if v.worst_severity in (WARNING, CRITICAL)]
     parts = [_problem_summary(v) for v in bad[:5]]
     if len(bad) > 5:
@@ -129,6 +129,8 @@ def check_line(views: Sequence[VcpuView], failures: Sequence[str], status: int) 
     parts.extend(failures[:3])
     noun = "domain" if len(views) == 1 else "domains"
     summary = "; ".join(parts) if parts else f"{len(views)} {noun}, vCPUs consistent"
+    if not_read:
+        summary += "; not read: " + ", ".join(not_read)
     # '|' starts the perfdata: text the guest influences (agent replies) must not add one.
     summary = summary.replace("|", "/")
     counts = {sev: sum(1 for v in views if v.worst_severity == sev) for sev in (WARNING, CRITICAL)}

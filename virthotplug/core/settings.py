@@ -12,6 +12,7 @@ what is wrong ("must be ..."); the caller names the setting and where the value 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Optional, TypeVar
 
@@ -47,24 +48,38 @@ class Setting(Generic[T]):
         return f"{self.low:g} to {self.high:g}{unit}"
 
 
+# The one rule for every number a person writes: command-line options, the configuration
+# file, policy values. ASCII digits only, no sign, no leading zero, no digit separator, no
+# exponent; seconds may have a decimal fraction. int() and float() alone accept far more
+# ("\u0663", "\uff15", "1_0", "1e2", "nan", "-0"), and what one source accepted another refused.
+_INTEGER = re.compile(r"0|[1-9][0-9]{0,9}")
+_DECIMAL = re.compile(r"(?:0|[1-9][0-9]{0,9})(?:\.[0-9]{1,6})?")
+
+
+def parse_integer(text: str, low: int, high: int) -> int:
+    """``text`` as an integer from ``low`` to ``high``; ``ValueError`` says the rule."""
+    if not _INTEGER.fullmatch(text) or not low <= int(text) <= high:
+        raise ValueError(f"must be an integer from {low} to {high}")
+    return int(text)
+
+
+def parse_seconds(text: str, low: float, high: float) -> float:
+    """``text`` as seconds (e.g. ``1.5``) from ``low`` to ``high``."""
+    if not _DECIMAL.fullmatch(text) or not low <= float(text) <= high:
+        raise ValueError(f"must be between {low:g} and {high:g} seconds")
+    return float(text)
+
+
 def seconds(low: float, high: float) -> Callable[[str], float]:
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError("not a number") from None
-        if not low <= value <= high:  # also refuses nan
-            raise ValueError(f"must be between {low:g} and {high:g} seconds")
-        return value
+        return parse_seconds(text, low, high)
 
     return parse
 
 
 def integer(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
-            raise ValueError(f"must be an integer from {low} to {high}")
-        return int(text)
+        return parse_integer(text, low, high)
 
     return parse
 

@@ -50,8 +50,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
-from virthotplug.core.errors import UsageError
+from virthotplug.core.errors import UsageError, VirtHotplugError, quote
 from virthotplug.core.events import FORGET, Event, HostEvent, OstMonitorEvent
+from virthotplug.core.settings import parse_integer
 
 if TYPE_CHECKING:
     from virthotplug.core.schedule import Job
@@ -80,10 +81,14 @@ def parse_listen(text: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        raise UsageError(f"--metrics-listen {text!r}: write an IPv6 address as [ADDR]:PORT")
-    if not port_text.isdigit() or int(port_text) > 65535:
-        raise UsageError(f"--metrics-listen {text!r}: expected [ADDR:]PORT, PORT 0-65535")
-    return host or LOOPBACK, int(port_text)
+        raise UsageError(f"--metrics-listen {quote(text)}: write an IPv6 address as [ADDR]:PORT")
+    try:
+        port = parse_integer(port_text, 0, 65535)  # the one number rule: ASCII digits only
+    except ValueError:
+        raise UsageError(
+            f"--metrics-listen {quote(text)}: expected [ADDR:]PORT, PORT 0-65535"
+        ) from None
+    return host or LOOPBACK, port
 
 
 def _prometheus() -> Any:
@@ -364,6 +369,12 @@ class Metrics:
         self._server = _serve(self.registry, address, port)
         bound = self._server.server_address
         log.info("metrics: serving http://%s/metrics", _host_port(bound[0], bound[1]))
+        if not _is_loopback(str(bound[0])):
+            log.warning(
+                "metrics: %s is not a loopback address: every host that can reach it can read "
+                "the metrics (domain names, vCPU counts); bind 127.0.0.1, or restrict access",
+                _host_port(bound[0], bound[1]),
+            )
         return str(bound[0]), int(bound[1])
 
     def close(self) -> None:
@@ -468,6 +479,38 @@ def _layer_counts(view: VcpuView) -> dict[str, Optional[int]]:
     }
 
 
+def _is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1 (a wildcard such as 0.0.0.0 or :: is every interface: not one)."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+INDEX_PAGE = (
+    b"<html><head><title>virthotplug</title></head><body>"
+    b'<p>virthotplug watch: <a href="/metrics">metrics</a></p></body></html>\n'
+)
+
+
+def _only_metrics(metrics_app: Any) -> Any:
+    """The WSGI app: ``/metrics`` (the registry), a small page at ``/``, 404 elsewhere."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics_app(environ, start_response)
+        if path == "/":
+            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
+            return [INDEX_PAGE]
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: metrics are at /metrics\n"]
+
+    return app
+
+
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -480,7 +523,7 @@ def _serve(registry: Any, address: str, port: int) -> Any:
     try:
         family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
     except socket.gaierror as exc:
-        raise UsageError(f"--metrics-listen: cannot resolve {address!r}: {exc}") from None
+        raise UsageError(f"--metrics-listen: cannot resolve {quote(address)}: {exc}") from None
 
     class Server(ThreadingMixIn, WSGIServer):
         daemon_threads = True
@@ -492,11 +535,18 @@ def _serve(registry: Any, address: str, port: int) -> Any:
 
     try:
         server = make_server(
-            address, port, prom.make_wsgi_app(registry), Server, handler_class=QuietHandler
+            address,
+            port,
+            _only_metrics(prom.make_wsgi_app(registry)),
+            Server,
+            handler_class=QuietHandler,
         )
     except OSError as exc:
         where = _host_port(address, port)
-        raise UsageError(f"--metrics-listen: cannot listen on {where}: {exc.strerror}") from None
+        # Not a usage error: the same command works once the port is free (exit status 1).
+        raise VirtHotplugError(
+            f"--metrics-listen: cannot listen on {where}: {exc.strerror}"
+        ) from None
     thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
     thread.start()
     return server

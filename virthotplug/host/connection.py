@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import re
 import threading
 from typing import Any, Callable, Iterable, Optional, Protocol, TypeVar
@@ -25,7 +24,8 @@ from virthotplug.host.support import Capabilities, read_capabilities
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URI = "qemu:///system"
+# How messages name the host before libvirt has said which URI its default is.
+DEFAULT_URI_LABEL = "libvirt's default URI"
 T = TypeVar("T")
 
 # virsh's state names, by virDomainState value.
@@ -47,9 +47,12 @@ MONITOR_EVENTS = ("ACPI_DEVICE_OST", "DEVICE_DELETED")
 KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 5, 3  # a dead daemon is noticed within ~20 s
 
 
-def resolve_uri(explicit: Optional[str]) -> str:
-    """``-c/--connect`` first, then ``LIBVIRT_DEFAULT_URI``, then ``qemu:///system``."""
-    return explicit or os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+def default_uri(*, readonly: bool = False) -> str:
+    """The URI libvirt connects to when given none, as it names it (``virConnectGetURI``):
+    ``LIBVIRT_DEFAULT_URI``, else ``uri_default`` of libvirt.conf, else its probe (the
+    system daemon for root, the session daemon for other users). Asking needs a connection."""
+    with Connection(None, readonly=readonly) as conn:
+        return conn.uri
 
 
 class EventSink(Protocol):
@@ -171,7 +174,10 @@ class Connection:
     """One libvirt connection. Thread-safe for calls (libvirt connections are)."""
 
     def __init__(self, uri: Optional[str] = None, *, readonly: bool = False) -> None:
-        self.uri = resolve_uri(uri)
+        # None: libvirt's own default (see ``default_uri``). Once open, ``uri`` is the URI
+        # libvirt says it connected to, and every further connection (agent leases) uses it.
+        self._requested = uri
+        self.uri = uri if uri is not None else DEFAULT_URI_LABEL
         self.readonly = readonly
         self.libvirt: Any = libvirt_module()
         self._conn: Optional[VirConnect] = None
@@ -191,16 +197,18 @@ class Connection:
             self._agents = _AgentLeases(self._open_raw)
         try:
             self._conn = self._open_raw()
+            if self._conn is not None and self._requested is None:
+                self._requested = self.uri = str(self._conn.getURI())
             self._support = read_capabilities(self.uri, self._conn, self.libvirt)
         except self.libvirt.libvirtError as exc:
-            raise open_error(exc, self.uri) from None
+            raise open_error(exc, self._requested) from None
         if self._conn is None:  # very old bindings return None instead of raising
             raise errors.ConnectError(f"cannot connect to '{self.uri}'")
         return self
 
     def _open_raw(self) -> VirConnect:
         opener = self.libvirt.openReadOnly if self.readonly else self.libvirt.open
-        conn: VirConnect = opener(self.uri)
+        conn: VirConnect = opener(self._requested)
         return conn
 
     def close(self) -> None:
@@ -266,8 +274,11 @@ class Connection:
             except self.libvirt.libvirtError as exc:
                 err = classify(exc)
                 if not isinstance(err, (errors.NoDomainError, errors.InvalidRequestError)):
-                    raise classify(exc, context=f"domain '{ident}'") from None
-        raise errors.NoDomainError(f"failed to get domain '{ident}': no such domain on {self.uri}")
+                    raise classify(exc, context=f"domain {errors.quote(ident)}") from None
+        where = errors.shown(self.uri)
+        raise errors.NoDomainError(
+            f"failed to get domain {errors.quote(ident)}: no such domain on {where}"
+        )
 
     def domain_by_uuid(self, uuid: str) -> Domain:
         raw = self.call(lambda: self.raw.lookupByUUIDString(uuid), context=f"domain {uuid}")

@@ -73,6 +73,13 @@ class Domain:
         info = self._call(self.raw.info)
         return int(info[3])
 
+    def vcpu_maximum(self, *, live: bool) -> int:
+        """The maximum vCPU count of the live (else the persistent) definition."""
+        lv = self._conn.libvirt
+        affect = lv.VIR_DOMAIN_AFFECT_LIVE if live else lv.VIR_DOMAIN_AFFECT_CONFIG
+        flags = lv.VIR_DOMAIN_VCPU_MAXIMUM | affect
+        return int(self._call(lambda: self.raw.vcpusFlags(flags), " maximum"))
+
     def vcpu_times(self) -> dict[int, int]:
         """CPU time used so far by each running vCPU (ns), from ``virDomainGetVcpus``."""
         info, _cpumaps = self._call(self.raw.vcpus, " vCPU times")

@@ -111,10 +111,12 @@ def _lookup(
     return None
 
 
-def open_error(exc: Exception, uri: str) -> errors.VirtHotplugError:
-    """Errors from ``open()`` are about the URI or the daemon, whatever their code."""
+def open_error(exc: Exception, uri: Optional[str]) -> errors.VirtHotplugError:
+    """Errors from ``open()`` are about the URI or the daemon, whatever their code.
+    ``uri`` None: libvirt's default was asked for."""
     libvirt = libvirt_module()
-    err = classify(exc, context=f"cannot connect to '{uri}'")
+    where = errors.quote(uri) if uri is not None else "libvirt's default URI"
+    err = classify(exc, context=f"cannot connect to {where}")
     lv_error: Any = exc if isinstance(exc, libvirt.libvirtError) else None
     domain = lv_error.get_error_domain() if lv_error is not None else None
     bad_uri = domain == getattr(libvirt, "VIR_FROM_URI", -1)

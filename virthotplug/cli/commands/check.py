@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from virthotplug.cli.commands.common import add_selection, agent_timeout, selected_names, uris
+from virthotplug.cli.commands.common import add_selection
+from virthotplug.cli.commands.reading import read_for_report
 
-CHECK_UNKNOWN = 3  # report.CHECK_UNKNOWN; importing report here would load lxml at start-up
+NAME = "check"
+CHECK_UNKNOWN = 3  # report.CHECK_UNKNOWN; report stays out of start-up (it loads the view model)
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "check",
+        NAME,
         help="monitoring plugin: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN",
         description="Evaluate vCPU drift like 'status' and print one monitoring-plugin line; "
         "the exit status is 0 OK, 1 WARNING, 2 CRITICAL or 3 UNKNOWN.",
@@ -23,20 +25,11 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from virthotplug.core import report
-    from virthotplug.core.config import load_config
-    from virthotplug.host import collect, history
 
     # Findings honour each domain's effective policy and history, as watch judges them.
-    config = load_config(args.config_file)
-    context = history.contexts(config)
-    result = collect.read_hosts(
-        uris(args),
-        selected_names(args),
-        readonly=args.readonly,
-        agent_timeout=agent_timeout(args, config),
-        context=context,
-    )
+    reading = read_for_report(args)
+    result = reading.result
     failures = [f"{e.host} {e.name}".strip() + f": {e.error}" for e in result.errors]
     status = report.check_status(result.views, len(failures))
-    print(report.check_line(result.views, failures, status))
+    print(report.check_line(result.views, failures, status, not_read=reading.not_read))
     return status

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from virthotplug.cli.commands.common import positive_float, uris
-from virthotplug.core.errors import EXIT_GUEST_REJECTED, EXIT_INCOMPLETE, EXIT_OK, UsageError
+from virthotplug.cli.commands.common import timeout_seconds, uris
+from virthotplug.core.errors import (
+    EXIT_GUEST_REJECTED,
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    UsageError,
+    quote,
+)
 
 if TYPE_CHECKING:  # the real imports stay inside run(): start-up stays light
     from virthotplug.cli.resize import LayerCheck, ResizeResult
     from virthotplug.daemon.monitorlog import MonitorLog
     from virthotplug.host.connection import Connection
     from virthotplug.host.domain import Domain
+
+
+MAX_VCPUS = 16384  # QEMU's own limit on vCPUs, for any machine type
 
 
 def register(subparsers: Any) -> None:
@@ -34,8 +42,14 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--live", action="store_true", help="change the running domain")
     parser.add_argument("--config", action="store_true", help="change the persistent definition")
     parser.add_argument(
+        "--current",
+        action="store_true",
+        help="change the running domain if it runs, else the persistent definition (the "
+        "default, like virsh)",
+    )
+    parser.add_argument(
         "--timeout",
-        type=positive_float,
+        type=timeout_seconds,
         default=10.0,
         metavar="SECONDS",
         help="longest wait for the guest to see the change (default: %(default)s)",
@@ -65,9 +79,14 @@ def register(subparsers: Any) -> None:
 
 
 def _count(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 16384:
-        raise argparse.ArgumentTypeError(f"not a vCPU count from 1 to 16384: {text!r}")
-    return int(text)
+    from virthotplug.core.settings import parse_integer
+
+    try:
+        return parse_integer(text, 1, MAX_VCPUS)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a vCPU count from 1 to {MAX_VCPUS}: {quote(text)}"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,12 +98,15 @@ def run(args: argparse.Namespace) -> int:
     hosts = uris(args)
     if len(hosts) > 1:
         raise UsageError("setvcpus works on one host: give -c once")
+    if args.current and (args.live or args.config):
+        raise UsageError("--current is exclusive with --live and --config")
     config = load_config(args.config_file)
     ensure_event_loop()  # before open(): monitor events need it
     with Connection(hosts[0], readonly=args.readonly) as conn:
         dom = conn.lookup(args.domain)
         log = _monitor(conn, dom)
         live, persistent = _affect(dom, args)
+        _refuse_over_maximum(conn, dom, args.count, live=live, config=persistent)
         mode = {True: "online", False: "report", None: None}[args.online]
         request = resize.Request(args.count, live, persistent, args.timeout, mode, args.force)
         started = time.monotonic()
@@ -92,18 +114,38 @@ def run(args: argparse.Namespace) -> int:
         result = resize.resize(conn, dom, config, request, events)
         if log is not None:
             log.wait_quiet(0.3, 1.0)  # the final eject report trails the unplug
-        _print(result, log, started, args.json)
+        _print(result, log, started, args.json, quiet=args.quiet)
     if result.complete:
         return EXIT_OK
     return EXIT_GUEST_REJECTED if result.rejected else EXIT_INCOMPLETE
 
 
 def _affect(dom: Domain, args: argparse.Namespace) -> tuple[bool, bool]:
-    """--live/--config as given; neither: the current state, like virsh (live if running)."""
-    if args.live or args.config:
-        return bool(args.live), bool(args.config)
-    running = dom.is_active()
-    return running, not running
+    """virsh's rule (``policy.affected``): --live/--config as given; neither (--current):
+    live if running, else the persistent definition."""
+    from virthotplug.cli.commands.policy import affected
+
+    return affected(bool(args.live), bool(args.config), running=dom.is_active())
+
+
+def _refuse_over_maximum(
+    conn: Connection, dom: Domain, count: int, *, live: bool, config: bool
+) -> None:
+    """More vCPUs than the definition's maximum: the domain cannot do it (exit status 9),
+    refused before anything changes. A live change of a stopped domain is left to the
+    resize, which says it must run."""
+    from virthotplug.core.errors import UnsupportedError
+
+    affected = [False] if config else []
+    if live and dom.is_active():
+        affected.append(True)
+    for affect_live in affected:
+        maximum = dom.vcpu_maximum(live=affect_live)
+        if count > maximum:
+            raise UnsupportedError(
+                f"{dom.context}: {count} vCPUs requested, the maximum is {maximum} "
+                "(raise <vcpu> in the persistent definition and restart)"
+            )
 
 
 def _monitor(conn: Connection, dom: Domain) -> Optional[MonitorLog]:
@@ -120,16 +162,25 @@ def _monitor(conn: Connection, dom: Domain) -> Optional[MonitorLog]:
     return log
 
 
-def _print(result: ResizeResult, log: Optional[MonitorLog], started: float, as_json: bool) -> None:
+def _print(
+    result: ResizeResult,
+    log: Optional[MonitorLog],
+    started: float,
+    as_json: bool,
+    *,
+    quiet: bool,
+) -> None:
     from virthotplug.cli import resize
     from virthotplug.cli.commands.apply import describe
     from virthotplug.daemon.monitorlog import describe as describe_event
 
     events = log.events(since=started) if log is not None else []
     if as_json:
-        doc = resize.to_dict(result)
+        from virthotplug.core.report import JSON_SCHEMA_VERSION, json_document
+
+        doc = {"version": JSON_SCHEMA_VERSION, **resize.to_dict(result)}
         doc["events"] = [{"t": round(e.mono - started, 3), "event": e.describe()} for e in events]
-        print(json.dumps(doc, indent=2))
+        print(json_document(doc))
         return
     before = result.before.live.current if result.before.live is not None else "?"
     where = "+".join(
@@ -142,15 +193,15 @@ def _print(result: ResizeResult, log: Optional[MonitorLog], started: float, as_j
         print(f"  {key}: {seconds:.3f} s")
     if result.reconcile is not None:
         print("\n".join("  " + line for line in describe(result.reconcile)[1:]))
-    _print_checks(result.checks)
+    _print_checks(result.checks, headers=not quiet)
     for note in result.notes:
         print(f"  note: {note}")
 
 
-def _print_checks(checks: Sequence[LayerCheck]) -> None:
+def _print_checks(checks: Sequence[LayerCheck], *, headers: bool) -> None:
     rows = [("layer", "now", "target", "")]
     rows += [(c.layer, c.now, c.target, "ok" if c.ok else "NOT REACHED") for c in checks]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
+    for row in rows if headers else rows[1:]:
         cells = [cell.ljust(width) for cell, width in zip(row, widths)]
         print(f"  {'  '.join(cells)}  {row[3]}".rstrip())

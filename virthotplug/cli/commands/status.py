@@ -6,7 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from virthotplug.cli.commands.common import add_selection, agent_timeout, selected_names, uris
+from virthotplug.cli.commands.common import add_selection
+from virthotplug.cli.commands.reading import read_for_report
 from virthotplug.core.errors import EXIT_FAILURE, EXIT_OK
 
 
@@ -31,26 +32,20 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from virthotplug.core import report
-    from virthotplug.core.config import load_config
-    from virthotplug.host import collect, history
 
-    hosts = uris(args)
     # Findings honour each domain's effective policy and history, as watch judges them.
-    config = load_config(args.config_file)
-    context = history.contexts(config, qemu_monitor=args.qemu_monitor)
-    result = collect.read_hosts(
-        hosts,
-        selected_names(args),
-        readonly=args.readonly,
-        agent_timeout=agent_timeout(args, config),
-        context=context,
-    )
+    reading = read_for_report(args, qemu_monitor=args.qemu_monitor)
+    result = reading.result
     if args.json:
-        print(report.status_json(result.views, result.errors))
+        print(report.status_json(result.views, result.errors, reading.not_read))
     else:
-        if result.views:
-            print(report.status_table(result.views, show_host=len(hosts) > 1))
+        show_host = len(reading.hosts) > 1
+        table = report.status_table(result.views, show_host=show_host, headers=not args.quiet)
+        if table:
+            print(table)
         for failure in result.errors:
             where = f"{failure.host} {failure.name}".strip()
             print(f"virthotplug: error: {where}: {failure.error}", file=sys.stderr)
+    for what in reading.not_read:
+        print(f"virthotplug: warning: not read: {what}", file=sys.stderr)
     return EXIT_FAILURE if result.errors else EXIT_OK

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
+import logging
+import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO, cast
 
-from virthotplug.cli.commands.common import add_setting, uris
-from virthotplug.core.errors import EXIT_OK
+from virthotplug.cli.commands.common import add_setting, log_level, uris
+from virthotplug.core.errors import EXIT_OK, VirtHotplugError
 from virthotplug.core.settings import AGENT_TIMEOUT, HOTADD_SETTLE, RESYNC_INTERVAL, WORKERS
+
+if TYPE_CHECKING:
+    from virthotplug.daemon.watch import Watch
 
 
 def register(subparsers: Any) -> None:
@@ -28,6 +34,7 @@ def register(subparsers: Any) -> None:
         "--domain",
         action="append",
         dest="domains",
+        type=domain_glob,
         metavar="GLOB",
         help="act only on domains whose name matches GLOB, or with this UUID; repeat for "
         "several (default: [watch] domains, else every domain)",
@@ -48,6 +55,47 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(run=run)
 
 
+def domain_glob(text: str) -> str:
+    """An argparse type: a glob or UUID; an empty one would match no domain at all."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty GLOB matches no domain")
+    return text
+
+
+class JsonLines(io.TextIOBase):
+    """stdout for ``--json``. When its reader goes away (EPIPE) the daemon stops and
+    exits with an error: records nobody reads must not pass for a working watch."""
+
+    def __init__(self, out: TextIO, on_closed: Callable[[], None]) -> None:
+        super().__init__()
+        self._out = out
+        self._on_closed = on_closed
+        self.reader_gone = False
+
+    def write(self, text: str) -> int:
+        if not self.reader_gone:
+            try:
+                self._out.write(text)
+            except BrokenPipeError:
+                self._gone()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_gone:
+            try:
+                self._out.flush()
+            except BrokenPipeError:
+                self._gone()
+
+    def _gone(self) -> None:
+        self.reader_gone = True
+        # What is still buffered must not fail again when the interpreter exits.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._out.fileno())
+        os.close(devnull)
+        self._on_closed()
+
+
 def run(args: argparse.Namespace) -> int:
     from virthotplug.core.config import load_config
     from virthotplug.daemon.eventlog import EventLog, setup_daemon_logging
@@ -56,9 +104,9 @@ def run(args: argparse.Namespace) -> int:
     from virthotplug.daemon.lock import HostLocks
     from virthotplug.daemon.resync import BulkResync
     from virthotplug.daemon.watch import Watch
-    from virthotplug.host.connection import resolve_uri
 
     setup_daemon_logging(args.debug, args.quiet)
+    logging.getLogger().setLevel(log_level(args, default=logging.INFO))  # -d LEVEL, like virsh
     config_path = getattr(args, "config_file", None)
 
     def load() -> Any:
@@ -82,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         return new_settings
 
     # The hook socket is read at start only; a new hook_socket needs a restart.
-    hosts = [resolve_uri(uri) for uri in uris(args)]
+    hosts = _host_uris(args)
     # One watch per host: held until this process ends, however it ends.
     locks = HostLocks()
     locks.acquire(hosts)
@@ -97,11 +145,13 @@ def run(args: argparse.Namespace) -> int:
     # Periodic and reconnect resyncs read every running domain in bulk and reconcile only
     # the domains that need it; the metrics get every view it read.
     resync = BulkResync(runner, on_views=metrics.resynced if metrics is not None else None)
+    watch: Optional[Watch] = None
+    json_out = JsonLines(sys.stdout, lambda: watch.request_stop() if watch else None)
     watch = Watch(
-        uris(args),
+        hosts,
         settings,
         runner.run,
-        EventLog(sys.stdout if args.json else None),
+        EventLog(cast(TextIO, json_out) if args.json else None),
         reload=reload,
         sources=sources,
         observer=metrics,
@@ -115,4 +165,14 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if metrics is not None:
             metrics.close()
+    if json_out.reader_gone:
+        raise VirtHotplugError("stdout was closed (broken pipe): the JSON records have no reader")
     return EXIT_OK
+
+
+def _host_uris(args: argparse.Namespace) -> list[str]:
+    """The hosts' URIs. Without -c, the URI libvirt's default resolves to, asked at start:
+    the one-per-host lock, the hook socket's host and every log line need its name."""
+    from virthotplug.host.connection import default_uri
+
+    return [uri if uri is not None else default_uri() for uri in uris(args)]
