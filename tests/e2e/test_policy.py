@@ -19,7 +19,7 @@ from virthotplug.core.config import HostConfig
 from virthotplug.core.errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_UNSUPPORTED
 from virthotplug.host.actions import EXCLUDED, ONLINED, ONLINED_BY_GUEST, SKIPPED, UNCHANGED
 from virthotplug.host.connection import Connection
-from virthotplug.host.reconcile import ReconcileResult, reconcile
+from virthotplug.ops.reconcile import ReconcileResult, reconcile
 
 Capsys = pytest.CaptureFixture[str]
 Record = Callable[[str, object], None]

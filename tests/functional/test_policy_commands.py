@@ -30,7 +30,7 @@ from virthotplug.host.policysource import (
     metadata_layer,
     write_policy,
 )
-from virthotplug.host.reconcile import ReconcileResult, reconcile
+from virthotplug.ops.reconcile import ReconcileResult, reconcile
 
 Capsys = pytest.CaptureFixture[str]
 

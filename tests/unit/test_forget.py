@@ -12,8 +12,8 @@ from virthotplug.core.schedule import Job
 from virthotplug.daemon.eventlog import EventLog
 from virthotplug.daemon.jobs import JobRunner
 from virthotplug.daemon.watch import JobResult, Watch, WatchStats
-from virthotplug.host import reconcile
 from virthotplug.host.connection import Connection, Domain
+from virthotplug.ops import reconcile
 
 STOPPED, UNDEFINED = 5, 1
 

@@ -28,7 +28,7 @@ from virthotplug.core.view import (
 )
 from virthotplug.daemon import jobs
 from virthotplug.host import actions
-from virthotplug.host.reconcile import ReconcileResult
+from virthotplug.ops.reconcile import ReconcileResult
 
 REF = DomainRef("qemu:///system", "6b0e4c1a-0000-4000-8000-000000000001", "deb13")
 

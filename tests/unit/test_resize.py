@@ -10,8 +10,7 @@ from typing import Any, Optional
 
 import pytest
 
-from virthotplug.cli import resize
-from virthotplug.core import errors
+from virthotplug.core import errors, resizeplan
 from virthotplug.core.config import HostConfig
 from virthotplug.core.drift import find_drift
 from virthotplug.core.events import DomainRef, OstMonitorEvent
@@ -29,6 +28,7 @@ from virthotplug.core.view import (
     HypervisorLayer,
     VcpuView,
 )
+from virthotplug.ops import resize
 
 REF = DomainRef("qemu:///system", "u", "web1")
 REFUSED = "An error occurred, but the cause is unknown"
@@ -92,7 +92,7 @@ STALE = History().add(HistoryEntry(HISTORY_UNPLUG_TIMEOUT, 2, 10.0, "setvcpus"))
 def shrink(host: str, refuse: Optional[str]) -> tuple[Optional[str], list[str], FakeDom]:
     # 3 -> 2: libvirt timed out, the guest ejected (it lists cpu0-1).
     conn, dom, notes = FakeConn(host, "0,1"), FakeDom(refuse), []
-    request = resize.Request(2, True, False, timeout=1.0)
+    request = resizeplan.Request(2, True, False, timeout=1.0)
     started = 0.0
     repeated = resize._after_shrink(conn, dom, view(3, "0,1,2"), request, TIMED_OUT, started, notes)  # type: ignore[arg-type]
     return repeated, notes, dom
@@ -109,7 +109,7 @@ def test_a_refused_repeat_reports_the_stale_vcpu_and_the_remedy() -> None:
     assert repeated is not None and REFUSED in repeated and dom.calls == [2]
     after = view(3, "0,1", STALE)
     conn = FakeConn("libvirt 9.0.0, QEMU 7.2.0", "0,1")
-    text = " ".join(resize._drift_notes(conn, after, TIMED_OUT, repeated))  # type: ignore[arg-type]
+    text = " ".join(resizeplan.drift_notes(conn.support.describe(), after, TIMED_OUT, repeated))
     assert "refused the repeated unplug request" in text
     assert "vcpu2: libvirt's unplug timed out" in text
     assert "restart the domain" in text and "known to crash QEMU" in text
@@ -117,7 +117,7 @@ def test_a_refused_repeat_reports_the_stale_vcpu_and_the_remedy() -> None:
 
 def test_no_repeat_when_the_guest_has_not_ejected() -> None:
     conn, dom = FakeConn("libvirt 9.0.0, QEMU 7.2.0", "0,1,2"), FakeDom()
-    request = resize.Request(2, True, False, timeout=0.2)
+    request = resizeplan.Request(2, True, False, timeout=0.2)
     assert resize._after_shrink(conn, dom, view(3, "0,1,2"), request, TIMED_OUT, 0.0, []) is None  # type: ignore[arg-type]
     assert dom.calls == []
 
@@ -129,7 +129,7 @@ def test_grow_with_a_stale_vcpu_the_host_will_not_repair_is_refused(
     before = view(3, "0,1", STALE)
     with pytest.raises(errors.UnsupportedError) as caught:
         resize._repair_before_grow(
-            conn, dom, HostConfig(), before, resize.Request(3, True, False), []
+            conn, dom, HostConfig(), before, resizeplan.Request(3, True, False), []
         )  # type: ignore[arg-type]
     text = str(caught.value)
     assert "this host (libvirt 9.0.0, QEMU 7.2.0) refused the repeated unplug" in text
@@ -144,7 +144,7 @@ def test_grow_repairs_a_stale_vcpu_first_where_the_host_accepts(
     repaired = view(2, "0,1", STALE)
     monkeypatch.setattr(resize.collect, "read_view", lambda *_a, **_k: repaired)
     got = resize._repair_before_grow(
-        conn, dom, HostConfig(), view(3, "0,1", STALE), resize.Request(3, True, False), notes
+        conn, dom, HostConfig(), view(3, "0,1", STALE), resizeplan.Request(3, True, False), notes
     )  # type: ignore[arg-type]
     assert got is repaired and dom.calls == [2]
     assert "repaired first" in notes[0] and "libvirt now counts 2" in notes[0]
@@ -152,8 +152,8 @@ def test_grow_repairs_a_stale_vcpu_first_where_the_host_accepts(
 
 def test_a_rejected_hot_add_is_not_a_stale_vcpu() -> None:
     rejected = History().add(HistoryEntry("rejected", 1, 5.0, "watch"))
-    assert not resize._stale(view(2, "0", rejected))
-    assert resize._stale(view(2, "0"))  # without history: it may be either
+    assert not resizeplan.stale(view(2, "0", rejected))
+    assert resizeplan.stale(view(2, "0"))  # without history: it may be either
 
 
 def test_tcg_thread_budget() -> None:
@@ -162,12 +162,11 @@ def test_tcg_thread_budget() -> None:
     for i, vcpu in enumerate((1, 2, 3)):
         history = history.add(HistoryEntry(HISTORY_PLUGGED, vcpu, float(i * 10), "ost"))
     history = history.add(HistoryEntry(HISTORY_EJECTED, 3, 40.0, "ost"))
-    conn = FakeConn("libvirt 11.3.0, QEMU 10.0.2", "0,1,2")
     with pytest.raises(errors.UnsupportedError) as caught:
-        resize._check_thread_budget(conn, view(3, "0,1,2", history), 1)  # type: ignore[arg-type]
+        resizeplan.check_thread_budget(view(3, "0,1,2", history), 1)
     assert "has created 4" in str(caught.value) and "maximum (4)" in str(caught.value)
-    resize._check_thread_budget(conn, view(3, "0,1,2", history, kind="kvm"), 1)  # type: ignore[arg-type]
-    resize._check_thread_budget(conn, view(3, "0,1,2", History(), kind="qemu"), 1)  # type: ignore[arg-type]
+    resizeplan.check_thread_budget(view(3, "0,1,2", history, kind="kvm"), 1)
+    resizeplan.check_thread_budget(view(3, "0,1,2", History(), kind="qemu"), 1)
 
 
 def ost(vcpu: int, mono: float) -> Any:
@@ -184,7 +183,7 @@ def test_rejected_from_the_ost_events_and_the_guest_list() -> None:
 
 
 def test_unplugged_vcpus_are_the_highest_libvirt_ids() -> None:
-    assert resize._unplugged(view(3, "0,1,2"), 2) == [2]
+    assert resizeplan.unplugged(view(3, "0,1,2"), 2) == [2]
 
 
 def test_a_request_libvirt_already_counts_is_a_hot_add_while_a_vcpu_is_stale() -> None:
@@ -193,8 +192,8 @@ def test_a_request_libvirt_already_counts_is_a_hot_add_while_a_vcpu_is_stale() -
     conn, dom = FakeConn("libvirt 9.0.0, QEMU 7.2.22", "0,1"), FakeDom(REFUSED)
     with pytest.raises(errors.UnsupportedError):
         resize._preflight(
-            conn, dom, HostConfig(), view(3, "0,1", STALE), resize.Request(3, True, False), []
+            conn, dom, HostConfig(), view(3, "0,1", STALE), resizeplan.Request(3, True, False), []
         )  # type: ignore[arg-type]
     assert dom.calls == [2]  # only the repeated unplug was asked for
-    forced = resize.Request(3, True, False, force=True)
+    forced = resizeplan.Request(3, True, False, force=True)
     assert resize._preflight(conn, dom, HostConfig(), view(3, "0,1", STALE), forced, []).live  # type: ignore[arg-type]

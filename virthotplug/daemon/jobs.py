@@ -39,7 +39,7 @@ from virthotplug.host.actions import ONLINED
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
 from virthotplug.host.policysource import effective_policy
-from virthotplug.host.reconcile import ReconcileResult, reconcile
+from virthotplug.ops.reconcile import ReconcileResult, reconcile
 
 ACTING_MODES = ("online", "match")
 # After a hot-add the guest lists the new CPU a moment after OST (lab: well under 0.1 s).

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # the real imports stay inside run(): start-up stays light
     from virthotplug.core.errors import VirtHotplugError
     from virthotplug.host.connection import Connection
     from virthotplug.host.domain import Domain
-    from virthotplug.host.reconcile import ReconcileResult
+    from virthotplug.ops.reconcile import ReconcileResult
 
 JSON_SCHEMA_VERSION = 1
 
@@ -59,7 +59,7 @@ def _reconcile_all(
     from concurrent.futures import ThreadPoolExecutor
 
     from virthotplug.core.errors import VirtHotplugError
-    from virthotplug.host.reconcile import reconcile
+    from virthotplug.ops.reconcile import reconcile
 
     def one(dom: Domain) -> ReconcileResult | tuple[str, VirtHotplugError]:
         try:

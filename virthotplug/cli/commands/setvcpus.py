@@ -11,10 +11,11 @@ from virthotplug.cli.commands.common import positive_float, uris
 from virthotplug.core.errors import EXIT_GUEST_REJECTED, EXIT_INCOMPLETE, EXIT_OK, UsageError
 
 if TYPE_CHECKING:  # the real imports stay inside run(): start-up stays light
-    from virthotplug.cli.resize import LayerCheck, ResizeResult
+    from virthotplug.core.resizeplan import LayerCheck
     from virthotplug.daemon.monitorlog import MonitorLog
     from virthotplug.host.connection import Connection
     from virthotplug.host.domain import Domain
+    from virthotplug.ops.resize import ResizeResult
 
 
 def register(subparsers: Any) -> None:
@@ -71,10 +72,11 @@ def _count(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from virthotplug.cli import resize
     from virthotplug.core.config import load_config
+    from virthotplug.core.resizeplan import Request
     from virthotplug.host.connection import Connection
     from virthotplug.host.libvirt_module import ensure_event_loop
+    from virthotplug.ops import resize
 
     hosts = uris(args)
     if len(hosts) > 1:
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         log = _monitor(conn, dom)
         live, persistent = _affect(dom, args)
         mode = {True: "online", False: "report", None: None}[args.online]
-        request = resize.Request(args.count, live, persistent, args.timeout, mode, args.force)
+        request = Request(args.count, live, persistent, args.timeout, mode, args.force)
         started = time.monotonic()
         events = (lambda: log.events(since=started)) if log is not None else None
         result = resize.resize(conn, dom, config, request, events)
@@ -121,9 +123,9 @@ def _monitor(conn: Connection, dom: Domain) -> Optional[MonitorLog]:
 
 
 def _print(result: ResizeResult, log: Optional[MonitorLog], started: float, as_json: bool) -> None:
-    from virthotplug.cli import resize
     from virthotplug.cli.commands.apply import describe
     from virthotplug.daemon.monitorlog import describe as describe_event
+    from virthotplug.ops import resize
 
     events = log.events(since=started) if log is not None else []
     if as_json:

@@ -32,11 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from virthotplug.core import errors
+from virthotplug.core import resizeplan as plan
 from virthotplug.core.config import HostConfig
-from virthotplug.core.cpulist import format_cpulist
-from virthotplug.core.drift import GUEST_MISSING_VCPUS, GUEST_REJECTED_VCPU, gone_text
 from virthotplug.core.events import Event
-from virthotplug.core.policy import Policy, decide
+from virthotplug.core.resizeplan import LayerCheck, Request
 from virthotplug.core.view import (
     HISTORY_PLUGGED,
     HISTORY_REJECTED,
@@ -51,10 +50,9 @@ from virthotplug.host import collect, history
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
 from virthotplug.host.domxml import parse_domain_xml
-from virthotplug.host.reconcile import ReconcileResult, reconcile
+from virthotplug.ops.reconcile import ReconcileResult, reconcile
 
 POLL_INTERVAL = 0.075  # seconds between guest-agent polls while waiting
-DEFAULT_TIMEOUT = 10.0
 # A guest lists a hot-added CPU well under 0.1 s after its OST device check (lab); one that
 # has not 3 s after it never will (the daemon waits as long: daemon.jobs.HOTADD_WAIT).
 REJECT_AFTER_OST = 3.0
@@ -66,24 +64,6 @@ _PERMANENT = (
     errors.NotRunningError,
     errors.GuestDataError,
 )
-
-
-@dataclass(frozen=True)
-class Request:
-    count: int
-    live: bool
-    config: bool
-    timeout: float = DEFAULT_TIMEOUT
-    mode: Optional[str] = None  # "online" (--online), "report" (--no-online), None: policy
-    force: bool = False
-
-
-@dataclass(frozen=True)
-class LayerCheck:
-    layer: str
-    now: str
-    target: str
-    ok: bool
 
 
 @dataclass(frozen=True)
@@ -138,7 +118,8 @@ def resize(
         repeated = _after_shrink(conn, dom, before, request, error, started, notes)
     _record(dom, before, request, error, rejected, seen)
     after = collect.read_view(conn, dom, agent_timeout=timeout, context=context)
-    checks, more = _verify(conn, after, request, outcome, error, repeated)
+    policy = outcome.policy.policy if outcome is not None else None
+    checks, more = plan.verify(conn.support.describe(), after, request, policy, error, repeated)
     notes.extend(more)
     return ResizeResult(
         dom.name,
@@ -168,33 +149,17 @@ def _preflight(
 ) -> VcpuView:
     """Refuse what cannot or must not be done; repair a stale vCPU first where the host
     lets us. Returns the view to start from (re-read after a repair)."""
-    if view.state != "running" or view.live is None:
-        raise errors.NotRunningError(
-            f"domain '{view.name}' is {view.state}: a live change needs a running domain "
-            "(use --config to change the persistent definition only)"
-        )
-    if request.count > view.live.maximum:
-        raise errors.InvalidRequestError(
-            f"domain '{view.name}': {request.count} vCPUs requested, the maximum is "
-            f"{view.live.maximum} (raise <vcpu> in the persistent definition and restart)"
-        )
+    plan.check_live_request(view, request)
     if request.force:
         return view
-    present = len(view.guest.present) if view.guest is not None else view.live.current
-    # A stale vCPU counts in libvirt although the guest gave it up: a request for more CPUs
-    # than the guest has is a hot-add even when libvirt's count already reaches it.
-    if _stale(view) and request.count > present:
+    if plan.needs_repair(view, request):
         view = _repair_before_grow(conn, dom, config, view, request, notes)
     needed = request.count - (view.live.current if view.live is not None else request.count)
     if needed > 0:
-        _check_thread_budget(conn, view, needed)
-        _check_hotpluggable(conn, dom, view, needed)
+        plan.check_thread_budget(view, needed)
+        xml = parse_domain_xml(dom.xml(inactive=False), domain=view.name)
+        plan.check_hotpluggable(view, xml.vcpus, needed)
     return view
-
-
-def _stale(view: VcpuView) -> bool:
-    """libvirt counts a vCPU the guest does not have, and no rejected hot-add explains it."""
-    return any(f.code == GUEST_MISSING_VCPUS for f in view.findings)
 
 
 def _repair_before_grow(
@@ -217,7 +182,7 @@ def _repair_before_grow(
         raise errors.UnsupportedError(
             f"domain '{view.name}': refusing to hot-add: libvirt counts {view.live.current} "
             f"live vCPUs but the guest has only {present} (a stale vCPU: "
-            f"{_stale_reason(view)}), and this host ({conn.support.describe()}) refused "
+            f"{plan.stale_reason(view)}), and this host ({conn.support.describe()}) refused "
             f"the repeated unplug request ({exc}). A hot-add while a stale vCPU cannot be "
             "repaired is known to crash QEMU. Restart the domain (shut down, then start) to "
             "resync; --force skips this check"
@@ -228,10 +193,10 @@ def _repair_before_grow(
     count = repaired.live.current if repaired.live is not None else -1
     notes.append(
         f"repaired first: libvirt counted {view.live.current} live vCPUs, the guest "
-        f"{present} ({_stale_reason(view)}); the repeated unplug request was accepted "
+        f"{present} ({plan.stale_reason(view)}); the repeated unplug request was accepted "
         f"by this host ({conn.support.describe()}), libvirt now counts {count}"
     )
-    if _stale(repaired):
+    if plan.stale(repaired):
         raise errors.UnsupportedError(
             f"domain '{view.name}': refusing to hot-add: the repeated unplug request was "
             f"accepted but libvirt still counts {count} live vCPUs for a guest with "
@@ -239,43 +204,6 @@ def _repair_before_grow(
             "skips this check"
         )
     return repaired
-
-
-def _stale_reason(view: VcpuView) -> str:
-    """The observation a stale vCPU rests on, from the domain's history."""
-    parts = [f"vcpu{v}: {gone_text(view.history, v)}" for v in sorted(view.history.gone)]
-    return "; ".join(parts) or "no unplug on record; the guest has fewer CPUs than libvirt counts"
-
-
-def _check_thread_budget(conn: Connection, view: VcpuView, needed: int) -> None:
-    """Under TCG QEMU aborts a plug that would create more vCPUs in the domain's life than
-    its maximum (``tcg_register_thread`` assertion). Only known from the domain's history."""
-    created = view.history.created
-    if view.domain_type != "qemu" or created is None or view.live is None or needed <= 0:
-        return
-    if created + needed <= view.live.maximum:
-        return
-    raise errors.UnsupportedError(
-        f"domain '{view.name}': refusing to hot-add {needed} vCPU(s): under TCG (domain type "
-        f"'qemu') QEMU aborts a plug that would create more vCPUs than the domain's maximum "
-        f"({view.live.maximum}) in its life, and it has created {created} "
-        f"(the domain's history: {view.history.initial} at the start of the record, "
-        f"{view.history.plugged} plugged since). Restart the domain to reset it; --force "
-        "skips this check"
-    )
-
-
-def _check_hotpluggable(conn: Connection, dom: Domain, view: VcpuView, needed: int) -> None:
-    xml = parse_domain_xml(dom.xml(inactive=False), domain=view.name)
-    if not xml.vcpus:  # no per-vCPU detail (older libvirt, test driver): libvirt decides
-        return
-    free = [v.id for v in xml.vcpus if not v.enabled and v.hotpluggable]
-    if len(free) < needed:
-        raise errors.InvalidRequestError(
-            f"domain '{view.name}': {needed} more vCPUs needed, only {len(free)} are "
-            f"hotpluggable and disabled ({format_cpulist(free) or 'none'}); mark vCPUs "
-            "hotpluggable='yes' in the persistent definition and restart"
-        )
 
 
 # --- the change ----------------------------------------------------------------------------
@@ -415,21 +343,11 @@ def _record(
     if error is not None and UNPLUG_TIMEOUT_TEXT in error:
         entries += [
             HistoryEntry(HISTORY_UNPLUG_TIMEOUT, vcpu, at, "setvcpus")
-            for vcpu in _unplugged(before, request.count)
+            for vcpu in plan.unplugged(before, request.count)
         ]
     entries += [HistoryEntry(HISTORY_REJECTED, vcpu, at, "setvcpus") for vcpu in sorted(rejected)]
     if entries:
         history.record(dom, entries, live_count=before.live.current)
-
-
-def _unplugged(before: VcpuView, count: int) -> list[int]:
-    """The vCPUs libvirt unplugs to reach ``count``: the highest-numbered enabled ones."""
-    live = before.live
-    assert live is not None
-    enabled = [v.id for v in live.vcpus if v.enabled] or list(range(live.current))
-    hypervisor = sorted(before.hypervisor.vcpus) if before.hypervisor is not None else []
-    ids = hypervisor or enabled
-    return sorted(ids)[count:]
 
 
 def _grace(
@@ -480,113 +398,6 @@ def _wait_guest(
         if (last is not None and done(last)) or time.monotonic() >= deadline or give_up():
             return last
         time.sleep(POLL_INTERVAL)
-
-
-# --- verification --------------------------------------------------------------------------
-
-
-def _verify(
-    conn: Connection,
-    after: VcpuView,
-    request: Request,
-    outcome: Optional[ReconcileResult],
-    error: Optional[str],
-    repeated: Optional[str],
-) -> tuple[tuple[LayerCheck, ...], tuple[str, ...]]:
-    checks: list[LayerCheck] = []
-    notes: list[str] = []
-    target = str(request.count)
-    if request.config and after.config is not None:
-        now = after.config.current
-        checks.append(
-            LayerCheck("config", _counts(now, after.config.maximum), target, now == request.count)
-        )
-    if request.live:
-        checks.extend(_live_checks(after, request.count))
-        if outcome is not None:
-            checks.extend(_online_check(after, outcome.policy.policy, notes))
-        notes.extend(_drift_notes(conn, after, error, repeated))
-    return tuple(checks), tuple(notes)
-
-
-def _counts(current: int, maximum: int) -> str:
-    return f"{current}/{maximum}"
-
-
-def _live_checks(after: VcpuView, count: int) -> list[LayerCheck]:
-    target = str(count)
-    checks = []
-    if after.live is not None:
-        live = after.live.current
-        checks.append(LayerCheck("live", _counts(live, after.live.maximum), target, live == count))
-    if after.hypervisor is not None:
-        plugged = after.hypervisor.count
-        checks.append(LayerCheck("hypervisor", str(plugged), target, plugged == count))
-    guest = after.guest
-    if guest is None:
-        checks.append(LayerCheck("guest present", f"unknown ({after.agent.state})", target, False))
-    else:
-        present = len(guest.present)
-        checks.append(LayerCheck("guest present", str(present), target, present == count))
-    return checks
-
-
-def _online_check(after: VcpuView, policy: Policy, notes: list[str]) -> list[LayerCheck]:
-    guest = after.guest
-    if guest is None:
-        return []
-    now = f"{len(guest.online)} ({format_cpulist(guest.online)})"
-    if not policy.acts:
-        if guest.offline:
-            notes.append(
-                f"CPU {format_cpulist(guest.offline)} present in the guest but offline "
-                f"(policy {policy.mode}): use --online, or set a policy and run "
-                "'virthotplug apply'"
-            )
-        return []
-    remaining = decide(after, policy)
-    target = f"policy {policy.mode}" + (f" {policy.count}" if policy.count else "")
-    return [LayerCheck("guest online", now, target, remaining.is_noop)]
-
-
-def _drift_notes(
-    conn: Connection, after: VcpuView, error: Optional[str], repeated: Optional[str]
-) -> list[str]:
-    notes = []
-    if error is not None:
-        notes.append(f"libvirt reported: {error}")
-    if repeated not in (None, "accepted"):
-        notes.append(
-            f"this host ({conn.support.describe()}) refused the repeated unplug request: {repeated}"
-        )
-    if after.guest is None:
-        detail = f": {after.agent.error}" if after.agent.error else ""
-        notes.append(f"the guest cannot be verified: guest agent {after.agent.state}{detail}")
-    for finding in after.findings:
-        if finding.code == GUEST_REJECTED_VCPU:
-            notes.append(f"guest-rejected-vcpu: {finding.message}")
-        elif finding.code == GUEST_MISSING_VCPUS and after.live is not None:
-            notes.append(_stale_note(after, repeated))
-    return notes
-
-
-def _stale_note(after: VcpuView, repeated: Optional[str]) -> str:
-    assert after.live is not None
-    present = len(after.guest.present) if after.guest is not None else 0
-    head = (
-        f"the guest has {present} CPUs but libvirt still counts {after.live.current} "
-        f"({_stale_reason(after)}): a stale vCPU"
-    )
-    if repeated is not None and repeated != "accepted":
-        return (
-            f"{head}; this host cannot repair it, so restart the domain (shut down, then "
-            "start) to resync, and do not hot-add before: a hot-add while a stale vCPU "
-            "cannot be repaired is known to crash QEMU"
-        )
-    return (
-        f"{head}; 'virthotplug setvcpus {after.name} {present}' repeats the unplug "
-        "request where this host accepts it, else restart the domain; do not hot-add before"
-    )
 
 
 def to_dict(result: ResizeResult) -> dict[str, Any]:
