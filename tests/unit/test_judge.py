@@ -338,3 +338,10 @@ def test_look_delays_are_bounded() -> None:
         waited += judge.hotadd_look_delay(looks, waited, 0.1)
         times.append(round(waited, 3))
     assert times == [0.0, 0.1, 0.3, 0.9, HOTADD_WAIT]
+
+
+def test_a_partly_taken_grow_rejects_the_highest_after_the_wait() -> None:
+    obs = pending("0", 1, 2)
+    assert not verdict(obs, guest("0,1"), 3, at=0.5).rejected  # still in time
+    v = verdict(obs, guest("0,1"), 3, at=HOTADD_WAIT)
+    assert v.listed == {1} and v.rejected == {2}

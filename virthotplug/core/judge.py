@@ -249,6 +249,7 @@ class Verdict:
     hotadd_vcpus: frozenset[int] = frozenset()  # vCPU ids of the hot-adds judged
     listed: frozenset[int] = frozenset()  # guest CPUs those brought (present now minus before)
     credited: frozenset[int] = frozenset()  # of those, online without a write from us
+    ours: frozenset[int] = frozenset()  # guest CPUs this tool onlined: never the guest's credit
     rejected: frozenset[int] = frozenset()  # vCPU ids the guest did not take
     undecided: frozenset[int] = frozenset()  # hot-adds not known yet
     look_again: Optional[float] = None  # seconds: look for the hot-added CPU again then
@@ -291,6 +292,7 @@ def judge(
         hotadd_vcpus=hotadd.hotadd_vcpus,
         listed=hotadd.listed,
         credited=hotadd.credited,
+        ours=hotadd.ours,
         rejected=hotadd.rejected,
         undecided=hotadd.undecided,
         look_again=hotadd.look_again,
@@ -315,15 +317,20 @@ def _judge_hotadd(
     if guest is None:  # no answer, no judgement
         return Verdict(hotadd_vcpus=vcpus, undecided=vcpus)
     gone = _gone_after_plug(observations.events, pending)
-    counted = libvirt.count if libvirt is not None else len(guest.present)
-    new = _new_cpus(pending, guest, counted, observations.onlined)
-    if new:
-        credited = (new & guest.online) - _ours_since(observations, pending.since)
-        return Verdict(hotadd_vcpus=vcpus, listed=new, credited=credited)
+    new = _new_cpus(pending, guest, libvirt, observations.onlined)
     waiting = vcpus - gone
+    waited = now - pending.since
+    if new:
+        ours = _ours_since(observations, pending.since)
+        credited = (new & guest.online) - ours
+        # Fewer new CPUs than hot-adds, the wait over: the highest ones were not taken.
+        missing = len(waiting) - len(new) if waited >= HOTADD_WAIT else 0
+        rejected = frozenset(sorted(waiting)[-missing:]) if missing > 0 else frozenset()
+        return Verdict(
+            hotadd_vcpus=vcpus, listed=new, credited=credited, ours=ours, rejected=rejected
+        )
     if not waiting:  # ejected or unplugged before the guest was judged: not a rejection
         return Verdict(hotadd_vcpus=vcpus)
-    waited = now - pending.since
     looks = pending.looks + 1
     if waited < HOTADD_WAIT and looks <= HOTADD_RETRIES:
         delay = hotadd_look_delay(looks, waited, first_look)
@@ -334,20 +341,26 @@ def _judge_hotadd(
 def _new_cpus(
     pending: Pending,
     guest: GuestSeen,
-    counted: int,
+    libvirt: Optional[LibvirtSeen],
     onlined: list[tuple[frozenset[int], float]],
 ) -> frozenset[int]:
-    """The guest CPUs the hot-add brought: its present set now minus the one before; where
-    that is not known or out of date (a slot plugged again, whose CPU the guest listed
-    before its unplug), the highest CPUs, when the guest lists every CPU libvirt counts or
-    this tool onlined one since the plug."""
+    """The guest CPUs the hot-add brought: its present set now minus the one before. Where
+    that is not known, or out of date (a slot plugged again, whose CPU the guest listed
+    before its unplug): the CPUs this tool onlined since the plug (the guest listed them),
+    else the highest ones when the guest lists every CPU libvirt counts, the plugged vCPUs
+    included."""
     if pending.baseline is not None:
         new = guest.present - pending.baseline
         if new:
             return frozenset(new)
     ours = frozenset(cpu for cpus, at in onlined if at >= pending.since for cpu in cpus)
-    if ours:  # the guest listed them when this tool onlined them (it may have ejected since)
+    if ours:  # listed when this tool onlined them (the guest may have ejected them since)
         return ours
+    counted = libvirt.count if libvirt is not None else len(guest.present)
+    if pending.baseline is not None:  # out of date only if libvirt has the plugged vCPUs
+        enabled = libvirt.enabled if libvirt is not None else frozenset()
+        if not set(pending.vcpus) <= enabled:
+            return frozenset()
     if len(guest.present) >= counted:
         return frozenset(sorted(guest.present)[-len(pending.vcpus) :])
     return frozenset()
@@ -468,9 +481,10 @@ def repeat_unplug(
     """Whether to repeat an unplug libvirt failed although the guest ejected the vCPUs:
     decided from libvirt's error code and what the guest did, never from a message.
 
-    The request failed with VIR_ERR_OPERATION_TIMEOUT (libvirt gave up waiting for QEMU)
-    or the guest's own OST reports say it ejected every vCPU asked for; and the guest has
-    ejected them: its OST ejects, or its agent lists no more CPUs than the target."""
+    The request failed with VIR_ERR_OPERATION_TIMEOUT (libvirt gave up waiting for QEMU),
+    or with another code while the guest's own OST reports say it ejected every vCPU asked
+    for; and the guest has ejected: its agent lists no more CPUs than the target, or, when
+    the agent did not answer, its OST reports say so."""
     asked = [r for r in requests if r.kind == UNPLUG_REQUEST]
     failed = [r for r in asked if r.error is not None]
     if not failed:
@@ -480,8 +494,9 @@ def repeat_unplug(
     all_ejected = {r.vcpu for r in asked} <= ejected
     if not all_ejected and not any(r.timed_out for r in failed):
         return False
-    listed_gone = guest is not None and len(guest.present) <= target
-    return all_ejected or listed_gone
+    if guest is not None:
+        return len(guest.present) <= target
+    return all_ejected
 
 
 # --- settling ------------------------------------------------------------------------------
@@ -569,3 +584,8 @@ def vcpu_from_alias(alias: str) -> Optional[int]:
         return None
     vcpu = int(digits)
     return vcpu if vcpu <= MAX_CPU_ID else None
+
+
+def recorded_entries(observed: list[Observed], source: str) -> tuple[HistoryEntry, ...]:
+    """The history entries for a sequence of observations (what ``judge`` records)."""
+    return _entries(observed, 0, _late_removals(observed), source)

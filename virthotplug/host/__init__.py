@@ -5,9 +5,10 @@ Open this package for: the connection owner (``connection``), the typed per-doma
 classification by code and error domain (``errors``), the libvirt import and the one event
 loop (``libvirt_module``), the connection's capability record (``support``), the domain XML
 model (``domxml``), reading the four layers of every domain (``collect``), writes through the
-guest agent (``actions``), where a domain's policy comes from (``policysource``), the domain's vCPU history kept in its live
-metadata and each domain's policy and history for findings (``history``), and QEMU's own
-vCPU answer for ``status --qemu-monitor``, which taints (``qemu_monitor``).
+guest agent (``actions``), where a domain's policy comes from (``policysource``), the
+domain's vCPU history kept in its live metadata and each domain's policy and history for
+findings (``history``), and QEMU's own vCPU answer for ``status --qemu-monitor``, which
+taints (``qemu_monitor``).
 
 Imports: ``virthotplug.core``, libvirt, libvirt_qemu, lxml. Never ``virthotplug.ops``,
 ``virthotplug.daemon`` or ``virthotplug.cli``. The operations that use these calls (one

@@ -1,9 +1,19 @@
-"""One reconcile of one domain, shared by ``virthotplug apply`` and the daemon.
+"""One reconcile of one domain, used unchanged by ``apply``, ``setvcpus`` and ``watch``.
 
     effective policy (metadata > config file > default)
       → read the four layers (collect.read_view)
-      → policy.decide(view, policy) → Plan
-      → execute through the agent (unless dry run) → re-read → outcomes
+      → decide (policy.decide → Plan)
+      → act through the guest agent (unless dry run) → re-read
+      → credit: the judge (core.judge) names what happened to each vCPU from the caller's
+        observations — hot-adds the guest listed, onlined itself, or rejected
+      → record what was observed into the domain's history (read, merge, write)
+      → judge the findings once more with that history; a critical finding that depends on
+        the guest is held at warning while it settles (only the finding: the action above
+        was taken at once)
+
+``observations``: the daemon passes the domain's ``core.judge.Observations`` (kept across
+jobs), ``setvcpus`` one built from the events it saw during the command, ``apply`` none
+(nothing is judged or recorded then).
 
 It never sleeps for ``grace``: the daemon schedules reconciles, and ``apply`` ignores grace.
 It is safe to call from many threads: it keeps no shared state except a lock per domain, so
@@ -19,14 +29,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
+from virthotplug.core import judge
 from virthotplug.core.config import HostConfig
-from virthotplug.core.policy import MODES, EffectivePolicy, Plan, decide
-from virthotplug.core.view import VcpuView, to_dict
+from virthotplug.core.drift import GUEST_DEPENDENT, find_drift
+from virthotplug.core.judge import GuestSeen, LibvirtSeen, Observations, Verdict
+from virthotplug.core.policy import MODES, EffectivePolicy, Plan, Policy, decide
+from virthotplug.core.view import CRITICAL, History, VcpuView, to_dict
 from virthotplug.host import actions, collect, history
-from virthotplug.host.actions import FAILED, CpuOutcome, WriteResult
+from virthotplug.host.actions import FAILED, ONLINED, CpuOutcome, WriteResult
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
 from virthotplug.host.policysource import effective_policy
@@ -64,6 +78,18 @@ class ReconcileResult:
     outcomes: tuple[CpuOutcome, ...]
     after: Optional[VcpuView]  # None for a dry run
     writes: tuple[WriteResult, ...] = ()
+    verdict: Verdict = field(default_factory=Verdict)  # the judge's (empty without observations)
+    settle_after: Optional[float] = None  # a finding is held at warning: judge again then
+
+    @property
+    def view(self) -> VcpuView:
+        """The domain as the reconcile left it."""
+        return self.after if self.after is not None else self.before
+
+    @property
+    def look_again(self) -> Optional[float]:
+        """When to look again for a hot-added CPU the guest has not listed yet."""
+        return self.verdict.look_again
 
     @property
     def failed(self) -> bool:
@@ -91,18 +117,21 @@ def reconcile(
     *,
     dry_run: bool = False,
     trigger: Optional[str] = None,
-    hotadded: frozenset[int] = frozenset(),
     agent_timeout: Optional[float] = None,
     mode: Optional[str] = None,
     effective: Optional[EffectivePolicy] = None,
     settling: bool = False,
+    observations: Optional[Observations] = None,
+    source: str = "watch",
+    first_look: float = judge.HOTADD_FIRST_LOOK,
 ) -> ReconcileResult:
-    """Reconcile one domain once. ``hotadded``: guest CPU ids a hot-add hint says just
-    appeared (online ones we never wrote are reported ``onlined-by-guest``). ``mode``
-    overrides the effective mode (``setvcpus --online/--no-online``). ``effective``: the
-    domain's policy when the caller has just resolved it (saves its metadata reads).
-    ``settling``: the guest may still be catching up (findings that depend on it are at most
-    warnings). Under 'ignore' the guest agent is never asked."""
+    """Reconcile one domain once. ``mode`` overrides the effective mode (``setvcpus
+    --online/--no-online``). ``effective``: the domain's policy when the caller has just
+    resolved it (saves its metadata reads). ``settling``: the guest may still be catching up
+    (findings that depend on it are at most warnings). ``observations``: what the caller saw
+    of the domain (see the module's docstring); ``source`` names the caller in the history,
+    ``first_look`` is the first delay before looking again for a hot-added CPU. Under
+    'ignore' the guest agent is never asked."""
     timeout = agent_timeout if agent_timeout is not None else config.watch.agent_timeout
     with _lock_for(conn.uri, dom.uuid):
         resolved = effective if effective is not None else effective_policy(conn, dom, config)
@@ -122,20 +151,101 @@ def reconcile(
             )
             # Always re-read: a partial success or a timed-out write changes the guest.
             after = collect.read_view(conn, dom, agent_timeout=timeout, context=context)
-    found = actions.outcomes(effective.policy, plan, before, after, writes, hotadded)
-    return ReconcileResult(
-        name=before.name,
-        uuid=before.uuid,
-        host=conn.uri,
-        trigger=trigger,
-        dry_run=dry_run,
-        policy=effective,
-        before=before,
-        plan=plan,
-        outcomes=found,
-        after=after,
-        writes=writes,
+        result = ReconcileResult(
+            name=before.name,
+            uuid=before.uuid,
+            host=conn.uri,
+            trigger=trigger,
+            dry_run=dry_run,
+            policy=effective,
+            before=before,
+            plan=plan,
+            outcomes=(),
+            after=after,
+            writes=writes,
+        )
+        if observations is None or dry_run:
+            found = actions.outcomes(effective.policy, plan, before, after, writes)
+            return dataclasses.replace(result, outcomes=found)
+        return _judged(dom, result, observations, source, first_look)
+
+
+def _judged(
+    dom: Domain,
+    result: ReconcileResult,
+    observations: Observations,
+    source: str,
+    first_look: float,
+) -> ReconcileResult:
+    """Credit, record and judge: the second half of a reconcile with observations."""
+    before, policy = result.before, result.policy.policy
+    seen = observations.snapshot()
+    guest = guest_seen(before)
+    verdict = judge.judge(
+        seen,
+        guest,
+        libvirt_seen(before),
+        now=time.monotonic(),
+        wall=time.time(),
+        source=source,
+        first_look=first_look,
     )
+    credit = verdict.listed - verdict.ours
+    found = actions.outcomes(policy, result.plan, before, result.after, result.writes, credit)
+    ours = frozenset(cpu for o in found if o.code == ONLINED for cpu in o.cpus)
+    observations.wrote_online(ours, time.monotonic())
+    view = result.view
+    recorded = _record(dom, view, verdict)
+    observations.settle(verdict, guest_seen(view), recorded is not None)
+    if recorded is not None and recorded != view.history:
+        view = dataclasses.replace(view, history=recorded)
+        view = dataclasses.replace(view, findings=find_drift(view, policy))
+    view, settle_after = _settle(observations, view, policy)
+    judged = dataclasses.replace(result, outcomes=found, verdict=verdict, settle_after=settle_after)
+    if result.after is not None:
+        return dataclasses.replace(judged, after=view)
+    return dataclasses.replace(judged, before=view)
+
+
+def _record(dom: Domain, view: VcpuView, verdict: Verdict) -> Optional[History]:
+    """Write what was observed into the domain's history. None: nothing could be written
+    (the stored history was not readable); the view's history when there was nothing."""
+    if not verdict.entries:
+        return view.history
+    live = view.live.current if view.live is not None else None
+    return history.record(dom, verdict.entries, live_count=live)
+
+
+def _settle(
+    observations: Observations, view: VcpuView, policy: Policy
+) -> tuple[VcpuView, Optional[float]]:
+    """A guest-dependent critical finding seen for the first time is held at warning for
+    ``judge.SETTLE_WINDOW``: the view judged so, and when to judge again (None: nothing is
+    held). It holds back the finding only; the reconcile has acted already."""
+    critical = {f.code for f in view.findings if f.severity == CRITICAL} & GUEST_DEPENDENT
+    now = time.monotonic()
+    with observations.lock:
+        since, left = judge.settling_left(observations.critical_since, critical, now)
+        observations.critical_since = since
+    if left is None:
+        return view, None
+    return dataclasses.replace(view, findings=find_drift(view, policy, settling=True)), left
+
+
+def guest_seen(view: VcpuView) -> Optional[GuestSeen]:
+    """The guest agent's answer in ``view``, for the judge (None: it did not answer)."""
+    if view.guest is None:
+        return None
+    return GuestSeen(view.guest.present, view.guest.online, time.monotonic())
+
+
+def libvirt_seen(view: VcpuView) -> Optional[LibvirtSeen]:
+    if view.live is None:
+        return None
+    enabled = frozenset(v.id for v in view.live.vcpus if v.enabled)
+    if view.hypervisor is not None and not enabled:
+        enabled = frozenset(view.hypervisor.vcpus)
+    return LibvirtSeen(view.live.current, enabled)
 
 
 def _with_mode(effective: EffectivePolicy, mode: Optional[str]) -> EffectivePolicy:

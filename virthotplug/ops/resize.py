@@ -7,9 +7,11 @@ Shrink (live): unplug → wait for the guest to drop the CPUs → verify every l
 Decided from what this host shows, never from a version number:
 
 - libvirt waits a few seconds for QEMU's DEVICE_DELETED and, when it does not come (under
-  TCG it never comes for the vCPU itself), fails with "vcpu unplug request timed out" and
-  keeps counting the vCPU although the guest ejected it: a *stale* vCPU. When the guest has
-  ejected it, the same unplug request is repeated once: some hosts accept it and correct
+  TCG it never comes for the vCPU itself), fails (VIR_ERR_OPERATION_TIMEOUT) and keeps
+  counting the vCPU although the guest ejected it: a *stale* vCPU. When the guest has
+  ejected it (its OST eject report, or its agent no longer lists it), the same unplug
+  request is repeated once (``core.judge.repeat_unplug``: error codes and observed state,
+  never libvirt's message text): some hosts accept it and correct
   libvirt's count, others refuse it; either way the outcome is read back and reported, with
   the remedy that works on this host.
 - A hot-add while a stale vCPU cannot be repaired is known to crash QEMU, and under TCG a
@@ -19,8 +21,9 @@ Decided from what this host shows, never from a version number:
 - A hot-add whose OST device check came but that the guest never lists was rejected by the
   guest (``guest-rejected-vcpu``): reported, with its own exit status.
 
-What is seen — unplug timeouts, QEMU's eject and plug reports, rejected hot-adds — goes into
-the domain's history (``host.history``), which later commands read. Apart from that single
+What is seen — unplug timeouts, QEMU's eject and plug reports, rejected hot-adds — is judged
+by ``core.judge`` from the events seen during the command and goes into the domain's history
+(``host.history``), which later commands read. Apart from that single
 repeat, nothing is retried: a hot(un)plug request is not idempotent, and its outcome is read
 back from every layer instead.
 """
@@ -35,13 +38,20 @@ from virthotplug.core import errors
 from virthotplug.core import resizeplan as plan
 from virthotplug.core.config import HostConfig
 from virthotplug.core.events import Event
+from virthotplug.core.judge import (
+    HOTADD_WAIT,
+    PLUG,
+    UNPLUG_REQUEST,
+    EventReader,
+    GuestSeen,
+    Observations,
+    Observed,
+    judge,
+    repeat_unplug,
+)
 from virthotplug.core.resizeplan import LayerCheck, Request
 from virthotplug.core.view import (
-    HISTORY_PLUGGED,
-    HISTORY_REJECTED,
-    HISTORY_UNPLUG_TIMEOUT,
     GuestLayer,
-    HistoryEntry,
     VcpuView,
     parse_guest_reply,
 )
@@ -50,13 +60,10 @@ from virthotplug.host import collect, history
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
 from virthotplug.host.domxml import parse_domain_xml
-from virthotplug.ops.reconcile import ReconcileResult, reconcile
+from virthotplug.ops.reconcile import ReconcileResult, guest_seen, libvirt_seen, reconcile
 
 POLL_INTERVAL = 0.075  # seconds between guest-agent polls while waiting
-# A guest lists a hot-added CPU well under 0.1 s after its OST device check (lab); one that
-# has not 3 s after it never will (the daemon waits as long: daemon.jobs.HOTADD_WAIT).
-REJECT_AFTER_OST = 3.0
-UNPLUG_TIMEOUT_TEXT = "unplug request timed out"  # libvirt's message when it gives up
+SOURCE = "setvcpus"  # who wrote a history entry
 # Stop polling the agent at once on these: waiting cannot change them.
 _PERMANENT = (
     errors.UnsupportedError,
@@ -88,6 +95,14 @@ class ResizeResult:
 EventsFn = Callable[[], Sequence[Event]]  # the domain's QEMU monitor events since the start
 
 
+@dataclass(frozen=True)
+class Failure:
+    """A request libvirt failed: its message (for people) and virErrorNumber (for us)."""
+
+    text: str
+    code: Optional[int]
+
+
 def resize(
     conn: Connection,
     dom: Domain,
@@ -97,28 +112,30 @@ def resize(
 ) -> ResizeResult:
     """Change the vCPU count as ``request`` says and verify every affected layer.
     ``events``: the domain's QEMU monitor events seen since the command started (optional:
-    they tell a rejected hot-add, and they go into the domain's history)."""
+    they tell a rejected hot-add and an eject, and they go into the domain's history)."""
     timeout = config.watch.agent_timeout
-    seen: EventsFn = events if events is not None else (lambda: ())
+    seen = _Seen(events)
     context = history.contexts(config)
     before = collect.read_view(conn, dom, agent_timeout=timeout, context=context)
     notes: list[str] = []
     if request.live:
         before = _preflight(conn, dom, config, before, request, notes)
+    seen.observations.present = before.guest.present if before.guest is not None else None
     started = time.monotonic()
-    error = _set_vcpus(conn, dom, before, request)
+    failure = _set_vcpus(conn, dom, before, request)
     timings = {"request": time.monotonic() - started}
     outcome: Optional[ReconcileResult] = None
-    rejected: frozenset[int] = frozenset()
     repeated: Optional[str] = None
     current = before.live.current if before.live is not None else 0
     if request.live and request.count > current:
-        outcome, rejected = _after_grow(conn, dom, config, request, before, started, timings, seen)
+        outcome = _after_grow(conn, dom, config, request, before, started, timings, seen)
     elif request.live and request.count < current:
-        repeated = _after_shrink(conn, dom, before, request, error, started, notes)
-    _record(dom, before, request, error, rejected, seen)
+        seen.requested(plan.unplugged(before, request.count), started, failure)
+        repeated = _after_shrink(conn, dom, before, request, started, notes, seen)
+        _record(dom, before, seen)
     after = collect.read_view(conn, dom, agent_timeout=timeout, context=context)
     policy = outcome.policy.policy if outcome is not None else None
+    error = failure.text if failure is not None else None
     checks, more = plan.verify(conn.support.describe(), after, request, policy, error, repeated)
     notes.extend(more)
     return ResizeResult(
@@ -131,9 +148,48 @@ def resize(
         outcome,
         tuple(notes),
         timings,
-        rejected,
+        outcome.verdict.rejected if outcome is not None else frozenset(),
         repeated,
     )
+
+
+class _Seen:
+    """What this command observed of the domain: its monitor events since the start (read
+    as they come) and the requests it made, as the judge's ``Observations``."""
+
+    def __init__(self, events: Optional[EventsFn]) -> None:
+        self._events: EventsFn = events if events is not None else (lambda: ())
+        self._read = 0
+        self._reader = EventReader()
+        self.observations = Observations()
+
+    def update(self) -> Observations:
+        """Take in the events that came since the last look; a plug is a hot-add hint."""
+        events = list(self._events())
+        fresh = self._reader.read_all(events[self._read :])
+        self._read = len(events)
+        self.observations.add(fresh)
+        for plug in (o for o in fresh if o.kind == PLUG):
+            self.observations.hinted([plug.vcpu], plug.at)
+        return self.observations
+
+    def requested(self, vcpus: list[int], at: float, failure: Optional[Failure]) -> None:
+        """An unplug of ``vcpus`` (the highest enabled ones, libvirt's order): when it
+        failed, only the first one is known to have been tried (libvirt stops there)."""
+        tried = vcpus[-1:] if failure is not None else vcpus
+        code = failure.code if failure is not None else None
+        self.observations.add(
+            Observed(UNPLUG_REQUEST, v, at, time.time(), None if failure is None else code)
+            for v in sorted(tried, reverse=True)
+        )
+
+    def plugs_are_old(self, needed: int) -> bool:
+        """Every hot-add QEMU reported is ``HOTADD_WAIT`` old: a guest that has not listed
+        its CPU by then never will."""
+        plugs = [o.at for o in self.update().events if o.kind == PLUG]
+        if needed <= 0 or len(plugs) < needed:
+            return False
+        return time.monotonic() - max(plugs) >= HOTADD_WAIT
 
 
 # --- preflight -----------------------------------------------------------------------------
@@ -209,7 +265,9 @@ def _repair_before_grow(
 # --- the change ----------------------------------------------------------------------------
 
 
-def _set_vcpus(conn: Connection, dom: Domain, before: VcpuView, request: Request) -> Optional[str]:
+def _set_vcpus(
+    conn: Connection, dom: Domain, before: VcpuView, request: Request
+) -> Optional[Failure]:
     """Ask libvirt; a failed shrink (or a grow that changed something) is verified, not
     raised: libvirt's unplug timeout is an error although the guest may have ejected."""
     try:
@@ -219,10 +277,10 @@ def _set_vcpus(conn: Connection, dom: Domain, before: VcpuView, request: Request
     except errors.VirtHotplugError as exc:
         current = before.live.current if before.live is not None else 0
         if request.live and request.count < current:
-            return str(exc)
+            return Failure(str(exc), exc.code)
         if not request.live or _live_count(conn, dom) == current:
             raise  # nothing changed: the error says it all
-        return str(exc)
+        return Failure(str(exc), exc.code)
     return None
 
 
@@ -240,10 +298,11 @@ def _after_grow(
     before: VcpuView,
     started: float,
     timings: dict[str, float],
-    seen: EventsFn,
-) -> tuple[ReconcileResult, frozenset[int]]:
+    seen: _Seen,
+) -> ReconcileResult:
     """Wait for the guest to list the new CPUs (or for the OST device checks to be a few
-    seconds old with no new CPU: rejected), online them, and name what the guest rejected."""
+    seconds old with no new CPU), then the one reconcile: online them, judge what the guest
+    took or rejected, record it."""
     needed = request.count - (before.live.current if before.live is not None else 0)
     guest = _wait_guest(
         conn,
@@ -252,47 +311,28 @@ def _after_grow(
         lambda g: len(g.present) >= request.count,
         started,
         request,
-        give_up=lambda: _plugs_are_old(seen(), needed),
+        give_up=lambda: seen.plugs_are_old(needed),
     )
     hotadded: frozenset[int] = frozenset()
     if guest is not None and before.guest is not None:
         hotadded = guest.present - before.guest.present
     if hotadded:  # only what the guest lists is "detected"
         timings["guest-detected"] = time.monotonic() - started
-    rejected = _rejected(seen(), hotadded, needed)
     if hotadded and request.mode is None:
         _grace(conn, dom, config, before, hotadded, started, request)
-    result = reconcile(conn, dom, config, trigger="setvcpus", hotadded=hotadded, mode=request.mode)
+    result = reconcile(
+        conn,
+        dom,
+        config,
+        trigger=SOURCE,
+        mode=request.mode,
+        observations=seen.update(),
+        source=SOURCE,
+    )
     after = result.after.guest if result.after is not None else None
     if after is not None and hotadded and hotadded <= after.online:
         timings["guest-online"] = time.monotonic() - started
-    return result, rejected
-
-
-def _plugged(events: Sequence[Event]) -> list[tuple[int, float]]:
-    """(vCPU, monotonic time) of every OST device check success seen."""
-    reader = history.EventHistory()
-    return [
-        (entry.vcpu, ev.mono)
-        for ev in events
-        for entry in reader.entries(ev)
-        if entry.kind == HISTORY_PLUGGED
-    ]
-
-
-def _plugs_are_old(events: Sequence[Event], needed: int) -> bool:
-    plugs = _plugged(events)
-    if needed <= 0 or len(plugs) < needed:
-        return False
-    return time.monotonic() - max(at for _, at in plugs) >= REJECT_AFTER_OST
-
-
-def _rejected(events: Sequence[Event], hotadded: frozenset[int], needed: int) -> frozenset[int]:
-    """The vCPUs whose OST device check said success although the guest listed no new CPU
-    for them (the highest ones when it listed some)."""
-    vcpus = sorted({vcpu for vcpu, _ in _plugged(events)})
-    missing = min(len(vcpus), needed) - len(hotadded)
-    return frozenset(vcpus[-missing:]) if missing > 0 else frozenset()
+    return result
 
 
 def _after_shrink(
@@ -300,54 +340,53 @@ def _after_shrink(
     dom: Domain,
     before: VcpuView,
     request: Request,
-    error: Optional[str],
     started: float,
     notes: list[str],
+    seen: _Seen,
 ) -> Optional[str]:
-    """Wait for the guest to drop the CPUs; when libvirt gave up although the guest did,
-    repeat the same unplug request once. Returns "accepted", libvirt's error, or None when
-    nothing was repeated."""
+    """Wait for the guest to drop the CPUs; when libvirt failed the unplug although the
+    guest ejected, repeat the same unplug request once. Returns "accepted", libvirt's error,
+    or None when nothing was repeated."""
     guest = _wait_guest(
         conn, dom, before, lambda g: len(g.present) <= request.count, started, request
     )
-    if error is None or UNPLUG_TIMEOUT_TEXT not in error:
-        return None
-    if guest is None or len(guest.present) > request.count:
-        return None  # the guest has not ejected: repeating would only time out again
+    observations = seen.update()
+    answer = GuestSeen(guest.present, guest.online, time.monotonic()) if guest else None
+    requests = [o for o in observations.events if o.kind == UNPLUG_REQUEST]
+    if not repeat_unplug(requests, observations.events, answer, request.count):
+        return None  # accepted, or the guest has not ejected: repeating would time out again
+    again = time.monotonic()
     try:
         dom.set_vcpus(request.count, live=True, config=False)
     except (errors.ConnectError, errors.PermissionDeniedError):
         raise
     except errors.VirtHotplugError as exc:
+        seen.requested([r.vcpu for r in requests][:1], again, Failure(str(exc), exc.code))
         return str(exc)
+    seen.requested(sorted({r.vcpu for r in requests}), again, None)
     notes.append(
         f"libvirt gave up on the unplug although the guest ejected the CPU; the repeated "
         f"unplug request was accepted by this host ({conn.support.describe()})"
     )
-    return "accepted"
+    return plan.REPEAT_ACCEPTED
 
 
-def _record(
-    dom: Domain,
-    before: VcpuView,
-    request: Request,
-    error: Optional[str],
-    rejected: frozenset[int],
-    seen: EventsFn,
-) -> None:
-    """Put what this command saw into the domain's history (live definition only)."""
-    if not request.live or before.live is None:
+def _record(dom: Domain, before: VcpuView, seen: _Seen) -> None:
+    """Put what this command observed into the domain's history (live definition only): the
+    judge's entries, never a guess."""
+    if before.live is None:
         return
-    at = history.now()
-    entries = history.entries_from_events(list(seen()))
-    if error is not None and UNPLUG_TIMEOUT_TEXT in error:
-        entries += [
-            HistoryEntry(HISTORY_UNPLUG_TIMEOUT, vcpu, at, "setvcpus")
-            for vcpu in plan.unplugged(before, request.count)
-        ]
-    entries += [HistoryEntry(HISTORY_REJECTED, vcpu, at, "setvcpus") for vcpu in sorted(rejected)]
-    if entries:
-        history.record(dom, entries, live_count=before.live.current)
+    observations = seen.update()
+    verdict = judge(
+        observations.snapshot(),
+        guest_seen(before),
+        libvirt_seen(before),
+        now=time.monotonic(),
+        wall=time.time(),
+        source=SOURCE,
+    )
+    if verdict.entries:
+        history.record(dom, verdict.entries, live_count=before.live.current)
 
 
 def _grace(
