@@ -13,6 +13,7 @@ from virthotplug.core import errors, judge
 from virthotplug.core.config import HostConfig, WatchSettings
 from virthotplug.core.drift import gone_text
 from virthotplug.core.events import DeviceDeletedMonitorEvent, DomainRef, OstMonitorEvent
+from virthotplug.core.observed import EventReader, deleted_vcpu
 from virthotplug.core.ost import DeviceDeleted, parse_ost_details
 from virthotplug.core.view import (
     HISTORY_EJECTED,
@@ -37,7 +38,7 @@ REF = DomainRef("qemu:///system", "6b0e4c1a-0000-4000-8000-000000000002", "d")
 
 
 def entries(events: list[Any]) -> list[HistoryEntry]:
-    return list(judge.recorded_entries(judge.EventReader().read_all(events), "watch"))
+    return list(judge.recorded_entries(EventReader().read_all(events), "watch"))
 
 
 def ost(source: int, status: int, device: Optional[str] = "vcpu1", at: float = 100.0) -> Any:
@@ -63,7 +64,7 @@ def test_an_unplug_on_libvirt_9_qemu_7_2_is_one_eject() -> None:
 
 
 def test_device_deleted_counts_only_for_the_vcpu_itself() -> None:
-    assert judge.deleted_vcpu("/machine/peripheral/vcpu2") == 2
+    assert deleted_vcpu("/machine/peripheral/vcpu2") == 2
     for path in (
         "/machine/peripheral/vcpu2/lapic",
         "/machine/peripheral/vcpu02",
@@ -72,7 +73,7 @@ def test_device_deleted_counts_only_for_the_vcpu_itself() -> None:
         "/machine/unattached/device[3]",
         "/machine/peripheral/vcpu99999999",
     ):
-        assert judge.deleted_vcpu(path) is None, path
+        assert deleted_vcpu(path) is None, path
     events = [deleted("/machine/peripheral/vcpu2", "vcpu2", at=5.0)]
     assert entries(events) == [HistoryEntry(HISTORY_EJECTED, 2, 5.0, judge.SOURCE_DEVICE_DELETED)]
 

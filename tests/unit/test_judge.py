@@ -37,6 +37,7 @@ from virthotplug.core.judge import (
     Observations,
     Observed,
 )
+from virthotplug.core.observed import EventReader, deleted_vcpu
 from virthotplug.core.ost import parse_device_deleted, parse_ost_details
 from virthotplug.core.view import (
     HISTORY_EJECTED,
@@ -86,7 +87,7 @@ def unplug(vcpu: int, at: float) -> list[Event]:
 
 
 def read(events: list[Event]) -> list[Observed]:
-    return judge.EventReader().read_all(events)
+    return EventReader().read_all(events)
 
 
 def verdict(
@@ -142,7 +143,7 @@ def test_reader_names_the_vcpu_of_each_report() -> None:
     ],
 )
 def test_no_vcpu_from_sub_paths_or_odd_names(path: str) -> None:
-    assert judge.deleted_vcpu(path) is None
+    assert deleted_vcpu(path) is None
 
 
 # --- stack 1: libvirt 9.0 + QEMU 7.2 ---------------------------------------------------------

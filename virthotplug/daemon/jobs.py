@@ -30,7 +30,8 @@ from virthotplug.core.events import (
     Event,
     OstMonitorEvent,
 )
-from virthotplug.core.judge import EventReader, Observations, Verdict
+from virthotplug.core.judge import Observations, Verdict
+from virthotplug.core.observed import EventReader
 from virthotplug.core.policy import Policy
 from virthotplug.core.records import Record, iso_time
 from virthotplug.core.schedule import Job, Key

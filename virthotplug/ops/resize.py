@@ -42,13 +42,13 @@ from virthotplug.core.judge import (
     HOTADD_WAIT,
     PLUG,
     UNPLUG_REQUEST,
-    EventReader,
     GuestSeen,
     Observations,
     Observed,
     judge,
     repeat_unplug,
 )
+from virthotplug.core.observed import EventReader
 from virthotplug.core.resizeplan import LayerCheck, Request
 from virthotplug.core.view import (
     GuestLayer,
