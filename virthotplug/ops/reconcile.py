@@ -151,39 +151,67 @@ def reconcile(
             )
             # Always re-read: a partial success or a timed-out write changes the guest.
             after = collect.read_view(conn, dom, agent_timeout=timeout, context=context)
-        result = ReconcileResult(
-            name=before.name,
-            uuid=before.uuid,
-            host=conn.uri,
-            trigger=trigger,
-            dry_run=dry_run,
-            policy=effective,
-            before=before,
-            plan=plan,
-            outcomes=(),
-            after=after,
-            writes=writes,
-        )
+        acted = _Acted(plan, before, after, writes)
         if observations is None or dry_run:
-            found = actions.outcomes(effective.policy, plan, before, after, writes)
-            return dataclasses.replace(result, outcomes=found)
-        return _judged(dom, result, observations, source, first_look)
+            judged = _Judged(actions.outcomes(effective.policy, plan, before, after, writes))
+        else:
+            judged = _judge(dom, acted, effective.policy, observations, source, first_look)
+    final = judged.view
+    return ReconcileResult(
+        name=before.name,
+        uuid=before.uuid,
+        host=conn.uri,
+        trigger=trigger,
+        dry_run=dry_run,
+        policy=effective,
+        before=final if final is not None and after is None else before,
+        plan=plan,
+        outcomes=judged.outcomes,
+        after=final if final is not None and after is not None else after,
+        writes=writes,
+        verdict=judged.verdict,
+        settle_after=judged.settle_after,
+    )
 
 
-def _judged(
+@dataclass(frozen=True)
+class _Acted:
+    """The first half of a reconcile: what was read, planned and written."""
+
+    plan: Plan
+    before: VcpuView
+    after: Optional[VcpuView]
+    writes: tuple[WriteResult, ...]
+
+    @property
+    def view(self) -> VcpuView:
+        return self.after if self.after is not None else self.before
+
+
+@dataclass(frozen=True)
+class _Judged:
+    """The second half: outcomes, the judge's verdict, and the view judged with the history
+    as recorded (None: the view as read)."""
+
+    outcomes: tuple[CpuOutcome, ...]
+    verdict: Verdict = field(default_factory=Verdict)
+    view: Optional[VcpuView] = None
+    settle_after: Optional[float] = None
+
+
+def _judge(
     dom: Domain,
-    result: ReconcileResult,
+    acted: _Acted,
+    policy: Policy,
     observations: Observations,
     source: str,
     first_look: float,
-) -> ReconcileResult:
+) -> _Judged:
     """Credit, record and judge: the second half of a reconcile with observations."""
-    before, policy = result.before, result.policy.policy
-    seen = observations.snapshot()
-    guest = guest_seen(before)
+    before = acted.before
     verdict = judge.judge(
-        seen,
-        guest,
+        observations.snapshot(),
+        guest_seen(before),
         libvirt_seen(before),
         now=time.monotonic(),
         wall=time.time(),
@@ -191,20 +219,17 @@ def _judged(
         first_look=first_look,
     )
     credit = verdict.listed - verdict.ours
-    found = actions.outcomes(policy, result.plan, before, result.after, result.writes, credit)
+    found = actions.outcomes(policy, acted.plan, before, acted.after, acted.writes, credit)
     ours = frozenset(cpu for o in found if o.code == ONLINED for cpu in o.cpus)
     observations.wrote_online(ours, time.monotonic())
-    view = result.view
+    view = acted.view
     recorded = _record(dom, view, verdict)
     observations.settle(verdict, guest_seen(view), recorded is not None)
     if recorded is not None and recorded != view.history:
         view = dataclasses.replace(view, history=recorded)
         view = dataclasses.replace(view, findings=find_drift(view, policy))
     view, settle_after = _settle(observations, view, policy)
-    judged = dataclasses.replace(result, outcomes=found, verdict=verdict, settle_after=settle_after)
-    if result.after is not None:
-        return dataclasses.replace(judged, after=view)
-    return dataclasses.replace(judged, before=view)
+    return _Judged(found, verdict, view, settle_after)
 
 
 def _record(dom: Domain, view: VcpuView, verdict: Verdict) -> Optional[History]:

@@ -178,9 +178,9 @@ class _Seen:
         failed, only the first one is known to have been tried (libvirt stops there)."""
         tried = vcpus[-1:] if failure is not None else vcpus
         code = failure.code if failure is not None else None
+        wall = time.time()
         self.observations.add(
-            Observed(UNPLUG_REQUEST, v, at, time.time(), None if failure is None else code)
-            for v in sorted(tried, reverse=True)
+            Observed(UNPLUG_REQUEST, v, at, wall, code) for v in sorted(tried, reverse=True)
         )
 
     def plugs_are_old(self, needed: int) -> bool:
