@@ -18,9 +18,10 @@ from lab import CpuState, Lab, LabVM
 from virthotplug.cli import main as cli
 from virthotplug.core.config import HostConfig
 from virthotplug.core.errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_UNSUPPORTED
+from virthotplug.core.judge import Observations
 from virthotplug.host.actions import EXCLUDED, ONLINED, ONLINED_BY_GUEST, SKIPPED, UNCHANGED
 from virthotplug.host.connection import Connection
-from virthotplug.host.reconcile import ReconcileResult, reconcile
+from virthotplug.ops.reconcile import ReconcileResult, reconcile
 
 Capsys = pytest.CaptureFixture[str]
 Record = Callable[[str, object], None]
@@ -91,6 +92,13 @@ def codes(result: ReconcileResult) -> dict[str, tuple[int, ...]]:
 # --- apply ---------------------------------------------------------------------------------
 
 
+def hinted(vcpus: set[int]) -> Observations:
+    """What the daemon has seen of a domain on an OST hot-add hint for ``vcpus``."""
+    observations = Observations()
+    observations.hinted(vcpus, time.monotonic())
+    return observations
+
+
 def test_online_policy_brings_a_hot_added_cpu_online(
     lab: Lab,
     vm_manual: LabVM,
@@ -106,7 +114,7 @@ def test_online_policy_brings_a_hot_added_cpu_online(
     # OST {1, 0} arrives once cpu1 exists in the guest's sysfs: reconcile at once, like the
     # daemon does on that hint (without the grace period, which apply ignores).
     detected = lab.ost.wait_for(vm_manual.name, since=started).received
-    result = reconcile(conn, dom, HostConfig(), trigger="test", hotadded=frozenset({1}))
+    result = reconcile(conn, dom, HostConfig(), trigger="test", observations=hinted({1}))
     online_at = time.monotonic()
     assert codes(result) == {ONLINED: (1,)}
     assert vm_manual.cpu_state() == CpuState(frozenset({0, 1}), frozenset({0, 1}))
@@ -169,7 +177,7 @@ def test_auto_online_guest_wins_and_nothing_is_written(
     # The grace period: the guest's own rule onlines the CPU within ~0.5 s.
     vm_auto.wait_cpu_state(lambda s: 1 in s.online, what="cpu1 online by the guest")
     result = reconcile(
-        conn, conn.lookup(vm_auto.name), HostConfig(), trigger="ost", hotadded=frozenset({1})
+        conn, conn.lookup(vm_auto.name), HostConfig(), trigger="ost", observations=hinted({1})
     )
     assert result.writes == ()
     assert codes(result) == {ONLINED_BY_GUEST: (1,), UNCHANGED: ()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from virthotplug.core.errors import (
     EXIT_USAGE,
     ConfigError,
 )
+from virthotplug.core.judge import Observations
 from virthotplug.host.connection import Connection
 from virthotplug.host.policysource import (
     SOURCE_LIVE,
@@ -31,7 +33,7 @@ from virthotplug.host.policysource import (
     metadata_layer,
     write_policy,
 )
-from virthotplug.host.reconcile import ReconcileResult, reconcile
+from virthotplug.ops.reconcile import ReconcileResult, reconcile
 
 Capsys = pytest.CaptureFixture[str]
 
@@ -269,13 +271,15 @@ def test_reconcile_invalid_policy_raises_before_reading() -> None:
 
 
 def test_reconcile_hotadded_and_mode_override() -> None:
+    observations = Observations()
+    observations.hinted({1}, time.monotonic())
     with Connection(MIXED) as conn:
         result = reconcile(
             conn,
             conn.lookup("fixed-noagent"),
             HostConfig(),
             mode="online",
-            hotadded=frozenset({1}),
+            observations=observations,
             agent_timeout=1.0,
         )
     assert result.policy.sources["mode"] == "command line"

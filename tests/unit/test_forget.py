@@ -8,12 +8,13 @@ import threading
 
 from virthotplug.core.config import HostConfig, WatchSettings
 from virthotplug.core.events import DomainRef, HookEvent, LifecycleEvent
+from virthotplug.core.judge import Observations
 from virthotplug.core.schedule import Job
 from virthotplug.daemon.eventlog import EventLog
-from virthotplug.daemon.jobs import JobRunner
+from virthotplug.daemon.jobs import DomainJobs, JobRunner
 from virthotplug.daemon.watch import JobResult, Watch, WatchStats
-from virthotplug.host import reconcile
 from virthotplug.host.connection import Connection, Domain
+from virthotplug.ops import reconcile
 
 STOPPED, UNDEFINED = 5, 1
 
@@ -29,8 +30,9 @@ def _ref(i: int) -> DomainRef:
 def _runner_with_state(refs: list[DomainRef]) -> JobRunner:
     runner = JobRunner(HostConfig(), WatchSettings())
     for ref in refs:
-        runner._ours[ref.key] = {1}
-        runner._last_findings[ref.key] = ("guest-cpu-offline",)
+        runner._domains[ref.key] = DomainJobs(
+            Observations(ours={1}), findings=("guest-cpu-offline",)
+        )
     return runner
 
 
@@ -41,7 +43,7 @@ def test_a_forgotten_domain_leaves_no_state_in_the_job_runner() -> None:
     watch._event(LifecycleEvent(refs[0], event=STOPPED, detail=1))
     watch._event(LifecycleEvent(refs[1], event=UNDEFINED, detail=0))
     watch._event(HookEvent(refs[2], operation="release", sub_operation="end"))
-    assert runner._ours == {} and runner._last_findings == {}
+    assert runner._domains == {}
 
 
 def test_domain_locks_go_with_their_last_user() -> None:

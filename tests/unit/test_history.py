@@ -9,8 +9,11 @@ from typing import Any, Optional
 
 import pytest
 
+from virthotplug.core import errors, judge
 from virthotplug.core.config import HostConfig, WatchSettings
+from virthotplug.core.drift import gone_text
 from virthotplug.core.events import DeviceDeletedMonitorEvent, DomainRef, OstMonitorEvent
+from virthotplug.core.observed import EventReader, deleted_vcpu
 from virthotplug.core.ost import DeviceDeleted, parse_ost_details
 from virthotplug.core.view import (
     HISTORY_EJECTED,
@@ -34,6 +37,10 @@ from virthotplug.host.domxml import (
 REF = DomainRef("qemu:///system", "6b0e4c1a-0000-4000-8000-000000000002", "d")
 
 
+def entries(events: list[Any]) -> list[HistoryEntry]:
+    return list(judge.recorded_entries(EventReader().read_all(events), "watch"))
+
+
 def ost(source: int, status: int, device: Optional[str] = "vcpu1", at: float = 100.0) -> Any:
     info: dict[str, Any] = {"source": source, "status": status, "slot": "1", "slot-type": "CPU"}
     if device is not None:
@@ -53,13 +60,11 @@ def test_an_unplug_on_libvirt_9_qemu_7_2_is_one_eject() -> None:
         ost(3, 0, device=None, at=10.1),
         deleted("/machine/peripheral/vcpu1/lapic", at=10.2),
     ]
-    assert history.entries_from_events(events) == [
-        HistoryEntry(HISTORY_EJECTED, 1, 10.1, history.SOURCE_OST)
-    ]
+    assert entries(events) == [HistoryEntry(HISTORY_EJECTED, 1, 10.1, judge.SOURCE_OST)]
 
 
 def test_device_deleted_counts_only_for_the_vcpu_itself() -> None:
-    assert history.deleted_vcpu("/machine/peripheral/vcpu2") == 2
+    assert deleted_vcpu("/machine/peripheral/vcpu2") == 2
     for path in (
         "/machine/peripheral/vcpu2/lapic",
         "/machine/peripheral/vcpu02",
@@ -68,18 +73,14 @@ def test_device_deleted_counts_only_for_the_vcpu_itself() -> None:
         "/machine/unattached/device[3]",
         "/machine/peripheral/vcpu99999999",
     ):
-        assert history.deleted_vcpu(path) is None, path
+        assert deleted_vcpu(path) is None, path
     events = [deleted("/machine/peripheral/vcpu2", "vcpu2", at=5.0)]
-    assert history.entries_from_events(events) == [
-        HistoryEntry(HISTORY_EJECTED, 2, 5.0, history.SOURCE_DEVICE_DELETED)
-    ]
+    assert entries(events) == [HistoryEntry(HISTORY_EJECTED, 2, 5.0, judge.SOURCE_DEVICE_DELETED)]
 
 
 def test_a_hot_add_is_a_plug_and_failed_ejects_are_nothing() -> None:
     events = [ost(1, 0, "vcpu3", at=1.0), ost(3, 0x84, "vcpu2"), ost(3, 0x82, device=None)]
-    assert history.entries_from_events(events) == [
-        HistoryEntry(HISTORY_PLUGGED, 3, 1.0, history.SOURCE_OST)
-    ]
+    assert entries(events) == [HistoryEntry(HISTORY_PLUGGED, 3, 1.0, judge.SOURCE_OST)]
 
 
 def test_the_element_round_trips_through_domain_xml() -> None:
@@ -153,11 +154,10 @@ def test_the_daemon_records_what_it_saw_with_the_next_job(monkeypatch: pytest.Mo
     for ev in (ost(3, 0x84, at=10.0), ost(3, 0, device=None, at=10.1)):
         runner.observe(ev)
     runner.observe(deleted("/machine/peripheral/vcpu1/lapic"))
-    memory = runner._memory[REF.key]
+    observations = runner._domains[REF.key].observations
     expected = [HistoryEntry(HISTORY_EJECTED, 1, 10.1, "ost")]
-    assert memory.unrecorded == expected
-    assert runner._unrecorded(memory) == expected  # the next job takes them to write
-    assert memory.unrecorded == []
+    # The next job's judgement takes them to write.
+    assert list(judge.recorded_entries(observations.events, "watch")) == expected
 
 
 def test_a_rejected_entry_is_stable_until_the_vcpu_is_plugged_again() -> None:
@@ -165,3 +165,58 @@ def test_a_rejected_entry_is_stable_until_the_vcpu_is_plugged_again() -> None:
     assert h.vcpus(HISTORY_REJECTED) == {1}
     h = h.add(HistoryEntry(HISTORY_EJECTED, 1, 9.0, "ost"))
     assert h.vcpus(HISTORY_REJECTED) == frozenset() and h.gone == {1}
+
+
+class FailingRead(FakeDom):
+    """libvirt fails the metadata read (a lost connection, a timed-out call)."""
+
+    def metadata(self, namespace: str, *, live: bool) -> Optional[str]:
+        raise errors.TransientError("domain 'd': virDomainGetMetadata() failed")
+
+
+def test_a_failed_read_never_wipes_the_history() -> None:
+    dom = FailingRead()
+    dom.text = "stored"
+    plug = HistoryEntry(HISTORY_PLUGGED, 1, 10.0, "ost")
+    assert history.record(dom, [plug], live_count=2) is None  # type: ignore[arg-type]
+    assert dom.written == [] and dom.text == "stored"
+
+
+class SecondWriter(FakeDom):
+    """Another writer (``setvcpus`` beside ``watch``) read before our write and writes its
+    own entry right after it, over ours."""
+
+    def __init__(self, theirs: HistoryEntry) -> None:
+        super().__init__()
+        self.theirs = theirs
+
+    def set_metadata(self, xml: Optional[str], key: str, ns: str, **flags: bool) -> None:
+        super().set_metadata(xml, key, ns, **flags)
+        if len(self.written) == 1:
+            other = History().with_initial(1).add(self.theirs)
+            super().set_metadata(history_element(history.to_raw(other)), key, ns, **flags)
+
+
+def stored(dom: FakeDom) -> History:
+    assert dom.text is not None
+    return history.from_raw(parse_history_element(dom.text, domain="d"))
+
+
+def test_two_writers_lose_no_entry() -> None:
+    theirs = HistoryEntry(HISTORY_UNPLUG_TIMEOUT, 2, 20.0, "setvcpus")
+    ours = HistoryEntry(HISTORY_PLUGGED, 1, 10.0, "ost")
+    dom = SecondWriter(theirs)
+    recorded = history.record(dom, [ours], live_count=2)  # type: ignore[arg-type]
+    assert recorded is not None and set(recorded.entries) == {ours, theirs}
+    assert set(stored(dom).entries) == {ours, theirs}
+
+
+def test_metadata_text_is_bounded_and_escaped() -> None:
+    hostile = "\x1b[2J\u202e" + "x" * 99
+    attrs = {"kind": "ejected", "vcpu": "1", "time": "5", "source": hostile}
+    parsed = history.from_raw(RawHistory({}, (attrs,)))
+    source = parsed.entries[0].source
+    assert source.startswith("\\x1b[2J\\u202e") and source.isprintable()
+    assert len(source) < len(hostile)
+    text = gone_text(parsed, 1)
+    assert "\x1b" not in text and "\\x1b[2J" in text

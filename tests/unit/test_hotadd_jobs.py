@@ -10,10 +10,11 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
+from virthotplug.core import judge
 from virthotplug.core.config import HostConfig, WatchSettings
 from virthotplug.core.drift import find_drift
 from virthotplug.core.events import DomainRef
-from virthotplug.core.policy import FIELDS, EffectivePolicy, Plan, Policy
+from virthotplug.core.policy import FIELDS, EffectivePolicy, Policy
 from virthotplug.core.schedule import Job
 from virthotplug.core.view import (
     AGENT_CONNECTED,
@@ -27,8 +28,7 @@ from virthotplug.core.view import (
     VcpuView,
 )
 from virthotplug.daemon import jobs
-from virthotplug.host import actions
-from virthotplug.host.reconcile import ReconcileResult
+from virthotplug.ops import reconcile
 
 REF = DomainRef("qemu:///system", "6b0e4c1a-0000-4000-8000-000000000001", "deb13")
 
@@ -63,7 +63,8 @@ def view(
 
 
 class Guest:
-    """Plays back a recorded sequence of what the guest agent reported, one per reconcile."""
+    """Plays back a recorded sequence of what the guest agent reported, one per reconcile
+    (each reconcile here reads once: nothing to write)."""
 
     def __init__(self, policy: Policy, *views: tuple[str, str, int]) -> None:
         self.policy = policy
@@ -71,16 +72,10 @@ class Guest:
         self.reconciles = 0
         self.history = History()  # what the domain's metadata holds
 
-    def reconcile(self, *_args: Any, **_kwargs: Any) -> ReconcileResult:
+    def read_view(self, *_args: Any, **kwargs: Any) -> VcpuView:
         present, online, live = self.views[min(self.reconciles, len(self.views) - 1)]
         self.reconciles += 1
-        v = view(present, online, live, self.policy, self.history)
-        effective = EffectivePolicy(self.policy, dict.fromkeys(FIELDS, "test"))
-        plan = Plan(note="recorded")
-        found = actions.outcomes(self.policy, plan, v, v, (), frozenset())
-        return ReconcileResult(
-            REF.name, REF.uuid, REF.host, "ost", False, effective, v, plan, found, v
-        )
+        return view(present, online, live, self.policy, self.history)
 
 
 @pytest.fixture
@@ -101,17 +96,15 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> list[list[HistoryEntry]]:
             history = history.add(entry)
         return history
 
-    monkeypatch.setattr(jobs.history, "record", record)
+    monkeypatch.setattr(reconcile.history, "record", record)
     return writes
 
 
 def runner(guest: Guest, monkeypatch: pytest.MonkeyPatch) -> jobs.JobRunner:
-    monkeypatch.setattr(jobs, "reconcile", guest.reconcile)
-    monkeypatch.setattr(
-        jobs,
-        "effective_policy",
-        lambda *_a: EffectivePolicy(guest.policy, dict.fromkeys(FIELDS, "test")),
-    )
+    monkeypatch.setattr(reconcile.collect, "read_view", guest.read_view)
+    effective = lambda *_a: EffectivePolicy(guest.policy, dict.fromkeys(FIELDS, "test"))  # noqa: E731
+    monkeypatch.setattr(jobs, "effective_policy", effective)
+    monkeypatch.setattr(reconcile, "effective_policy", effective)
     return jobs.JobRunner(HostConfig(), WatchSettings())
 
 
@@ -120,10 +113,14 @@ class Dom:
     uuid = REF.uuid
 
 
+class Conn:
+    uri = REF.host
+
+
 def run(r: jobs.JobRunner, clock: Clock, hotadded: frozenset[int] = frozenset(), first: float = 0):
     job = Job(REF, due=clock.now, first_request=first or clock.now, reasons=["ost"])
     job.hotadded = set(hotadded)
-    return r.run(None, Dom(), job)  # type: ignore[arg-type]
+    return r.run(Conn(), Dom(), job)  # type: ignore[arg-type]
 
 
 def test_out_of_order_hot_add_names_the_guest_cpu(
@@ -164,7 +161,7 @@ def test_rejected_hot_add_is_decided_once_with_at_most_five_reconciles(
         reconciles += 1
         results.append(done)
     assert reconciles <= 5
-    assert clock.now - ost_at == pytest.approx(jobs.HOTADD_WAIT)
+    assert clock.now - ost_at == pytest.approx(judge.HOTADD_WAIT)
     assert recorded == [[HistoryEntry(HISTORY_REJECTED, 1, recorded[0][0].time, "watch")]]
     last = results[-1]
     assert last.warning and last.retry_after is None
@@ -201,7 +198,7 @@ def test_a_flood_voids_the_hot_add_its_forged_osts_started(
     done = run(r, clock, frozenset({1}), first=ost_at)
     assert done.retry_after is not None  # looking for the new CPU
     r.observe(FloodEvent(REF))
-    clock.now += jobs.HOTADD_WAIT + 1
+    clock.now += judge.HOTADD_WAIT + 1
     done = run(r, clock, frozenset({1}), first=ost_at)  # the retry carries the hint again
     assert done.retry_after is None and not done.warning
     assert "rejected" not in done.line and recorded == []
@@ -211,10 +208,10 @@ def test_a_flood_voids_the_hot_add_its_forged_osts_started(
 def test_look_delays_are_bounded() -> None:
     first = WatchSettings().hotadd_settle
     times, waited = [0.0], 0.0
-    for looks in range(1, jobs.HOTADD_RETRIES + 1):
-        waited += jobs.hotadd_look_delay(looks, waited, first)
+    for looks in range(1, judge.HOTADD_RETRIES + 1):
+        waited += judge.hotadd_look_delay(looks, waited, first)
         times.append(round(waited, 3))
-    assert len(times) == 5 and times[-1] == jobs.HOTADD_WAIT
+    assert len(times) == 5 and times[-1] == judge.HOTADD_WAIT
     assert times == sorted(times)
 
 
@@ -229,7 +226,7 @@ def test_critical_guest_finding_is_held_at_warning_while_settling(
         ("guest-missing-vcpus", "warning")
     ]
     assert first.retry_reason == jobs.RETRY_SETTLE
-    assert first.retry_after == pytest.approx(jobs.SETTLE_WINDOW)
+    assert first.retry_after == pytest.approx(judge.SETTLE_WINDOW)
     clock.now += 0.3
     assert [f["severity"] for f in run(r, clock).record.findings] == ["warning"]
     clock.now += 0.3
@@ -242,7 +239,39 @@ def test_a_lasting_critical_finding_becomes_critical(
     guest = Guest(Policy(mode="report"), ("0", "0", 2))
     r = runner(guest, monkeypatch)
     run(r, clock)
-    clock.now += jobs.SETTLE_WINDOW + 0.01
+    clock.now += judge.SETTLE_WINDOW + 0.01
     done = run(r, clock)
     assert [f["severity"] for f in done.record.findings] == ["critical"]
     assert done.retry_after is None
+
+
+def test_a_settle_retry_never_holds_back_the_action_on_an_ost() -> None:
+    # A vCPU hot-added while paused: the reconcile at resume finds the guest behind (held at
+    # warning, judged again in SETTLE_WINDOW); the guest's OST comes 0.3 s later and its
+    # reconcile must run at once, not when the settle window ends.
+    import json
+    import time
+
+    from virthotplug.core.events import OstMonitorEvent
+    from virthotplug.core.ost import parse_ost_details
+    from virthotplug.daemon.eventlog import EventLog
+    from virthotplug.daemon.watch import JobResult, Watch, _JobDone
+
+    assert JobResult.__dataclass_fields__["retry_holds"].default is True  # grace holds
+    watch = Watch([REF.host], WatchSettings(), lambda *_a: None, EventLog(None))  # type: ignore[arg-type, return-value]
+    now = time.monotonic()
+    resumed = Job(REF, due=now, first_request=now, reasons=["lifecycle"])
+    watch._job_done(_JobDone(REF.key, judge.SETTLE_WINDOW, resumed, jobs.RETRY_SETTLE, holds=False))
+    info = {"device": "vcpu1", "source": 1, "status": 0, "slot": "1", "slot-type": "CPU"}
+    ost = OstMonitorEvent(REF, ost=parse_ost_details(json.dumps({"info": info})))
+    watch._request(REF, ost)
+    due = watch._sched.next_due()
+    assert due is not None and due - time.monotonic() < 0.1
+
+
+def test_hot_add_and_settle_retries_are_looks_not_holds(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    guest = Guest(Policy(mode="report"), ("0", "0", 2))
+    done = run(runner(guest, monkeypatch), clock)
+    assert done.retry_reason == jobs.RETRY_SETTLE and done.retry_holds is False

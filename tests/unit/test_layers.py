@@ -55,6 +55,8 @@ def test_the_tree_keeps_every_contract(tree: Path) -> None:
         ("core/view.py", "from lxml import etree  # noqa", "core is pure"),
         ("core/drift.py", "import virthotplug.host.collect  # noqa", "layers"),
         ("host/collect.py", "import virthotplug.daemon.watch  # noqa", "layers"),
+        ("host/collect.py", "import virthotplug.ops.reconcile  # noqa", "layers"),
+        ("ops/reconcile.py", "import virthotplug.daemon.jobs  # noqa", "layers"),
         ("daemon/jobs.py", "import virthotplug.cli.main  # noqa", "layers"),
     ],
 )

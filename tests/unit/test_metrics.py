@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -493,3 +494,23 @@ def test_port_in_use_is_a_one_line_error_not_a_usage_error(m: metrics.Metrics) -
         assert info.value.exit_status == EXIT_FAILURE
     finally:
         m.close()
+
+
+def test_a_resync_ends_a_hotadd_by_vcpu_ids_not_guest_cpu_ids(m: metrics.Metrics) -> None:
+    # virsh setvcpu DOM 3 --enable --live: OST names vcpu3 (libvirt's id); the guest calls it
+    # cpu1. A resync's view with guest CPUs 0 and 3 online (a guest with its own cpu3) while
+    # libvirt counts 4 has not got every vCPU online: no sample from a guest id that happens
+    # to equal the vCPU id.
+    m.event(ost(3, mono=100.0))
+    m.clock = lambda: 100.3
+    partial = dataclasses.replace(
+        view(online=(0, 3), present=(0, 1, 2, 3)),
+        live=CountLayer(current=4, maximum=4),
+        hypervisor=HypervisorLayer(vcpus=dict.fromkeys(range(4), "running")),
+    )
+    m.resynced(HOST, [partial])
+    assert value(m, "virthotplug_hotadd_online_latency_seconds_count", host=HOST) in (None, 0)
+    # Every vCPU libvirt counts is online in the guest: vcpu3's hot-add is done.
+    done = dataclasses.replace(partial, guest=GuestLayer(*(frozenset(range(4)),) * 2, frozenset()))
+    m.resynced(HOST, [done])
+    assert value(m, "virthotplug_hotadd_online_latency_seconds_count", host=HOST) == 1

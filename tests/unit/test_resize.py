@@ -10,11 +10,16 @@ from typing import Any, Optional
 
 import pytest
 
-from virthotplug.cli import resize
-from virthotplug.core import errors
+from virthotplug.core import errors, resizeplan
 from virthotplug.core.config import HostConfig
 from virthotplug.core.drift import find_drift
 from virthotplug.core.events import DomainRef, OstMonitorEvent
+from virthotplug.core.judge import (
+    HOTADD_WAIT,
+    VIR_ERR_OPERATION_TIMEOUT,
+    judge,
+    recorded_entries,
+)
 from virthotplug.core.ost import parse_ost_details
 from virthotplug.core.view import (
     AGENT_CONNECTED,
@@ -29,10 +34,14 @@ from virthotplug.core.view import (
     HypervisorLayer,
     VcpuView,
 )
+from virthotplug.ops import resize
+from virthotplug.ops.reconcile import guest_seen, libvirt_seen
 
 REF = DomainRef("qemu:///system", "u", "web1")
 REFUSED = "An error occurred, but the cause is unknown"
-TIMED_OUT = "domain 'web1': operation failed: vcpu unplug request timed out"
+TIMED_OUT = "domain 'web1': Timed out during operation: vcpu unplug request timed out"
+# libvirt's virErrorNumber, as the connection hands them over with the exception.
+VIR_ERR_INTERNAL_ERROR, VIR_ERR_OPERATION_FAILED = 1, 9
 
 
 class Support:
@@ -89,37 +98,52 @@ def view(
 STALE = History().add(HistoryEntry(HISTORY_UNPLUG_TIMEOUT, 2, 10.0, "setvcpus"))
 
 
-def shrink(host: str, refuse: Optional[str]) -> tuple[Optional[str], list[str], FakeDom]:
-    # 3 -> 2: libvirt timed out, the guest ejected (it lists cpu0-1).
-    conn, dom, notes = FakeConn(host, "0,1"), FakeDom(refuse), []
-    request = resize.Request(2, True, False, timeout=1.0)
-    started = 0.0
-    repeated = resize._after_shrink(conn, dom, view(3, "0,1,2"), request, TIMED_OUT, started, notes)  # type: ignore[arg-type]
+def shrink(
+    host: str, refuse: Optional[str], failure: resize.Failure, guest: str = "0,1"
+) -> tuple[Optional[str], list[str], FakeDom]:
+    # 3 -> 2: libvirt failed the unplug of vcpu2; the guest lists what ``guest`` says.
+    conn, dom, notes = FakeConn(host, guest), FakeDom(refuse), []
+    request = resizeplan.Request(2, True, False, timeout=0.2)
+    seen = resize._Seen(None)
+    seen.requested([2], 0.0, failure)
+    repeated = resize._after_shrink(conn, dom, view(3, "0,1,2"), request, 0.0, notes, seen)  # type: ignore[arg-type]
     return repeated, notes, dom
 
 
+TIMEOUT = resize.Failure(TIMED_OUT, VIR_ERR_OPERATION_TIMEOUT)
+
+
 def test_the_repeated_unplug_is_accepted_where_the_host_accepts_it() -> None:
-    repeated, notes, dom = shrink("libvirt 11.3.0, QEMU 10.0.2", None)
+    repeated, notes, dom = shrink("libvirt 11.3.0, QEMU 10.0.2", None, TIMEOUT)
     assert repeated == "accepted" and dom.calls == [2]
     assert "accepted by this host (libvirt 11.3.0, QEMU 10.0.2)" in notes[0]
 
 
 def test_a_refused_repeat_reports_the_stale_vcpu_and_the_remedy() -> None:
-    repeated, _, dom = shrink("libvirt 9.0.0, QEMU 7.2.0", REFUSED)
+    repeated, _, dom = shrink("libvirt 9.0.0, QEMU 7.2.0", REFUSED, TIMEOUT)
     assert repeated is not None and REFUSED in repeated and dom.calls == [2]
     after = view(3, "0,1", STALE)
     conn = FakeConn("libvirt 9.0.0, QEMU 7.2.0", "0,1")
-    text = " ".join(resize._drift_notes(conn, after, TIMED_OUT, repeated))  # type: ignore[arg-type]
+    text = " ".join(resizeplan.drift_notes(conn.support.describe(), after, TIMED_OUT, repeated))
     assert "refused the repeated unplug request" in text
     assert "vcpu2: libvirt's unplug timed out" in text
     assert "restart the domain" in text and "known to crash QEMU" in text
 
 
 def test_no_repeat_when_the_guest_has_not_ejected() -> None:
-    conn, dom = FakeConn("libvirt 9.0.0, QEMU 7.2.0", "0,1,2"), FakeDom()
-    request = resize.Request(2, True, False, timeout=0.2)
-    assert resize._after_shrink(conn, dom, view(3, "0,1,2"), request, TIMED_OUT, 0.0, []) is None  # type: ignore[arg-type]
-    assert dom.calls == []
+    repeated, _, dom = shrink("libvirt 9.0.0, QEMU 7.2.0", None, TIMEOUT, guest="0,1,2")
+    assert repeated is None and dom.calls == []
+
+
+def test_the_repeat_is_chosen_by_error_code_whatever_the_message_says() -> None:
+    # libvirt 12.8 changed the text, and a localized libvirtd translates it: the code stays.
+    localized = resize.Failure("Zeitüberschreitung beim Vorgang", VIR_ERR_OPERATION_TIMEOUT)
+    repeated, _, dom = shrink("libvirt 12.8.0, QEMU 11.1.2", None, localized)
+    assert repeated == "accepted" and dom.calls == [2]
+    # The old text with another code (the guest did not report an eject): no repeat.
+    other = resize.Failure("operation failed: vcpu unplug request timed out", 9)
+    repeated, _, dom = shrink("libvirt 9.0.0, QEMU 7.2.0", None, other)
+    assert repeated is None and dom.calls == []
 
 
 def test_grow_with_a_stale_vcpu_the_host_will_not_repair_is_refused(
@@ -129,7 +153,7 @@ def test_grow_with_a_stale_vcpu_the_host_will_not_repair_is_refused(
     before = view(3, "0,1", STALE)
     with pytest.raises(errors.UnsupportedError) as caught:
         resize._repair_before_grow(
-            conn, dom, HostConfig(), before, resize.Request(3, True, False), []
+            conn, dom, HostConfig(), before, resizeplan.Request(3, True, False), []
         )  # type: ignore[arg-type]
     text = str(caught.value)
     assert "this host (libvirt 9.0.0, QEMU 7.2.0) refused the repeated unplug" in text
@@ -144,7 +168,7 @@ def test_grow_repairs_a_stale_vcpu_first_where_the_host_accepts(
     repaired = view(2, "0,1", STALE)
     monkeypatch.setattr(resize.collect, "read_view", lambda *_a, **_k: repaired)
     got = resize._repair_before_grow(
-        conn, dom, HostConfig(), view(3, "0,1", STALE), resize.Request(3, True, False), notes
+        conn, dom, HostConfig(), view(3, "0,1", STALE), resizeplan.Request(3, True, False), notes
     )  # type: ignore[arg-type]
     assert got is repaired and dom.calls == [2]
     assert "repaired first" in notes[0] and "libvirt now counts 2" in notes[0]
@@ -152,8 +176,8 @@ def test_grow_repairs_a_stale_vcpu_first_where_the_host_accepts(
 
 def test_a_rejected_hot_add_is_not_a_stale_vcpu() -> None:
     rejected = History().add(HistoryEntry("rejected", 1, 5.0, "watch"))
-    assert not resize._stale(view(2, "0", rejected))
-    assert resize._stale(view(2, "0"))  # without history: it may be either
+    assert not resizeplan.stale(view(2, "0", rejected))
+    assert resizeplan.stale(view(2, "0"))  # without history: it may be either
 
 
 def test_tcg_thread_budget() -> None:
@@ -162,12 +186,11 @@ def test_tcg_thread_budget() -> None:
     for i, vcpu in enumerate((1, 2, 3)):
         history = history.add(HistoryEntry(HISTORY_PLUGGED, vcpu, float(i * 10), "ost"))
     history = history.add(HistoryEntry(HISTORY_EJECTED, 3, 40.0, "ost"))
-    conn = FakeConn("libvirt 11.3.0, QEMU 10.0.2", "0,1,2")
     with pytest.raises(errors.UnsupportedError) as caught:
-        resize._check_thread_budget(conn, view(3, "0,1,2", history), 1)  # type: ignore[arg-type]
+        resizeplan.check_thread_budget(view(3, "0,1,2", history), 1)
     assert "has created 4" in str(caught.value) and "maximum (4)" in str(caught.value)
-    resize._check_thread_budget(conn, view(3, "0,1,2", history, kind="kvm"), 1)  # type: ignore[arg-type]
-    resize._check_thread_budget(conn, view(3, "0,1,2", History(), kind="qemu"), 1)  # type: ignore[arg-type]
+    resizeplan.check_thread_budget(view(3, "0,1,2", history, kind="kvm"), 1)
+    resizeplan.check_thread_budget(view(3, "0,1,2", History(), kind="qemu"), 1)
 
 
 def ost(vcpu: int, mono: float) -> Any:
@@ -177,14 +200,37 @@ def ost(vcpu: int, mono: float) -> Any:
 
 
 def test_rejected_from_the_ost_events_and_the_guest_list() -> None:
-    events = [ost(1, 100.0)]
-    assert resize._rejected(events, frozenset(), 1) == {1}
-    assert resize._rejected(events, frozenset({1}), 1) == frozenset()
-    assert resize._rejected([], frozenset(), 1) == frozenset()  # no OST seen: not known
+    # What setvcpus asks the judge after its wait: the OST events it saw, the guest before
+    # (cpu0) and now.
+    def rejected(events: list[Any], present: str, at: float) -> frozenset[int]:
+        seen = resize._Seen(lambda: events)
+        seen.observations.present = frozenset({0})
+        observations = seen.update()
+        return judge(
+            observations.snapshot(),
+            guest_seen(view(2, present)),
+            libvirt_seen(view(2, present)),
+            now=at,
+            wall=0.0,
+            source="setvcpus",
+        ).rejected
+
+    assert rejected([ost(1, 100.0)], "0", 100.0 + HOTADD_WAIT) == {1}
+    assert rejected([ost(1, 100.0)], "0,1", 100.0 + HOTADD_WAIT) == frozenset()
+    assert rejected([], "0", 100.0 + HOTADD_WAIT) == frozenset()  # no OST seen: not known
+
+
+def test_only_the_vcpu_libvirt_tried_is_recorded_as_timed_out() -> None:
+    # 3 -> 1 timed out: libvirt tried vcpu2 first and stopped there; vcpu1 was never asked.
+    seen = resize._Seen(None)
+    seen.requested(resizeplan.unplugged(view(3, "0,1,2"), 1), 0.0, TIMEOUT)
+    observations = seen.update()
+    entries = recorded_entries(observations.events, "setvcpus")
+    assert [(e.kind, e.vcpu) for e in entries] == [(HISTORY_UNPLUG_TIMEOUT, 2)]
 
 
 def test_unplugged_vcpus_are_the_highest_libvirt_ids() -> None:
-    assert resize._unplugged(view(3, "0,1,2"), 2) == [2]
+    assert resizeplan.unplugged(view(3, "0,1,2"), 2) == [2]
 
 
 def test_a_request_libvirt_already_counts_is_a_hot_add_while_a_vcpu_is_stale() -> None:
@@ -193,8 +239,8 @@ def test_a_request_libvirt_already_counts_is_a_hot_add_while_a_vcpu_is_stale() -
     conn, dom = FakeConn("libvirt 9.0.0, QEMU 7.2.22", "0,1"), FakeDom(REFUSED)
     with pytest.raises(errors.UnsupportedError):
         resize._preflight(
-            conn, dom, HostConfig(), view(3, "0,1", STALE), resize.Request(3, True, False), []
+            conn, dom, HostConfig(), view(3, "0,1", STALE), resizeplan.Request(3, True, False), []
         )  # type: ignore[arg-type]
     assert dom.calls == [2]  # only the repeated unplug was asked for
-    forced = resize.Request(3, True, False, force=True)
+    forced = resizeplan.Request(3, True, False, force=True)
     assert resize._preflight(conn, dom, HostConfig(), view(3, "0,1", STALE), forced, []).live  # type: ignore[arg-type]

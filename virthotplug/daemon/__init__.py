@@ -9,5 +9,6 @@ reconcile jobs (``jobs``), the hook socket (``hookserver``), the JSON-lines even
 endpoint (``metrics``) and the C allocator's settings for a long-running process
 (``memory``).
 
-Imports: ``virthotplug.core`` and ``virthotplug.host``. Never ``virthotplug.cli``.
+Imports: ``virthotplug.core``, ``virthotplug.host`` and ``virthotplug.ops`` (the one
+reconcile every job runs). Never ``virthotplug.cli``.
 """

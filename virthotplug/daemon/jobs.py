@@ -5,20 +5,18 @@ itself (its own udev rule). The job does not sleep for it; it asks the scheduler
 back when the grace period ends, and the reconcile then reports "onlined-by-guest" when the
 guest won.
 
-Which guest CPUs a hot-add brought is decided from what the guest reports: its present set
-now minus the one this daemon saw before the OST event. The ``vcpuN`` of an OST event is
-libvirt's vCPU id, only a trigger: after ``virsh setvcpu DOM 3 --enable --live`` the guest
-calls the new CPU cpu1. Until the guest lists a new CPU the job looks again with backoff
-(``HOTADD_LOOKS``); if it still lists none ``HOTADD_WAIT`` seconds after the OST event, the
-guest rejected the hot-add although its ACPI accepted the device: that is recorded in the
-domain's history (``guest-rejected-vcpu``), reported once at warning level, and not looked
-at again. A critical finding that depends on the guest (e.g. right after a resume, a hot-add
-made while paused) is held at warning for ``SETTLE_WINDOW`` seconds and judged again then.
+What happened to each vCPU is the judge's (``core.judge``), run by the one reconcile
+(``ops.reconcile``) on the domain's ``Observations``, which this module keeps between jobs:
+QEMU's monitor events as the main loop sees them, and the hot-add hints of each job. Until
+the guest lists a hot-added CPU the job looks again with backoff; if it lists none
+``judge.HOTADD_WAIT`` seconds after the OST event although it answered, it rejected the
+hot-add: recorded in the domain's history, reported once at warning level. A critical
+finding that depends on the guest is held at warning for ``judge.SETTLE_WINDOW`` seconds
+and judged again then; the policy's action is never held back by it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,73 +24,38 @@ from typing import Optional
 
 from virthotplug.core.config import HostConfig, WatchSettings
 from virthotplug.core.cpulist import format_cpulist
-from virthotplug.core.drift import GUEST_DEPENDENT, find_drift
-from virthotplug.core.events import DeviceDeletedMonitorEvent, Event, OstMonitorEvent
+from virthotplug.core.events import (
+    DeviceDeletedMonitorEvent,
+    DeviceRemovalEvent,
+    Event,
+    OstMonitorEvent,
+)
+from virthotplug.core.judge import Observations, Verdict
+from virthotplug.core.observed import EventReader
 from virthotplug.core.policy import Policy
 from virthotplug.core.records import Record, iso_time
 from virthotplug.core.schedule import Job, Key
-from virthotplug.core.view import CRITICAL, HISTORY_REJECTED, HistoryEntry, VcpuView, to_dict
+from virthotplug.core.view import to_dict
 from virthotplug.daemon.flood import FloodEvent
 from virthotplug.daemon.watch import JobResult
-from virthotplug.host import actions, history
-from virthotplug.host.actions import ONLINED
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
 from virthotplug.host.policysource import effective_policy
-from virthotplug.host.reconcile import ReconcileResult, reconcile
+from virthotplug.ops.reconcile import ReconcileResult, reconcile
 
 ACTING_MODES = ("online", "match")
-# After a hot-add the guest lists the new CPU a moment after OST (lab: well under 0.1 s).
-# The first look is at once; until the guest lists the CPU, look again ``hotadd_settle``
-# seconds after the OST event, then three and nine times as long after it, and a last time
-# HOTADD_WAIT seconds after it (0, 0.1, 0.3, 0.9, 3 s with the default 0.1 s): five looks
-# in all, so a guest that never lists the CPU is not polled in a loop. A CPU still not
-# listed by then was rejected by the guest.
-HOTADD_FIRST_LOOK = 0.01
-HOTADD_LOOK_FACTOR = 3.0
-HOTADD_RETRIES = 4  # looks after the first one
-HOTADD_WAIT = 3.0
-# A critical guest-dependent finding is a warning for this long after it first appears
-# (the same bound: a guest that has not listed a hot-added CPU by then will not).
-SETTLE_WINDOW = HOTADD_WAIT
 RETRY_HOTADD = "hot-add"
 RETRY_SETTLE = "settle"
-RETRY_GRACE = "grace"
-MAX_UNRECORDED = 64  # monitor-event entries kept per domain until its next job writes them
+SOURCE = "watch"  # who wrote a history entry
 
 
 @dataclass(slots=True)
-class PendingHotadd:
-    """A hot-add QEMU reported (OST device check) that the guest has not listed yet."""
+class DomainJobs:
+    """What the job runner keeps of one domain between its jobs; forgotten with it."""
 
-    vcpus: set[int]
-    baseline: Optional[frozenset[int]]  # the guest's present CPUs before; None: not known
-    since: float  # monotonic time of the OST event
-    looks: int = 0
-
-
-@dataclass(slots=True)
-class DomainMemory:
-    """What the daemon remembers of one domain between its jobs."""
-
-    present: Optional[frozenset[int]] = None  # the guest's present CPUs, last seen
-    pending: Optional[PendingHotadd] = None
-    critical_since: dict[str, float] = field(default_factory=dict)  # code -> first seen
-    decided_upto: float = float("-inf")  # the OST time of the last hot-add decided
-    # What QEMU's events said (plugs, ejects), for the history; written by the next job.
-    events: history.EventHistory = field(default_factory=history.EventHistory)
-    unrecorded: list[HistoryEntry] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class HotaddSeen:
-    """The outcome of looking for a pending hot-add in one reconcile."""
-
-    cpus: frozenset[int] = frozenset()  # guest CPUs it brought (present now minus before)
-    vcpus: frozenset[int] = frozenset()  # the vCPU ids of the OST events behind it
-    retry_after: Optional[float] = None  # not listed yet: look again then
-    rejected: frozenset[int] = frozenset()  # vCPUs the guest did not take
-    waited: float = 0.0  # seconds since the OST event, when rejected
+    observations: Observations = field(default_factory=Observations)
+    reader: EventReader = field(default_factory=EventReader)  # its monitor events, in order
+    findings: Optional[tuple[str, ...]] = None  # codes last reported: a routine resync or news
 
 
 class JobRunner:
@@ -101,53 +64,41 @@ class JobRunner:
     def __init__(self, config: HostConfig, settings: WatchSettings) -> None:
         self.config = config
         self.settings = settings
-        # Guest CPUs this daemon onlined, per domain, until seen offline again: a later job
-        # carrying the same hot-add hint must not credit our own write to the guest.
-        self._ours: dict[Key, set[int]] = {}
-        self._ours_lock = threading.Lock()
-        # The findings last reported per domain, to tell a routine resync from news.
-        self._last_findings: dict[Key, tuple[str, ...]] = {}
-        self._memory: dict[Key, DomainMemory] = {}
+        self._domains: dict[Key, DomainJobs] = {}
+        self._domains_lock = threading.Lock()
 
     def update(self, config: HostConfig, settings: WatchSettings) -> None:
         self.config, self.settings = config, settings
 
     def observe(self, ev: Event) -> None:
         """Every event, on the daemon's main loop (quick, no libvirt call): what QEMU's
-        monitor events say about vCPUs is kept for the domain's history, which its next
-        job writes."""
-        if isinstance(ev, FloodEvent) and ev.domain is not None:
-            self._distrust_monitor(ev.domain.key)
+        monitor events and libvirt's device removals say about vCPUs is kept for the
+        domain's next job."""
+        if ev.domain is None:
             return
-        if not isinstance(ev, (OstMonitorEvent, DeviceDeletedMonitorEvent)) or ev.domain is None:
+        if isinstance(ev, FloodEvent):
+            # The domain flooded its monitor events, so the few that became records were the
+            # guest's to forge: none is judged or recorded. Policy still acts on what the
+            # guest lists.
+            self._domain(ev.domain.key).observations.distrust(time.monotonic())
             return
-        memory = self._memory_for(ev.domain.key)
-        found = memory.events.entries(ev)
-        if found:
-            with self._ours_lock:
-                memory.unrecorded = (memory.unrecorded + found)[-MAX_UNRECORDED:]
-
-    def _distrust_monitor(self, key: Key) -> None:
-        """The domain flooded its monitor events, so the few that became records were the
-        guest's to forge: no hot-add is judged on them (no "rejected" for a hot-add that
-        never was) and none goes into its history. Policy still acts on what the guest
-        lists."""
-        memory = self._memory_for(key)
-        with self._ours_lock:
-            memory.pending, memory.decided_upto = None, time.monotonic()
-            memory.unrecorded = []
+        if not isinstance(ev, (OstMonitorEvent, DeviceDeletedMonitorEvent, DeviceRemovalEvent)):
+            return
+        domain = self._domain(ev.domain.key)
+        found = domain.reader.read(ev)
+        if found is not None:
+            domain.observations.add([found])
 
     def forget(self, key: Key) -> None:
         """The domain stopped or went away: drop what was kept for it."""
-        with self._ours_lock:
-            self._ours.pop(key, None)
-            self._last_findings.pop(key, None)
-            self._memory.pop(key, None)
+        with self._domains_lock:
+            self._domains.pop(key, None)
 
     def run(self, conn: Connection, dom: Domain, job: Job) -> JobResult:
         config = self.config
         effective = None
-        memory = self._remember_hotadd(job)
+        domain = self._domain(job.ref.key)
+        domain.observations.hinted(job.hotadded, job.first_request)
         if job.hotadded:
             effective = effective_policy(conn, dom, config)
             wait = _grace_left(effective.policy, job)
@@ -160,112 +111,29 @@ class JobRunner:
             trigger="+".join(job.reasons),
             agent_timeout=self.settings.agent_timeout,
             effective=effective,
+            observations=domain.observations,
+            source=SOURCE,
+            first_look=self.settings.hotadd_settle,
         )
-        seen = self._look(memory, result)
-        if seen.cpus:
-            result = self._credit(job.ref.key, result, seen.cpus)
-        entries = self._unrecorded(memory)
-        if seen.rejected:
-            at = history.now()
-            entries += [
-                HistoryEntry(HISTORY_REJECTED, v, at, "watch") for v in sorted(seen.rejected)
-            ]
-        if entries:
-            result = _record(dom, result, entries)
-        self._remember_ours(job.ref.key, result)
-        view = result.after or result.before
-        settle = self._settle(memory, view, result.policy.policy)
-        if settle is not None:
-            result = _judged(result, settle[0])
-        done = _reconciled(job, result, seen)
-        done = dataclasses.replace(done, routine=self._routine(job, result))
-        retry = _retry(seen, settle)
-        if retry is not None:
-            done = dataclasses.replace(done, retry_after=retry[0], retry_reason=retry[1])
-        return done
+        return _reconciled(job, result, self._routine(job, domain, result))
 
-    def _unrecorded(self, memory: DomainMemory) -> list[HistoryEntry]:
-        with self._ours_lock:
-            entries, memory.unrecorded = memory.unrecorded, []
-        return entries
+    def _domain(self, key: Key) -> DomainJobs:
+        with self._domains_lock:
+            domain = self._domains.get(key)
+            if domain is None:
+                domain = self._domains[key] = DomainJobs()
+            return domain
 
-    def _memory_for(self, key: Key) -> DomainMemory:
-        with self._ours_lock:
-            return self._memory.setdefault(key, DomainMemory())
-
-    def _remember_hotadd(self, job: Job) -> DomainMemory:
-        """A hot-add hint starts (or joins) the domain's pending hot-add."""
-        memory = self._memory_for(job.ref.key)
-        # A retried job carries its hints again: a hot-add already decided is not new.
-        if job.hotadded and job.first_request > memory.decided_upto:
-            if memory.pending is None:
-                memory.pending = PendingHotadd(set(), memory.present, job.first_request)
-            memory.pending.vcpus |= job.hotadded
-        return memory
-
-    def _look(self, memory: DomainMemory, result: ReconcileResult) -> HotaddSeen:
-        guest = result.before.guest
-        pending = memory.pending
-        if guest is not None:
-            memory.present = guest.present
-        if pending is None or guest is None:
-            return HotaddSeen()
-        return _judge_hotadd(
-            pending, guest.present, result.before, memory, self.settings.hotadd_settle
-        )
-
-    def _credit(self, key: Key, result: ReconcileResult, cpus: frozenset[int]) -> ReconcileResult:
-        """Outcomes again, with the guest CPUs the hot-add brought (never our own writes)."""
-        with self._ours_lock:
-            hotadded = frozenset(cpus - self._ours.get(key, set()))
-        found = actions.outcomes(
-            result.policy.policy, result.plan, result.before, result.after, result.writes, hotadded
-        )
-        return dataclasses.replace(result, outcomes=found)
-
-    def _settle(
-        self, memory: DomainMemory, view: VcpuView, policy: Policy
-    ) -> Optional[tuple[VcpuView, float]]:
-        """A guest-dependent critical finding seen for the first time is held at warning;
-        the view judged so, and when to judge again. None: nothing to hold."""
-        now = time.monotonic()
-        critical = {f.code for f in view.findings if f.severity == CRITICAL}
-        critical &= GUEST_DEPENDENT
-        for code in list(memory.critical_since):
-            if code not in critical:
-                del memory.critical_since[code]
-        for code in critical:
-            memory.critical_since.setdefault(code, now)
-        young = [now - t for t in memory.critical_since.values() if now - t < SETTLE_WINDOW]
-        if not young:
-            return None
-        judged = find_drift(view, policy, settling=True)
-        return dataclasses.replace(view, findings=judged), SETTLE_WINDOW - max(young)
-
-    def _routine(self, job: Job, result: ReconcileResult) -> bool:
+    def _routine(self, job: Job, domain: DomainJobs, result: ReconcileResult) -> bool:
         """A resync that wrote nothing and found what the last reconcile found."""
-        view = result.after or result.before
-        codes = tuple(sorted(f.code for f in view.findings))
-        with self._ours_lock:
-            previous = self._last_findings.get(job.ref.key)
-            self._last_findings[job.ref.key] = codes
+        codes = tuple(sorted(f.code for f in result.view.findings))
+        previous, domain.findings = domain.findings, codes
         quiet_outcomes = {"skipped", "unchanged", "excluded"}
         return (
             set(job.reasons) <= {"host"}
             and previous == codes
             and all(o.code in quiet_outcomes for o in result.outcomes)
         )
-
-    def _remember_ours(self, key: Key, result: ReconcileResult) -> None:
-        view = result.after or result.before
-        onlined = {cpu for o in result.outcomes if o.code == ONLINED for cpu in o.cpus}
-        with self._ours_lock:
-            ours = self._ours.setdefault(key, set())
-            ours |= onlined
-            if view.guest is not None:
-                ours -= view.guest.offline | (ours - view.guest.present)
-            if not ours:
-                del self._ours[key]
 
 
 def _grace_left(policy: Policy, job: Job) -> float:
@@ -274,70 +142,17 @@ def _grace_left(policy: Policy, job: Job) -> float:
     return policy.grace - (time.monotonic() - job.first_request)
 
 
-def _judge_hotadd(
-    pending: PendingHotadd,
-    present: frozenset[int],
-    view: VcpuView,
-    memory: DomainMemory,
-    look_cap: float,
-) -> HotaddSeen:
-    """The guest's present set against the one before the hot-add."""
-    vcpus = frozenset(pending.vcpus)
-    counted = view.live.current if view.live is not None else len(present)
-    if pending.baseline is not None:
-        new = present - pending.baseline
-    else:  # the daemon never saw this guest before: only the count can tell
-        new = frozenset(sorted(present)[-len(vcpus) :]) if len(present) >= counted else frozenset()
-    if new:
-        memory.pending, memory.decided_upto = None, pending.since
-        return HotaddSeen(cpus=frozenset(new), vcpus=vcpus)
-    pending.looks += 1
-    waited = time.monotonic() - pending.since
-    if waited < HOTADD_WAIT and pending.looks <= HOTADD_RETRIES:
-        delay = hotadd_look_delay(pending.looks, waited, look_cap)
-        return HotaddSeen(vcpus=vcpus, retry_after=delay)
-    memory.pending, memory.decided_upto = None, pending.since
-    return HotaddSeen(vcpus=vcpus, rejected=vcpus, waited=waited)
-
-
-def hotadd_look_delay(looks: int, waited: float, first: float) -> float:
-    """How long to wait before the next look for a hot-added CPU the guest has not listed,
-    after ``looks`` looks, ``waited`` seconds after its OST event: the next look is at
-    ``first`` (``hotadd_settle``), 3 and 9 times that after the event, the last one at
-    HOTADD_WAIT."""
-    at = max(first, HOTADD_FIRST_LOOK) * HOTADD_LOOK_FACTOR ** (looks - 1)
-    while at <= waited and at < HOTADD_WAIT:  # the first look came late (a settle delay)
-        at *= HOTADD_LOOK_FACTOR
-    if looks >= HOTADD_RETRIES or at >= HOTADD_WAIT:
-        at = HOTADD_WAIT
-    return max(0.0, at - waited)
-
-
-def _record(dom: Domain, result: ReconcileResult, entries: list[HistoryEntry]) -> ReconcileResult:
-    """Write ``entries`` into the domain's history and judge the view with it."""
-    view = result.after or result.before
-    live = view.live.current if view.live is not None else None
-    recorded = history.record(dom, entries, live_count=live)
-    judged = dataclasses.replace(view, history=recorded)
-    judged = dataclasses.replace(judged, findings=find_drift(judged, result.policy.policy))
-    return _judged(result, judged)
-
-
-def _judged(result: ReconcileResult, view: VcpuView) -> ReconcileResult:
-    if result.after is not None:
-        return dataclasses.replace(result, after=view)
-    return dataclasses.replace(result, before=view)
-
-
-def _retry(
-    seen: HotaddSeen, settle: Optional[tuple[VcpuView, float]]
-) -> Optional[tuple[float, str]]:
+def _retry(result: ReconcileResult) -> tuple[Optional[float], str]:
+    """When to run again: to look for a hot-added CPU, or to judge a held finding."""
     retries = []
-    if seen.retry_after is not None:
-        retries.append((seen.retry_after, RETRY_HOTADD))
-    if settle is not None:
-        retries.append((settle[1], RETRY_SETTLE))
-    return min(retries) if retries else None
+    if result.look_again is not None:
+        retries.append((result.look_again, RETRY_HOTADD))
+    if result.settle_after is not None:
+        retries.append((result.settle_after, RETRY_SETTLE))
+    if not retries:
+        return None, RETRY_HOTADD
+    after, reason = min(retries)
+    return after, reason
 
 
 def _deferred(job: Job, dom: Domain, wait: float) -> JobResult:
@@ -357,8 +172,8 @@ def _deferred(job: Job, dom: Domain, wait: float) -> JobResult:
     return JobResult(record=record, line=line, retry_after=wait)
 
 
-def _reconciled(job: Job, result: ReconcileResult, seen: HotaddSeen) -> JobResult:
-    view = result.after or result.before
+def _reconciled(job: Job, result: ReconcileResult, routine: bool) -> JobResult:
+    view, verdict = result.view, result.verdict
     since = time.monotonic() - job.first_request
     codes = [o.code for o in result.outcomes]
     data = to_dict(view)
@@ -373,9 +188,9 @@ def _reconciled(job: Job, result: ReconcileResult, seen: HotaddSeen) -> JobResul
             "coalesced": job.coalesced,
             # Guest CPU ids the hot-add brought (present now minus before), and the vCPU ids
             # of the OST events behind it.
-            "hotadded": sorted(seen.cpus),
-            "hotadd_vcpus": sorted(seen.vcpus),
-            "rejected_vcpus": sorted(seen.rejected),
+            "hotadded": sorted(verdict.listed),
+            "hotadd_vcpus": sorted(verdict.hotadd_vcpus),
+            "rejected_vcpus": sorted(verdict.rejected),
             "since_first_event": round(since, 3),
             "policy": result.policy.to_dict(),
             "plan": result.plan.to_dict(),
@@ -389,15 +204,27 @@ def _reconciled(job: Job, result: ReconcileResult, seen: HotaddSeen) -> JobResul
         outcome=",".join(codes) or "unchanged",
     )
     online = view.guest.online if view.guest is not None else frozenset()
+    retry_after, retry_reason = _retry(result)
     return JobResult(
         record=record,
-        line=_line(result, since, seen),
+        line=_line(result, since, verdict),
         failed=result.failed,
+        retry_after=retry_after,
         view=view,
-        warning=bool(seen.rejected),
-        hotadds_online=seen.vcpus if seen.cpus and seen.cpus <= online else frozenset(),
+        routine=routine,
+        retry_reason=retry_reason,
+        retry_holds=False,  # looks again only: an event meanwhile runs the job at once
+        warning=bool(verdict.rejected),
+        hotadds_online=_online_hotadds(verdict, online),
         policy_mode=result.policy.policy.mode,
     )
+
+
+def _online_hotadds(verdict: Verdict, online: frozenset[int]) -> frozenset[int]:
+    """The vCPU ids of the hot-adds whose guest CPUs are all online."""
+    if verdict.listed and verdict.listed <= online:
+        return verdict.hotadd_vcpus
+    return frozenset()
 
 
 def _action(result: ReconcileResult) -> str:
@@ -410,8 +237,8 @@ def _action(result: ReconcileResult) -> str:
     return ", ".join(parts) or "none"
 
 
-def _line(result: ReconcileResult, since: float, seen: HotaddSeen) -> str:
-    view = result.after or result.before
+def _line(result: ReconcileResult, since: float, verdict: Verdict) -> str:
+    view = result.view
     guest = view.guest
     state = "guest layer unknown"
     if guest is not None:
@@ -425,19 +252,19 @@ def _line(result: ReconcileResult, since: float, seen: HotaddSeen) -> str:
     mode = result.policy.policy.mode
     findings = ",".join(f.code for f in view.findings) or "no findings"
     return (
-        f"domain '{result.name}': {_hotadd_text(seen)}policy {mode}: "
+        f"domain '{result.name}': {_hotadd_text(verdict)}policy {mode}: "
         f"{done or 'nothing to do'}; {state}; "
         f"{findings} [{result.trigger}, {since:.2f} s after the first event]"
     )
 
 
-def _hotadd_text(seen: HotaddSeen) -> str:
-    vcpus = ", ".join(f"vcpu{v}" for v in sorted(seen.vcpus))
-    if seen.cpus:
-        return f"guest detected CPU {format_cpulist(seen.cpus)} (hot-add of {vcpus}); "
-    if seen.rejected:
+def _hotadd_text(verdict: Verdict) -> str:
+    vcpus = ", ".join(f"vcpu{v}" for v in sorted(verdict.hotadd_vcpus))
+    if verdict.listed:
+        return f"guest detected CPU {format_cpulist(verdict.listed)} (hot-add of {vcpus}); "
+    if verdict.rejected:
         return (
             f"guest rejected the hot-add of {vcpus}: QEMU's OST said its ACPI accepted the "
-            f"device, but the guest lists no new CPU {seen.waited:.1f} s later; "
+            f"device, but the guest lists no new CPU {verdict.waited:.1f} s later; "
         )
     return ""

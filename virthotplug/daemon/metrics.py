@@ -128,6 +128,19 @@ class _Domain(NamedTuple):
     hotadds: tuple[float, ...]  # Unix times of its pending hot-adds' OST events
 
 
+def online_vcpus(view: VcpuView) -> frozenset[int]:
+    """libvirt's vCPU ids whose CPUs the guest has online, as far as a view alone tells: a
+    view does not map vCPU ids to guest CPU ids (``virsh setvcpu DOM 3`` may be the guest's
+    cpu1), so only when the guest has as many CPUs online as libvirt counts are all of
+    libvirt's vCPUs online; otherwise none is known to be."""
+    if view.guest is None or view.live is None or len(view.guest.online) < view.live.current:
+        return frozenset()
+    enabled = frozenset(v.id for v in view.live.vcpus if v.enabled)
+    if not enabled and view.hypervisor is not None:
+        enabled = frozenset(view.hypervisor.vcpus)
+    return enabled or frozenset(range(view.live.current))
+
+
 class Metrics:
     """The daemon's metrics, and the observer ``Watch`` reports to (see ``watch.Observer``).
 
@@ -341,10 +354,10 @@ class Metrics:
         self, host: str, view: VcpuView, vcpus: Optional[frozenset[int]] = None
     ) -> None:
         """Observe the pending hot-adds ``vcpus`` (vCPU ids) of ``view`` found online; without
-        ``vcpus``, those whose vCPU id the guest has online (right while added in order)."""
+        ``vcpus`` (a resync), those ``online_vcpus`` says."""
         if view.guest is None:
             return
-        online = vcpus if vcpus is not None else view.guest.online
+        online = vcpus if vcpus is not None else online_vcpus(view)
         now = self.clock()
         with self._lock:
             done = [

@@ -103,6 +103,10 @@ class JobResult:
     view: Optional[VcpuView] = None  # the domain as the reconcile left it (for metrics)
     routine: bool = False  # nothing done, nothing new: a log line only at debug level
     retry_reason: str = "grace"  # what the retry is for, as its job's reason
+    # True: nothing runs before the retry (a grace period). False: it is only a look again
+    # (a hot-added CPU not listed yet, a finding held while the guest settles), and an event
+    # that comes meanwhile runs the domain's job at once.
+    retry_holds: bool = True
     warning: bool = False  # news worth a warning (e.g. a hot-add the guest rejected)
     # vCPU ids (of OST hot-add events) whose guest CPUs this reconcile found online.
     hotadds_online: frozenset[int] = frozenset()
@@ -140,6 +144,7 @@ class _JobDone:
     job: Optional[Job] = None
     reason: str = "grace"
     unresponsive: bool = False  # the reconcile found the guest agent not answering
+    holds: bool = True  # JobResult.retry_holds
 
 
 class _ReconcileFailed(Exception):
@@ -595,7 +600,7 @@ class Watch:
         delay, hotadded = 0.0, frozenset[int]()
         if isinstance(ev, OstMonitorEvent) and ev.ost is not None and ev.ost.is_cpu:
             # Read at once: the guest usually lists the CPU by the OST event; the job looks
-            # again with short backoff until it does (jobs.hotadd_look_delay).
+            # again with short backoff until it does (core.judge.hotadd_look_delay).
             if ev.hotadd_vcpu is not None:
                 hotadded = frozenset({ev.hotadd_vcpu})
         elif isinstance(ev, AgentEvent):
@@ -697,10 +702,11 @@ class Watch:
         if done.retry_after is not None and done.job is not None:
             job = done.job
             now = time.monotonic()
+            at = now + done.retry_after
             self._sched.request(
                 job.ref,
-                due=now,
-                not_before=now + done.retry_after,
+                due=now if done.holds else at,
+                not_before=at if done.holds else 0.0,
                 at=job.first_request,
                 reason=done.reason,
                 hotadded=frozenset(job.hotadded),
@@ -724,7 +730,9 @@ class Watch:
                 retry_after, reason = FAILED_RETRY, RETRY_FAILED
             view = result.view if result is not None else None
             unresponsive = view is not None and view.agent.state == AGENT_UNRESPONSIVE
-            self._queue.put(_JobDone(job.ref.key, retry_after, job, reason, unresponsive))
+            holds = result.retry_holds if result is not None else True
+            done = _JobDone(job.ref.key, retry_after, job, reason, unresponsive, holds)
+            self._queue.put(done)
 
     def _reconcile(self, job: Job) -> Optional[JobResult]:
         session = self.sessions.get(job.ref.host)

@@ -6,12 +6,13 @@ classification by code and error domain (``errors``), the libvirt import and the
 loop (``libvirt_module``), the connection's capability record (``support``), the domain XML
 model (``domxml``), reading the four layers of every domain (``collect``: its entry points;
 ``bulk``: the one bulk reader of stats and definitions; ``views``: the one view builder;
-``agentread``: the guest agents asked, findings added), writes through the
-guest agent (``actions``), one policy reconcile of one domain (``reconcile``), where a
-domain's policy comes from (``policysource``), the domain's vCPU history kept in its live
-metadata and each domain's policy and history for findings (``history``), and QEMU's own
-vCPU answer for ``status --qemu-monitor``, which taints (``qemu_monitor``).
+``agentread``: the guest agents asked, findings added), writes through the guest agent
+(``actions``), where a domain's policy comes from (``policysource``), the domain's vCPU
+history kept in its live metadata and each domain's policy and history for findings
+(``history``), and QEMU's own vCPU answer for ``status --qemu-monitor``, which taints
+(``qemu_monitor``).
 
-Imports: ``virthotplug.core``, libvirt, libvirt_qemu, lxml. Never ``virthotplug.daemon`` or
-``virthotplug.cli``.
+Imports: ``virthotplug.core``, libvirt, libvirt_qemu, lxml. Never ``virthotplug.ops``,
+``virthotplug.daemon`` or ``virthotplug.cli``. The operations that use these calls (one
+reconcile, the verified ``setvcpus``) are ``virthotplug.ops``.
 """

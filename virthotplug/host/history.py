@@ -18,14 +18,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from virthotplug.core import errors
 from virthotplug.core.config import HostConfig
 from virthotplug.core.cpulist import MAX_CPU_ID
 from virthotplug.core.policy import MODE_IGNORE, Policy, merge_policy
+from virthotplug.core.report import printable
 from virthotplug.core.view import (
-    HISTORY_EJECTED,
     HISTORY_KINDS,
     HISTORY_PLUGGED,
     History,
@@ -43,15 +43,11 @@ from virthotplug.host.domxml import (
     parse_history_element,
 )
 
-if TYPE_CHECKING:  # the events are the daemon's: status and check need not import them
-    from virthotplug.core.events import Event
-
 log = logging.getLogger(__name__)
 
-SOURCE_OST = "ost"
-SOURCE_DEVICE_DELETED = "device-deleted"
-_PERIPHERAL = "/machine/peripheral/vcpu"
 _MAX_COUNT = 1_000_000
+MAX_SOURCE_CHARS = 32
+WRITE_ATTEMPTS = 3  # read-merge-write rounds when another writer got in between
 
 
 # --- what findings depend on besides the layers ------------------------------------------
@@ -192,25 +188,29 @@ def _entry(attrs: Mapping[str, str]) -> Optional[HistoryEntry]:
         return None
     if not math.isfinite(seconds) or seconds < 0:
         return None
-    source = attrs.get("source", "")[:32]
+    # Anyone who can write the domain's metadata wrote this: bounded, and escaped like agent
+    # text, before it reaches a terminal or a log line.
+    source = printable(attrs.get("source", "")[:MAX_SOURCE_CHARS])
     return HistoryEntry(str(kind), vcpu, seconds, source)
 
 
 # --- reading and writing ------------------------------------------------------------------
 
 
-def read(dom: Domain) -> History:
-    """The running domain's history; empty when there is none or it cannot be read."""
+def read(dom: Domain) -> Optional[History]:
+    """The running domain's history (empty when it has none); None when it could not be
+    read, so that nobody writes over a history they have not seen."""
     try:
         text = dom.metadata(HISTORY_NAMESPACE, live=True)
     except errors.VirtHotplugError as exc:
-        log.debug("%s: history not read: %s", dom.context, exc)
-        return History()
+        log.warning("%s: vCPU history not read: %s", dom.context, exc)
+        return None
     if text is None:
         return History()
     try:
         return from_raw(parse_history_element(text, domain=dom.name))
     except errors.VirtHotplugError as exc:
+        # Written by someone else and not ours to read: a record of our own replaces it.
         log.warning("%s: ignoring unreadable vCPU history: %s", dom.context, exc)
         return History()
 
@@ -231,18 +231,35 @@ def write(dom: Domain, history: History) -> bool:
     return True
 
 
-def update(dom: Domain, change: Callable[[History], History]) -> History:
-    """Read, change, and write back only when something changed."""
-    before = read(dom)
-    after = change(before)
-    if after != before:
-        write(dom, after)
-    return after
+def update(dom: Domain, change: Callable[[History], History]) -> Optional[History]:
+    """Read, change, write back, and read again: another writer (``setvcpus`` beside
+    ``watch``) may have written in between, so the change is merged into what is stored
+    until the stored history holds it (``WRITE_ATTEMPTS`` rounds). Never writes after a
+    failed read; None then, or when libvirt refused the write."""
+    stored = read(dom)
+    for _ in range(WRITE_ATTEMPTS):
+        if stored is None:
+            return None
+        wanted = change(stored)
+        if wanted == stored:
+            return stored
+        if not write(dom, wanted):
+            return None
+        stored = read(dom)
+        if stored == wanted:
+            return stored
+        if stored is not None and change(stored) == stored:  # the other writer kept ours
+            return stored
+    log.warning("%s: vCPU history kept changing under this write: not recorded", dom.context)
+    return None
 
 
-def record(dom: Domain, entries: Iterable[HistoryEntry], *, live_count: Optional[int]) -> History:
-    """Add ``entries`` (repeats are dropped); ``live_count``, the live vCPU count now, starts
-    a new record's count."""
+def record(
+    dom: Domain, entries: Iterable[HistoryEntry], *, live_count: Optional[int]
+) -> Optional[History]:
+    """Add ``entries`` (repeats are dropped) to what is stored; ``live_count``, the live vCPU
+    count now, starts a new record's count. The history as stored; None when it could not
+    be read or written."""
     todo = list(entries)
 
     def change(history: History) -> History:
@@ -256,54 +273,7 @@ def record(dom: Domain, entries: Iterable[HistoryEntry], *, live_count: Optional
     return update(dom, change)
 
 
-# --- what QEMU's events say ---------------------------------------------------------------
-
-
-def entries_from_events(events: Sequence[Event]) -> list[HistoryEntry]:
-    """History entries for the monitor events of one domain, in order (``EventHistory``)."""
-    reader = EventHistory()
-    return [entry for ev in events for entry in reader.entries(ev)]
-
-
-class EventHistory:
-    """Turns one domain's QEMU monitor events, in order, into history entries.
-
-    - OST device check (source 1) success for ``vcpuN``: QEMU plugged vcpuN (the guest's
-      ACPI accepted it; whether the guest lists a CPU is another question).
-    - OST eject request (source 3) success for ``vcpuN``: the guest ejected it. Linux sends
-      the final report without a ``device`` field; it belongs to the vCPU of the eject
-      report (status 0x84, in progress) just before it.
-    - DEVICE_DELETED for exactly ``/machine/peripheral/vcpuN``: QEMU removed vcpuN. Never a
-      sub-path such as ``…/vcpuN/lapic``, which QEMU sends under TCG
-      although the vCPU itself is never finalized.
-    """
-
-    def __init__(self) -> None:
-        self._ejecting: Optional[int] = None
-
-    def entries(self, ev: Event) -> list[HistoryEntry]:
-        from virthotplug.core.events import DeviceDeletedMonitorEvent, OstMonitorEvent
-        from virthotplug.core.ost import SOURCE_DEVICE_CHECK, SOURCE_EJECT_REQUEST, STATUS_SUCCESS
-
-        if isinstance(ev, OstMonitorEvent) and ev.ost is not None and ev.ost.is_cpu:
-            ost = ev.ost
-            vcpu = ost.vcpu_id
-            if ost.source == SOURCE_EJECT_REQUEST:
-                vcpu = vcpu if vcpu is not None else self._ejecting
-                self._ejecting = vcpu
-                if ost.status == STATUS_SUCCESS and vcpu is not None:
-                    self._ejecting = None
-                    return [HistoryEntry(HISTORY_EJECTED, vcpu, ev.at, SOURCE_OST)]
-            elif (ost.source, ost.status) == (
-                SOURCE_DEVICE_CHECK,
-                STATUS_SUCCESS,
-            ) and vcpu is not None:
-                return [HistoryEntry(HISTORY_PLUGGED, vcpu, ev.at, SOURCE_OST)]
-        elif isinstance(ev, DeviceDeletedMonitorEvent) and ev.deleted is not None:
-            vcpu = deleted_vcpu(ev.deleted.path)
-            if vcpu is not None:
-                return [HistoryEntry(HISTORY_EJECTED, vcpu, ev.at, SOURCE_DEVICE_DELETED)]
-        return []
+# --- counting ----------------------------------------------------------------------------
 
 
 def initial_count(
@@ -315,19 +285,6 @@ def initial_count(
     # libvirt may still count an ejected vCPU (a stale one): ejects are not added back.
     plugged = sum(1 for e in new if e.kind == HISTORY_PLUGGED)
     return max(1, live_now - plugged)
-
-
-def deleted_vcpu(path: str) -> Optional[int]:
-    """``/machine/peripheral/vcpu3`` -> 3; None for anything else, sub-paths included."""
-    if not path.startswith(_PERIPHERAL):
-        return None
-    digits = path[len(_PERIPHERAL) :]
-    if not digits.isascii() or not digits.isdigit() or len(digits) > 5:
-        return None
-    if digits != "0" and digits.startswith("0"):
-        return None
-    vcpu = int(digits)
-    return vcpu if vcpu <= MAX_CPU_ID else None
 
 
 def now() -> float:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the real imports stay inside run(): start-up stays light
     from virthotplug.core.config import HostConfig
     from virthotplug.host.connection import Connection
     from virthotplug.host.domain import Domain
-    from virthotplug.host.reconcile import ReconcileResult
+    from virthotplug.ops.reconcile import ReconcileResult
 
 
 def register(subparsers: Any) -> None:
@@ -137,7 +137,7 @@ def _reconcile_all(
 ) -> tuple[list[ReconcileResult], list[Failure]]:
     from concurrent.futures import ThreadPoolExecutor
 
-    from virthotplug.host.reconcile import reconcile
+    from virthotplug.ops.reconcile import reconcile
 
     def one(dom: Domain) -> ReconcileResult | Failure:
         try:

@@ -16,10 +16,11 @@ from virthotplug.core.errors import (
 )
 
 if TYPE_CHECKING:  # the real imports stay inside run(): start-up stays light
-    from virthotplug.cli.resize import LayerCheck, ResizeResult
+    from virthotplug.core.resizeplan import LayerCheck
     from virthotplug.daemon.monitorlog import MonitorLog
     from virthotplug.host.connection import Connection
     from virthotplug.host.domain import Domain
+    from virthotplug.ops.resize import ResizeResult
 
 
 MAX_VCPUS = 16384  # QEMU's own limit on vCPUs, for any machine type
@@ -90,10 +91,11 @@ def _count(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from virthotplug.cli import resize
     from virthotplug.core.config import load_config
+    from virthotplug.core.resizeplan import Request
     from virthotplug.host.connection import Connection
     from virthotplug.host.libvirt_module import ensure_event_loop
+    from virthotplug.ops import resize
 
     hosts = uris(args)
     if len(hosts) > 1:
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         live, persistent = _affect(dom, args)
         _refuse_over_maximum(conn, dom, args.count, live=live, config=persistent)
         mode = {True: "online", False: "report", None: None}[args.online]
-        request = resize.Request(args.count, live, persistent, args.timeout, mode, args.force)
+        request = Request(args.count, live, persistent, args.timeout, mode, args.force)
         started = time.monotonic()
         events = (lambda: log.events(since=started)) if log is not None else None
         result = resize.resize(conn, dom, config, request, events)
@@ -170,9 +172,9 @@ def _print(
     *,
     quiet: bool,
 ) -> None:
-    from virthotplug.cli import resize
     from virthotplug.cli.commands.apply import describe
     from virthotplug.daemon.monitorlog import describe as describe_event
+    from virthotplug.ops import resize
 
     events = log.events(since=started) if log is not None else []
     if as_json:

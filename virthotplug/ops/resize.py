@@ -1,0 +1,458 @@
+"""A safe, verified ``virsh setvcpus``.
+
+Grow (live): preflight → hot-add (``setVcpusFlags``) → wait for the guest agent to list the
+new CPUs → online them (policy, or ``--online``/``--no-online``) → verify every layer.
+Shrink (live): unplug → wait for the guest to drop the CPUs → verify every layer.
+
+Decided from what this host shows, never from a version number:
+
+- libvirt waits a few seconds for QEMU's DEVICE_DELETED and, when it does not come (under
+  TCG it never comes for the vCPU itself), fails (VIR_ERR_OPERATION_TIMEOUT) and keeps
+  counting the vCPU although the guest ejected it: a *stale* vCPU. When the guest has
+  ejected it (its OST eject report, or its agent no longer lists it), the same unplug
+  request is repeated once (``core.judge.repeat_unplug``: error codes and observed state,
+  never libvirt's message text): some hosts accept it and correct
+  libvirt's count, others refuse it; either way the outcome is read back and reported, with
+  the remedy that works on this host.
+- A hot-add while a stale vCPU cannot be repaired is known to crash QEMU, and under TCG a
+  plug that would make QEMU create more vCPUs in the domain's life than its maximum aborts
+  QEMU. Only these are refused (``--force`` skips the check); a stale vCPU is repaired
+  first where the host accepts the repeated request.
+- A hot-add whose OST device check came but that the guest never lists was rejected by the
+  guest (``guest-rejected-vcpu``): reported, with its own exit status.
+
+What is seen — unplug timeouts, QEMU's eject and plug reports, rejected hot-adds — is judged
+by ``core.judge`` from the events seen during the command and goes into the domain's history
+(``host.history``), which later commands read. Apart from that single
+repeat, nothing is retried: a hot(un)plug request is not idempotent, and its outcome is read
+back from every layer instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from virthotplug.core import errors
+from virthotplug.core import resizeplan as plan
+from virthotplug.core.config import HostConfig
+from virthotplug.core.events import Event
+from virthotplug.core.judge import (
+    HOTADD_WAIT,
+    PLUG,
+    UNPLUG_REQUEST,
+    GuestSeen,
+    Observations,
+    Observed,
+    judge,
+    repeat_unplug,
+)
+from virthotplug.core.observed import EventReader
+from virthotplug.core.resizeplan import LayerCheck, Request
+from virthotplug.core.view import (
+    GuestLayer,
+    VcpuView,
+    parse_guest_reply,
+)
+from virthotplug.core.workpool import CallTimeout, call_with_timeout
+from virthotplug.host import collect, history
+from virthotplug.host.connection import Connection
+from virthotplug.host.domain import Domain
+from virthotplug.host.domxml import parse_domain_xml
+from virthotplug.ops.reconcile import ReconcileResult, guest_seen, libvirt_seen, reconcile
+
+POLL_INTERVAL = 0.075  # seconds between guest-agent polls while waiting
+SOURCE = "setvcpus"  # who wrote a history entry
+# Stop polling the agent at once on these: waiting cannot change them.
+_PERMANENT = (
+    errors.UnsupportedError,
+    errors.AgentNotConfiguredError,
+    errors.NotRunningError,
+    errors.GuestDataError,
+)
+
+
+@dataclass(frozen=True)
+class ResizeResult:
+    name: str
+    request: Request
+    before: VcpuView
+    after: VcpuView
+    checks: tuple[LayerCheck, ...]
+    error: Optional[str] = None  # what setVcpusFlags reported, if it failed
+    reconcile: Optional[ReconcileResult] = None
+    notes: tuple[str, ...] = ()
+    timings: Mapping[str, float] = field(default_factory=dict)  # seconds since the request
+    rejected: frozenset[int] = frozenset()  # vCPUs the guest did not take (OST said success)
+    repeated: Optional[str] = None  # the repeated unplug: "accepted" or libvirt's error
+
+    @property
+    def complete(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+
+EventsFn = Callable[[], Sequence[Event]]  # the domain's QEMU monitor events since the start
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A request libvirt failed: its message (for people) and virErrorNumber (for us)."""
+
+    text: str
+    code: Optional[int]
+
+
+def resize(
+    conn: Connection,
+    dom: Domain,
+    config: HostConfig,
+    request: Request,
+    events: Optional[EventsFn] = None,
+) -> ResizeResult:
+    """Change the vCPU count as ``request`` says and verify every affected layer.
+    ``events``: the domain's QEMU monitor events seen since the command started (optional:
+    they tell a rejected hot-add and an eject, and they go into the domain's history)."""
+    timeout = config.watch.agent_timeout
+    seen = _Seen(events)
+    context = history.contexts(config)
+    before = collect.read_view(conn, dom, agent_timeout=timeout, context=context)
+    notes: list[str] = []
+    if request.live:
+        before = _preflight(conn, dom, config, before, request, notes)
+    seen.observations.present = before.guest.present if before.guest is not None else None
+    started = time.monotonic()
+    failure = _set_vcpus(conn, dom, before, request)
+    timings = {"request": time.monotonic() - started}
+    outcome: Optional[ReconcileResult] = None
+    repeated: Optional[str] = None
+    current = before.live.current if before.live is not None else 0
+    if request.live and request.count > current:
+        outcome = _after_grow(conn, dom, config, request, before, started, timings, seen)
+    elif request.live and request.count < current:
+        seen.requested(plan.unplugged(before, request.count), started, failure)
+        repeated = _after_shrink(conn, dom, before, request, started, notes, seen)
+        _record(dom, before, seen)
+    after = collect.read_view(conn, dom, agent_timeout=timeout, context=context)
+    policy = outcome.policy.policy if outcome is not None else None
+    error = failure.text if failure is not None else None
+    checks, more = plan.verify(conn.support.describe(), after, request, policy, error, repeated)
+    notes.extend(more)
+    return ResizeResult(
+        dom.name,
+        request,
+        before,
+        after,
+        checks,
+        error,
+        outcome,
+        tuple(notes),
+        timings,
+        outcome.verdict.rejected if outcome is not None else frozenset(),
+        repeated,
+    )
+
+
+class _Seen:
+    """What this command observed of the domain: its monitor events since the start (read
+    as they come) and the requests it made, as the judge's ``Observations``."""
+
+    def __init__(self, events: Optional[EventsFn]) -> None:
+        self._events: EventsFn = events if events is not None else (lambda: ())
+        self._read = 0
+        self._reader = EventReader()
+        self.observations = Observations()
+
+    def update(self) -> Observations:
+        """Take in the events that came since the last look; a plug is a hot-add hint."""
+        events = list(self._events())
+        fresh = self._reader.read_all(events[self._read :])
+        self._read = len(events)
+        self.observations.add(fresh)
+        for plug in (o for o in fresh if o.kind == PLUG):
+            self.observations.hinted([plug.vcpu], plug.at)
+        return self.observations
+
+    def requested(self, vcpus: list[int], at: float, failure: Optional[Failure]) -> None:
+        """An unplug of ``vcpus`` (the highest enabled ones, libvirt's order): when it
+        failed, only the first one is known to have been tried (libvirt stops there)."""
+        tried = vcpus[-1:] if failure is not None else vcpus
+        code = failure.code if failure is not None else None
+        wall = time.time()
+        self.observations.add(
+            Observed(UNPLUG_REQUEST, v, at, wall, code) for v in sorted(tried, reverse=True)
+        )
+
+    def plugs_are_old(self, needed: int) -> bool:
+        """Every hot-add QEMU reported is ``HOTADD_WAIT`` old: a guest that has not listed
+        its CPU by then never will."""
+        plugs = [o.at for o in self.update().events if o.kind == PLUG]
+        if needed <= 0 or len(plugs) < needed:
+            return False
+        return time.monotonic() - max(plugs) >= HOTADD_WAIT
+
+
+# --- preflight -----------------------------------------------------------------------------
+
+
+def _preflight(
+    conn: Connection,
+    dom: Domain,
+    config: HostConfig,
+    view: VcpuView,
+    request: Request,
+    notes: list[str],
+) -> VcpuView:
+    """Refuse what cannot or must not be done; repair a stale vCPU first where the host
+    lets us. Returns the view to start from (re-read after a repair)."""
+    plan.check_live_request(view, request)
+    if request.force:
+        return view
+    if plan.needs_repair(view, request):
+        view = _repair_before_grow(conn, dom, config, view, request, notes)
+    needed = request.count - (view.live.current if view.live is not None else request.count)
+    if needed > 0:
+        plan.check_thread_budget(view, needed)
+        xml = parse_domain_xml(dom.xml(inactive=False), domain=view.name)
+        plan.check_hotpluggable(view, xml.vcpus, needed)
+    return view
+
+
+def _repair_before_grow(
+    conn: Connection,
+    dom: Domain,
+    config: HostConfig,
+    view: VcpuView,
+    request: Request,
+    notes: list[str],
+) -> VcpuView:
+    """Repeat the unplug that left the stale vCPU; refuse the grow if the host will not."""
+    assert view.live is not None
+    present = len(view.guest.present) if view.guest is not None else 0
+    target = max(present, 1)
+    try:
+        dom.set_vcpus(target, live=True, config=False)
+    except (errors.ConnectError, errors.PermissionDeniedError):
+        raise
+    except errors.VirtHotplugError as exc:
+        raise errors.UnsupportedError(
+            f"domain '{view.name}': refusing to hot-add: libvirt counts {view.live.current} "
+            f"live vCPUs but the guest has only {present} (a stale vCPU: "
+            f"{plan.stale_reason(view)}), and this host ({conn.support.describe()}) refused "
+            f"the repeated unplug request ({exc}). A hot-add while a stale vCPU cannot be "
+            "repaired is known to crash QEMU. Restart the domain (shut down, then start) to "
+            "resync; --force skips this check"
+        ) from None
+    repaired = collect.read_view(
+        conn, dom, agent_timeout=config.watch.agent_timeout, context=history.contexts(config)
+    )
+    count = repaired.live.current if repaired.live is not None else -1
+    notes.append(
+        f"repaired first: libvirt counted {view.live.current} live vCPUs, the guest "
+        f"{present} ({plan.stale_reason(view)}); the repeated unplug request was accepted "
+        f"by this host ({conn.support.describe()}), libvirt now counts {count}"
+    )
+    if plan.stale(repaired):
+        raise errors.UnsupportedError(
+            f"domain '{view.name}': refusing to hot-add: the repeated unplug request was "
+            f"accepted but libvirt still counts {count} live vCPUs for a guest with "
+            f"{present}. Restart the domain (shut down, then start) to resync; --force "
+            "skips this check"
+        )
+    return repaired
+
+
+# --- the change ----------------------------------------------------------------------------
+
+
+def _set_vcpus(
+    conn: Connection, dom: Domain, before: VcpuView, request: Request
+) -> Optional[Failure]:
+    """Ask libvirt; a failed shrink (or a grow that changed something) is verified, not
+    raised: libvirt's unplug timeout is an error although the guest may have ejected."""
+    try:
+        dom.set_vcpus(request.count, live=request.live, config=request.config)
+    except (errors.ConnectError, errors.PermissionDeniedError):
+        raise
+    except errors.VirtHotplugError as exc:
+        current = before.live.current if before.live is not None else 0
+        if request.live and request.count < current:
+            return Failure(str(exc), exc.code)
+        if not request.live or _live_count(conn, dom) == current:
+            raise  # nothing changed: the error says it all
+        return Failure(str(exc), exc.code)
+    return None
+
+
+def _live_count(conn: Connection, dom: Domain) -> int:
+    stats = conn.bulk_stats([dom])
+    value = stats[0][1].get("vcpu.current") if stats else None
+    return value if isinstance(value, int) else -1
+
+
+def _after_grow(
+    conn: Connection,
+    dom: Domain,
+    config: HostConfig,
+    request: Request,
+    before: VcpuView,
+    started: float,
+    timings: dict[str, float],
+    seen: _Seen,
+) -> ReconcileResult:
+    """Wait for the guest to list the new CPUs (or for the OST device checks to be a few
+    seconds old with no new CPU), then the one reconcile: online them, judge what the guest
+    took or rejected, record it."""
+    needed = request.count - (before.live.current if before.live is not None else 0)
+    guest = _wait_guest(
+        conn,
+        dom,
+        before,
+        lambda g: len(g.present) >= request.count,
+        started,
+        request,
+        give_up=lambda: seen.plugs_are_old(needed),
+    )
+    hotadded: frozenset[int] = frozenset()
+    if guest is not None and before.guest is not None:
+        hotadded = guest.present - before.guest.present
+    if hotadded:  # only what the guest lists is "detected"
+        timings["guest-detected"] = time.monotonic() - started
+    if hotadded and request.mode is None:
+        _grace(conn, dom, config, before, hotadded, started, request)
+    result = reconcile(
+        conn,
+        dom,
+        config,
+        trigger=SOURCE,
+        mode=request.mode,
+        observations=seen.update(),
+        source=SOURCE,
+    )
+    after = result.after.guest if result.after is not None else None
+    if after is not None and hotadded and hotadded <= after.online:
+        timings["guest-online"] = time.monotonic() - started
+    return result
+
+
+def _after_shrink(
+    conn: Connection,
+    dom: Domain,
+    before: VcpuView,
+    request: Request,
+    started: float,
+    notes: list[str],
+    seen: _Seen,
+) -> Optional[str]:
+    """Wait for the guest to drop the CPUs; when libvirt failed the unplug although the
+    guest ejected, repeat the same unplug request once. Returns "accepted", libvirt's error,
+    or None when nothing was repeated."""
+    guest = _wait_guest(
+        conn, dom, before, lambda g: len(g.present) <= request.count, started, request
+    )
+    observations = seen.update()
+    answer = GuestSeen(guest.present, guest.online, time.monotonic()) if guest else None
+    requests = [o for o in observations.events if o.kind == UNPLUG_REQUEST]
+    if not repeat_unplug(requests, observations.events, answer, request.count):
+        return None  # accepted, or the guest has not ejected: repeating would time out again
+    again = time.monotonic()
+    try:
+        dom.set_vcpus(request.count, live=True, config=False)
+    except (errors.ConnectError, errors.PermissionDeniedError):
+        raise
+    except errors.VirtHotplugError as exc:
+        seen.requested([r.vcpu for r in requests][:1], again, Failure(str(exc), exc.code))
+        return str(exc)
+    seen.requested(sorted({r.vcpu for r in requests}), again, None)
+    notes.append(
+        f"libvirt gave up on the unplug although the guest ejected the CPU; the repeated "
+        f"unplug request was accepted by this host ({conn.support.describe()})"
+    )
+    return plan.REPEAT_ACCEPTED
+
+
+def _record(dom: Domain, before: VcpuView, seen: _Seen) -> None:
+    """Put what this command observed into the domain's history (live definition only): the
+    judge's entries, never a guess."""
+    if before.live is None:
+        return
+    observations = seen.update()
+    verdict = judge(
+        observations.snapshot(),
+        guest_seen(before),
+        libvirt_seen(before),
+        now=time.monotonic(),
+        wall=time.time(),
+        source=SOURCE,
+    )
+    if verdict.entries:
+        history.record(dom, verdict.entries, live_count=before.live.current)
+
+
+def _grace(
+    conn: Connection,
+    dom: Domain,
+    config: HostConfig,
+    before: VcpuView,
+    hotadded: frozenset[int],
+    started: float,
+    request: Request,
+) -> None:
+    """Give the guest's own onlining rule the policy's grace period to win."""
+    from virthotplug.host.policysource import effective_policy
+
+    policy = effective_policy(conn, dom, config).policy
+    if not policy.acts or policy.grace <= 0:
+        return
+    limit = min(policy.grace, max(0.0, started + request.timeout - time.monotonic()))
+    shortened = Request(request.count, request.live, request.config, limit)
+    _wait_guest(conn, dom, before, lambda g: hotadded <= g.online, time.monotonic(), shortened)
+
+
+def _wait_guest(
+    conn: Connection,
+    dom: Domain,
+    before: VcpuView,
+    done: Callable[[GuestLayer], bool],
+    started: float,
+    request: Request,
+    give_up: Callable[[], bool] = lambda: False,
+) -> Optional[GuestLayer]:
+    """Poll the guest agent until ``done``, ``give_up`` or the request's timeout; the last
+    guest seen."""
+    if not before.agent.configured:
+        return None
+    deadline = started + request.timeout
+    maximum = before.live.maximum if before.live is not None else 1
+    last: Optional[GuestLayer] = None
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            reply = call_with_timeout(lambda: conn.guest_vcpus(dom), max(0.05, remaining))
+            last = parse_guest_reply(reply, maximum=maximum, domain=before.name)
+        except _PERMANENT:
+            return last
+        except (errors.AgentError, errors.TransientError, CallTimeout):
+            pass  # the agent may be busy with the hot-add: keep polling until the deadline
+        if (last is not None and done(last)) or time.monotonic() >= deadline or give_up():
+            return last
+        time.sleep(POLL_INTERVAL)
+
+
+def to_dict(result: ResizeResult) -> dict[str, Any]:
+    return {
+        "name": result.name,
+        "count": result.request.count,
+        "live": result.request.live,
+        "config": result.request.config,
+        "complete": result.complete,
+        "error": result.error,
+        "checks": [
+            {"layer": c.layer, "now": c.now, "target": c.target, "ok": c.ok} for c in result.checks
+        ],
+        "notes": list(result.notes),
+        "timings": {key: round(value, 3) for key, value in result.timings.items()},
+        "rejected_vcpus": sorted(result.rejected),
+        "repeated_unplug": result.repeated,
+        "reconcile": result.reconcile.to_dict() if result.reconcile is not None else None,
+    }
