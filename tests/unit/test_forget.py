@@ -29,19 +29,19 @@ def _ref(i: int) -> DomainRef:
 def _runner_with_state(refs: list[DomainRef]) -> JobRunner:
     runner = JobRunner(HostConfig(), WatchSettings())
     for ref in refs:
-        runner._ours[ref.key] = {1}
-        runner._last_findings[ref.key] = ("guest-cpu-offline",)
+        rec = runner.domains.record(ref.key)
+        rec.ours, rec.findings = {1}, ("guest-cpu-offline",)
     return runner
 
 
 def test_a_forgotten_domain_leaves_no_state_in_the_job_runner() -> None:
     refs = [_ref(i) for i in range(3)]
     runner = _runner_with_state(refs)
-    watch = Watch([], WatchSettings(), _never, EventLog(None), forget=runner.forget)
+    watch = Watch([], WatchSettings(), _never, EventLog(None), domains=runner.domains)
     watch._event(LifecycleEvent(refs[0], event=STOPPED, detail=1))
     watch._event(LifecycleEvent(refs[1], event=UNDEFINED, detail=0))
     watch._event(HookEvent(refs[2], operation="release", sub_operation="end"))
-    assert runner._ours == {} and runner._last_findings == {}
+    assert len(runner.domains) == 0
 
 
 def test_domain_locks_go_with_their_last_user() -> None:

@@ -153,7 +153,7 @@ def test_the_daemon_records_what_it_saw_with_the_next_job(monkeypatch: pytest.Mo
     for ev in (ost(3, 0x84, at=10.0), ost(3, 0, device=None, at=10.1)):
         runner.observe(ev)
     runner.observe(deleted("/machine/peripheral/vcpu1/lapic"))
-    memory = runner._memory[REF.key]
+    memory = runner._memory_for(REF.key)
     expected = [HistoryEntry(HISTORY_EJECTED, 1, 10.1, "ost")]
     assert memory.unrecorded == expected
     assert runner._unrecorded(memory) == expected  # the next job takes them to write

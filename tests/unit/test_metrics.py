@@ -124,6 +124,13 @@ def ost(
     return OstMonitorEvent(REF, ost=parse_ost_details(details), **extra)
 
 
+def stop(m: metrics.Metrics) -> None:
+    """The domain stops (destroyed): the daemon's observer sees the event, and the domain
+    is forgotten (``DomainRegistry.forget``, as ``Watch`` does on FORGET events)."""
+    m.event(LifecycleEvent(REF, event=5, detail=1))
+    m.domains.forget(REF.key)
+
+
 @pytest.fixture
 def m() -> metrics.Metrics:
     return metrics.Metrics()
@@ -197,13 +204,13 @@ def test_findings_and_guest_series_go_when_they_clear(m: metrics.Metrics) -> Non
 
 def test_stopped_domain_series_are_dropped(m: metrics.Metrics) -> None:
     m.reconciled(job(), outcome(view()), 0.01)
-    m.event(LifecycleEvent(REF, event=5, detail=1))  # stopped (destroyed)
+    stop(m)  # stopped (destroyed)
     assert not [name for name, _ in samples(m) if name.startswith("virthotplug_domain_")]
     assert value(m, "virthotplug_events_total", host=HOST, kind="lifecycle") == 1
 
 
 def test_reconcile_begun_before_the_stop_does_not_bring_series_back(m: metrics.Metrics) -> None:
-    m.event(LifecycleEvent(REF, event=5, detail=1))
+    stop(m)
     m.reconciled(job(), outcome(view()), 5.0)  # started 5 s ago, before the stop
     assert not [name for name, _ in samples(m) if name.startswith("virthotplug_domain_")]
     m.reconciled(job(), outcome(view()), 0.0)  # a later start: back
@@ -261,7 +268,7 @@ def test_policy_mode_of_a_resync(m: metrics.Metrics) -> None:
 def test_policy_mode_goes_with_the_domain(m: metrics.Metrics) -> None:
     m.resynced(HOST, [view()], {REF.uuid: "ignore"})
     assert modes(m) == {"web1": "ignore"}
-    m.event(LifecycleEvent(REF, event=5, detail=1))  # stopped (destroyed)
+    stop(m)  # stopped (destroyed)
     assert modes(m) == {}
 
 
@@ -346,9 +353,9 @@ def test_pending_hotadds_go_with_the_domain(m: metrics.Metrics) -> None:
     m.reconciled(job(), outcome(view()), 0.01)
     m.event(ost(1))
     assert value(m, "virthotplug_domain_hotadds_pending", host=HOST, domain="web1") == 1
-    m.event(LifecycleEvent(REF, event=5, detail=1))
+    stop(m)
     assert value(m, "virthotplug_domain_hotadds_pending", host=HOST, domain="web1") is None
-    assert not m._hotadds
+    assert not m.pending_hotadds()
 
 
 def test_describe_lists_every_domain_family(m: metrics.Metrics) -> None:
@@ -370,7 +377,7 @@ def test_pending_hotadds_are_bounded(m: metrics.Metrics, monkeypatch: pytest.Mon
     monkeypatch.setattr(metrics, "MAX_PENDING_HOTADDS", 3)
     for vcpu in range(1, 10):
         m.event(ost(vcpu))
-    assert len(m._hotadds) == 3
+    assert m.pending_hotadds() == 3
 
 
 def test_connections_and_reconnects(m: metrics.Metrics) -> None:
@@ -396,7 +403,7 @@ def test_a_host_whose_session_gave_up_stays_at_zero(m: metrics.Metrics) -> None:
     m.event(HostEvent(None, host=HOST, what="gone", reason="host session failed"))
     assert value(m, "virthotplug_host_connected", host=HOST) == 0
     assert value(m, "virthotplug_domain_agent_connected", host=HOST, domain="web1") is None
-    assert not m._hotadds
+    assert not m.pending_hotadds()
     m.event(HostEvent(None, host=HOST, what="connected"))  # queued before "gone"
     m.reconciled(job(), outcome(view()), 0.01)  # still running when the session ended
     m.resynced(HOST, [view()])

@@ -19,7 +19,6 @@ made while paused) is held at warning for ``SETTLE_WINDOW`` seconds and judged a
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -32,6 +31,7 @@ from virthotplug.core.policy import Policy
 from virthotplug.core.records import Record, iso_time
 from virthotplug.core.schedule import Job, Key
 from virthotplug.core.view import CRITICAL, HISTORY_REJECTED, HistoryEntry, VcpuView, to_dict
+from virthotplug.daemon.domains import DomainRegistry
 from virthotplug.daemon.flood import FloodEvent
 from virthotplug.daemon.watch import JobResult
 from virthotplug.host import actions, history
@@ -57,7 +57,6 @@ HOTADD_WAIT = 3.0
 SETTLE_WINDOW = HOTADD_WAIT
 RETRY_HOTADD = "hot-add"
 RETRY_SETTLE = "settle"
-RETRY_GRACE = "grace"
 MAX_UNRECORDED = 64  # monitor-event entries kept per domain until its next job writes them
 
 
@@ -98,16 +97,20 @@ class HotaddSeen:
 class JobRunner:
     """Holds the current configuration (replaced on SIGHUP) and runs jobs with it."""
 
-    def __init__(self, config: HostConfig, settings: WatchSettings) -> None:
+    def __init__(
+        self,
+        config: HostConfig,
+        settings: WatchSettings,
+        domains: Optional[DomainRegistry] = None,
+    ) -> None:
         self.config = config
         self.settings = settings
-        # Guest CPUs this daemon onlined, per domain, until seen offline again: a later job
-        # carrying the same hot-add hint must not credit our own write to the guest.
-        self._ours: dict[Key, set[int]] = {}
-        self._ours_lock = threading.Lock()
-        # The findings last reported per domain, to tell a routine resync from news.
-        self._last_findings: dict[Key, tuple[str, ...]] = {}
-        self._memory: dict[Key, DomainMemory] = {}
+        # What is kept per domain lives in its record (``domains``), forgotten with it:
+        # the guest CPUs this daemon onlined, until seen offline again (a later job carrying
+        # the same hot-add hint must not credit our own write to the guest), the findings
+        # last reported (to tell a routine resync from news) and the ``DomainMemory``.
+        self.domains = domains if domains is not None else DomainRegistry()
+        self._ours_lock = self.domains.lock
 
     def update(self, config: HostConfig, settings: WatchSettings) -> None:
         self.config, self.settings = config, settings
@@ -134,19 +137,22 @@ class JobRunner:
         lists."""
         memory = self._memory_for(key)
         with self._ours_lock:
-            memory.pending, memory.decided_upto = None, time.monotonic()
+            # Only a mark here: the domain's next job (the one thread that writes its
+            # memory) voids its pending hot-add.
+            self.domains.record(key).distrusted_at = time.monotonic()
             memory.unrecorded = []
 
-    def forget(self, key: Key) -> None:
-        """The domain stopped or went away: drop what was kept for it."""
+    def _apply_distrust(self, key: Key, memory: DomainMemory) -> None:
         with self._ours_lock:
-            self._ours.pop(key, None)
-            self._last_findings.pop(key, None)
-            self._memory.pop(key, None)
+            rec = self.domains.record(key)
+            at, rec.distrusted_at = rec.distrusted_at, None
+        if at is not None:
+            memory.pending, memory.decided_upto = None, max(memory.decided_upto, at)
 
     def run(self, conn: Connection, dom: Domain, job: Job) -> JobResult:
         config = self.config
         effective = None
+        self._apply_distrust(job.ref.key, self._memory_for(job.ref.key))
         memory = self._remember_hotadd(job)
         if job.hotadded:
             effective = effective_policy(conn, dom, config)
@@ -191,7 +197,10 @@ class JobRunner:
 
     def _memory_for(self, key: Key) -> DomainMemory:
         with self._ours_lock:
-            return self._memory.setdefault(key, DomainMemory())
+            rec = self.domains.record(key)
+            if not isinstance(rec.memory, DomainMemory):
+                rec.memory = DomainMemory()
+            return rec.memory
 
     def _remember_hotadd(self, job: Job) -> DomainMemory:
         """A hot-add hint starts (or joins) the domain's pending hot-add."""
@@ -217,7 +226,7 @@ class JobRunner:
     def _credit(self, key: Key, result: ReconcileResult, cpus: frozenset[int]) -> ReconcileResult:
         """Outcomes again, with the guest CPUs the hot-add brought (never our own writes)."""
         with self._ours_lock:
-            hotadded = frozenset(cpus - self._ours.get(key, set()))
+            hotadded = frozenset(cpus - self.domains.record(key).ours)
         found = actions.outcomes(
             result.policy.policy, result.plan, result.before, result.after, result.writes, hotadded
         )
@@ -247,8 +256,8 @@ class JobRunner:
         view = result.after or result.before
         codes = tuple(sorted(f.code for f in view.findings))
         with self._ours_lock:
-            previous = self._last_findings.get(job.ref.key)
-            self._last_findings[job.ref.key] = codes
+            rec = self.domains.record(job.ref.key)
+            previous, rec.findings = rec.findings, codes
         quiet_outcomes = {"skipped", "unchanged", "excluded"}
         return (
             set(job.reasons) <= {"host"}
@@ -260,12 +269,10 @@ class JobRunner:
         view = result.after or result.before
         onlined = {cpu for o in result.outcomes if o.code == ONLINED for cpu in o.cpus}
         with self._ours_lock:
-            ours = self._ours.setdefault(key, set())
+            ours = self.domains.record(key).ours
             ours |= onlined
             if view.guest is not None:
                 ours -= view.guest.offline | (ours - view.guest.present)
-            if not ours:
-                del self._ours[key]
 
 
 def _grace_left(policy: Policy, job: Job) -> float:

@@ -6,8 +6,8 @@ the one address given (loopback when only a port is given), never on all interfa
 asked. A fleet of hosts is aggregated by Prometheus itself.
 
 Per domain (labels ``host``, ``domain``), from the view of each domain's last reconcile
-or resync, built at scrape time (``_DomainCollector``); a domain that stops or goes away is
-dropped from the snapshot, and with it every series it had:
+or resync, built at scrape time (``_DomainCollector``) from the domains' records; a domain
+that stops or goes away is forgotten with its record, and with it every series it had:
 
     virthotplug_domain_vcpus{layer}            config/live: current count; hypervisor:
                                                vCPUs plugged; guest: CPUs present
@@ -51,7 +51,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 from virthotplug.core.errors import UsageError
-from virthotplug.core.events import FORGET, Event, HostEvent, OstMonitorEvent
+from virthotplug.core.events import Event, HostEvent, OstMonitorEvent
+from virthotplug.daemon.domains import DomainRegistry, Hotadd
 
 if TYPE_CHECKING:
     from virthotplug.core.schedule import Job
@@ -64,8 +65,7 @@ LOOPBACK = "127.0.0.1"
 INSTALL_HINT = "install it with: pip install 'virthotplug[metrics]'"
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
-MAX_PENDING_HOTADDS = 4096  # hot-adds waiting to be seen online, across all domains
-MAX_FORGOTTEN = 4096  # stopped domains remembered (see ``Metrics.forget``)
+MAX_PENDING_HOTADDS = 4096  # hot-adds of one domain waiting to be seen online
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -107,14 +107,6 @@ class _Latest(NamedTuple):
     mode: Optional[str]  # its effective policy mode; None: invalid or not known
 
 
-class _Hotadd(NamedTuple):
-    """When a pending hot-add's OST event came: monotonic (for the latency, immune to
-    clock steps) and Unix time (for the since-timestamp a scrape shows)."""
-
-    mono: float
-    wall: float
-
-
 class _Domain(NamedTuple):
     """One domain in a scrape's snapshot."""
 
@@ -127,10 +119,11 @@ class Metrics:
     """The daemon's metrics, and the observer ``Watch`` reports to (see ``watch.Observer``).
 
     ``event`` runs on the daemon's main thread, ``reconciled``/``failed`` on reconcile
-    workers: shared bookkeeping is under one lock.
+    workers: the per-domain series live in the domains' records (``domains``, under its
+    lock, forgotten with the domain), the per-host bookkeeping under a lock of its own.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, domains: Optional[DomainRegistry] = None) -> None:
         prom = _prometheus()
         self.registry = prom.CollectorRegistry(auto_describe=True)
         reg = self.registry
@@ -138,7 +131,7 @@ class Metrics:
         # What accumulates over time (counters, histograms) and the per-host connection state
         # are ordinary prometheus_client metrics: the library keeps their _total, _created and
         # bucket series. The per-domain gauges describe only the last reconcile of each
-        # running domain, so they are built from ``_views`` at each scrape instead.
+        # running domain, so they are built from the domains' records at each scrape instead.
         self.events = prom.Counter(
             "virthotplug_events", "events received, by kind", ["host", "kind"], registry=reg
         )
@@ -178,13 +171,9 @@ class Metrics:
             registry=reg,
         )
         self._lock = threading.Lock()
-        # (host, uuid) → the domain's view at its last reconcile or resync.
-        self._views: dict[tuple[str, str], _Latest] = {}
+        self.domains = domains if domains is not None else DomainRegistry()
         self._connected_before: set[str] = set()
         self._gone: set[str] = set()  # hosts whose session ended: never watched again
-        # (host, uuid, vCPU id) → when its OST hot-add event came; insertion ordered.
-        self._hotadds: dict[tuple[str, str, int], _Hotadd] = {}
-        self._forgotten: dict[tuple[str, str], float] = {}  # (host, uuid) → when it stopped
         self._server: Any = None
         self.clock = time.monotonic  # the events' clock (tests replace it)
         reg.register(_DomainCollector(self._snapshot))
@@ -214,10 +203,13 @@ class Metrics:
             with self._lock:
                 if host in self._gone:
                     return
+            domains = self.domains
+            with domains.lock:
                 for view in views:
-                    if (host, view.uuid) not in self._forgotten:
-                        latest = _Latest(view, now, modes.get(view.uuid))
-                        self._views[(host, view.uuid)] = latest
+                    if not domains.forgotten_within((host, view.uuid)):
+                        rec = domains.record((host, view.uuid))
+                        rec.view, rec.view_at = view, now
+                        rec.policy_mode = modes.get(view.uuid)
             for view in views:
                 self._hotadd_latency(host, view)
         except Exception:
@@ -248,13 +240,11 @@ class Metrics:
             ).inc()
             vcpu = ev.hotadd_vcpu
             if vcpu is not None:
-                with self._lock:
-                    seen = _Hotadd(ev.mono, ev.at)
-                    self._hotadds.setdefault((host, ev.domain.uuid, vcpu), seen)
-                    while len(self._hotadds) > MAX_PENDING_HOTADDS:
-                        del self._hotadds[next(iter(self._hotadds))]
-        if ev.intent == FORGET:
-            self.forget(host, ev.domain.uuid)
+                with self.domains.lock:
+                    hotadds = self.domains.record(ev.domain.key).hotadds
+                    hotadds.setdefault(vcpu, Hotadd(ev.mono, ev.at))
+                    while len(hotadds) > MAX_PENDING_HOTADDS:
+                        del hotadds[next(iter(hotadds))]
 
     def _host_event(self, ev: HostEvent) -> None:
         if ev.what == "listed":
@@ -281,10 +271,9 @@ class Metrics:
         self.connected.labels(host).set(0)
         with self._lock:
             self._gone.add(host)
-            for domain in [k for k in self._views if k[0] == host]:
-                del self._views[domain]
-            for pending in [k for k in self._hotadds if k[0] == host]:
-                del self._hotadds[pending]
+        with self.domains.lock:
+            for rec in self.domains.records(host):
+                rec.view, rec.hotadds = None, {}
 
     def _reconciled(self, job: Job, result: JobResult, seconds: float) -> None:
         host = job.ref.host
@@ -299,38 +288,37 @@ class Metrics:
         with self._lock:
             if host in self._gone:  # a reconcile still running when the session ended
                 return
+        key = (host, view.uuid)
+        domains = self.domains
+        with domains.lock:
             # A reconcile that began before the domain stopped must not bring back its series.
-            forgotten = self._forgotten.get((host, view.uuid))
-            if forgotten is not None and forgotten >= self.clock() - seconds:
+            if domains.forgotten_within(key, seconds):
                 return
-            self._forgotten.pop((host, view.uuid), None)
-            self._views[(host, view.uuid)] = _Latest(view, time.time(), result.policy_mode)
+            domains.revived(key)
+            rec = domains.record(key)
+            rec.view, rec.view_at, rec.policy_mode = view, time.time(), result.policy_mode
         # The reconcile maps hot-adds to guest CPUs (the guest's present set after minus
         # before): the OST event's vcpuN is libvirt's id, not the guest's CPU number.
         self._hotadd_latency(host, view, result.hotadds_online)
 
-    def forget(self, host: str, uuid: str) -> None:
-        """Drop a domain's series (it stopped or went away)."""
-        key = (host, uuid)
-        with self._lock:
-            self._forgotten[key] = self.clock()
-            while len(self._forgotten) > MAX_FORGOTTEN:
-                del self._forgotten[next(iter(self._forgotten))]
-            for pending in [k for k in self._hotadds if k[:2] == key]:
-                del self._hotadds[pending]
-            self._views.pop(key, None)
-
     def _snapshot(self) -> list[_Domain]:
         """Every domain with a view; a hot-add of a domain not yet reconciled or resynced
         shows with its first view (its labels need the view's name)."""
-        with self._lock:
-            pending: dict[tuple[str, str], list[float]] = {}
-            for (host, uuid, _), hotadd in self._hotadds.items():
-                pending.setdefault((host, uuid), []).append(hotadd.wall)
+        with self.domains.lock:
             return [
-                _Domain(host, latest, tuple(pending.get((host, uuid), ())))
-                for (host, uuid), latest in self._views.items()
+                _Domain(
+                    rec.host,
+                    _Latest(rec.view, rec.view_at, rec.policy_mode),
+                    tuple(hotadd.wall for hotadd in rec.hotadds.values()),
+                )
+                for rec in self.domains.records()
+                if rec.view is not None
             ]
+
+    def pending_hotadds(self) -> int:
+        """Hot-adds waiting to be seen online, across all domains."""
+        with self.domains.lock:
+            return sum(len(rec.hotadds) for rec in self.domains.records())
 
     def _hotadd_latency(
         self, host: str, view: VcpuView, vcpus: Optional[frozenset[int]] = None
@@ -341,15 +329,11 @@ class Metrics:
             return
         online = vcpus if vcpus is not None else view.guest.online
         now = self.clock()
-        with self._lock:
-            done = [
-                (key, at)
-                for key, at in self._hotadds.items()
-                if key[0] == host and key[1] == view.uuid and key[2] in online
-            ]
-            for key, _ in done:
-                del self._hotadds[key]
-        for _, hotadd in done:
+        with self.domains.lock:
+            rec = self.domains.get((host, view.uuid))
+            hotadds = rec.hotadds if rec is not None else {}
+            done = [hotadds.pop(vcpu) for vcpu in [v for v in hotadds if v in online]]
+        for hotadd in done:
             self.hotadd_latency.labels(host).observe(max(0.0, now - hotadd.mono))
 
     # --- exposition -------------------------------------------------------------------------
@@ -502,11 +486,11 @@ def _serve(registry: Any, address: str, port: int) -> Any:
     return server
 
 
-def start(listen: str) -> Optional[Metrics]:
+def start(listen: str, domains: Optional[DomainRegistry] = None) -> Optional[Metrics]:
     """Metrics for ``--metrics-listen`` (None when not asked for), already serving."""
     if not listen:
         return None
     address, port = parse_listen(listen)
-    metrics = Metrics()
+    metrics = Metrics(domains)
     metrics.serve(address, port)
     return metrics

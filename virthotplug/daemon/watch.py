@@ -42,6 +42,7 @@ from virthotplug.core.records import Record
 from virthotplug.core.schedule import Job, Key, ReconcileQueue
 from virthotplug.core.view import AGENT_UNRESPONSIVE
 from virthotplug.daemon import memory
+from virthotplug.daemon.domains import AgentFailures, DomainRegistry
 from virthotplug.daemon.eventlog import EventLog
 from virthotplug.daemon.flood import FloodGuard, flood_finding, summary_event
 from virthotplug.daemon.listener import Listener
@@ -149,6 +150,15 @@ class _ReconcileFailed(Exception):
 @dataclass(frozen=True)
 class _Control:
     what: str  # "stop" or "reload"
+
+
+@dataclass(frozen=True)
+class _Listed:
+    """A resync's listing of a host's running domains, and when it began (monotonic)."""
+
+    event: HostEvent
+    since: float
+    complete: bool  # every running domain was read (none failed)
 
 
 # --- per-host connection owner ------------------------------------------------------------
@@ -377,9 +387,9 @@ class Watch:
         reload: Optional[Callable[[], Settings]] = None,
         sources: Sequence[EventSource] = (),
         observer: Optional[Observer] = None,
-        forget: Optional[Callable[[Key], None]] = None,
         observe: Optional[Callable[[Event], None]] = None,
         resync: Optional[BulkResync] = None,
+        domains: Optional[DomainRegistry] = None,
     ) -> None:
         self.settings = settings
         self._reconcile_fn = reconcile_fn
@@ -390,7 +400,9 @@ class Watch:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._sched = ReconcileQueue()
-        self._breaker = AgentBreaker()
+        # Everything kept per domain, forgotten in one place (``DomainRegistry.forget``).
+        self.domains = domains if domains is not None else DomainRegistry()
+        self._breaker = AgentBreaker(AgentFailures(self.domains))
         self._flood = FloodGuard()
         self.sessions = {
             s.uri: s
@@ -405,12 +417,13 @@ class Watch:
         self._workers: Optional[_Workers] = None
         self._sources = list(sources)
         self._observer: Observer = observer if observer is not None else _NoObserver()
-        # Drops what the reconcile side keeps per domain (``JobRunner.forget``).
-        self._forget_domain = forget
         # Sees every event on this loop, quickly (``JobRunner.observe``: the vCPU history).
         self._observe = observe
         self._bulk = resync  # None: the resync lists running domains and reconciles each
         self._resyncing: set[Connection] = set()  # connections with a resync in flight
+        self.domains.on_forget(self._sched.forget)
+        self.domains.on_forget(lambda key: self._flood.forget(key))  # tests replace the guard
+        self.domains.on_forget(self._drop_monitor)
 
     # control (signal handlers and tests call these)
 
@@ -504,6 +517,12 @@ class Watch:
         elif isinstance(item, Event):
             self.stats.events += 1
             self._event(item)
+        elif isinstance(item, _Listed):
+            self.stats.events += 1
+            self._event(item.event)
+            if item.complete:  # FORGET events lost in a gap: their domains go now
+                uuids = (ref.uuid for ref in item.event.domains)
+                self.domains.prune(item.event.host, uuids, item.since)
 
     def _control(self, item: _Control) -> None:
         if item.what == "stop":
@@ -518,6 +537,8 @@ class Watch:
     def _event(self, ev: Event) -> None:
         if ev.domain is not None and not self._watches(ev.domain):
             return  # out of the daemon's scope (watch --domain): not even recorded
+        if ev.domain is not None and ev.intent != FORGET:
+            self.domains.record(ev.domain.key)  # in use: a resync listing begun before keeps it
         self._observer.event(ev)
         if self._observe is not None:
             self._observe(ev)
@@ -533,10 +554,7 @@ class Watch:
         if isinstance(ev, AgentEvent) and ev.connected and ev.domain is not None:
             self._agent_connected(ev.domain)
         if ev.domain is not None and ev.intent == FORGET:
-            self._sched.forget(ev.domain.key)
-            self._breaker.reset(ev.domain.key)
-            if self._forget_domain is not None:
-                self._forget_domain(ev.domain.key)
+            self.domains.forget(ev.domain.key)
         elif ev.domain is not None and ev.intent == RECONCILE:
             self._request(ev.domain, ev)
 
@@ -546,11 +564,13 @@ class Watch:
         session = self.sessions.get(ev.domain.host) if ev.domain is not None else None
         if session is None or ev.domain is None:
             return
-        if ev.intent == FORGET:
-            session.monitors.drop(ev.domain.uuid)
-            self._flood.forget(ev.domain.key)
-        elif isinstance(ev, LifecycleEvent) and ev.event_name in ("started", "resumed"):
+        if isinstance(ev, LifecycleEvent) and ev.event_name in ("started", "resumed"):
             session.monitors.add(ev.domain.uuid)
+
+    def _drop_monitor(self, key: Key) -> None:
+        session = self.sessions.get(key[0])
+        if session is not None:
+            session.monitors.drop(key[1])
 
     def _flood_collect(self) -> None:
         """Summaries of what the flood guard dropped, suppressed domains whose back-off is
@@ -635,8 +655,9 @@ class Watch:
         self._resyncing.add(conn)
 
         def list_running() -> None:
+            since = time.monotonic()
             try:
-                self._queue.put(self._resync_event(conn))
+                self._queue.put(self._resync_event(conn, since))
             except errors.VirtHotplugError as exc:
                 log.warning("%s: resync failed: %s", conn.uri, exc)
             finally:
@@ -645,12 +666,12 @@ class Watch:
 
         threading.Thread(target=list_running, name="resync", daemon=True).start()
 
-    def _resync_event(self, conn: Connection) -> HostEvent:
+    def _resync_event(self, conn: Connection, since: float) -> _Listed:
         if self._bulk is None:
             refs = tuple(DomainRef(conn.uri, d.uuid, d.name) for d in conn.list_running())
-            return HostEvent(None, host=conn.uri, what="listed", domains=refs)
+            return _Listed(HostEvent(None, host=conn.uri, what="listed", domains=refs), since, True)
         done = self._bulk.run(conn)
-        return HostEvent(
+        listed = HostEvent(
             None,
             host=conn.uri,
             what="listed",
@@ -658,6 +679,7 @@ class Watch:
             domains=done.listed,
             reconcile=done.reconcile,
         )
+        return _Listed(listed, since, done.complete)
 
     def _dispatch(self, now: float) -> None:
         assert self._workers is not None

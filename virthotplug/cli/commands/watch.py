@@ -50,6 +50,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from virthotplug.core.config import load_config
+    from virthotplug.daemon.domains import DomainRegistry
     from virthotplug.daemon.eventlog import EventLog, setup_daemon_logging
     from virthotplug.daemon.hookserver import HookServer, local_qemu_uri
     from virthotplug.daemon.jobs import JobRunner
@@ -74,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         return dataclasses.replace(config.watch, **overrides), config
 
     settings, config = load()
-    runner = JobRunner(config, settings)
+    domains = DomainRegistry()  # what the daemon keeps per domain, shared by its parts
+    runner = JobRunner(config, settings, domains)
 
     def reload() -> Any:
         new_settings, new_config = load()
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics_listen:
         from virthotplug.daemon.metrics import start as start_metrics
 
-        metrics = start_metrics(args.metrics_listen)
+        metrics = start_metrics(args.metrics_listen, domains)
     # Periodic and reconnect resyncs read every running domain in bulk and reconcile only
     # the domains that need it; the metrics get every view it read.
     resync = BulkResync(runner, on_views=metrics.resynced if metrics is not None else None)
@@ -105,9 +107,9 @@ def run(args: argparse.Namespace) -> int:
         reload=reload,
         sources=sources,
         observer=metrics,
-        forget=runner.forget,
         observe=runner.observe,
         resync=resync,
+        domains=domains,
     )
     watch.install_signal_handlers()
     try:
