@@ -14,7 +14,8 @@ from virthotplug.core.events import AgentEvent, DomainRef, LifecycleEvent, OstMo
 from virthotplug.core.schedule import Job
 from virthotplug.core.view import AgentStatus, VcpuView
 from virthotplug.daemon.eventlog import EventLog
-from virthotplug.daemon.watch import JobResult, Watch
+from virthotplug.daemon.results import JobResult
+from virthotplug.daemon.watch import Watch
 
 HOST = "test:///default"
 REF = DomainRef(HOST, "uuid-hung", "hung")

@@ -16,7 +16,8 @@ from virthotplug.core.view import AgentStatus, VcpuView
 from virthotplug.daemon.domains import AgentFailures, DomainRegistry
 from virthotplug.daemon.eventlog import EventLog
 from virthotplug.daemon.jobs import JobRunner
-from virthotplug.daemon.watch import JobResult, Watch
+from virthotplug.daemon.results import JobResult
+from virthotplug.daemon.watch import Watch
 
 HOST = "test:///default"
 GONE = DomainRef(HOST, "uuid-gone", "gone")

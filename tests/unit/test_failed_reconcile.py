@@ -10,7 +10,9 @@ from virthotplug.core.config import WatchSettings
 from virthotplug.core.events import DomainRef
 from virthotplug.core.schedule import Job
 from virthotplug.daemon.eventlog import EventLog
-from virthotplug.daemon.watch import FAILED_RETRY, RETRY_FAILED, JobResult, Watch, _JobDone
+from virthotplug.daemon.results import JobDone, JobResult
+from virthotplug.daemon.watch import Watch
+from virthotplug.daemon.worker import FAILED_RETRY, RETRY_FAILED
 
 HOST = "test:///default"
 REF = DomainRef(HOST, "uuid-1", "dom1")
@@ -35,10 +37,10 @@ def _refused(_conn: Any, _dom: Any, _job: Job) -> JobResult:
     raise errors.VirtHotplugError("domain 'dom1' metadata: virDomainGetMetadata() failed")
 
 
-def _run(watch: Watch, reasons: list[str]) -> _JobDone:
+def _run(watch: Watch, reasons: list[str]) -> JobDone:
     watch._run_job(Job(REF, due=0.0, first_request=0.0, reasons=reasons))
     item = watch._queue.get_nowait()  # what the worker handed back to the main loop
-    assert isinstance(item, _JobDone)
+    assert isinstance(item, JobDone)
     return item
 
 

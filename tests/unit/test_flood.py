@@ -354,7 +354,7 @@ def test_a_flooding_domain_delays_another_domains_hotadd_by_less_than_100ms(
         started.setdefault(job.ref.name, []).append(time.monotonic())
         return None
 
-    watch._reconcile = reconcile  # type: ignore[method-assign]
+    watch._worker._reconcile = reconcile  # type: ignore[method-assign]
     watch._flood = FloodGuard(threshold=threshold)
     listener = Listener(HOST, watch._queue.put, lambda: None, guard=watch._flood)
     loop = threading.Thread(target=watch.run, daemon=True)

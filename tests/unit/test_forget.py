@@ -11,7 +11,8 @@ from virthotplug.core.events import DomainRef, HookEvent, LifecycleEvent
 from virthotplug.core.schedule import Job
 from virthotplug.daemon.eventlog import EventLog
 from virthotplug.daemon.jobs import JobRunner
-from virthotplug.daemon.watch import JobResult, Watch, WatchStats
+from virthotplug.daemon.results import JobResult, WatchStats
+from virthotplug.daemon.watch import Watch
 from virthotplug.host import reconcile
 from virthotplug.host.connection import Connection, Domain
 

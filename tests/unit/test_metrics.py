@@ -25,8 +25,8 @@ from virthotplug.core.view import (
     HypervisorLayer,
     VcpuView,
 )
-from virthotplug.daemon import metrics
-from virthotplug.daemon.watch import JobResult
+from virthotplug.daemon import metrics, metricsserver
+from virthotplug.daemon.results import JobResult
 
 HOST = "qemu:///system"
 REF = DomainRef(HOST, "9a2b0000-0000-4000-8000-000000000001", "web1")
@@ -151,19 +151,19 @@ def m() -> metrics.Metrics:
     ],
 )
 def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
-    assert metrics.parse_listen(text) == expected
+    assert metricsserver.parse_listen(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "http", "1.2.3.4:", "65536", "::1:9177", "a:-1", "1:2x"])
 def test_parse_listen_rejects(text: str) -> None:
     with pytest.raises(UsageError, match="--metrics-listen"):
-        metrics.parse_listen(text)
+        metricsserver.parse_listen(text)
 
 
 def test_without_prometheus_client_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails
     with pytest.raises(UsageError) as info:
-        metrics.start("9177")
+        metricsserver.start("9177")
     assert "pip install 'virthotplug[metrics]'" in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -422,7 +422,8 @@ def test_a_broken_record_never_raises(m: metrics.Metrics) -> None:
 
 
 def test_serves_the_registry_on_the_given_address_only(m: metrics.Metrics) -> None:
-    address, port = m.serve("127.0.0.1", 0)
+    server = metricsserver.MetricsServer(m)
+    address, port = server.serve("127.0.0.1", 0)
     try:
         assert address == "127.0.0.1" and port > 0
         m.reconciled(job(), outcome(view()), 0.01)
@@ -432,14 +433,15 @@ def test_serves_the_registry_on_the_given_address_only(m: metrics.Metrics) -> No
             text
         )
     finally:
-        m.close()
+        server.close()
 
 
 def test_port_in_use_is_a_one_line_usage_error(m: metrics.Metrics) -> None:
-    _, port = m.serve("127.0.0.1", 0)
+    server = metricsserver.MetricsServer(m)
+    _, port = server.serve("127.0.0.1", 0)
     try:
-        other = metrics.Metrics()
+        other = metricsserver.MetricsServer(metrics.Metrics())
         with pytest.raises(UsageError, match=r"cannot listen on 127\.0\.0\.1:"):
             other.serve("127.0.0.1", port)
     finally:
-        m.close()
+        server.close()

@@ -10,7 +10,8 @@ from virthotplug.core.config import WatchSettings
 from virthotplug.core.events import DomainRef, LifecycleEvent
 from virthotplug.core.schedule import Job
 from virthotplug.daemon.eventlog import EventLog
-from virthotplug.daemon.watch import MAIN_LOOP_WAKEUP, JobResult, Watch
+from virthotplug.daemon.results import JobResult
+from virthotplug.daemon.watch import MAIN_LOOP_WAKEUP, Watch
 from virthotplug.host.connection import Connection, Domain
 
 

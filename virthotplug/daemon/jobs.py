@@ -33,7 +33,7 @@ from virthotplug.core.schedule import Job, Key
 from virthotplug.core.view import CRITICAL, HISTORY_REJECTED, HistoryEntry, VcpuView, to_dict
 from virthotplug.daemon.domains import DomainRegistry
 from virthotplug.daemon.flood import FloodEvent
-from virthotplug.daemon.watch import JobResult
+from virthotplug.daemon.results import JobResult
 from virthotplug.host import actions, history
 from virthotplug.host.actions import ONLINED
 from virthotplug.host.connection import Connection

@@ -1,9 +1,9 @@
-"""Prometheus metrics of the daemon: ``virthotplug watch --metrics-listen [ADDR:]PORT``.
+"""Prometheus metrics of the daemon: what it counts and the state its gauges show. They are
+served by ``metricsserver`` (``virthotplug watch --metrics-listen [ADDR:]PORT``).
 
 Optional: needs prometheus-client (``pip install 'virthotplug[metrics]'``), imported only
-when metrics are asked for. Everything lives in a private ``CollectorRegistry`` served on
-the one address given (loopback when only a port is given), never on all interfaces unless
-asked. A fleet of hosts is aggregated by Prometheus itself.
+when metrics are asked for. Everything lives in a private ``CollectorRegistry``. A fleet of
+hosts is aggregated by Prometheus itself.
 
 Per domain (labels ``host``, ``domain``), from the view of each domain's last reconcile
 or resync, built at scrape time (``_DomainCollector``) from the domains' records; a domain
@@ -45,7 +45,6 @@ Label values that a guest can influence are bounded: _OST names drop their hex d
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
@@ -57,36 +56,17 @@ from virthotplug.daemon.domains import DomainRegistry, Hotadd
 if TYPE_CHECKING:
     from virthotplug.core.schedule import Job
     from virthotplug.core.view import VcpuView
-    from virthotplug.daemon.watch import JobResult
+    from virthotplug.daemon.results import JobResult
 
-log = logging.getLogger("virthotplug.daemon.watch")
+log = logging.getLogger(__name__)
 
-LOOPBACK = "127.0.0.1"
 INSTALL_HINT = "install it with: pip install 'virthotplug[metrics]'"
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
 MAX_PENDING_HOTADDS = 4096  # hot-adds of one domain waiting to be seen online
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """``PORT``, ``ADDR:PORT`` or ``[IPv6]:PORT`` → (address, port); no address: loopback.
-
-    Port 0 asks the kernel for a free port (the one chosen is logged).
-    """
-    value = text.strip()
-    host, sep, port_text = value.rpartition(":")
-    if not sep:
-        host, port_text = "", value
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise UsageError(f"--metrics-listen {text!r}: write an IPv6 address as [ADDR]:PORT")
-    if not port_text.isdigit() or int(port_text) > 65535:
-        raise UsageError(f"--metrics-listen {text!r}: expected [ADDR:]PORT, PORT 0-65535")
-    return host or LOOPBACK, int(port_text)
-
-
-def _prometheus() -> Any:
+def prometheus() -> Any:
     try:
         import prometheus_client
     except ImportError:
@@ -124,7 +104,7 @@ class Metrics:
     """
 
     def __init__(self, domains: Optional[DomainRegistry] = None) -> None:
-        prom = _prometheus()
+        prom = prometheus()
         self.registry = prom.CollectorRegistry(auto_describe=True)
         reg = self.registry
         prom.ProcessCollector(registry=reg)  # process_* : the daemon's own RSS, CPU, fds
@@ -174,7 +154,6 @@ class Metrics:
         self.domains = domains if domains is not None else DomainRegistry()
         self._connected_before: set[str] = set()
         self._gone: set[str] = set()  # hosts whose session ended: never watched again
-        self._server: Any = None
         self.clock = time.monotonic  # the events' clock (tests replace it)
         reg.register(_DomainCollector(self._snapshot))
 
@@ -336,25 +315,11 @@ class Metrics:
         for hotadd in done:
             self.hotadd_latency.labels(host).observe(max(0.0, now - hotadd.mono))
 
-    # --- exposition -------------------------------------------------------------------------
+    # --- what a scrape returns --------------------------------------------------------------
 
     def text(self) -> bytes:
         """The registry in the Prometheus text format (what a scrape returns)."""
-        return bytes(_prometheus().generate_latest(self.registry))
-
-    def serve(self, address: str, port: int) -> tuple[str, int]:
-        """Serve ``/metrics`` on ``address:port`` only, from a daemon thread; the bound
-        address is returned (port 0 picks a free one)."""
-        self._server = _serve(self.registry, address, port)
-        bound = self._server.server_address
-        log.info("metrics: serving http://%s/metrics", _host_port(bound[0], bound[1]))
-        return str(bound[0]), int(bound[1])
-
-    def close(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        return bytes(prometheus().generate_latest(self.registry))
 
 
 class _DomainCollector:
@@ -362,7 +327,7 @@ class _DomainCollector:
     (a prometheus_client custom collector: the registry calls ``collect``)."""
 
     def __init__(self, snapshot: Callable[[], list[_Domain]]) -> None:
-        from prometheus_client.core import GaugeMetricFamily  # present: _prometheus() checked
+        from prometheus_client.core import GaugeMetricFamily  # present: prometheus() checked
 
         self._family = GaugeMetricFamily
         self._snapshot = snapshot
@@ -450,47 +415,3 @@ def _layer_counts(view: VcpuView) -> dict[str, Optional[int]]:
         "hypervisor": view.hypervisor.count if view.hypervisor is not None else None,
         "guest": len(view.guest.present) if view.guest is not None else None,
     }
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _serve(registry: Any, address: str, port: int) -> Any:
-    from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
-    prom = _prometheus()
-    try:
-        family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
-    except socket.gaierror as exc:
-        raise UsageError(f"--metrics-listen: cannot resolve {address!r}: {exc}") from None
-
-    class Server(ThreadingMixIn, WSGIServer):
-        daemon_threads = True
-        address_family = family
-
-    class QuietHandler(WSGIRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    try:
-        server = make_server(
-            address, port, prom.make_wsgi_app(registry), Server, handler_class=QuietHandler
-        )
-    except OSError as exc:
-        where = _host_port(address, port)
-        raise UsageError(f"--metrics-listen: cannot listen on {where}: {exc.strerror}") from None
-    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
-    thread.start()
-    return server
-
-
-def start(listen: str, domains: Optional[DomainRegistry] = None) -> Optional[Metrics]:
-    """Metrics for ``--metrics-listen`` (None when not asked for), already serving."""
-    if not listen:
-        return None
-    address, port = parse_listen(listen)
-    metrics = Metrics(domains)
-    metrics.serve(address, port)
-    return metrics

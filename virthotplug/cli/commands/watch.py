@@ -1,4 +1,4 @@
-"""``virthotplug watch``: the daemon (see ``virthotplug.daemon.watch``)."""
+"""``virthotplug watch``: the daemon (see ``virthotplug.daemon``)."""
 
 from __future__ import annotations
 
@@ -91,11 +91,12 @@ def run(args: argparse.Namespace) -> int:
     sources = []
     if not args.no_hook_socket:
         sources.append(HookServer(settings.hook_socket, local_qemu_uri(hosts)))
-    metrics = None
+    server = None
     if args.metrics_listen:
-        from virthotplug.daemon.metrics import start as start_metrics
+        from virthotplug.daemon.metricsserver import start as start_metrics
 
-        metrics = start_metrics(args.metrics_listen, domains)
+        server = start_metrics(args.metrics_listen, domains)
+    metrics = server.metrics if server is not None else None
     # Periodic and reconnect resyncs read every running domain in bulk and reconcile only
     # the domains that need it; the metrics get every view it read.
     resync = BulkResync(runner, on_views=metrics.resynced if metrics is not None else None)
@@ -115,6 +116,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         watch.run()
     finally:
-        if metrics is not None:
-            metrics.close()
+        if server is not None:
+            server.close()
     return EXIT_OK
