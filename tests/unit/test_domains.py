@@ -115,7 +115,7 @@ def test_a_forget_event_drops_the_record_and_tells_every_store() -> None:
     watch, _runner, monitors = _daemon(clock)
     _give_state(watch, GONE)
     watch._event(LifecycleEvent(GONE, event=5, detail=1))  # stopped (destroyed)
-    assert len(watch.domains) == 0 and len(watch._sched) == 0
+    assert not list(watch.domains.records()) and len(watch._sched) == 0
     assert monitors.dropped == [GONE.uuid]
     assert watch.domains.forgotten_within(GONE.key, 1.0)
 
@@ -129,3 +129,20 @@ def test_agent_failures_live_in_the_records() -> None:
     assert GONE.key not in counts
     with pytest.raises(KeyError):
         del counts[KEPT.key]
+
+
+def test_the_main_loop_never_writes_what_a_running_job_writes() -> None:
+    # A flood voids the domain's pending hot-add: the main loop only leaves a mark in the
+    # record (under its lock); the domain's next job, the one thread that writes its
+    # memory, applies it. A job running meanwhile never sees its memory change under it.
+    from virthotplug.daemon.flood import FloodEvent
+    from virthotplug.daemon.jobs import PendingHotadd
+
+    runner = JobRunner(HostConfig(), WatchSettings())
+    memory = runner._memory_for(GONE.key)
+    memory.pending = PendingHotadd({1}, frozenset({0}), since=5.0)
+    runner.observe(FloodEvent(GONE))
+    assert memory.pending is not None and memory.decided_upto == float("-inf")
+    runner._apply_distrust(GONE.key, memory)  # what the next job does first
+    assert memory.pending is None and memory.decided_upto > 5.0
+    assert runner.domains.record(GONE.key).distrusted_at is None

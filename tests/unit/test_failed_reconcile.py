@@ -54,3 +54,20 @@ def test_a_failed_reconcile_is_retried_once_and_forgotten_by_the_resync() -> Non
     again = _run(watch, ["host", RETRY_FAILED])
     assert again.retry_after is None  # no timer after the retry: the resync takes over
     assert watch.stats.failures == 2
+
+
+def _crashes(_conn: Any, _dom: Any, _job: Job) -> JobResult:
+    raise KeyError("a bug in one reconcile")
+
+
+def test_a_crashed_reconcile_counts_as_failed_and_is_retried() -> None:
+    bulk = _Bulk()
+    watch = Watch([HOST], WatchSettings(), _crashes, EventLog(None), resync=bulk)  # type: ignore[arg-type]
+    watch.sessions[HOST]._conn = _Conn()  # type: ignore[assignment]
+    first = _run(watch, ["ost"])
+    assert (first.retry_after, first.reason) == (FAILED_RETRY, RETRY_FAILED)
+    assert first.unresponsive is None  # a crash says nothing of the guest's agent
+    assert bulk.forgotten == [(HOST, "uuid-1")]
+    again = _run(watch, ["ost", RETRY_FAILED])
+    assert again.retry_after is None
+    assert watch.stats.failures == 2

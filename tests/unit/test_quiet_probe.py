@@ -74,7 +74,7 @@ def test_a_busy_vcpu_keeps_monitor_events_off(caplog: pytest.LogCaptureFixture) 
     clock, host = _Clock(), _Host()
     guard = _suppressed(clock)
     subs = MonitorSubscriptions(HOST, lambda: None, guard, clock)
-    caplog.set_level(logging.INFO, logger="virthotplug.daemon.watch")
+    caplog.set_level(logging.INFO, logger="virthotplug.daemon.subscriptions")
     _probe(subs, host, clock, 1030.0)  # the first read decides nothing
     host.times = {0: SECOND // 100, 1: 97 * SECOND // 100}  # vcpu1 flooding: 97 %
     _probe(subs, host, clock, 1031.0)

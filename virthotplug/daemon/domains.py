@@ -114,10 +114,6 @@ class DomainRegistry:
             found = [rec for records in hosts for rec in records.values()]
         return iter(found)
 
-    def __len__(self) -> int:
-        with self.lock:
-            return sum(len(records) for records in self._hosts.values())
-
     # --- forgetting: here only ---------------------------------------------------------
 
     def forget(self, key: Key) -> None:

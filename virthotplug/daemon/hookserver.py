@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 from virthotplug.core.events import DomainRef, Event, HookEvent
 
-log = logging.getLogger("virthotplug.hook")
+log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 4096

@@ -294,11 +294,6 @@ class Metrics:
                 if rec.view is not None
             ]
 
-    def pending_hotadds(self) -> int:
-        """Hot-adds waiting to be seen online, across all domains."""
-        with self.domains.lock:
-            return sum(len(rec.hotadds) for rec in self.domains.records())
-
     def _hotadd_latency(
         self, host: str, view: VcpuView, vcpus: Optional[frozenset[int]] = None
     ) -> None:

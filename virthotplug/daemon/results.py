@@ -5,7 +5,6 @@ and the daemon's counters."""
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
@@ -90,7 +89,9 @@ class JobDone:
     retry_after: Optional[float] = None
     job: Optional[Job] = None
     reason: str = "grace"
-    unresponsive: bool = False  # the reconcile found the guest agent not answering
+    # Whether the reconcile found the guest agent not answering; None: it says nothing of
+    # the agent (no reconcile ran, or its connection was lost meanwhile).
+    unresponsive: Optional[bool] = None
 
 
 @dataclass
@@ -99,7 +100,6 @@ class WatchStats:
     reconciles: int = 0
     failures: int = 0
     coalesced: int = 0
-    started: float = field(default_factory=time.monotonic)
     # Workers count too: without a lock an increment is a read-modify-write that only
     # happens to be atomic on today's CPython (and is not with free threading).
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)

@@ -46,7 +46,7 @@ from virthotplug.host import collect, history
 from virthotplug.host.connection import Connection
 from virthotplug.host.policysource import policy_from_definitions
 
-log = logging.getLogger("virthotplug.daemon.watch")
+log = logging.getLogger(__name__)
 
 # Definitions are read again at least this many resync intervals after they were read.
 MAX_AGE_INTERVALS = 10

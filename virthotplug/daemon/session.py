@@ -61,6 +61,10 @@ class HostSession:
         """First connection, in the caller's thread: a bad URI fails the start at once."""
         self._conn = self._open()
 
+    def holds(self, conn: Connection) -> bool:
+        """Whether ``conn`` is still this session's connection, and alive."""
+        return conn is self._conn and not self._lost.is_set() and conn.is_alive()
+
     def mark_lost(self, conn: Optional[Connection] = None) -> None:
         """End the current connection. With ``conn``, only if it still is the current one:
         a loss reported late by an old connection (its close callback, a worker's call

@@ -205,7 +205,8 @@ class Watch:
         wait = min(MAIN_LOOP_WAKEUP, max(0.0, next_tick - now))
         # A due job only matters while a worker is free: when all are busy, the next one to
         # finish wakes the loop (its JobDone), so waiting for it never spins.
-        due = self._sched.next_due() if self._sched.running < self.settings.workers else None
+        workers = self._workers.size if self._workers is not None else self.settings.workers
+        due = self._sched.next_due() if self._sched.running < workers else None
         if due is not None:
             wait = min(wait, max(0.0, due - now))
         return wait
@@ -232,10 +233,10 @@ class Watch:
         elif isinstance(item, _Control):
             self._control(item)
         elif isinstance(item, Event):
-            self.stats.events += 1
+            self.stats.count(events=1)
             self._event(item)
         elif isinstance(item, _Listed):
-            self.stats.events += 1
+            self.stats.count(events=1)
             self._event(item.event)
             if item.complete:  # FORGET events lost in a gap: their domains go now
                 uuids = (ref.uuid for ref in item.event.domains)
@@ -250,6 +251,15 @@ class Watch:
                 log.info("configuration reloaded")
             except errors.VirtHotplugError as exc:
                 log.error("reload failed, keeping the previous configuration: %s", exc)
+                return
+            self._resize_workers()
+
+    def _resize_workers(self) -> None:
+        """A reload applies ``workers`` in full: the pool and the count of free slots."""
+        pool = self._workers
+        if pool is not None and pool.size != max(1, self.settings.workers):
+            log.info("workers: %d, were %d", max(1, self.settings.workers), pool.size)
+            pool.resize(self.settings.workers)
 
     def _event(self, ev: Event) -> None:
         if ev.domain is not None and not self._watches(ev.domain):
@@ -282,6 +292,7 @@ class Watch:
         if session is None or ev.domain is None:
             return
         if isinstance(ev, LifecycleEvent) and ev.event_name in ("started", "resumed"):
+            self._flood.running(ev.domain.host, (ev.domain.uuid,))
             session.monitors.add(ev.domain.uuid)
 
     def _drop_monitor(self, key: Key) -> None:
@@ -315,6 +326,7 @@ class Watch:
             self._resync(session)  # events in the gap are lost: re-read everything
         elif ev.what == "listed":
             listed = [ref for ref in ev.domains if self._watches(ref)]
+            self._flood.running(ev.host, (ref.uuid for ref in listed))
             if session is not None:
                 session.monitors.sync(ref.uuid for ref in listed)
             for ref in listed if ev.reconcile is None else ev.reconcile:
@@ -400,9 +412,9 @@ class Watch:
 
     def _dispatch(self, now: float) -> None:
         assert self._workers is not None
-        free = self.settings.workers - self._sched.running
+        free = self._workers.size - self._sched.running
         for job in self._sched.pop_due(now, free):
-            self.stats.coalesced += job.coalesced - 1
+            self.stats.count(coalesced=job.coalesced - 1)
             self._workers.submit(job)
 
     def _agent_connected(self, ref: DomainRef) -> None:
@@ -412,6 +424,8 @@ class Watch:
 
     def _breaker_verdict(self, done: JobDone) -> None:
         """Count unresponsive agents; a domain past the threshold waits without a worker."""
+        if done.unresponsive is None:
+            return  # no word on the agent
         until = self._breaker.record(done.key, unresponsive=done.unresponsive, now=time.monotonic())
         if not done.unresponsive:
             self._sched.release(done.key)

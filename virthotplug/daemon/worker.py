@@ -33,23 +33,49 @@ RETRY_FAILED = "failed"
 
 
 class WorkerPool:
-    """A set of daemon threads: a reconcile stuck on a hung guest never blocks exit."""
+    """A set of daemon threads: a reconcile stuck on a hung guest never blocks exit.
+
+    Its size follows the ``workers`` setting on reload (``resize``): the main loop hands out
+    no more jobs than there are workers, so a pool smaller than that would queue jobs here,
+    where a hot-add waits behind resync jobs instead of going first.
+    """
 
     def __init__(self, count: int, run: Callable[[Job], None]) -> None:
-        self._jobs: queue.Queue[Job] = queue.Queue()
-        self._threads = [
-            threading.Thread(target=self._loop, args=(run,), name=f"reconcile-{i}", daemon=True)
-            for i in range(max(1, count))
-        ]
-        for thread in self._threads:
+        self._jobs: queue.Queue[Optional[Job]] = queue.Queue()  # None: one worker ends
+        self._run = run
+        self._threads: list[threading.Thread] = []
+        self._started = 0
+        self.size = 0
+        self.resize(count)
+
+    def resize(self, count: int) -> None:
+        """Start workers, or tell some to end once their current job is done."""
+        count = max(1, count)
+        while self.size < count:
+            name = f"reconcile-{self._started}"
+            thread = threading.Thread(target=self._loop, name=name, daemon=True)
             thread.start()
+            self._threads.append(thread)
+            self._started += 1
+            self.size += 1
+        while self.size > count:
+            self._jobs.put(None)
+            self.size -= 1
+        self._threads = [thread for thread in self._threads if thread.is_alive()]
+
+    def alive(self) -> int:
+        """Worker threads still running (ending ones finish their job first)."""
+        return sum(thread.is_alive() for thread in self._threads)
 
     def submit(self, job: Job) -> None:
         self._jobs.put(job)
 
-    def _loop(self, run: Callable[[Job], None]) -> None:
+    def _loop(self) -> None:
         while True:
-            run(self._jobs.get())
+            job = self._jobs.get()
+            if job is None:
+                return
+            self._run(job)
 
 
 class _ReconcileFailed(Exception):
@@ -78,26 +104,28 @@ class JobWorker:
         self._bulk = bulk
 
     def run(self, job: Job) -> JobDone:
-        result = None
-        failed = False
+        started = time.monotonic()
+        session = self._sessions.get(job.ref.host)
+        conn = session.conn if session is not None else None  # the one the job will use
         try:
             result = self._reconcile(job)
         except _ReconcileFailed:
-            failed = True
-        except Exception:  # a bug in one reconcile must not kill a worker
+            return _retried(job)
+        except Exception:  # a bug after the reconcile: it must not kill a worker either
             log.exception("domain '%s': reconcile crashed", job.ref.name)
-        retry_after = result.retry_after if result is not None else None
-        reason = result.retry_reason if result is not None else "grace"
-        if failed and RETRY_FAILED not in job.reasons:
-            retry_after, reason = FAILED_RETRY, RETRY_FAILED
-        view = result.view if result is not None else None
-        unresponsive = view is not None and view.agent.state == AGENT_UNRESPONSIVE
-        return JobDone(job.ref.key, retry_after, job, reason, unresponsive)
+            self._failed(job, started)
+            return _retried(job)
+        if result is None:
+            return JobDone(job.ref.key, job=job)
+        connected = session is not None and conn is not None and session.holds(conn)
+        unresponsive = _agent_verdict(result, connected)
+        return JobDone(job.ref.key, result.retry_after, job, result.retry_reason, unresponsive)
 
     def _reconcile(self, job: Job) -> Optional[JobResult]:
+        """The job's result; None: none (the domain or the connection is gone)."""
         session = self._sessions.get(job.ref.host)
         conn = session.conn if session else None
-        if conn is None:
+        if session is None or conn is None:
             return None  # the reconnect's resync covers it
         started = time.monotonic()
         try:
@@ -107,15 +135,15 @@ class JobWorker:
             return None
         except errors.ConnectError as exc:
             log.warning("%s: %s", conn.uri, exc)
-            if session is not None:
-                session.mark_lost(conn)  # only if no reconnect happened meanwhile
+            session.mark_lost(conn)  # only if no reconnect happened meanwhile
             return None
         except errors.VirtHotplugError as exc:
-            self._stats.count(failures=1)
             log.warning("domain '%s': %s", job.ref.name, exc)
-            self._observer.failed(job, time.monotonic() - started)
-            if self._bulk is not None:
-                self._bulk.forget(conn.uri, job.ref.uuid)  # not known: the next resync picks it
+            self._failed(job, started)
+            raise _ReconcileFailed from exc
+        except Exception as exc:  # a bug: counted and tried again like any failure
+            log.exception("domain '%s': reconcile crashed", job.ref.name)
+            self._failed(job, started)
             raise _ReconcileFailed from exc
         result = self._with_flood_finding(job, result)
         self._stats.count(reconciles=1)
@@ -129,6 +157,12 @@ class JobWorker:
         if self._bulk is not None:
             self._bulk.reconciled(conn.uri, result.view)
         return result
+
+    def _failed(self, job: Job, started: float) -> None:
+        self._stats.count(failures=1)
+        self._observer.failed(job, time.monotonic() - started)
+        if self._bulk is not None:  # not known: the next resync picks it
+            self._bulk.forget(job.ref.host, job.ref.uuid)
 
     def _with_flood_finding(self, job: Job, result: JobResult) -> JobResult:
         """A domain whose monitor events are suppressed says so in its record and metrics."""
@@ -145,3 +179,22 @@ class JobWorker:
             view = dataclasses.replace(view, findings=(*view.findings, finding))
         line = f"{result.line}; {finding.code}: {finding.message}"
         return dataclasses.replace(result, record=record, view=view, line=line, routine=False)
+
+
+def _retried(job: Job) -> JobDone:
+    """A failed job: tried once more after ``FAILED_RETRY``; a failed retry is left to the
+    next periodic resync."""
+    if RETRY_FAILED in job.reasons:
+        return JobDone(job.ref.key, job=job)
+    return JobDone(job.ref.key, FAILED_RETRY, job, RETRY_FAILED)
+
+
+def _agent_verdict(result: JobResult, connected: bool) -> Optional[bool]:
+    """Whether ``result`` found the guest agent unresponsive. None when the connection was
+    lost meanwhile: every agent call on it fails or times out, which says nothing of the
+    guest, so it must not count against its agent circuit breaker."""
+    view = result.view
+    unresponsive = view is not None and view.agent.state == AGENT_UNRESPONSIVE
+    if unresponsive and not connected:
+        return None
+    return unresponsive
