@@ -100,7 +100,6 @@ class Watch:
         domains: Optional[DomainRegistry] = None,
     ) -> None:
         self.settings = settings
-        self._reconcile_fn = reconcile_fn
         self._eventlog = eventlog
         self._reload = reload
         # SimpleQueue: its put is reentrant, so a signal handler may call it while the main

@@ -117,7 +117,10 @@ class JobWorker:
             return _retried(job)
         if result is None:
             return JobDone(job.ref.key, job=job)
-        connected = session is not None and conn is not None and session.holds(conn)
+
+        def connected() -> bool:
+            return session is not None and conn is not None and session.holds(conn)
+
         unresponsive = _agent_verdict(result, connected)
         return JobDone(job.ref.key, result.retry_after, job, result.retry_reason, unresponsive)
 
@@ -189,12 +192,12 @@ def _retried(job: Job) -> JobDone:
     return JobDone(job.ref.key, FAILED_RETRY, job, RETRY_FAILED)
 
 
-def _agent_verdict(result: JobResult, connected: bool) -> Optional[bool]:
+def _agent_verdict(result: JobResult, connected: Callable[[], bool]) -> Optional[bool]:
     """Whether ``result`` found the guest agent unresponsive. None when the connection was
-    lost meanwhile: every agent call on it fails or times out, which says nothing of the
-    guest, so it must not count against its agent circuit breaker."""
+    lost meanwhile (asked only then): every agent call on it fails or times out, which says
+    nothing of the guest, so it must not count against its agent circuit breaker."""
     view = result.view
     unresponsive = view is not None and view.agent.state == AGENT_UNRESPONSIVE
-    if unresponsive and not connected:
+    if unresponsive and not connected():
         return None
     return unresponsive
