@@ -146,3 +146,14 @@ def test_the_main_loop_never_writes_what_a_running_job_writes() -> None:
     runner._apply_distrust(GONE.key, memory)  # what the next job does first
     assert memory.pending is None and memory.decided_upto > 5.0
     assert runner.domains.record(GONE.key).distrusted_at is None
+
+
+def test_a_resync_read_before_the_stop_does_not_bring_a_forgotten_domain_back() -> None:
+    clock = _Clock()
+    domains = DomainRegistry(clock)
+    domains.record(GONE.key)
+    domains.forget(GONE.key)
+    clock.now += 1.0
+    gone, kept = domains.records_of(HOST, [GONE.uuid, KEPT.uuid])
+    assert gone is None and kept is not None and kept.touched == clock.now
+    assert [rec.key for rec in domains.records(HOST)] == [KEPT.key]

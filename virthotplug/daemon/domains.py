@@ -22,7 +22,16 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, MutableMapping, NamedTuple, Optional
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    Iterable,
+    Iterator,
+    MutableMapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+)
 
 if TYPE_CHECKING:
     from virthotplug.core.view import VcpuView
@@ -101,6 +110,22 @@ class DomainRegistry:
             else:
                 found.touched = now
             return found
+
+    def records_of(self, host: str, uuids: Sequence[str]) -> list[Optional[DomainRecord]]:
+        """``record`` for many domains of one host at once (a resync's), in order; None for
+        a domain that was forgotten (its state must not come back from an older read)."""
+        now = self._clock()
+        found: list[Optional[DomainRecord]] = []
+        with self.lock:
+            records = self._hosts.setdefault(host, {})
+            for uuid in uuids:
+                rec = records.get(uuid)
+                if rec is not None:
+                    rec.touched = now
+                elif (host, uuid) not in self._forgotten:
+                    rec = records[uuid] = DomainRecord(host, uuid, now)
+                found.append(rec)
+        return found
 
     def get(self, key: Key) -> Optional[DomainRecord]:
         with self.lock:

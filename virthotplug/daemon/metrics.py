@@ -182,14 +182,17 @@ class Metrics:
             with self._lock:
                 if host in self._gone:
                     return
+            pending = []
             domains = self.domains
             with domains.lock:
-                for view in views:
-                    if not domains.forgotten_within((host, view.uuid)):
-                        rec = domains.record((host, view.uuid))
+                records = domains.records_of(host, [view.uuid for view in views])
+                for view, rec in zip(views, records):
+                    if rec is not None:
                         rec.view, rec.view_at = view, now
                         rec.policy_mode = modes.get(view.uuid)
-            for view in views:
+                        if rec.hotadds:
+                            pending.append(view)
+            for view in pending:
                 self._hotadd_latency(host, view)
         except Exception:
             log.exception("metrics: recording a resync failed")
