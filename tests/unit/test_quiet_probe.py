@@ -99,6 +99,24 @@ def test_without_vcpu_times_the_back_off_alone_decides() -> None:
     assert host.registered == [UUID]
 
 
+class _Gone(_Host):
+    def domain_by_uuid(self, uuid: str) -> _Domain:
+        raise errors.NoDomainError(f"no domain with UUID {uuid}")
+
+
+def test_a_probe_that_finds_no_domain_ends_the_probes() -> None:
+    # A transient domain destroyed while its stop event was lost: probed once more, then
+    # never again (it used to be probed every second, forever).
+    clock = _Clock()
+    guard = _suppressed(clock)
+    _probe(MonitorSubscriptions(HOST, lambda: None, guard, clock), _Gone(), clock, 1030.0)
+    probed = []
+    for _ in range(600):
+        clock.now += 1.0
+        probed += guard.collect()[1]
+    assert probed == []
+
+
 def test_busiest_leaves_out_vcpus_plugged_in_between() -> None:
     before = (0.0, {0: 0, 1: 0})
     after = (2.0, {0: SECOND // 10, 1: SECOND // 2, 2: 10 * SECOND})
