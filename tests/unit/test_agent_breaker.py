@@ -14,7 +14,8 @@ from virthotplug.core.events import AgentEvent, DomainRef, LifecycleEvent, OstMo
 from virthotplug.core.schedule import Job
 from virthotplug.core.view import AgentStatus, VcpuView
 from virthotplug.daemon.eventlog import EventLog
-from virthotplug.daemon.watch import JobResult, Watch
+from virthotplug.daemon.results import JobResult
+from virthotplug.daemon.watch import Watch
 
 HOST = "test:///default"
 REF = DomainRef(HOST, "uuid-hung", "hung")
@@ -26,6 +27,9 @@ class FakeConn:
 
     def domain_by_uuid(self, uuid: str) -> Any:
         return uuid
+
+    def is_alive(self) -> bool:
+        return True
 
 
 def _view(ref: DomainRef, state: str) -> VcpuView:
@@ -77,6 +81,26 @@ def test_the_agent_connecting_closes_the_breaker() -> None:
     for job in watch._sched.pop_due(time.monotonic() + 1.0, 8):
         watch._run_job(job)
     assert calls.count("hung") == before + 1
+
+
+def test_a_lost_connection_does_not_count_against_the_agent() -> None:
+    # Every agent call on a connection that is going away fails or times out: that says
+    # nothing of the guest, and must not make it wait once the host is back.
+    calls: list[str] = []
+    watch = _watch(calls)
+    session = watch.sessions[HOST]
+
+    def lost_meanwhile(_conn: Any, _dom: Any, job: Job) -> JobResult:
+        calls.append(job.ref.name)
+        session.mark_lost(session.conn)  # its close callback, while the agent call hung
+        return JobResult(record={}, line="", view=_view(job.ref, "unresponsive"))
+
+    watch._worker._reconcile_fn = lost_meanwhile
+    for _ in range(AgentBreaker.THRESHOLD + 2):
+        session._lost.clear()
+        _round(watch, (REF,))
+    assert calls.count("hung") == AgentBreaker.THRESHOLD + 2
+    assert watch._breaker.failures(REF.key) == 0
 
 
 def test_backoff_grows_and_is_bounded() -> None:

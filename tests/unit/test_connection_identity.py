@@ -15,7 +15,9 @@ from virthotplug.core.config import WatchSettings
 from virthotplug.core.events import DomainRef, HostEvent
 from virthotplug.core.schedule import Job
 from virthotplug.daemon.eventlog import EventLog
-from virthotplug.daemon.watch import HostSession, JobResult, Watch
+from virthotplug.daemon.results import JobResult
+from virthotplug.daemon.session import HostSession
+from virthotplug.daemon.watch import Watch
 from virthotplug.host.connection import _AgentLeases
 
 HOST = "test:///default"
@@ -71,9 +73,9 @@ def test_a_workers_connect_error_from_the_old_connection_is_ignored() -> None:
         session._conn = FakeConn("new")  # type: ignore[assignment]
         raise errors.ConnectError("end of file while reading data")
 
-    watch._reconcile_fn = reconnect_meanwhile
+    watch._worker._reconcile_fn = reconnect_meanwhile
     ref = DomainRef(HOST, "uuid-1", "dom1")
-    watch._reconcile(Job(ref, due=0.0, first_request=0.0, reasons=["ost"]))
+    watch._worker._reconcile(Job(ref, due=0.0, first_request=0.0, reasons=["ost"]))
     assert not session._lost.is_set()
 
 

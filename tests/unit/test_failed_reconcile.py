@@ -10,7 +10,9 @@ from virthotplug.core.config import WatchSettings
 from virthotplug.core.events import DomainRef
 from virthotplug.core.schedule import Job
 from virthotplug.daemon.eventlog import EventLog
-from virthotplug.daemon.watch import FAILED_RETRY, RETRY_FAILED, JobResult, Watch, _JobDone
+from virthotplug.daemon.results import JobDone, JobResult
+from virthotplug.daemon.watch import Watch
+from virthotplug.daemon.worker import FAILED_RETRY, RETRY_FAILED
 
 HOST = "test:///default"
 REF = DomainRef(HOST, "uuid-1", "dom1")
@@ -35,10 +37,10 @@ def _refused(_conn: Any, _dom: Any, _job: Job) -> JobResult:
     raise errors.VirtHotplugError("domain 'dom1' metadata: virDomainGetMetadata() failed")
 
 
-def _run(watch: Watch, reasons: list[str]) -> _JobDone:
+def _run(watch: Watch, reasons: list[str]) -> JobDone:
     watch._run_job(Job(REF, due=0.0, first_request=0.0, reasons=reasons))
     item = watch._queue.get_nowait()  # what the worker handed back to the main loop
-    assert isinstance(item, _JobDone)
+    assert isinstance(item, JobDone)
     return item
 
 
@@ -51,4 +53,21 @@ def test_a_failed_reconcile_is_retried_once_and_forgotten_by_the_resync() -> Non
     assert bulk.forgotten == [(HOST, "uuid-1")]  # the next resync reconciles it
     again = _run(watch, ["host", RETRY_FAILED])
     assert again.retry_after is None  # no timer after the retry: the resync takes over
+    assert watch.stats.failures == 2
+
+
+def _crashes(_conn: Any, _dom: Any, _job: Job) -> JobResult:
+    raise KeyError("a bug in one reconcile")
+
+
+def test_a_crashed_reconcile_counts_as_failed_and_is_retried() -> None:
+    bulk = _Bulk()
+    watch = Watch([HOST], WatchSettings(), _crashes, EventLog(None), resync=bulk)  # type: ignore[arg-type]
+    watch.sessions[HOST]._conn = _Conn()  # type: ignore[assignment]
+    first = _run(watch, ["ost"])
+    assert (first.retry_after, first.reason) == (FAILED_RETRY, RETRY_FAILED)
+    assert first.unresponsive is None  # a crash says nothing of the guest's agent
+    assert bulk.forgotten == [(HOST, "uuid-1")]
+    again = _run(watch, ["ost", RETRY_FAILED])
+    assert again.retry_after is None
     assert watch.stats.failures == 2

@@ -27,7 +27,7 @@ from virthotplug.daemon.flood import (
     summary_event,
 )
 from virthotplug.daemon.listener import Listener
-from virthotplug.daemon.watch import Watch
+from virthotplug.daemon.watch import Watch, _Listed
 from virthotplug.host.connection import Connection, Domain
 
 HOST = "qemu:///system"
@@ -354,7 +354,7 @@ def test_a_flooding_domain_delays_another_domains_hotadd_by_less_than_100ms(
         started.setdefault(job.ref.name, []).append(time.monotonic())
         return None
 
-    watch._reconcile = reconcile  # type: ignore[method-assign]
+    watch._worker._reconcile = reconcile  # type: ignore[method-assign]
     watch._flood = FloodGuard(threshold=threshold)
     listener = Listener(HOST, watch._queue.put, lambda: None, guard=watch._flood)
     loop = threading.Thread(target=watch.run, daemon=True)
@@ -462,3 +462,61 @@ def test_a_quiet_domain_is_listened_to_again_and_suppressed_ones_are_reconciled(
     clock.now += 20.0
     watch._flood_collect()
     assert session.monitors.calls == [("probe", "uuid-a")]
+
+
+def _flooded_watch() -> tuple[Watch, _Session, FloodGuard, Clock]:
+    watch = Watch([], WatchSettings(workers=1, resync_interval=3600), _never, EventLog(None))
+    session = _Session()
+    watch.sessions[HOST] = session  # type: ignore[assignment]
+    guard, clock = _guard(threshold=10, backoff_first=30.0, resync=10.0)
+    watch._flood = guard
+    assert Verdict.FLOOD in _admit(guard, n=11)
+    return watch, session, guard, clock
+
+
+def _work_for_an_hour(watch: Watch, session: _Session, clock: Clock) -> list[Any]:
+    """What the main loop does for suppressed domains in an hour: probes and reconciles."""
+    done: list[Any] = []
+    for _ in range(3600):
+        clock.now += 1.0
+        watch._flood_collect()
+        for job in watch._sched.pop_due(10**9, 8):
+            done.append(job.reasons)
+            watch._sched.finish(job.ref.key)
+    return done + session.monitors.calls
+
+
+def test_a_flooded_domain_that_is_destroyed_costs_nothing_more() -> None:
+    from virthotplug.core.events import LifecycleEvent
+
+    watch, session, guard, clock = _flooded_watch()
+    ref = DomainRef(HOST, "uuid-a", "dom-a")
+    watch._event(LifecycleEvent(ref, event=5, detail=1))  # stopped (destroyed): transient, gone
+    session.monitors.calls.clear()
+    assert _work_for_an_hour(watch, session, clock) == []  # no probe, no reconcile
+    assert len(guard) == 0  # and its history went after BACKOFF_MAX
+
+
+def test_a_flooded_domain_gone_in_a_reconnect_gap_costs_nothing_after_the_resync() -> None:
+    from virthotplug.core.events import HostEvent
+
+    watch, session, _, clock = _flooded_watch()
+    watch._event(OstMonitorEvent(DomainRef(HOST, "uuid-a", "dom-a"), error="a hint"))
+    clock.now += 1.0
+    listed = HostEvent(None, host=HOST, what="listed", domains=())  # no longer running
+    watch._handle(_Listed(listed, since=time.monotonic(), complete=True))
+    session.monitors.calls.clear()
+    assert _work_for_an_hour(watch, session, clock) == []
+
+
+def test_a_flooded_domain_started_again_is_probed_again() -> None:
+    from virthotplug.core.events import LifecycleEvent
+
+    watch, session, _, clock = _flooded_watch()
+    ref = DomainRef(HOST, "uuid-a", "dom-a")
+    watch._event(LifecycleEvent(ref, event=5, detail=1))  # stopped
+    watch._event(LifecycleEvent(ref, event=2, detail=0))  # started again: still suppressed
+    session.monitors.calls.clear()
+    clock.now += 30.0
+    watch._flood_collect()
+    assert ("probe", "uuid-a") in session.monitors.calls

@@ -10,9 +10,11 @@ from virthotplug.core.config import HostConfig, WatchSettings
 from virthotplug.core.events import DomainRef, HookEvent, LifecycleEvent
 from virthotplug.core.judge import Observations
 from virthotplug.core.schedule import Job
+from virthotplug.daemon.domains import DomainJobs
 from virthotplug.daemon.eventlog import EventLog
-from virthotplug.daemon.jobs import DomainJobs, JobRunner
-from virthotplug.daemon.watch import JobResult, Watch, WatchStats
+from virthotplug.daemon.jobs import JobRunner
+from virthotplug.daemon.results import JobResult, WatchStats
+from virthotplug.daemon.watch import Watch
 from virthotplug.host.connection import Connection, Domain
 from virthotplug.ops import reconcile
 
@@ -30,20 +32,19 @@ def _ref(i: int) -> DomainRef:
 def _runner_with_state(refs: list[DomainRef]) -> JobRunner:
     runner = JobRunner(HostConfig(), WatchSettings())
     for ref in refs:
-        runner._domains[ref.key] = DomainJobs(
-            Observations(ours={1}), findings=("guest-cpu-offline",)
-        )
+        rec = runner.domains.record(ref.key)
+        rec.jobs = DomainJobs(Observations(ours={1}), findings=("guest-cpu-offline",))
     return runner
 
 
 def test_a_forgotten_domain_leaves_no_state_in_the_job_runner() -> None:
     refs = [_ref(i) for i in range(3)]
     runner = _runner_with_state(refs)
-    watch = Watch([], WatchSettings(), _never, EventLog(None), forget=runner.forget)
+    watch = Watch([], WatchSettings(), _never, EventLog(None), domains=runner.domains)
     watch._event(LifecycleEvent(refs[0], event=STOPPED, detail=1))
     watch._event(LifecycleEvent(refs[1], event=UNDEFINED, detail=0))
     watch._event(HookEvent(refs[2], operation="release", sub_operation="end"))
-    assert runner._domains == {}
+    assert not list(runner.domains.records())
 
 
 def test_domain_locks_go_with_their_last_user() -> None:

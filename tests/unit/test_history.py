@@ -154,7 +154,7 @@ def test_the_daemon_records_what_it_saw_with_the_next_job(monkeypatch: pytest.Mo
     for ev in (ost(3, 0x84, at=10.0), ost(3, 0, device=None, at=10.1)):
         runner.observe(ev)
     runner.observe(deleted("/machine/peripheral/vcpu1/lapic"))
-    observations = runner._domains[REF.key].observations
+    observations = runner._domain(REF.key).observations
     expected = [HistoryEntry(HISTORY_EJECTED, 1, 10.1, "ost")]
     # The next job's judgement takes them to write.
     assert list(judge.recorded_entries(observations.events, "watch")) == expected

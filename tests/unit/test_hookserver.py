@@ -216,7 +216,7 @@ def test_garbage_is_dropped_and_the_server_keeps_going(
     server: tuple[HookServer, Collected], socket_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     srv, collected = server
-    with caplog.at_level(logging.WARNING, logger="virthotplug.hook"):
+    with caplog.at_level(logging.WARNING, logger="virthotplug.daemon.hookserver"):
         for data in INVALID.values():
             send(socket_path, data[: MAX_MESSAGE_BYTES + 100])
         send(socket_path, b"x" * 60000)  # truncated on receipt
@@ -284,7 +284,7 @@ def test_live_socket_of_another_daemon_is_left_alone(
 ) -> None:
     _, collected = server
     second = HookServer(str(socket_path), HOST)
-    with caplog.at_level(logging.ERROR, logger="virthotplug.hook"):
+    with caplog.at_level(logging.ERROR, logger="virthotplug.daemon.hookserver"):
         second.start(Collected())
     assert not second.listening
     assert "in use by another process" in caplog.text
@@ -300,7 +300,7 @@ def test_regular_file_in_the_way_is_not_touched(
     socket_path.parent.mkdir(mode=0o755)
     socket_path.write_text("precious\n")
     srv = HookServer(str(socket_path), HOST)
-    with caplog.at_level(logging.ERROR, logger="virthotplug.hook"):
+    with caplog.at_level(logging.ERROR, logger="virthotplug.daemon.hookserver"):
         srv.start(Collected())
     srv.close()
     assert not srv.listening
@@ -332,7 +332,7 @@ def test_foreign_sender_is_refused(
             (1234).to_bytes(4, "little") + someone.to_bytes(4, "little") + bytes(4),
         )
     ]
-    with caplog.at_level(logging.WARNING, logger="virthotplug.hook"):
+    with caplog.at_level(logging.WARNING, logger="virthotplug.daemon.hookserver"):
         srv._handle(encode(VALID), ancillary, 0, collected)
         srv._handle(encode(VALID), [], 0, collected)  # no credentials at all
     assert collected.empty_after(0)

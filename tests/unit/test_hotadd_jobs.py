@@ -255,13 +255,14 @@ def test_a_settle_retry_never_holds_back_the_action_on_an_ost() -> None:
     from virthotplug.core.events import OstMonitorEvent
     from virthotplug.core.ost import parse_ost_details
     from virthotplug.daemon.eventlog import EventLog
-    from virthotplug.daemon.watch import JobResult, Watch, _JobDone
+    from virthotplug.daemon.results import JobDone, JobResult
+    from virthotplug.daemon.watch import Watch
 
     assert JobResult.__dataclass_fields__["retry_holds"].default is True  # grace holds
     watch = Watch([REF.host], WatchSettings(), lambda *_a: None, EventLog(None))  # type: ignore[arg-type, return-value]
     now = time.monotonic()
     resumed = Job(REF, due=now, first_request=now, reasons=["lifecycle"])
-    watch._job_done(_JobDone(REF.key, judge.SETTLE_WINDOW, resumed, jobs.RETRY_SETTLE, holds=False))
+    watch._job_done(JobDone(REF.key, judge.SETTLE_WINDOW, resumed, jobs.RETRY_SETTLE, holds=False))
     info = {"device": "vcpu1", "source": 1, "status": 0, "slot": "1", "slot-type": "CPU"}
     ost = OstMonitorEvent(REF, ost=parse_ost_details(json.dumps({"info": info})))
     watch._request(REF, ost)
@@ -275,3 +276,27 @@ def test_hot_add_and_settle_retries_are_looks_not_holds(
     guest = Guest(Policy(mode="report"), ("0", "0", 2))
     done = run(runner(guest, monkeypatch), clock)
     assert done.retry_reason == jobs.RETRY_SETTLE and done.retry_holds is False
+
+
+@pytest.mark.parametrize("holds", [True, False])
+def test_the_worker_hands_the_retry_kind_to_the_main_loop(holds: bool) -> None:
+    from virthotplug.core.records import Record
+    from virthotplug.daemon.eventlog import EventLog
+    from virthotplug.daemon.results import JobDone, JobResult
+    from virthotplug.daemon.watch import Watch
+
+    def looks_again(_conn: Any, _dom: Any, _job: Job) -> JobResult:
+        record = Record(time="", host=REF.host, domain=REF.name, uuid=REF.uuid, event="x")
+        return JobResult(record=record, line="", retry_after=1.0, retry_holds=holds)
+
+    class Conn:
+        uri = REF.host
+
+        def domain_by_uuid(self, uuid: str) -> str:
+            return uuid
+
+    watch = Watch([REF.host], WatchSettings(), looks_again, EventLog(None))
+    watch.sessions[REF.host]._conn = Conn()  # type: ignore[assignment]
+    watch._run_job(Job(REF, due=0.0, first_request=0.0, reasons=["ost"]))
+    done = watch._queue.get_nowait()
+    assert isinstance(done, JobDone) and (done.retry_after, done.holds) == (1.0, holds)

@@ -65,3 +65,21 @@ def test_a_violation_breaks_the_contract(tree: Path, module: str, line: str, bro
     result = lint_imports(tree)
     assert result.returncode != 0
     assert f"{broken}" in result.stdout and "BROKEN" in result.stdout
+
+
+def test_each_daemon_module_logs_under_its_own_name() -> None:
+    # One logger name per module: a log configuration can single one out (its level, its
+    # handler), and a line says where it came from with %(name)s.
+    import importlib
+    import pkgutil
+
+    import virthotplug.daemon
+
+    names = [m.name for m in pkgutil.iter_modules(virthotplug.daemon.__path__)]
+    shared = []
+    for name in names:
+        module = importlib.import_module(f"virthotplug.daemon.{name}")
+        log = getattr(module, "log", None)
+        if log is not None and log.name != module.__name__:
+            shared.append((module.__name__, log.name))
+    assert shared == []

@@ -28,8 +28,8 @@ from virthotplug.core.view import (
     HypervisorLayer,
     VcpuView,
 )
-from virthotplug.daemon import metrics
-from virthotplug.daemon.watch import JobResult
+from virthotplug.daemon import metrics, metricsserver
+from virthotplug.daemon.results import JobResult
 
 HOST = "qemu:///system"
 REF = DomainRef(HOST, "9a2b0000-0000-4000-8000-000000000001", "web1")
@@ -127,6 +127,17 @@ def ost(
     return OstMonitorEvent(REF, ost=parse_ost_details(details), **extra)
 
 
+def pending_hotadds(m: metrics.Metrics) -> int:
+    return sum(len(rec.hotadds) for rec in m.domains.records())
+
+
+def stop(m: metrics.Metrics) -> None:
+    """The domain stops (destroyed): the daemon's observer sees the event, and the domain
+    is forgotten (``DomainRegistry.forget``, as ``Watch`` does on FORGET events)."""
+    m.event(LifecycleEvent(REF, event=5, detail=1))
+    m.domains.forget(REF.key)
+
+
 @pytest.fixture
 def m() -> metrics.Metrics:
     return metrics.Metrics()
@@ -147,19 +158,19 @@ def m() -> metrics.Metrics:
     ],
 )
 def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
-    assert metrics.parse_listen(text) == expected
+    assert metricsserver.parse_listen(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "http", "1.2.3.4:", "65536", "::1:9177", "a:-1", "1:2x"])
 def test_parse_listen_rejects(text: str) -> None:
     with pytest.raises(UsageError, match="--metrics-listen"):
-        metrics.parse_listen(text)
+        metricsserver.parse_listen(text)
 
 
 def test_without_prometheus_client_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails
     with pytest.raises(UsageError) as info:
-        metrics.start("9177")
+        metricsserver.start("9177")
     assert "pip install 'virthotplug[metrics]'" in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -200,13 +211,13 @@ def test_findings_and_guest_series_go_when_they_clear(m: metrics.Metrics) -> Non
 
 def test_stopped_domain_series_are_dropped(m: metrics.Metrics) -> None:
     m.reconciled(job(), outcome(view()), 0.01)
-    m.event(LifecycleEvent(REF, event=5, detail=1))  # stopped (destroyed)
+    stop(m)  # stopped (destroyed)
     assert not [name for name, _ in samples(m) if name.startswith("virthotplug_domain_")]
     assert value(m, "virthotplug_events_total", host=HOST, kind="lifecycle") == 1
 
 
 def test_reconcile_begun_before_the_stop_does_not_bring_series_back(m: metrics.Metrics) -> None:
-    m.event(LifecycleEvent(REF, event=5, detail=1))
+    stop(m)
     m.reconciled(job(), outcome(view()), 5.0)  # started 5 s ago, before the stop
     assert not [name for name, _ in samples(m) if name.startswith("virthotplug_domain_")]
     m.reconciled(job(), outcome(view()), 0.0)  # a later start: back
@@ -264,7 +275,7 @@ def test_policy_mode_of_a_resync(m: metrics.Metrics) -> None:
 def test_policy_mode_goes_with_the_domain(m: metrics.Metrics) -> None:
     m.resynced(HOST, [view()], {REF.uuid: "ignore"})
     assert modes(m) == {"web1": "ignore"}
-    m.event(LifecycleEvent(REF, event=5, detail=1))  # stopped (destroyed)
+    stop(m)  # stopped (destroyed)
     assert modes(m) == {}
 
 
@@ -349,9 +360,9 @@ def test_pending_hotadds_go_with_the_domain(m: metrics.Metrics) -> None:
     m.reconciled(job(), outcome(view()), 0.01)
     m.event(ost(1))
     assert value(m, "virthotplug_domain_hotadds_pending", host=HOST, domain="web1") == 1
-    m.event(LifecycleEvent(REF, event=5, detail=1))
+    stop(m)
     assert value(m, "virthotplug_domain_hotadds_pending", host=HOST, domain="web1") is None
-    assert not m._hotadds
+    assert not pending_hotadds(m)
 
 
 def test_describe_lists_every_domain_family(m: metrics.Metrics) -> None:
@@ -373,7 +384,7 @@ def test_pending_hotadds_are_bounded(m: metrics.Metrics, monkeypatch: pytest.Mon
     monkeypatch.setattr(metrics, "MAX_PENDING_HOTADDS", 3)
     for vcpu in range(1, 10):
         m.event(ost(vcpu))
-    assert len(m._hotadds) == 3
+    assert pending_hotadds(m) == 3
 
 
 def test_connections_and_reconnects(m: metrics.Metrics) -> None:
@@ -399,7 +410,7 @@ def test_a_host_whose_session_gave_up_stays_at_zero(m: metrics.Metrics) -> None:
     m.event(HostEvent(None, host=HOST, what="gone", reason="host session failed"))
     assert value(m, "virthotplug_host_connected", host=HOST) == 0
     assert value(m, "virthotplug_domain_agent_connected", host=HOST, domain="web1") is None
-    assert not m._hotadds
+    assert not pending_hotadds(m)
     m.event(HostEvent(None, host=HOST, what="connected"))  # queued before "gone"
     m.reconciled(job(), outcome(view()), 0.01)  # still running when the session ended
     m.resynced(HOST, [view()])
@@ -418,7 +429,8 @@ def test_a_broken_record_never_raises(m: metrics.Metrics) -> None:
 
 
 def test_serves_the_registry_on_the_given_address_only(m: metrics.Metrics) -> None:
-    address, port = m.serve("127.0.0.1", 0)
+    server = metricsserver.MetricsServer(m)
+    address, port = server.serve("127.0.0.1", 0)
     try:
         assert address == "127.0.0.1" and port > 0
         m.reconciled(job(), outcome(view()), 0.01)
@@ -428,12 +440,13 @@ def test_serves_the_registry_on_the_given_address_only(m: metrics.Metrics) -> No
             text
         )
     finally:
-        m.close()
+        server.close()
 
 
 @pytest.mark.parametrize("path", ["/", "/metrics", "/metrics?name[]=x", "/other", "/metricsx"])
 def test_serves_metrics_and_an_index_only(m: metrics.Metrics, path: str) -> None:
-    _, port = m.serve("127.0.0.1", 0)
+    server = metricsserver.MetricsServer(m)
+    _, port = server.serve("127.0.0.1", 0)
     try:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
@@ -441,7 +454,7 @@ def test_serves_metrics_and_an_index_only(m: metrics.Metrics, path: str) -> None
         except urllib.error.HTTPError as exc:
             status, body = exc.code, exc.read().decode()
     finally:
-        m.close()
+        server.close()
     if path == "/":
         assert status == 200 and 'href="/metrics"' in body
     elif path == "/metrics":
@@ -459,15 +472,15 @@ def test_serves_metrics_and_an_index_only(m: metrics.Metrics, path: str) -> None
 def test_a_bind_beyond_loopback_is_warned_about(
     address: str, warned: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    m = metrics.Metrics()
+    server = metricsserver.MetricsServer(metrics.Metrics())
     try:
         with caplog.at_level(logging.WARNING):
             try:
-                m.serve(address, 0)
+                server.serve(address, 0)
             except VirtHotplugError as exc:
                 pytest.skip(f"no {address} here: {exc}")
     finally:
-        m.close()
+        server.close()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert bool(warnings) == warned, warnings
     if warned:
@@ -475,25 +488,26 @@ def test_a_bind_beyond_loopback_is_warned_about(
 
 
 def test_the_wildcard_zero_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
-    address, port = metrics.parse_listen("0:0")  # "0:9177" binds every interface
-    m = metrics.Metrics()
+    address, port = metricsserver.parse_listen("0:0")  # "0:9177" binds every interface
+    server = metricsserver.MetricsServer(metrics.Metrics())
     try:
         with caplog.at_level(logging.WARNING):
-            m.serve(address, port)
+            server.serve(address, port)
     finally:
-        m.close()
+        server.close()
     assert any("is not a loopback address" in r.getMessage() for r in caplog.records)
 
 
 def test_port_in_use_is_a_one_line_error_not_a_usage_error(m: metrics.Metrics) -> None:
-    _, port = m.serve("127.0.0.1", 0)
+    server = metricsserver.MetricsServer(m)
+    _, port = server.serve("127.0.0.1", 0)
     try:
-        other = metrics.Metrics()
+        other = metricsserver.MetricsServer(metrics.Metrics())
         with pytest.raises(VirtHotplugError, match=r"cannot listen on 127\.0\.0\.1:") as info:
             other.serve("127.0.0.1", port)
         assert info.value.exit_status == EXIT_FAILURE
     finally:
-        m.close()
+        server.close()
 
 
 def test_a_resync_ends_a_hotadd_by_vcpu_ids_not_guest_cpu_ids(m: metrics.Metrics) -> None:

@@ -74,7 +74,7 @@ def test_a_busy_vcpu_keeps_monitor_events_off(caplog: pytest.LogCaptureFixture) 
     clock, host = _Clock(), _Host()
     guard = _suppressed(clock)
     subs = MonitorSubscriptions(HOST, lambda: None, guard, clock)
-    caplog.set_level(logging.INFO, logger="virthotplug.daemon.watch")
+    caplog.set_level(logging.INFO, logger="virthotplug.daemon.subscriptions")
     _probe(subs, host, clock, 1030.0)  # the first read decides nothing
     host.times = {0: SECOND // 100, 1: 97 * SECOND // 100}  # vcpu1 flooding: 97 %
     _probe(subs, host, clock, 1031.0)
@@ -97,6 +97,24 @@ def test_without_vcpu_times_the_back_off_alone_decides() -> None:
     host.times = None
     _probe(MonitorSubscriptions(HOST, lambda: None, guard, clock), host, clock, 1030.0)
     assert host.registered == [UUID]
+
+
+class _Gone(_Host):
+    def domain_by_uuid(self, uuid: str) -> _Domain:
+        raise errors.NoDomainError(f"no domain with UUID {uuid}")
+
+
+def test_a_probe_that_finds_no_domain_ends_the_probes() -> None:
+    # A transient domain destroyed while its stop event was lost: probed once more, then
+    # never again (it used to be probed every second, forever).
+    clock = _Clock()
+    guard = _suppressed(clock)
+    _probe(MonitorSubscriptions(HOST, lambda: None, guard, clock), _Gone(), clock, 1030.0)
+    probed = []
+    for _ in range(600):
+        clock.now += 1.0
+        probed += guard.collect()[1]
+    assert probed == []
 
 
 def test_busiest_leaves_out_vcpus_plugged_in_between() -> None:

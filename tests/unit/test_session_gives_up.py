@@ -16,7 +16,9 @@ from virthotplug.core.config import WatchSettings
 from virthotplug.core.events import HostEvent
 from virthotplug.core.schedule import Job
 from virthotplug.daemon.eventlog import EventLog
-from virthotplug.daemon.watch import HostSession, JobResult, Watch
+from virthotplug.daemon.results import JobResult
+from virthotplug.daemon.session import HostSession
+from virthotplug.daemon.watch import Watch
 
 H1, H2 = "test:///default", "qemu+ssh://h2/system"
 

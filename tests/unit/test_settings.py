@@ -125,7 +125,7 @@ def test_one_number_rule_for_every_option_and_value(
     text: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from virthotplug.core.policy import parse_field
-    from virthotplug.daemon.metrics import parse_listen
+    from virthotplug.daemon.metricsserver import parse_listen
 
     for setting in settings.WATCH_SETTINGS:
         if setting.low is None:

@@ -10,7 +10,9 @@ from virthotplug.core.config import WatchSettings
 from virthotplug.core.events import DomainRef, LifecycleEvent
 from virthotplug.core.schedule import Job
 from virthotplug.daemon.eventlog import EventLog
-from virthotplug.daemon.watch import MAIN_LOOP_WAKEUP, JobResult, Watch
+from virthotplug.daemon.results import JobResult
+from virthotplug.daemon.watch import MAIN_LOOP_WAKEUP, Watch, _Control
+from virthotplug.daemon.worker import WorkerPool
 from virthotplug.host.connection import Connection, Domain
 
 
@@ -66,3 +68,24 @@ def test_the_observer_sees_every_event() -> None:
     watch._event(ev)
     assert recorder.events == [ev]
     assert len(watch._sched) == 1
+
+
+def _alive_after(pool: WorkerPool, count: int) -> int:
+    deadline = time.monotonic() + 5
+    while pool.alive() != count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return pool.alive()
+
+
+def test_a_reload_applies_the_number_of_workers_in_full() -> None:
+    # The pool and the count of free slots change together: with more slots than workers,
+    # jobs would queue in the pool, a hot-add behind resync jobs.
+    reloaded = [WatchSettings(workers=4), WatchSettings(workers=1)]
+    watch = Watch(
+        [], WatchSettings(workers=2), _never, EventLog(None), reload=lambda: reloaded.pop(0)
+    )
+    watch._workers = pool = WorkerPool(2, watch._run_job)
+    watch._control(_Control("reload"))
+    assert pool.size == 4 and _alive_after(pool, 4) == 4
+    watch._control(_Control("reload"))
+    assert pool.size == 1 and _alive_after(pool, 1) == 1

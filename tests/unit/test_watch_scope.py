@@ -14,7 +14,8 @@ from virthotplug.core.errors import ConfigError
 from virthotplug.core.events import DomainRef, HookEvent, HostEvent, LifecycleEvent
 from virthotplug.core.schedule import Job
 from virthotplug.daemon.eventlog import EventLog
-from virthotplug.daemon.watch import JobResult, Watch
+from virthotplug.daemon.results import JobResult
+from virthotplug.daemon.watch import Watch
 
 HOST = "test:///default"
 UUID = "3b3c0e4f-8a6e-4d9a-9f0e-1d4a5c6b7e01"

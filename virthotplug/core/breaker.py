@@ -13,7 +13,7 @@ Pure bookkeeping, driven by the daemon's main loop (one thread).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import MutableMapping, Optional
 
 Key = tuple[str, str]  # (host URI, domain UUID)
 
@@ -23,8 +23,10 @@ class AgentBreaker:
     FIRST_WAIT = 10.0  # seconds
     MAX_WAIT = 600.0
 
-    def __init__(self) -> None:
-        self._failures: dict[Key, int] = {}
+    def __init__(self, counts: Optional[MutableMapping[Key, int]] = None) -> None:
+        # Where the counts live: the daemon keeps them in its per-domain records, so that
+        # they go with the rest of what it knows of a domain.
+        self._failures: MutableMapping[Key, int] = counts if counts is not None else {}
 
     def record(self, key: Key, *, unresponsive: bool, now: float) -> Optional[float]:
         """One reconcile's verdict; the time until which the domain waits, if it must."""

@@ -15,7 +15,7 @@ from typing import Optional, TextIO
 from virthotplug.core.events import Event, HostEvent
 from virthotplug.core.records import Record, iso_time
 
-log = logging.getLogger("virthotplug.daemon.watch")
+log = logging.getLogger(__name__)
 
 
 def setup_daemon_logging(debug: bool, quiet: bool) -> None:

@@ -46,7 +46,8 @@ handled through its lifecycle and agent events and the periodic reconcile. If a 
 start again, the burst test catches it after ``BURST_EVENTS``, and a domain that flooded
 before is also on probation for paced floods: more than ``PROBATION_THRESHOLD`` monitor
 events in one window suppress it again at once. After ``BACKOFF_MAX`` seconds subscribed
-without a flood its history is forgotten.
+without a flood its history is forgotten, and so it is ``BACKOFF_MAX`` seconds after the
+domain stopped or went away; a domain that is not running is neither probed nor reconciled.
 
 Pure bookkeeping with an injected clock (no threads of its own, no libvirt); one lock,
 because the event thread asks and the daemon's main loop collects.
@@ -58,7 +59,7 @@ import enum
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from virthotplug.core.drift import OST_FLOOD
 from virthotplug.core.events import RECONCILE, REPORT, DomainRef, Event
@@ -133,6 +134,7 @@ class _Domain:
     last_resync: float = 0.0
     probe_after: float = 0.0  # no quiet probe before this clock time
     busy_reported: bool = False  # "still busy" is logged once per suppression
+    stopped_at: Optional[float] = None  # not running since then: no probe, no reconcile
 
 
 class FloodGuard:
@@ -255,7 +257,7 @@ class FloodGuard:
                     if self._idle(dom, now):
                         del self._domains[key]
                         continue
-                if dom.suppressed is not None:
+                if dom.suppressed is not None and dom.stopped_at is None:
                     if now - dom.last_monitor >= dom.backoff and now >= dom.probe_after:
                         dom.probe_after = now + self.probe_interval
                         probe.append(dom.ref)
@@ -291,6 +293,8 @@ class FloodGuard:
             return first
 
     def _idle(self, dom: _Domain, now: float) -> bool:
+        if dom.stopped_at is not None:  # its history is kept as long as a subscribed one's
+            return now - dom.stopped_at >= self.backoff_max
         if dom.suppressed is not None or dom.passed or dom.count:
             return False
         # A domain that flooded keeps its back-off until it has behaved for backoff_max.
@@ -307,12 +311,32 @@ class FloodGuard:
         return self.suppressed(key) is not None
 
     def forget(self, key: Key) -> None:
-        """The domain stopped or went away. Its flood history stays (a guest that floods,
-        reboots and floods again keeps doubling its back-off); only its window resets."""
+        """The domain stopped or went away. Its flood history stays for ``backoff_max`` (a
+        guest that floods, is restarted and floods again keeps doubling its back-off), but
+        nothing is done for it meanwhile: no probe, no periodic reconcile of a domain that
+        is not running (or no longer exists)."""
         with self._lock:
             dom = self._domains.get(key)
             if dom is not None and not dom.floods:
                 del self._domains[key]
+            elif dom is not None and dom.stopped_at is None:
+                dom.stopped_at = self._clock()
+
+    def running(self, host: str, uuids: Iterable[str]) -> None:
+        """These domains of ``host`` run (started, resumed, or listed by a resync): a
+        suppressed one among them is probed and reconciled again."""
+        with self._lock:
+            stopped = {
+                uuid: dom
+                for (where, uuid), dom in self._domains.items()
+                if where == host and dom.stopped_at is not None
+            }
+            if not stopped:
+                return
+            for uuid in uuids:
+                dom = stopped.get(uuid)
+                if dom is not None:
+                    dom.stopped_at = None
 
     def __len__(self) -> int:
         with self._lock:

@@ -30,7 +30,7 @@ from virthotplug.core import hookproto
 from virthotplug.core.events import DomainRef, Event, HookEvent
 from virthotplug.core.hookproto import MAX_MESSAGE_BYTES, MessageError
 
-log = logging.getLogger("virthotplug.hook")
+log = logging.getLogger(__name__)
 
 OPERATIONS = frozenset(hookproto.OPERATIONS)
 GARBAGE_LOG_INTERVAL = 60.0  # at most one warning a minute about dropped messages

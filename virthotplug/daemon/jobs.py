@@ -17,9 +17,7 @@ and judged again then; the policy's action is never held back by it.
 
 from __future__ import annotations
 
-import threading
 import time
-from dataclasses import dataclass, field
 from typing import Optional
 
 from virthotplug.core.config import HostConfig, WatchSettings
@@ -30,14 +28,14 @@ from virthotplug.core.events import (
     Event,
     OstMonitorEvent,
 )
-from virthotplug.core.judge import Observations, Verdict
-from virthotplug.core.observed import EventReader
+from virthotplug.core.judge import Verdict
 from virthotplug.core.policy import Policy
 from virthotplug.core.records import Record, iso_time
 from virthotplug.core.schedule import Job, Key
 from virthotplug.core.view import to_dict
+from virthotplug.daemon.domains import DomainJobs, DomainRegistry
 from virthotplug.daemon.flood import FloodEvent
-from virthotplug.daemon.watch import JobResult
+from virthotplug.daemon.results import JobResult
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
 from virthotplug.host.policysource import effective_policy
@@ -49,23 +47,21 @@ RETRY_SETTLE = "settle"
 SOURCE = "watch"  # who wrote a history entry
 
 
-@dataclass(slots=True)
-class DomainJobs:
-    """What the job runner keeps of one domain between its jobs; forgotten with it."""
-
-    observations: Observations = field(default_factory=Observations)
-    reader: EventReader = field(default_factory=EventReader)  # its monitor events, in order
-    findings: Optional[tuple[str, ...]] = None  # codes last reported: a routine resync or news
-
-
 class JobRunner:
     """Holds the current configuration (replaced on SIGHUP) and runs jobs with it."""
 
-    def __init__(self, config: HostConfig, settings: WatchSettings) -> None:
+    def __init__(
+        self,
+        config: HostConfig,
+        settings: WatchSettings,
+        domains: Optional[DomainRegistry] = None,
+    ) -> None:
         self.config = config
         self.settings = settings
-        self._domains: dict[Key, DomainJobs] = {}
-        self._domains_lock = threading.Lock()
+        # What is kept per domain between its jobs (``DomainJobs``: the observations the
+        # judge reads, with this daemon's own writes, and the findings last reported) lives
+        # in its record (``domains``), forgotten with it.
+        self.domains = domains if domains is not None else DomainRegistry()
 
     def update(self, config: HostConfig, settings: WatchSettings) -> None:
         self.config, self.settings = config, settings
@@ -77,10 +73,7 @@ class JobRunner:
         if ev.domain is None:
             return
         if isinstance(ev, FloodEvent):
-            # The domain flooded its monitor events, so the few that became records were the
-            # guest's to forge: none is judged or recorded. Policy still acts on what the
-            # guest lists.
-            self._domain(ev.domain.key).observations.distrust(time.monotonic())
+            self._distrust_monitor(ev.domain.key)
             return
         if not isinstance(ev, (OstMonitorEvent, DeviceDeletedMonitorEvent, DeviceRemovalEvent)):
             return
@@ -89,15 +82,28 @@ class JobRunner:
         if found is not None:
             domain.observations.add([found])
 
-    def forget(self, key: Key) -> None:
-        """The domain stopped or went away: drop what was kept for it."""
-        with self._domains_lock:
-            self._domains.pop(key, None)
+    def _distrust_monitor(self, key: Key) -> None:
+        """The domain flooded its monitor events, so the few that became records were the
+        guest's to forge: none is judged (no "rejected" for a hot-add that never was) or
+        recorded. Policy still acts on what the guest lists."""
+        with self.domains.lock:
+            # Only a mark here: the domain's next job applies it before it reads its
+            # observations, so a job running meanwhile never has them voided under it
+            # (its judgement would write its pending hot-add back).
+            self.domains.record(key).distrusted_at = time.monotonic()
+
+    def _apply_distrust(self, key: Key, domain: DomainJobs) -> None:
+        with self.domains.lock:
+            rec = self.domains.record(key)
+            at, rec.distrusted_at = rec.distrusted_at, None
+        if at is not None:
+            domain.observations.distrust(at)
 
     def run(self, conn: Connection, dom: Domain, job: Job) -> JobResult:
         config = self.config
         effective = None
         domain = self._domain(job.ref.key)
+        self._apply_distrust(job.ref.key, domain)
         domain.observations.hinted(job.hotadded, job.first_request)
         if job.hotadded:
             effective = effective_policy(conn, dom, config)
@@ -118,16 +124,14 @@ class JobRunner:
         return _reconciled(job, result, self._routine(job, domain, result))
 
     def _domain(self, key: Key) -> DomainJobs:
-        with self._domains_lock:
-            domain = self._domains.get(key)
-            if domain is None:
-                domain = self._domains[key] = DomainJobs()
-            return domain
+        with self.domains.lock:
+            return self.domains.record(key).jobs
 
     def _routine(self, job: Job, domain: DomainJobs, result: ReconcileResult) -> bool:
         """A resync that wrote nothing and found what the last reconcile found."""
         codes = tuple(sorted(f.code for f in result.view.findings))
-        previous, domain.findings = domain.findings, codes
+        with self.domains.lock:
+            previous, domain.findings = domain.findings, codes
         quiet_outcomes = {"skipped", "unchanged", "excluded"}
         return (
             set(job.reasons) <= {"host"}

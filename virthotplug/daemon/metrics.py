@@ -1,13 +1,13 @@
-"""Prometheus metrics of the daemon: ``virthotplug watch --metrics-listen [ADDR:]PORT``.
+"""Prometheus metrics of the daemon: what it counts and the state its gauges show. They are
+served by ``metricsserver`` (``virthotplug watch --metrics-listen [ADDR:]PORT``).
 
 Optional: needs prometheus-client (``pip install 'virthotplug[metrics]'``), imported only
-when metrics are asked for. Everything lives in a private ``CollectorRegistry`` served on
-the one address given (loopback when only a port is given), never on all interfaces unless
-asked. A fleet of hosts is aggregated by Prometheus itself.
+when metrics are asked for. Everything lives in a private ``CollectorRegistry``. A fleet of
+hosts is aggregated by Prometheus itself.
 
 Per domain (labels ``host``, ``domain``), from the view of each domain's last reconcile
-or resync, built at scrape time (``_DomainCollector``); a domain that stops or goes away is
-dropped from the snapshot, and with it every series it had:
+or resync, built at scrape time (``_DomainCollector``) from the domains' records; a domain
+that stops or goes away is forgotten with its record, and with it every series it had:
 
     virthotplug_domain_vcpus{layer}            config/live: current count; hypervisor:
                                                vCPUs plugged; guest: CPUs present
@@ -45,53 +45,28 @@ Label values that a guest can influence are bounded: _OST names drop their hex d
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
-from virthotplug.core.errors import UsageError, VirtHotplugError, quote
-from virthotplug.core.events import FORGET, Event, HostEvent, OstMonitorEvent
-from virthotplug.core.settings import parse_integer
+from virthotplug.core.errors import UsageError
+from virthotplug.core.events import Event, HostEvent, OstMonitorEvent
+from virthotplug.daemon.domains import DomainRegistry, Hotadd
 
 if TYPE_CHECKING:
     from virthotplug.core.schedule import Job
     from virthotplug.core.view import VcpuView
-    from virthotplug.daemon.watch import JobResult
+    from virthotplug.daemon.results import JobResult
 
-log = logging.getLogger("virthotplug.daemon.watch")
+log = logging.getLogger(__name__)
 
-LOOPBACK = "127.0.0.1"
 INSTALL_HINT = "install it with: pip install 'virthotplug[metrics]'"
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
-MAX_PENDING_HOTADDS = 4096  # hot-adds waiting to be seen online, across all domains
-MAX_FORGOTTEN = 4096  # stopped domains remembered (see ``Metrics.forget``)
+MAX_PENDING_HOTADDS = 4096  # hot-adds of one domain waiting to be seen online
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """``PORT``, ``ADDR:PORT`` or ``[IPv6]:PORT`` → (address, port); no address: loopback.
-
-    Port 0 asks the kernel for a free port (the one chosen is logged).
-    """
-    value = text.strip()
-    host, sep, port_text = value.rpartition(":")
-    if not sep:
-        host, port_text = "", value
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise UsageError(f"--metrics-listen {quote(text)}: write an IPv6 address as [ADDR]:PORT")
-    try:
-        port = parse_integer(port_text, 0, 65535)  # the one number rule: ASCII digits only
-    except ValueError:
-        raise UsageError(
-            f"--metrics-listen {quote(text)}: expected [ADDR:]PORT, PORT 0-65535"
-        ) from None
-    return host or LOOPBACK, port
-
-
-def _prometheus() -> Any:
+def prometheus() -> Any:
     try:
         import prometheus_client
     except ImportError:
@@ -110,14 +85,6 @@ class _Latest(NamedTuple):
     view: VcpuView
     at: float  # when (Unix time)
     mode: Optional[str]  # its effective policy mode; None: invalid or not known
-
-
-class _Hotadd(NamedTuple):
-    """When a pending hot-add's OST event came: monotonic (for the latency, immune to
-    clock steps) and Unix time (for the since-timestamp a scrape shows)."""
-
-    mono: float
-    wall: float
 
 
 class _Domain(NamedTuple):
@@ -142,21 +109,22 @@ def online_vcpus(view: VcpuView) -> frozenset[int]:
 
 
 class Metrics:
-    """The daemon's metrics, and the observer ``Watch`` reports to (see ``watch.Observer``).
+    """The daemon's metrics, and the observer ``Watch`` reports to (see ``results.Observer``).
 
     ``event`` runs on the daemon's main thread, ``reconciled``/``failed`` on reconcile
-    workers: shared bookkeeping is under one lock.
+    workers: the per-domain series live in the domains' records (``domains``, under its
+    lock, forgotten with the domain), the per-host bookkeeping under a lock of its own.
     """
 
-    def __init__(self) -> None:
-        prom = _prometheus()
+    def __init__(self, domains: Optional[DomainRegistry] = None) -> None:
+        prom = prometheus()
         self.registry = prom.CollectorRegistry(auto_describe=True)
         reg = self.registry
         prom.ProcessCollector(registry=reg)  # process_* : the daemon's own RSS, CPU, fds
         # What accumulates over time (counters, histograms) and the per-host connection state
         # are ordinary prometheus_client metrics: the library keeps their _total, _created and
         # bucket series. The per-domain gauges describe only the last reconcile of each
-        # running domain, so they are built from ``_views`` at each scrape instead.
+        # running domain, so they are built from the domains' records at each scrape instead.
         self.events = prom.Counter(
             "virthotplug_events", "events received, by kind", ["host", "kind"], registry=reg
         )
@@ -196,14 +164,9 @@ class Metrics:
             registry=reg,
         )
         self._lock = threading.Lock()
-        # (host, uuid) → the domain's view at its last reconcile or resync.
-        self._views: dict[tuple[str, str], _Latest] = {}
+        self.domains = domains if domains is not None else DomainRegistry()
         self._connected_before: set[str] = set()
         self._gone: set[str] = set()  # hosts whose session ended: never watched again
-        # (host, uuid, vCPU id) → when its OST hot-add event came; insertion ordered.
-        self._hotadds: dict[tuple[str, str, int], _Hotadd] = {}
-        self._forgotten: dict[tuple[str, str], float] = {}  # (host, uuid) → when it stopped
-        self._server: Any = None
         self.clock = time.monotonic  # the events' clock (tests replace it)
         reg.register(_DomainCollector(self._snapshot))
 
@@ -232,11 +195,17 @@ class Metrics:
             with self._lock:
                 if host in self._gone:
                     return
-                for view in views:
-                    if (host, view.uuid) not in self._forgotten:
-                        latest = _Latest(view, now, modes.get(view.uuid))
-                        self._views[(host, view.uuid)] = latest
-            for view in views:
+            pending = []
+            domains = self.domains
+            with domains.lock:
+                records = domains.records_of(host, [view.uuid for view in views])
+                for view, rec in zip(views, records):
+                    if rec is not None:
+                        rec.view, rec.view_at = view, now
+                        rec.policy_mode = modes.get(view.uuid)
+                        if rec.hotadds:
+                            pending.append(view)
+            for view in pending:
                 self._hotadd_latency(host, view)
         except Exception:
             log.exception("metrics: recording a resync failed")
@@ -266,13 +235,11 @@ class Metrics:
             ).inc()
             vcpu = ev.hotadd_vcpu
             if vcpu is not None:
-                with self._lock:
-                    seen = _Hotadd(ev.mono, ev.at)
-                    self._hotadds.setdefault((host, ev.domain.uuid, vcpu), seen)
-                    while len(self._hotadds) > MAX_PENDING_HOTADDS:
-                        del self._hotadds[next(iter(self._hotadds))]
-        if ev.intent == FORGET:
-            self.forget(host, ev.domain.uuid)
+                with self.domains.lock:
+                    hotadds = self.domains.record(ev.domain.key).hotadds
+                    hotadds.setdefault(vcpu, Hotadd(ev.mono, ev.at))
+                    while len(hotadds) > MAX_PENDING_HOTADDS:
+                        del hotadds[next(iter(hotadds))]
 
     def _host_event(self, ev: HostEvent) -> None:
         if ev.what == "listed":
@@ -299,10 +266,9 @@ class Metrics:
         self.connected.labels(host).set(0)
         with self._lock:
             self._gone.add(host)
-            for domain in [k for k in self._views if k[0] == host]:
-                del self._views[domain]
-            for pending in [k for k in self._hotadds if k[0] == host]:
-                del self._hotadds[pending]
+        with self.domains.lock:
+            for rec in self.domains.records(host):
+                rec.view, rec.hotadds = None, {}
 
     def _reconciled(self, job: Job, result: JobResult, seconds: float) -> None:
         host = job.ref.host
@@ -317,37 +283,31 @@ class Metrics:
         with self._lock:
             if host in self._gone:  # a reconcile still running when the session ended
                 return
+        key = (host, view.uuid)
+        domains = self.domains
+        with domains.lock:
             # A reconcile that began before the domain stopped must not bring back its series.
-            forgotten = self._forgotten.get((host, view.uuid))
-            if forgotten is not None and forgotten >= self.clock() - seconds:
+            if domains.forgotten_within(key, seconds):
                 return
-            self._forgotten.pop((host, view.uuid), None)
-            self._views[(host, view.uuid)] = _Latest(view, time.time(), result.policy_mode)
+            domains.revived(key)
+            rec = domains.record(key)
+            rec.view, rec.view_at, rec.policy_mode = view, time.time(), result.policy_mode
         # The reconcile maps hot-adds to guest CPUs (the guest's present set after minus
         # before): the OST event's vcpuN is libvirt's id, not the guest's CPU number.
         self._hotadd_latency(host, view, result.hotadds_online)
 
-    def forget(self, host: str, uuid: str) -> None:
-        """Drop a domain's series (it stopped or went away)."""
-        key = (host, uuid)
-        with self._lock:
-            self._forgotten[key] = self.clock()
-            while len(self._forgotten) > MAX_FORGOTTEN:
-                del self._forgotten[next(iter(self._forgotten))]
-            for pending in [k for k in self._hotadds if k[:2] == key]:
-                del self._hotadds[pending]
-            self._views.pop(key, None)
-
     def _snapshot(self) -> list[_Domain]:
         """Every domain with a view; a hot-add of a domain not yet reconciled or resynced
         shows with its first view (its labels need the view's name)."""
-        with self._lock:
-            pending: dict[tuple[str, str], list[float]] = {}
-            for (host, uuid, _), hotadd in self._hotadds.items():
-                pending.setdefault((host, uuid), []).append(hotadd.wall)
+        with self.domains.lock:
             return [
-                _Domain(host, latest, tuple(pending.get((host, uuid), ())))
-                for (host, uuid), latest in self._views.items()
+                _Domain(
+                    rec.host,
+                    _Latest(rec.view, rec.view_at, rec.policy_mode),
+                    tuple(hotadd.wall for hotadd in rec.hotadds.values()),
+                )
+                for rec in self.domains.records()
+                if rec.view is not None
             ]
 
     def _hotadd_latency(
@@ -359,42 +319,18 @@ class Metrics:
             return
         online = vcpus if vcpus is not None else online_vcpus(view)
         now = self.clock()
-        with self._lock:
-            done = [
-                (key, at)
-                for key, at in self._hotadds.items()
-                if key[0] == host and key[1] == view.uuid and key[2] in online
-            ]
-            for key, _ in done:
-                del self._hotadds[key]
-        for _, hotadd in done:
+        with self.domains.lock:
+            rec = self.domains.get((host, view.uuid))
+            hotadds = rec.hotadds if rec is not None else {}
+            done = [hotadds.pop(vcpu) for vcpu in [v for v in hotadds if v in online]]
+        for hotadd in done:
             self.hotadd_latency.labels(host).observe(max(0.0, now - hotadd.mono))
 
-    # --- exposition -------------------------------------------------------------------------
+    # --- what a scrape returns --------------------------------------------------------------
 
     def text(self) -> bytes:
         """The registry in the Prometheus text format (what a scrape returns)."""
-        return bytes(_prometheus().generate_latest(self.registry))
-
-    def serve(self, address: str, port: int) -> tuple[str, int]:
-        """Serve ``/metrics`` on ``address:port`` only, from a daemon thread; the bound
-        address is returned (port 0 picks a free one)."""
-        self._server = _serve(self.registry, address, port)
-        bound = self._server.server_address
-        log.info("metrics: serving http://%s/metrics", _host_port(bound[0], bound[1]))
-        if not _is_loopback(str(bound[0])):
-            log.warning(
-                "metrics: %s is not a loopback address: every host that can reach it can read "
-                "the metrics (domain names, vCPU counts); bind 127.0.0.1, or restrict access",
-                _host_port(bound[0], bound[1]),
-            )
-        return str(bound[0]), int(bound[1])
-
-    def close(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        return bytes(prometheus().generate_latest(self.registry))
 
 
 class _DomainCollector:
@@ -402,7 +338,7 @@ class _DomainCollector:
     (a prometheus_client custom collector: the registry calls ``collect``)."""
 
     def __init__(self, snapshot: Callable[[], list[_Domain]]) -> None:
-        from prometheus_client.core import GaugeMetricFamily  # present: _prometheus() checked
+        from prometheus_client.core import GaugeMetricFamily  # present: prometheus() checked
 
         self._family = GaugeMetricFamily
         self._snapshot = snapshot
@@ -490,86 +426,3 @@ def _layer_counts(view: VcpuView) -> dict[str, Optional[int]]:
         "hypervisor": view.hypervisor.count if view.hypervisor is not None else None,
         "guest": len(view.guest.present) if view.guest is not None else None,
     }
-
-
-def _is_loopback(address: str) -> bool:
-    """127.0.0.0/8, ::1 (a wildcard such as 0.0.0.0 or :: is every interface: not one)."""
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
-INDEX_PAGE = (
-    b"<html><head><title>virthotplug</title></head><body>"
-    b'<p>virthotplug watch: <a href="/metrics">metrics</a></p></body></html>\n'
-)
-
-
-def _only_metrics(metrics_app: Any) -> Any:
-    """The WSGI app: ``/metrics`` (the registry), a small page at ``/``, 404 elsewhere."""
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        path = environ.get("PATH_INFO", "")
-        if path == "/metrics":
-            return metrics_app(environ, start_response)
-        if path == "/":
-            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
-            return [INDEX_PAGE]
-        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-        return [b"not found: metrics are at /metrics\n"]
-
-    return app
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _serve(registry: Any, address: str, port: int) -> Any:
-    from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
-    prom = _prometheus()
-    try:
-        family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
-    except socket.gaierror as exc:
-        raise UsageError(f"--metrics-listen: cannot resolve {quote(address)}: {exc}") from None
-
-    class Server(ThreadingMixIn, WSGIServer):
-        daemon_threads = True
-        address_family = family
-
-    class QuietHandler(WSGIRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    try:
-        server = make_server(
-            address,
-            port,
-            _only_metrics(prom.make_wsgi_app(registry)),
-            Server,
-            handler_class=QuietHandler,
-        )
-    except OSError as exc:
-        where = _host_port(address, port)
-        # Not a usage error: the same command works once the port is free (exit status 1).
-        raise VirtHotplugError(
-            f"--metrics-listen: cannot listen on {where}: {exc.strerror}"
-        ) from None
-    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
-    thread.start()
-    return server
-
-
-def start(listen: str) -> Optional[Metrics]:
-    """Metrics for ``--metrics-listen`` (None when not asked for), already serving."""
-    if not listen:
-        return None
-    address, port = parse_listen(listen)
-    metrics = Metrics()
-    metrics.serve(address, port)
-    return metrics

@@ -46,7 +46,7 @@ from virthotplug.host import collect, history
 from virthotplug.host.connection import Connection
 from virthotplug.host.policysource import policy_from_definitions
 
-log = logging.getLogger("virthotplug.daemon.watch")
+log = logging.getLogger(__name__)
 
 # Definitions are read again at least this many resync intervals after they were read.
 MAX_AGE_INTERVALS = 10
@@ -72,6 +72,7 @@ class ResyncResult:
     definition_reads: int
     agents_asked: int
     seconds: float
+    complete: bool = True  # every running domain was read (``listed`` has them all)
 
     def describe(self) -> str:
         return (
@@ -186,6 +187,7 @@ class BulkResync:
             definition_reads=read.definition_reads,
             agents_asked=len(acting),
             seconds=time.monotonic() - started,
+            complete=not read.errors,
         )
 
     def _state(self, conn: Connection) -> _HostState:

@@ -30,7 +30,7 @@ from virthotplug.daemon.flood import BUSY_FRACTION, FloodGuard
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
 
-log = logging.getLogger("virthotplug.daemon.watch")
+log = logging.getLogger(__name__)
 
 _DROP, _ADD, _PROBE, _SYNC, _STOP = 0, 1, 2, 3, 4  # priorities: lower runs first
 # How long the event thread waits for a flooding domain's removal to be under way.
@@ -120,6 +120,7 @@ class MonitorSubscriptions:
         self, conn: Connection, priority: int, uuids: tuple[str, ...], requested: float
     ) -> None:
         if priority == _DROP:
+            self._cpu.pop(uuids[0], None)  # its vCPU times, read by quiet probes
             started = time.monotonic()
             if conn.unmonitor_domain(uuids[0]):
                 log.debug(
@@ -147,8 +148,9 @@ class MonitorSubscriptions:
         try:
             dom = conn.domain_by_uuid(uuid)
             busy = self._busy(key, dom)
-        except errors.NoDomainError:
+        except errors.NoDomainError:  # gone: no more probes of it
             self._cpu.pop(uuid, None)
+            self._guard.forget(key)
             return
         except errors.ConnectError:
             raise

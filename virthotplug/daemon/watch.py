@@ -5,26 +5,25 @@ Data flows one way:
     libvirt event thread ─► Listener ─► queue of Event records ─► main loop
         main loop: report the event, turn its intent into a scheduled per-domain job
         (ReconcileQueue: coalesced, one at a time per domain) ─► worker pool
-    worker: read the layers, decide, act (``reconcile_fn``) ─► EventLog
+    worker (``worker``): read the layers, decide, act (``reconcile_fn``) ─► EventLog
 
 Level-triggered: every event is only a hint to re-read a domain, and a periodic resync tick
 re-reads every running domain, so a lost event (or a whole libvirtd restart) delays but
-never loses work. Each host has a ``HostSession`` thread that owns its connection,
-reconnects with backoff and jitter, and re-registers every callback on the new connection.
+never loses work. Each host has a ``HostSession`` thread (``session``) that owns its
+connection, reconnects with backoff and jitter, and re-registers every callback on the new
+connection. What is kept per domain is in its record (``domains``), forgotten on FORGET
+events and by each resync's listing of the running domains.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
-
-import tenacity
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 from virthotplug.core import errors
 from virthotplug.core.breaker import AgentBreaker
@@ -38,117 +37,34 @@ from virthotplug.core.events import (
     LifecycleEvent,
     OstMonitorEvent,
 )
-from virthotplug.core.records import Record
 from virthotplug.core.schedule import Job, Key, ReconcileQueue
-from virthotplug.core.view import AGENT_UNRESPONSIVE
 from virthotplug.daemon import memory
+from virthotplug.daemon.domains import AgentFailures, DomainRegistry
 from virthotplug.daemon.eventlog import EventLog
-from virthotplug.daemon.flood import FloodGuard, flood_finding, summary_event
-from virthotplug.daemon.listener import Listener
+from virthotplug.daemon.flood import FloodGuard, summary_event
+from virthotplug.daemon.results import (
+    EventSource,
+    JobDone,
+    NoObserver,
+    Observer,
+    ReconcileFn,
+    Settings,
+    WatchStats,
+)
 from virthotplug.daemon.resync import BulkResync
-from virthotplug.daemon.subscriptions import MonitorSubscriptions
+from virthotplug.daemon.session import HostSession
+from virthotplug.daemon.worker import JobWorker, WorkerPool
 from virthotplug.host.connection import Connection
-from virthotplug.host.domain import Domain
 from virthotplug.host.libvirt_module import ensure_event_loop
 
-if TYPE_CHECKING:
-    from virthotplug.core.view import VcpuView
+log = logging.getLogger(__name__)
 
-log = logging.getLogger("virthotplug.daemon.watch")
-
-LIVENESS_POLL = 5.0  # seconds between isAlive checks, in case no close callback arrives
 MAIN_LOOP_WAKEUP = 0.25  # bounds how long a stop request or a due job waits
 SHUTDOWN_GRACE = 1.5  # SIGTERM to exit stays under 2 s even with a slow daemon
 # Items handled per pass of the main loop before due jobs are dispatched and the tick runs:
 # under a sustained flood the queue never empties, and the loop must still go round.
 DRAIN_BATCH = 500
 FLOOD_COLLECT = 0.25  # seconds between two looks at the flood guard (summaries, back-offs)
-# A reconcile that failed (libvirt refused a call) is tried once more after this long; if
-# that fails too, the next periodic resync tries again (it no longer counts the domain as
-# known), so a lasting failure costs one warning a resync, never a spin.
-FAILED_RETRY = 5.0  # seconds
-RETRY_FAILED = "failed"
-
-
-class EventSource(Protocol):
-    """An extra producer of events (e.g. the hook socket): started with the daemon's
-    enqueue function, closed on shutdown. It must only enqueue, never block the caller.
-    """
-
-    def start(self, enqueue: Callable[[Event], None]) -> None: ...
-    def close(self) -> None: ...
-
-
-class Settings(Protocol):
-    """The daemon settings it reads (``config.WatchSettings``)."""
-
-    resync_interval: float
-    agent_timeout: float
-    workers: int
-    hotadd_settle: float
-
-    def watches(self, name: str, uuid: str) -> bool: ...
-
-
-@dataclass(frozen=True)
-class JobResult:
-    """What one job did, for the event log. ``retry_after`` re-schedules the domain
-    (e.g. a grace period after a hot-add that has not expired yet).
-    """
-
-    record: Record  # its JSON line
-    line: str
-    failed: bool = False
-    retry_after: Optional[float] = None
-    view: Optional[VcpuView] = None  # the domain as the reconcile left it (for metrics)
-    routine: bool = False  # nothing done, nothing new: a log line only at debug level
-    retry_reason: str = "grace"  # what the retry is for, as its job's reason
-    # True: nothing runs before the retry (a grace period). False: it is only a look again
-    # (a hot-added CPU not listed yet, a finding held while the guest settles), and an event
-    # that comes meanwhile runs the domain's job at once.
-    retry_holds: bool = True
-    warning: bool = False  # news worth a warning (e.g. a hot-add the guest rejected)
-    # vCPU ids (of OST hot-add events) whose guest CPUs this reconcile found online.
-    hotadds_online: frozenset[int] = frozenset()
-    policy_mode: Optional[str] = None  # the effective policy's mode it ran under (metrics)
-
-
-ReconcileFn = Callable[[Connection, Domain, Job], JobResult]
-
-
-class Observer(Protocol):
-    """Sees what the daemon does (``metrics.Metrics``): every event as the main loop
-    handles it, every reconcile as it ends (on a worker). Must be quick and never raise.
-    """
-
-    def event(self, ev: Event) -> None: ...
-    def reconciled(self, job: Job, result: JobResult, seconds: float) -> None: ...
-    def failed(self, job: Job, seconds: float) -> None: ...
-
-
-class _NoObserver:
-    def event(self, ev: Event) -> None:
-        pass
-
-    def reconciled(self, job: Job, result: JobResult, seconds: float) -> None:
-        pass
-
-    def failed(self, job: Job, seconds: float) -> None:
-        pass
-
-
-@dataclass(frozen=True)
-class _JobDone:
-    key: Key
-    retry_after: Optional[float] = None
-    job: Optional[Job] = None
-    reason: str = "grace"
-    unresponsive: bool = False  # the reconcile found the guest agent not answering
-    holds: bool = True  # JobResult.retry_holds
-
-
-class _ReconcileFailed(Exception):
-    """A reconcile job failed with an error already logged: retry it (``FAILED_RETRY``)."""
 
 
 @dataclass(frozen=True)
@@ -156,219 +72,16 @@ class _Control:
     what: str  # "stop" or "reload"
 
 
-# --- per-host connection owner ------------------------------------------------------------
+@dataclass(frozen=True)
+class _Listed:
+    """A resync's listing of a host's running domains, and when it began (monotonic)."""
 
-
-class HostSession:
-    """Owns one host's connection: connect, subscribe, wait for loss, reconnect."""
-
-    def __init__(
-        self,
-        uri: Optional[str],
-        enqueue: Callable[[Any], None],
-        stop: threading.Event,
-        guard: Optional[FloodGuard] = None,
-        watches: Callable[[str, str], bool] = lambda _name, _uuid: True,
-    ):
-        self.uri = Connection(uri).uri
-        self._watches = watches  # the daemon's scope (--domain): by name and UUID
-        self._enqueue = enqueue
-        self._stop = stop
-        self._lost = threading.Event()
-        self._conn: Optional[Connection] = None
-        # Why the session thread ended (a permanent error, or a crash); None while it runs.
-        self.failure: Optional[errors.VirtHotplugError] = None
-        self._guard = guard if guard is not None else FloodGuard()
-        self.monitors = MonitorSubscriptions(self.uri, lambda: self._conn, self._guard)
-        self._thread = threading.Thread(target=self._run, name=f"host {self.uri}", daemon=True)
-
-    @property
-    def conn(self) -> Optional[Connection]:
-        return self._conn
-
-    def start(self) -> None:
-        self.monitors.start()
-        self._thread.start()
-
-    def connect_once(self) -> None:
-        """First connection, in the caller's thread: a bad URI fails the start at once."""
-        self._conn = self._open()
-
-    def mark_lost(self, conn: Optional[Connection] = None) -> None:
-        """End the current connection. With ``conn``, only if it still is the current one:
-        a loss reported late by an old connection (its close callback, a worker's call
-        that failed on it) must not tear down the connection that replaced it."""
-        if conn is not None and conn is not self._conn:
-            log.debug("%s: ignoring a loss of a replaced connection", self.uri)
-            return
-        self._lost.set()
-
-    def join(self, timeout: float) -> None:
-        """Wait for the session thread to close its connection (after a stop request)."""
-        self._lost.set()
-        self.monitors.stop()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        elif self._conn is not None:  # never started: the first connection is ours to close
-            self._conn.close()
-            self._conn = None
-
-    def _run(self) -> None:
-        """The session thread. When it ends for any reason but a stop request, it records
-        why (``failure``) and says so with a "gone" record: the daemon exits non-zero once
-        no host is left, instead of running on, live but blind."""
-        try:
-            self._loop()
-        except Exception as exc:  # not ours: a bug, or a binding raising the unexpected
-            log.exception("%s: host session failed", self.uri)
-            self.failure = errors.VirtHotplugError(f"{self.uri}: host session failed: {exc}")
-        finally:
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.close()
-                if not self._stop.is_set():  # everyone who counts connections hears of it
-                    self._enqueue(HostEvent(None, host=self.uri, what="lost", reason="failed"))
-        if not self._stop.is_set():
-            if self.failure is None:
-                self.failure = errors.VirtHotplugError(f"{self.uri}: host session ended")
-            why = self.failure.message
-            self._enqueue(HostEvent(None, host=self.uri, what="gone", reason=why))
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            if self._conn is None:
-                conn = self._reconnect()
-                if conn is None:
-                    return
-                self._conn = conn
-            self._enqueue(HostEvent(None, host=self.uri, what="connected"))
-            self._wait_until_lost()
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.close()
-
-    def _open(self) -> Connection:
-        self._lost.clear()
-        conn = Connection(self.uri).open()
-        try:
-            listener = Listener(
-                self.uri,
-                self._enqueue,
-                lambda: self.mark_lost(conn),
-                guard=self._guard,
-                on_flood=lambda ref: self.monitors.drop_now(ref.uuid),
-            )
-            conn.subscribe(listener)
-            self._monitor_running(conn)
-        except errors.VirtHotplugError:
-            conn.close()
-            raise
-        return conn
-
-    def _monitor_running(self, conn: Connection) -> None:
-        """Register the QEMU monitor events of every running domain in scope before the
-        session reports "connected": a hot-add made right after must not lose its OST event
-        while the first resync is still reading. Later starts and resyncs go through
-        ``self.monitors`` (its own thread)."""
-        if not conn.support.monitor_events:
-            return
-        for dom in conn.list_running():
-            suppressed = self._guard.is_suppressed((self.uri, dom.uuid))
-            if suppressed or not self._watches(dom.name, dom.uuid):
-                continue
-            try:
-                conn.monitor_domain(dom)
-            except errors.NoDomainError:
-                continue  # stopped meanwhile
-            except errors.ConnectError:
-                raise
-            except errors.VirtHotplugError as exc:
-                log.warning("%s: no QEMU monitor events for %s: %s", self.uri, dom.name, exc)
-
-    def _reconnect(self) -> Optional[Connection]:
-        """Retry forever with exponential backoff and jitter, until connected or stopped."""
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(_worth_reconnecting),
-            wait=tenacity.wait_random_exponential(multiplier=0.5, max=30),
-            stop=lambda _state: self._stop.is_set(),
-            sleep=self._sleep,
-            before_sleep=lambda state: log.warning(
-                "%s: reconnect attempt %d failed: %s",
-                self.uri,
-                state.attempt_number,
-                state.outcome.exception() if state.outcome else "",
-            ),
-            reraise=True,
-        )
-        try:
-            return retrying(self._open)
-        except errors.VirtHotplugError as exc:
-            if not self._stop.is_set():
-                # Only permanent errors end up here (access refused, a URI no driver takes):
-                # retrying cannot help, and a service manager's restart shows the failure.
-                log.error("%s: giving up: %s", self.uri, exc)
-                self.failure = exc
-            return None
-
-    def _sleep(self, seconds: float) -> None:
-        self._stop.wait(seconds)  # a stop request cuts the backoff short
-
-    def _wait_until_lost(self) -> None:
-        while not self._stop.is_set():
-            if self._lost.wait(LIVENESS_POLL):
-                return
-            conn = self._conn
-            if conn is None or not conn.is_alive():
-                self._enqueue(HostEvent(None, host=self.uri, what="lost", reason="not alive"))
-                return
-
-
-def _worth_reconnecting(exc: BaseException) -> bool:
-    permanent = (errors.InvalidURIError, errors.PermissionDeniedError)
-    return isinstance(exc, errors.VirtHotplugError) and not isinstance(exc, permanent)
-
-
-# --- worker pool --------------------------------------------------------------------------
-
-
-class _Workers:
-    """A fixed set of daemon threads: a reconcile stuck on a hung guest never blocks exit."""
-
-    def __init__(self, count: int, run: Callable[[Job], None]) -> None:
-        self._jobs: queue.Queue[Job] = queue.Queue()
-        self._threads = [
-            threading.Thread(target=self._loop, args=(run,), name=f"reconcile-{i}", daemon=True)
-            for i in range(max(1, count))
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, job: Job) -> None:
-        self._jobs.put(job)
-
-    def _loop(self, run: Callable[[Job], None]) -> None:
-        while True:
-            run(self._jobs.get())
+    event: HostEvent
+    since: float
+    complete: bool  # every running domain was read (none failed)
 
 
 # --- the daemon ---------------------------------------------------------------------------
-
-
-@dataclass
-class WatchStats:
-    events: int = 0
-    reconciles: int = 0
-    failures: int = 0
-    coalesced: int = 0
-    started: float = field(default_factory=time.monotonic)
-    # Workers count too: without a lock an increment is a read-modify-write that only
-    # happens to be atomic on today's CPython (and is not with free threading).
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def count(self, **increments: int) -> None:
-        with self._lock:
-            for name, n in increments.items():
-                setattr(self, name, getattr(self, name) + n)
 
 
 class Watch:
@@ -382,12 +95,11 @@ class Watch:
         reload: Optional[Callable[[], Settings]] = None,
         sources: Sequence[EventSource] = (),
         observer: Optional[Observer] = None,
-        forget: Optional[Callable[[Key], None]] = None,
         observe: Optional[Callable[[Event], None]] = None,
         resync: Optional[BulkResync] = None,
+        domains: Optional[DomainRegistry] = None,
     ) -> None:
         self.settings = settings
-        self._reconcile_fn = reconcile_fn
         self._eventlog = eventlog
         self._reload = reload
         # SimpleQueue: its put is reentrant, so a signal handler may call it while the main
@@ -395,7 +107,9 @@ class Watch:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._sched = ReconcileQueue()
-        self._breaker = AgentBreaker()
+        # Everything kept per domain, forgotten in one place (``DomainRegistry.forget``).
+        self.domains = domains if domains is not None else DomainRegistry()
+        self._breaker = AgentBreaker(AgentFailures(self.domains))
         self._flood = FloodGuard()
         self.sessions = {
             s.uri: s
@@ -407,15 +121,25 @@ class Watch:
         self.stats = WatchStats()
         # Why the daemon stopped by itself (no host left); ``run`` raises it.
         self.failure: Optional[errors.VirtHotplugError] = None
-        self._workers: Optional[_Workers] = None
+        self._workers: Optional[WorkerPool] = None
         self._sources = list(sources)
-        self._observer: Observer = observer if observer is not None else _NoObserver()
-        # Drops what the reconcile side keeps per domain (``JobRunner.forget``).
-        self._forget_domain = forget
+        self._observer: Observer = observer if observer is not None else NoObserver()
         # Sees every event on this loop, quickly (``JobRunner.observe``: the vCPU history).
         self._observe = observe
         self._bulk = resync  # None: the resync lists running domains and reconciles each
+        self._worker = JobWorker(
+            self.sessions,
+            reconcile_fn,
+            eventlog,
+            self._observer,
+            self.stats,
+            lambda key: self._flood.suppressed(key),  # tests replace the guard
+            resync,
+        )
         self._resyncing: set[Connection] = set()  # connections with a resync in flight
+        self.domains.on_forget(self._sched.forget)
+        self.domains.on_forget(lambda key: self._flood.forget(key))  # tests replace the guard
+        self.domains.on_forget(self._drop_monitor)
 
     # control (signal handlers and tests call these)
 
@@ -443,7 +167,7 @@ class Watch:
         ensure_event_loop()  # before the first open()
         for session in self.sessions.values():
             self._first_connect(session)
-        self._workers = _Workers(self.settings.workers, self._run_job)
+        self._workers = WorkerPool(self.settings.workers, self._run_job)
         for session in self.sessions.values():
             session.start()
         for source in self._sources:
@@ -479,8 +203,9 @@ class Watch:
         now = time.monotonic()
         wait = min(MAIN_LOOP_WAKEUP, max(0.0, next_tick - now))
         # A due job only matters while a worker is free: when all are busy, the next one to
-        # finish wakes the loop (its _JobDone), so waiting for it never spins.
-        due = self._sched.next_due() if self._sched.running < self.settings.workers else None
+        # finish wakes the loop (its JobDone), so waiting for it never spins.
+        workers = self._workers.size if self._workers is not None else self.settings.workers
+        due = self._sched.next_due() if self._sched.running < workers else None
         if due is not None:
             wait = min(wait, max(0.0, due - now))
         return wait
@@ -502,13 +227,19 @@ class Watch:
         self._handle(item)
 
     def _handle(self, item: Any) -> None:
-        if isinstance(item, _JobDone):
+        if isinstance(item, JobDone):
             self._job_done(item)
         elif isinstance(item, _Control):
             self._control(item)
         elif isinstance(item, Event):
-            self.stats.events += 1
+            self.stats.count(events=1)
             self._event(item)
+        elif isinstance(item, _Listed):
+            self.stats.count(events=1)
+            self._event(item.event)
+            if item.complete:  # FORGET events lost in a gap: their domains go now
+                uuids = (ref.uuid for ref in item.event.domains)
+                self.domains.prune(item.event.host, uuids, item.since)
 
     def _control(self, item: _Control) -> None:
         if item.what == "stop":
@@ -519,10 +250,21 @@ class Watch:
                 log.info("configuration reloaded")
             except errors.VirtHotplugError as exc:
                 log.error("reload failed, keeping the previous configuration: %s", exc)
+                return
+            self._resize_workers()
+
+    def _resize_workers(self) -> None:
+        """A reload applies ``workers`` in full: the pool and the count of free slots."""
+        pool = self._workers
+        if pool is not None and pool.size != max(1, self.settings.workers):
+            log.info("workers: %d, were %d", max(1, self.settings.workers), pool.size)
+            pool.resize(self.settings.workers)
 
     def _event(self, ev: Event) -> None:
         if ev.domain is not None and not self._watches(ev.domain):
             return  # out of the daemon's scope (watch --domain): not even recorded
+        if ev.domain is not None and ev.intent != FORGET:
+            self.domains.record(ev.domain.key)  # in use: a resync listing begun before keeps it
         self._observer.event(ev)
         if self._observe is not None:
             self._observe(ev)
@@ -538,10 +280,7 @@ class Watch:
         if isinstance(ev, AgentEvent) and ev.connected and ev.domain is not None:
             self._agent_connected(ev.domain)
         if ev.domain is not None and ev.intent == FORGET:
-            self._sched.forget(ev.domain.key)
-            self._breaker.reset(ev.domain.key)
-            if self._forget_domain is not None:
-                self._forget_domain(ev.domain.key)
+            self.domains.forget(ev.domain.key)
         elif ev.domain is not None and ev.intent == RECONCILE:
             self._request(ev.domain, ev)
 
@@ -551,11 +290,14 @@ class Watch:
         session = self.sessions.get(ev.domain.host) if ev.domain is not None else None
         if session is None or ev.domain is None:
             return
-        if ev.intent == FORGET:
-            session.monitors.drop(ev.domain.uuid)
-            self._flood.forget(ev.domain.key)
-        elif isinstance(ev, LifecycleEvent) and ev.event_name in ("started", "resumed"):
+        if isinstance(ev, LifecycleEvent) and ev.event_name in ("started", "resumed"):
+            self._flood.running(ev.domain.host, (ev.domain.uuid,))
             session.monitors.add(ev.domain.uuid)
+
+    def _drop_monitor(self, key: Key) -> None:
+        session = self.sessions.get(key[0])
+        if session is not None:
+            session.monitors.drop(key[1])
 
     def _flood_collect(self) -> None:
         """Summaries of what the flood guard dropped, suppressed domains whose back-off is
@@ -583,6 +325,7 @@ class Watch:
             self._resync(session)  # events in the gap are lost: re-read everything
         elif ev.what == "listed":
             listed = [ref for ref in ev.domains if self._watches(ref)]
+            self._flood.running(ev.host, (ref.uuid for ref in listed))
             if session is not None:
                 session.monitors.sync(ref.uuid for ref in listed)
             for ref in listed if ev.reconcile is None else ev.reconcile:
@@ -640,8 +383,9 @@ class Watch:
         self._resyncing.add(conn)
 
         def list_running() -> None:
+            since = time.monotonic()
             try:
-                self._queue.put(self._resync_event(conn))
+                self._queue.put(self._resync_event(conn, since))
             except errors.VirtHotplugError as exc:
                 log.warning("%s: resync failed: %s", conn.uri, exc)
             finally:
@@ -650,12 +394,12 @@ class Watch:
 
         threading.Thread(target=list_running, name="resync", daemon=True).start()
 
-    def _resync_event(self, conn: Connection) -> HostEvent:
+    def _resync_event(self, conn: Connection, since: float) -> _Listed:
         if self._bulk is None:
             refs = tuple(DomainRef(conn.uri, d.uuid, d.name) for d in conn.list_running())
-            return HostEvent(None, host=conn.uri, what="listed", domains=refs)
+            return _Listed(HostEvent(None, host=conn.uri, what="listed", domains=refs), since, True)
         done = self._bulk.run(conn)
-        return HostEvent(
+        listed = HostEvent(
             None,
             host=conn.uri,
             what="listed",
@@ -663,12 +407,13 @@ class Watch:
             domains=done.listed,
             reconcile=done.reconcile,
         )
+        return _Listed(listed, since, done.complete)
 
     def _dispatch(self, now: float) -> None:
         assert self._workers is not None
-        free = self.settings.workers - self._sched.running
+        free = self._workers.size - self._sched.running
         for job in self._sched.pop_due(now, free):
-            self.stats.coalesced += job.coalesced - 1
+            self.stats.count(coalesced=job.coalesced - 1)
             self._workers.submit(job)
 
     def _agent_connected(self, ref: DomainRef) -> None:
@@ -676,8 +421,10 @@ class Watch:
             self._sched.release(ref.key)
             log.info("domain '%s': guest agent connected: reconciling it again", ref.name)
 
-    def _breaker_verdict(self, done: _JobDone) -> None:
+    def _breaker_verdict(self, done: JobDone) -> None:
         """Count unresponsive agents; a domain past the threshold waits without a worker."""
+        if done.unresponsive is None:
+            return  # no word on the agent
         until = self._breaker.record(done.key, unresponsive=done.unresponsive, now=time.monotonic())
         if not done.unresponsive:
             self._sched.release(done.key)
@@ -696,7 +443,7 @@ class Watch:
             until - time.monotonic(),
         )
 
-    def _job_done(self, done: _JobDone) -> None:
+    def _job_done(self, done: JobDone) -> None:
         self._sched.finish(done.key)
         self._breaker_verdict(done)
         if done.retry_after is not None and done.job is not None:
@@ -715,76 +462,7 @@ class Watch:
     # worker side
 
     def _run_job(self, job: Job) -> None:
-        result = None
-        failed = False
-        try:
-            result = self._reconcile(job)
-        except _ReconcileFailed:
-            failed = True
-        except Exception:  # a bug in one reconcile must not kill a worker
-            log.exception("domain '%s': reconcile crashed", job.ref.name)
-        finally:
-            retry_after = result.retry_after if result is not None else None
-            reason = result.retry_reason if result is not None else "grace"
-            if failed and RETRY_FAILED not in job.reasons:
-                retry_after, reason = FAILED_RETRY, RETRY_FAILED
-            view = result.view if result is not None else None
-            unresponsive = view is not None and view.agent.state == AGENT_UNRESPONSIVE
-            holds = result.retry_holds if result is not None else True
-            done = _JobDone(job.ref.key, retry_after, job, reason, unresponsive, holds)
-            self._queue.put(done)
-
-    def _reconcile(self, job: Job) -> Optional[JobResult]:
-        session = self.sessions.get(job.ref.host)
-        conn = session.conn if session else None
-        if conn is None:
-            return None  # the reconnect's resync covers it
-        started = time.monotonic()
-        try:
-            dom = conn.domain_by_uuid(job.ref.uuid)
-            result = self._reconcile_fn(conn, dom, job)
-        except errors.NoDomainError:
-            return None
-        except errors.ConnectError as exc:
-            log.warning("%s: %s", conn.uri, exc)
-            if session is not None:
-                session.mark_lost(conn)  # only if no reconnect happened meanwhile
-            return None
-        except errors.VirtHotplugError as exc:
-            self.stats.count(failures=1)
-            log.warning("domain '%s': %s", job.ref.name, exc)
-            self._observer.failed(job, time.monotonic() - started)
-            if self._bulk is not None:
-                self._bulk.forget(conn.uri, job.ref.uuid)  # not known: the next resync picks it
-            raise _ReconcileFailed from exc
-        result = self._with_flood_finding(job, result)
-        self.stats.count(reconciles=1)
-        self._eventlog.reconcile(
-            result.record,
-            result.line,
-            failed=result.failed or result.warning,
-            routine=result.routine and not result.warning,
-        )
-        self._observer.reconciled(job, result, time.monotonic() - started)
-        if self._bulk is not None:
-            self._bulk.reconciled(conn.uri, result.view)
-        return result
-
-    def _with_flood_finding(self, job: Job, result: JobResult) -> JobResult:
-        """A domain whose monitor events are suppressed says so in its record and metrics."""
-        info = self._flood.suppressed(job.ref.key)
-        if info is None:
-            return result
-        finding = flood_finding(info)
-        as_dict = {"code": finding.code, "severity": finding.severity, "message": finding.message}
-        record = dataclasses.replace(
-            result.record, findings=[*result.record.findings, {**as_dict, "cpus": []}]
-        )
-        view = result.view
-        if view is not None:
-            view = dataclasses.replace(view, findings=(*view.findings, finding))
-        line = f"{result.line}; {finding.code}: {finding.message}"
-        return dataclasses.replace(result, record=record, view=view, line=line, routine=False)
+        self._queue.put(self._worker.run(job))
 
     def _shutdown(self) -> None:
         for source in self._sources:

@@ -1,4 +1,4 @@
-"""``virthotplug watch``: the daemon (see ``virthotplug.daemon.watch``)."""
+"""``virthotplug watch``: the daemon (see ``virthotplug.daemon``)."""
 
 from __future__ import annotations
 
@@ -98,6 +98,7 @@ class JsonLines(io.TextIOBase):
 
 def run(args: argparse.Namespace) -> int:
     from virthotplug.core.config import load_config
+    from virthotplug.daemon.domains import DomainRegistry
     from virthotplug.daemon.eventlog import EventLog, setup_daemon_logging
     from virthotplug.daemon.hookserver import HookServer, local_qemu_uri
     from virthotplug.daemon.jobs import JobRunner
@@ -122,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         return dataclasses.replace(config.watch, **overrides), config
 
     settings, config = load()
-    runner = JobRunner(config, settings)
+    domains = DomainRegistry()  # what the daemon keeps per domain, shared by its parts
+    runner = JobRunner(config, settings, domains)
 
     def reload() -> Any:
         new_settings, new_config = load()
@@ -137,11 +139,12 @@ def run(args: argparse.Namespace) -> int:
     sources = []
     if not args.no_hook_socket:
         sources.append(HookServer(settings.hook_socket, local_qemu_uri(hosts)))
-    metrics = None
+    server = None
     if args.metrics_listen:
-        from virthotplug.daemon.metrics import start as start_metrics
+        from virthotplug.daemon.metricsserver import start as start_metrics
 
-        metrics = start_metrics(args.metrics_listen)
+        server = start_metrics(args.metrics_listen, domains)
+    metrics = server.metrics if server is not None else None
     # Periodic and reconnect resyncs read every running domain in bulk and reconcile only
     # the domains that need it; the metrics get every view it read.
     resync = BulkResync(runner, on_views=metrics.resynced if metrics is not None else None)
@@ -155,16 +158,16 @@ def run(args: argparse.Namespace) -> int:
         reload=reload,
         sources=sources,
         observer=metrics,
-        forget=runner.forget,
         observe=runner.observe,
         resync=resync,
+        domains=domains,
     )
     watch.install_signal_handlers()
     try:
         watch.run()
     finally:
-        if metrics is not None:
-            metrics.close()
+        if server is not None:
+            server.close()
     if json_out.reader_gone:
         raise VirtHotplugError("stdout was closed (broken pipe): the JSON records have no reader")
     return EXIT_OK
