@@ -5,11 +5,16 @@ the agent connecting again (AGENT_LIFECYCLE connected) closes the breaker at onc
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from virthotplug.core.breaker import AgentBreaker
 from virthotplug.core.config import WatchSettings
+from virthotplug.core.errors import AgentUnavailableError
 from virthotplug.core.events import AgentEvent, DomainRef, LifecycleEvent, OstMonitorEvent
 from virthotplug.core.schedule import Job
 from virthotplug.core.view import AgentStatus, VcpuView
@@ -118,3 +123,49 @@ def test_backoff_grows_and_is_bounded() -> None:
     assert max(waits) == AgentBreaker.MAX_WAIT
     assert breaker.record(key, unresponsive=False, now=200.0) is None
     assert breaker.record(key, unresponsive=True, now=200.0) is None  # counting again
+
+
+def test_no_agent_lease_on_the_host_does_not_count_against_the_agent() -> None:
+    # Every agent lease of the host's connection was out (other hung guests): this guest's
+    # agent was never asked, and its breaker must not open for a cap of the host.
+    calls: list[str] = []
+    watch = _watch(calls)
+
+    def no_lease(_conn: Any, _dom: Any, job: Job) -> JobResult:
+        calls.append(job.ref.name)
+        agent = AgentStatus(configured=True, state="unresponsive", asked=False)
+        view = dataclasses.replace(_view(job.ref, "unresponsive"), agent=agent)
+        return JobResult(record={}, line="", view=view)
+
+    watch._worker._reconcile_fn = no_lease
+    for _ in range(AgentBreaker.THRESHOLD + 2):
+        _round(watch, (REF,))
+    assert calls.count("hung") == AgentBreaker.THRESHOLD + 2
+    assert watch._breaker.failures(REF.key) == 0
+
+
+def test_the_agent_read_says_when_the_host_had_no_lease_to_ask_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from virthotplug.core.workpool import CallResult
+    from virthotplug.host import agentread
+    from virthotplug.host.connection import NoLeaseError
+
+    def read(ref: DomainRef) -> Any:
+        return SimpleNamespace(view=_view(ref, "unknown"), context=None, dom=None)
+
+    errors = {
+        REF.uuid: NoLeaseError("guest agent not asked: 16 guest-agent calls are still out"),
+        OTHER.uuid: AgentUnavailableError("domain 'ok': guest agent is not responding"),
+    }
+    monkeypatch.setattr(
+        agentread,
+        "_query_agents",
+        lambda _c, raws, _w, _t: [CallResult(error=errors[r.view.uuid]) for r in raws],
+    )
+    monkeypatch.setattr(agentread, "_channel_disconnected", lambda _dom: False)
+    views = agentread.guest_layers(None, [read(REF), read(OTHER)], agent_timeout=1, workers=2)  # type: ignore[arg-type, list-item]
+    assert [(v.agent.state, v.agent.asked) for v in views] == [
+        ("unresponsive", False),
+        ("unresponsive", True),
+    ]

@@ -177,6 +177,9 @@ class AgentStatus:
     configured: bool
     state: str
     error: Optional[str] = None
+    # False: the host did not ask the agent (every agent lease of its connection was out):
+    # the state says nothing of the guest, and the daemon's agent circuit breaker ignores it.
+    asked: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -200,11 +200,14 @@ def _retried(job: Job) -> JobDone:
 
 
 def _agent_verdict(result: JobResult, connected: Callable[[], bool]) -> Optional[bool]:
-    """Whether ``result`` found the guest agent unresponsive. None when the connection was
-    lost meanwhile (asked only then): every agent call on it fails or times out, which says
-    nothing of the guest, so it must not count against its agent circuit breaker."""
+    """Whether ``result`` found the guest agent unresponsive. None when that says nothing
+    of the guest, so it must not count against its agent circuit breaker: the host did not
+    ask the agent (every agent lease of its connection was out: a host-side cap), or the
+    connection was lost meanwhile (asked only then: every agent call on it fails or times
+    out)."""
     view = result.view
-    unresponsive = view is not None and view.agent.state == AGENT_UNRESPONSIVE
-    if unresponsive and not connected():
+    if view is None or view.agent.state != AGENT_UNRESPONSIVE:
+        return False
+    if not view.agent.asked or not connected():
         return None
-    return unresponsive
+    return True

@@ -31,7 +31,7 @@ from virthotplug.core.view import (
 )
 from virthotplug.core.workpool import CallResult, CallTimeout, bounded_map
 from virthotplug.host.bulk import DomainRead
-from virthotplug.host.connection import Connection
+from virthotplug.host.connection import Connection, NoLeaseError
 from virthotplug.host.domain import Domain
 from virthotplug.host.domxml import parse_domain_xml
 from virthotplug.host.history import DomainContext
@@ -57,9 +57,10 @@ def guest_layers(
         error: Optional[BaseException] = outcome.error
         if outcome.timed_out:
             error = CallTimeout(f"no answer within {agent_timeout:g} s")
+        asked = not isinstance(error, NoLeaseError)  # the host's cap, not the guest's fault
         if isinstance(error, errors.AgentUnavailableError) and _channel_disconnected(raw.dom):
             error = errors.AgentNotConnectedError(str(error), code=error.code)
-        agent_views[raw.view.uuid] = _guest_view(raw, outcome.value, error)
+        agent_views[raw.view.uuid] = _guest_view(raw, outcome.value, error, asked=asked)
     views = [agent_views.get(r.view.uuid, r.view) for r in raws]
     return [dataclasses.replace(v, findings=_findings(v, r.context)) for v, r in zip(views, raws)]
 
@@ -105,7 +106,9 @@ def _same_error(error: BaseException, asked: str, other: str) -> BaseException:
     return type(error)(message, code=error.code)
 
 
-def _guest_view(raw: DomainRead, reply: Any, error: Optional[BaseException]) -> VcpuView:
+def _guest_view(
+    raw: DomainRead, reply: Any, error: Optional[BaseException], *, asked: bool = True
+) -> VcpuView:
     view = raw.view
     guest: Optional[GuestLayer] = None
     if error is None:
@@ -116,7 +119,9 @@ def _guest_view(raw: DomainRead, reply: Any, error: Optional[BaseException]) -> 
             log.warning("%s", exc)
             error = exc
     state = AGENT_CONNECTED if error is None else _agent_state_for(error)
-    agent = AgentStatus(configured=True, state=state, error=str(error) if error else None)
+    agent = AgentStatus(
+        configured=True, state=state, error=str(error) if error else None, asked=asked
+    )
     return dataclasses.replace(view, guest=guest, agent=agent)
 
 
