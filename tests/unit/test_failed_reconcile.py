@@ -3,7 +3,10 @@ the next periodic resync, which no longer counts the domain as known. Never a sp
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+import pytest
 
 from virthotplug.core import errors
 from virthotplug.core.config import WatchSettings
@@ -71,3 +74,27 @@ def test_a_crashed_reconcile_counts_as_failed_and_is_retried() -> None:
     again = _run(watch, ["ost", RETRY_FAILED])
     assert again.retry_after is None
     assert watch.stats.failures == 2
+
+
+@pytest.mark.parametrize(
+    ("message", "line"),
+    [
+        (
+            "domain 'dom1' metadata: virDomainGetMetadata() failed",
+            "domain 'dom1' metadata: virDomainGetMetadata() failed",
+        ),
+        ("domain 'dom1': guest agent refused", "domain 'dom1': guest agent refused"),
+        ("no vCPU maximum in the definition", "domain 'dom1': no vCPU maximum in the definition"),
+    ],
+)
+def test_a_failed_reconcile_names_its_domain_once(
+    message: str, line: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refused(_conn: Any, _dom: Any, _job: Job) -> JobResult:
+        raise errors.VirtHotplugError(message)
+
+    watch = Watch([HOST], WatchSettings(), refused, EventLog(None))
+    watch.sessions[HOST]._conn = _Conn()  # type: ignore[assignment]
+    with caplog.at_level(logging.WARNING, logger="virthotplug.daemon"):
+        _run(watch, ["host"])
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [line]

@@ -148,7 +148,7 @@ class JobWorker:
             session.mark_lost(conn)  # only if no reconnect happened meanwhile
             return None
         except errors.VirtHotplugError as exc:
-            log.warning("domain '%s': %s", job.ref.name, exc)
+            log.warning("%s", _naming(job.ref.name, str(exc)))
             self._failed(job, started)
             raise _ReconcileFailed from exc
         except Exception as exc:  # a bug: counted and tried again like any failure
@@ -189,6 +189,13 @@ class JobWorker:
             view = dataclasses.replace(view, findings=(*view.findings, finding))
         line = f"{result.line}; {finding.code}: {finding.message}"
         return dataclasses.replace(result, record=record, view=view, line=line, routine=False)
+
+
+def _naming(name: str, message: str) -> str:
+    """``message`` as a line about domain ``name``: an error raised on the domain already
+    names it (``Domain.context``), and must not be prefixed twice."""
+    named = f"domain '{name}'"
+    return message if message.startswith(named) else f"{named}: {message}"
 
 
 def _retried(job: Job) -> JobDone:
