@@ -6,8 +6,9 @@ back when the grace period ends, and the reconcile then reports "onlined-by-gues
 guest won.
 
 What happened to each vCPU is the judge's (``core.judge``), run by the one reconcile
-(``ops.reconcile``) on the domain's ``Observations``, which this module keeps between jobs:
-QEMU's monitor events as the main loop sees them, and the hot-add hints of each job. Until
+(``ops.reconcile``) on the domain's ``Observations``, kept between jobs in the domain's
+record (``domains.DomainJobs``): QEMU's monitor events as the main loop sees them, the
+hot-add hints of each job and this daemon's own writes. Until
 the guest lists a hot-added CPU the job looks again with backoff; if it lists none
 ``judge.HOTADD_WAIT`` seconds after the OST event although it answered, it rejected the
 hot-add: recorded in the domain's history, reported once at warning level. A critical
