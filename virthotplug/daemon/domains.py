@@ -3,12 +3,12 @@ forgets it.
 
 A ``DomainRecord`` holds what the reconcile jobs remember between runs (``DomainJobs``: the
 judge's observations, with the guest CPUs the daemon onlined, and the findings last
-reported), what the
-metrics show (the last view, when it was read, the effective policy mode, pending hot-adds)
-and what the agent circuit breaker counts. The state that must stay with the thread that
-owns it — the flood guard's counters (libvirt's event thread), a host's monitor
-registrations (its subscription thread), the scheduler's queued jobs (the main loop) — is
-forgotten through the same call: each of those stores hands the registry its ``forget``.
+reported), what the metrics show (the last view, when it was read, the effective policy
+mode, pending hot-adds) and what the agent circuit breaker counts. The state that must stay
+with the thread that owns it — the flood guard's counters (libvirt's event thread), a
+host's monitor registrations (its subscription thread), the scheduler's queued jobs (the
+main loop) — is forgotten through the same call: each of those stores hands the registry
+its ``forget``.
 
 A domain is forgotten on its FORGET events (stopped, crashed, undefined, the hook's
 release) and whenever a resync's listing of a host's running domains no longer has it
