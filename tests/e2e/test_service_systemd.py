@@ -15,6 +15,8 @@ call filter, the address families, RuntimeDirectory, ...). Checked, each with it
   daemon keeps running);
 - a ``kill -9`` of the main process is restarted by systemd, which takes the lock and the
   socket again;
+- an upgrade (``apt-get install --reinstall``: the maintainer scripts' upgrade path)
+  restarts the running service on the new files and leaves it enabled;
 - the installed hook reaches the daemon when libvirtd starts a domain (a tiny QEMU domain
   with nothing to boot, under the guest's own TCG) and when it stops it;
 - ``apt purge`` stops the service and leaves nothing: the guest's file list is as before
@@ -176,22 +178,39 @@ def reload(shell: GuestShell, pid: int) -> None:
     timed("three reloads (changed, broken, restored)", started)
 
 
+def wait_new_main(shell: GuestShell, old_pid: int, listening: int) -> int:
+    """Wait for a main process other than ``old_pid`` that holds the lock (it writes its pid
+    there) and listens on the hook socket (the ``listening``-th time in the journal)."""
+    new_main = (
+        f'pid=$(systemctl show -p MainPID --value {UNIT}); [ "$pid" -ne 0 ] && '
+        f'[ "$pid" -ne {old_pid} ] && [ "$(cat {LOCK} 2>/dev/null)" = "$pid" ]'
+    )
+    shell.wait_until(f"{new_main} && test -S {HOOK_SOCKET}", RESTART_TIMEOUT)
+    wait_journal(shell, "listening for hook messages", count=listening, timeout=RESTART_TIMEOUT)
+    assert shell.check(f"systemctl is-active {UNIT}").strip() == "active"
+    return main_pid(shell)
+
+
 def kill_and_restart(shell: GuestShell, pid: int) -> int:
     started = time.monotonic()
     shell.check(f"kill -9 {pid}")
-    # A new main process that holds the lock (it writes its pid there) and the socket.
-    new_main = (
-        f'pid=$(systemctl show -p MainPID --value {UNIT}); [ "$pid" -ne 0 ] && '
-        f'[ "$pid" -ne {pid} ] && [ "$(cat {LOCK} 2>/dev/null)" = "$pid" ]'
-    )
-    shell.wait_until(f"{new_main} && test -S {HOOK_SOCKET}", RESTART_TIMEOUT)
-    wait_journal(shell, r"listening for hook messages", count=2, timeout=RESTART_TIMEOUT)
+    new_pid = wait_new_main(shell, pid, listening=2)
     timed("kill -9 until the restarted daemon listens", started)
     assert show(shell, "NRestarts") == "1"
     systemd = shell.check("journalctl -q -o cat --no-pager _PID=1")
     assert re.search(rf"{UNIT}\.service: Main process exited, code=killed, status=9/KILL", systemd)
-    new_pid = main_pid(shell)
     check_hardening(shell, new_pid)
+    return new_pid
+
+
+def upgrade(shell: GuestShell, deb: Path, pid: int) -> int:
+    """Reinstalling runs the upgrade path of the maintainer scripts: the running service is
+    restarted on the new files, and stays enabled."""
+    started = time.monotonic()
+    shell.check(f"apt-get install -y --reinstall {WORK}/{deb.name}", APT_TIMEOUT)
+    new_pid = wait_new_main(shell, pid, listening=3)
+    timed("apt reinstall (upgrade path) until the restarted daemon listens", started)
+    assert shell.check(f"systemctl is-enabled {UNIT}").strip() == "enabled"
     return new_pid
 
 
@@ -242,6 +261,7 @@ def test_service_under_systemd(service_guest: ServiceGuest) -> None:
     assert "Traceback" not in log, log
     reload(shell, pid)
     pid = kill_and_restart(shell, pid)
+    pid = upgrade(shell, service_guest.deb, pid)
     hook_reaches_daemon(shell)
     log = journal(shell)
     assert "Traceback" not in log, log
