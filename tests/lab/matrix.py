@@ -144,8 +144,9 @@ def debian_spec(
 ) -> DomainSpec:
     """A real Debian guest's domain: its own kernel and initramfs, the overlay as vda.
 
-    The service guest also serves the lab control channel (service_image.py) and needs more
-    memory (libvirtd, a nested QEMU, apt).
+    The service guest also serves the lab control channel (service_image.py), needs more
+    memory (libvirtd, a nested QEMU, apt) and runs two vCPUs, so that libvirtd's first probe
+    of its QEMU runs beside other work.
     """
     service = request.guest == service_image.KIND
     minimum = service_image.MEMORY_MIB if service else debian_image.MEMORY_MIB
@@ -156,6 +157,7 @@ def debian_spec(
         serial_log=serial_log,
         behaviour=request.behaviour,
         max_vcpus=request.max_vcpus,
+        current_vcpus=service_image.LIVE_VCPUS if service else 1,
         memory_mib=max(request.memory_mib, minimum),
         domain_type=domain_type,
         guest=request.guest,

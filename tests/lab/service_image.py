@@ -73,6 +73,7 @@ IMAGE_FILE = "service.img"
 # Room for the overlay's writes too: the package, libvirt's state and the journal.
 IMAGE_SIZE_MIB = 1536
 MEMORY_MIB = 1024
+LIVE_VCPUS = 2
 
 
 def files() -> dict[str, str]:
