@@ -63,6 +63,7 @@ NOT_OURS = (
     "^/var/lib/dpkg/(?!info/)",  # dpkg's database (its info/ files of a package must go)
     "^/var/lib/libvirt/",  # libvirtd's state of the tiny domain
     "^/run/(systemd|log|udev|user|libvirt|lock|dbus|initctl|sshd|utmp|mount)(/|$)",
+    r"^/run/(libvirtd|virtlogd|virtlockd)\.pid$",  # libvirt's daemons, socket-activated
     "^/var/lib/systemd/(random-seed|timers|coredump|catalog)",
 )
 BOOT_TIMEOUT = 180.0
