@@ -59,6 +59,10 @@ from matrix_fixtures import (  # noqa: E402, F401 (fixtures: pytest finds them b
     stack1_lab,
     stack2_lab,
 )
+from service_fixtures import (  # noqa: E402, F401 (a fixture: pytest finds it by name here)
+    service_guest,
+    service_summary,
+)
 
 E2E_DIR = Path(__file__).resolve().parent
 SHARED = {
@@ -107,6 +111,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if matrix_summary():
         terminalreporter.section("matrix")
         for line in matrix_summary():
+            terminalreporter.write_line(line)
+    # The service guest's steps (test_service_systemd.py).
+    if service_summary():
+        terminalreporter.section("service")
+        for line in service_summary():
             terminalreporter.write_line(line)
 
 

@@ -143,9 +143,9 @@ def _configure(rootfs: Path) -> str:
     return version
 
 
-def _mke2fs(rootfs: Path, image: Path) -> None:
+def _mke2fs(rootfs: Path, image: Path, size_mib: int = IMAGE_SIZE_MIB) -> None:
     argv = ["mke2fs", "-q", "-F", "-t", "ext4", "-L", "root", "-d", str(rootfs)]
-    done = subprocess.run([*argv, str(image), f"{IMAGE_SIZE_MIB}M"], capture_output=True, text=True)
+    done = subprocess.run([*argv, str(image), f"{size_mib}M"], capture_output=True, text=True)
     if done.returncode != 0:
         raise ImageError(f"mke2fs -d for {image.name} failed: {done.stderr.strip()}")
 
@@ -227,10 +227,11 @@ def ensure_image(kind: str, cache: Path | None = None) -> DebianImage:
     )
 
 
-def overlay(backing: str, path: Path) -> Path:
-    """A qcow2 overlay over ``backing`` (a path as QEMU sees it: it may be in stack 2's root)."""
+def overlay(backing: str, path: Path, size_mib: int = IMAGE_SIZE_MIB) -> Path:
+    """A qcow2 overlay over ``backing`` (a path as QEMU sees it: it may be in stack 2's root)
+    of ``size_mib``, the size of the image behind it."""
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", backing, "-u"]
-    done = subprocess.run([*argv, str(path), f"{IMAGE_SIZE_MIB}M"], capture_output=True, text=True)
+    done = subprocess.run([*argv, str(path), f"{size_mib}M"], capture_output=True, text=True)
     if done.returncode != 0:
         raise ImageError(f"qemu-img create {path.name} failed: {done.stderr.strip()}")
     path.chmod(0o644)

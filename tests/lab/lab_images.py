@@ -1,6 +1,7 @@
 """Build (or find in the cache) everything the e2e matrix boots, in parallel: stack 2's root,
-the Debian 12 and 13 guest images and the busybox guest. ``make lab-images`` runs it, so
-that CI shows the build as a stage of its own; the tests find everything cached.
+the Debian 12 and 13 guest images, the busybox guest and the service guest (Debian 12 with
+libvirtd, for the package's systemd unit). ``make lab-images`` runs it, so that CI shows the
+build as a stage of its own; the tests find everything cached.
 
 Prints one line per item with the seconds it took, and exits non-zero naming what failed.
 """
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import debian_image
 import guest
+import service_image
 import stack2
 from sandbox import host_device_facts
 
@@ -26,6 +28,7 @@ BUILDS: dict[str, Callable[[], object]] = {
     "debian12 guest (stock + rule images)": lambda: debian_image.ensure_distro("debian12"),
     "debian13 guest (stock + rule images)": lambda: debian_image.ensure_distro("debian13"),
     "busybox guest": guest.ensure_image,
+    "service guest (debian12 + libvirtd)": service_image.ensure_built,
 }
 
 

@@ -8,7 +8,9 @@ Guest kinds: ``busybox`` (the lab's tiny diskless guest, with the control channe
 real Debian guests of debian_image.py (``debian12``, ``debian12-rule``, ``debian13``,
 ``debian13-rule``): systemd, udev and Debian's own qemu-guest-agent, booted from a qcow2
 overlay of their own; they have no control channel, so the lab reads their CPU state
-through the agent and their kernel's words from the serial log.
+through the agent and their kernel's words from the serial log. ``debian12-service``
+(service_image.py) is Debian 12 with libvirtd and virthotplug's dependencies, and serves the
+control channel (shell commands) from its own systemd unit.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import debian_image
+import service_image
 from domains import DomainSpec
 from guest import GuestImage
 from stack2 import SOCKET, Stack2
@@ -29,7 +32,7 @@ if TYPE_CHECKING:
     from lab import VMRequest
 
 BUSYBOX = "busybox"
-GUEST_KINDS = (BUSYBOX, *debian_image.KINDS)
+GUEST_KINDS = (BUSYBOX, *debian_image.KINDS, service_image.KIND)
 LOG_DIR = "/var/log/libvirt/qemu"
 OVERLAY_DIR = "/var/lib/virthotplug-lab/overlays"
 # Real guests boot in 17-38 s alone under TCG, much longer while several boot at once.
@@ -102,7 +105,10 @@ class Placement:
 
     def debian(self, kind: str) -> BootFiles:
         """Build (or find) the image of ``kind`` and stage its files."""
-        image = debian_image.ensure_image(kind)
+        if kind == service_image.KIND:
+            image = service_image.ensure_image()
+        else:
+            image = debian_image.ensure_image(kind)
         return BootFiles(
             kernel=self.stage(image.kernel, image.key),
             initrd=self.stage(image.initrd, image.key),
@@ -117,7 +123,8 @@ class Placement:
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
         path = directory / f"{domain}.qcow2"
         path.unlink(missing_ok=True)
-        return debian_image.overlay(str(files.disk), path)
+        size_mib = files.disk.stat().st_size >> 20  # as big as the image behind it
+        return debian_image.overlay(str(files.disk), path, size_mib)
 
     def overlays(self, pattern: re.Pattern[str]) -> list[Path]:
         """Overlay files whose name matches ``pattern`` (for the lab's sweep)."""
@@ -135,7 +142,14 @@ def debian_spec(
     serial_log: Path,
     domain_type: str,
 ) -> DomainSpec:
-    """A real Debian guest's domain: its own kernel and initramfs, the overlay as vda."""
+    """A real Debian guest's domain: its own kernel and initramfs, the overlay as vda.
+
+    The service guest also serves the lab control channel (service_image.py), needs more
+    memory (libvirtd, a nested QEMU, apt) and runs two vCPUs, so that libvirtd's first probe
+    of its QEMU runs beside other work.
+    """
+    service = request.guest == service_image.KIND
+    minimum = service_image.MEMORY_MIB if service else debian_image.MEMORY_MIB
     return DomainSpec(
         name=name,
         kernel=files.kernel,
@@ -143,10 +157,11 @@ def debian_spec(
         serial_log=serial_log,
         behaviour=request.behaviour,
         max_vcpus=request.max_vcpus,
-        memory_mib=max(request.memory_mib, debian_image.MEMORY_MIB),
+        current_vcpus=service_image.LIVE_VCPUS if service else 1,
+        memory_mib=max(request.memory_mib, minimum),
         domain_type=domain_type,
         guest=request.guest,
         cmdline=debian_image.CMDLINE,
         disk=overlay,
-        control_channel=False,
+        control_channel=service,
     )
