@@ -22,7 +22,7 @@ from debian_image import ImageError
 from demo import REPO, cpus, say
 from domains import MANUAL
 from lab import DEFAULT_URI, Lab, LabError, LabVM, VMRequest, describe_ost
-from stack2 import Stack2Error, ensure_stack2
+from stacks import StackError, ensure_stack2
 
 SETTLE = 3.0
 
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
             if stack and started:
                 stack.stop()
         return 0
-    except (LabError, ImageError, Stack2Error, libvirt.libvirtError, re.error) as exc:
+    except (LabError, ImageError, StackError, libvirt.libvirtError, re.error) as exc:
         say(f"FAILED: {exc}")
         return 1
 
