@@ -78,9 +78,10 @@ deb:
 demo: venv
 	$(PY) tests/lab/demo.py
 
-# Stack 2 (libvirt 11.3 + QEMU 10.0 in a Debian trixie root) and the Debian 12/13 guest images,
-# built in parallel or found in the lab cache (the e2e matrix builds them on first use
-# otherwise; CI runs this first so that the build is a stage of its own).
+# Stacks 2 and 3 (libvirt 11.3 + QEMU 10.0 in a Debian trixie root, libvirt 12.8 + QEMU 11.1
+# in a forky root) and the Debian 12/13/14 guest images, built in parallel or found in the lab
+# cache (the e2e matrix builds them on first use otherwise; CI runs this first so that the
+# build is a stage of its own).
 .PHONY: lab-images demo-matrix
 lab-images: host
 	$(PYTHON) tests/lab/lab_images.py

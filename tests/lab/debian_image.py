@@ -15,7 +15,10 @@ Cached in ``$VIRTHOTPLUG_LAB_CACHE`` (default /var/cache/virthotplug-lab) under
 in and the builder version; rebuilt into a temporary directory renamed into place only when
 one changes.
 
-Bookworm's debootstrap has no script for forky: its ``sid`` script makes it.
+Bookworm's debootstrap has no script for forky: its ``sid`` script makes a minbase root, and
+the packages are then installed with apt in the root (a one-step ``--include`` fails there,
+configuring initramfs-tools), with ``Acquire::Check-Valid-Until=false`` (the archive's forky
+Release file is past its Valid-Until); the root's apt sources and lists are emptied after.
 
     python3 tests/lab/debian_image.py [debian12|debian13|debian14 ...]    build (or find)
 """
@@ -31,20 +34,30 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from guest import cache_root
-from sandbox import SandboxError, clear_apt, debootstrap, in_root
+from sandbox import (
+    SandboxError,
+    apt_install,
+    clear_apt,
+    debootstrap,
+    forbid_service_starts,
+    in_root,
+    write_apt_sources,
+)
 
 log = logging.getLogger("lab.debian")
 
 BUILDER_VERSION = 1
 SUITES = {"debian12": "bookworm", "debian13": "trixie", "debian14": "forky"}
-# debootstrap's script for a suite bookworm's debootstrap has none for.
+# debootstrap's script for a suite bookworm's debootstrap has none for; such a suite gets its
+# packages from apt in the root, with these apt options.
 SCRIPTS = {"debian14": "sid"}
+APT_OPTIONS = {"debian14": ("Acquire::Check-Valid-Until=false",)}
 # Guest kind -> (distribution, image file).
 KINDS = {
     "debian12": ("debian12", "stock.img"),
@@ -104,10 +117,13 @@ class BuildInputs:
     size_mib: int
     builder: int = BUILDER_VERSION
     script: str | None = None
+    apt_options: list[str] = field(default_factory=list)
 
     def key(self) -> str:
-        # No script: left out, so the keys of the suites debootstrap knows stay as they were.
-        fields = {k: v for k, v in self.__dict__.items() if not (k == "script" and v is None)}
+        # No script and no apt options: left out, so the keys of the suites debootstrap knows
+        # stay as they were.
+        fields = {k: v for k, v in self.__dict__.items() if k not in ("script", "apt_options")}
+        fields |= {k: v for k in ("script", "apt_options") if (v := self.__dict__[k])}
         text = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(text).hexdigest()[:16]
 
@@ -120,6 +136,7 @@ def build_inputs(distro: str) -> BuildInputs:
         RULE,
         IMAGE_SIZE_MIB,
         script=SCRIPTS.get(distro),
+        apt_options=list(APT_OPTIONS.get(distro, ())),
     )
 
 
@@ -161,6 +178,22 @@ def _configure(rootfs: Path) -> str:
     return version
 
 
+def _bootstrap(rootfs: Path, inputs: BuildInputs) -> None:
+    """A root with the packages: in one debootstrap, or (a suite debootstrap has no script
+    for) debootstrap minbase and then apt in the root."""
+    if inputs.script is None:
+        debootstrap(rootfs, inputs.suite, include=inputs.packages)
+        return
+    debootstrap(rootfs, inputs.suite, script=inputs.script)
+    write_apt_sources(rootfs, [inputs.suite])
+    forbid_service_starts(rootfs)
+    try:
+        apt_install(rootfs, inputs.packages, inputs.apt_options)
+    finally:
+        (rootfs / "usr/sbin/policy-rc.d").unlink(missing_ok=True)
+        clear_apt(rootfs)
+
+
 def _mke2fs(rootfs: Path, image: Path) -> None:
     argv = ["mke2fs", "-q", "-F", "-t", "ext4", "-L", "root", "-d", str(rootfs)]
     done = subprocess.run([*argv, str(image), f"{IMAGE_SIZE_MIB}M"], capture_output=True, text=True)
@@ -174,7 +207,7 @@ def build(cache: Path, inputs: BuildInputs) -> Path:
     try:
         rootfs = tmp / "rootfs"
         rootfs.mkdir()
-        debootstrap(rootfs, inputs.suite, include=inputs.packages, script=inputs.script)
+        _bootstrap(rootfs, inputs)
         version = _configure(rootfs)
         shutil.copyfile(rootfs / f"boot/vmlinuz-{version}", tmp / KERNEL_FILE)
         shutil.copyfile(rootfs / f"boot/initrd.img-{version}", tmp / INITRD_FILE)
