@@ -102,7 +102,12 @@ def test_placement_of_the_host_and_of_an_unknown_root(tmp_path: Path) -> None:
 
 def test_apt_options_go_to_update_and_install(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, ...]] = []
-    monkeypatch.setattr(sandbox, "in_root", lambda root, *argv, **kw: calls.append(argv) or "")
+
+    def record(root: Path, *argv: str, what: str = "") -> str:
+        calls.append(argv)
+        return ""
+
+    monkeypatch.setattr(sandbox, "in_root", record)
     sandbox.apt_install(Path("/r"), ["libvirt-clients"], ["Acquire::Check-Valid-Until=false"])
     assert calls[0] == ("apt-get", "-o", "Acquire::Check-Valid-Until=false", "update", "-qq")
     assert calls[1][:4] == ("apt-get", "-o", "Acquire::Check-Valid-Until=false", "install")
