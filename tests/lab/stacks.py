@@ -500,7 +500,7 @@ class Users:
     """Runs using a stack hold a shared lock (``<name>.users``); the last one to leave
     stops it."""
 
-    def __init__(self, definition: StackDefinition = STACK2) -> None:
+    def __init__(self, definition: StackDefinition) -> None:
         LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
         lock = LOCK_DIR / f"{definition.name}.users"
         self._fd: int | None = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
