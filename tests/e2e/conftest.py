@@ -55,9 +55,11 @@ from matrix_fixtures import (  # noqa: E402, F401 (fixtures: pytest finds them b
     matrix_lab,
     matrix_summary,
     matrix_vm,
+    matrix_vm_as_is,
     matrix_vms,
     stack1_lab,
     stack2_lab,
+    stack3_lab,
 )
 from service_fixtures import (  # noqa: E402, F401 (a fixture: pytest finds it by name here)
     service_guest,

@@ -1,12 +1,12 @@
 """Which host stack a lab runs on and which guest a lab domain boots (the e2e matrix).
 
-Stack 1 is the host's own libvirtd (``qemu:///system``). Stack 2 (stack2.py) is reached
-through a socket inside its root; its QEMU sees only files inside that root, so a lab on it
-copies the kernels, initrds and disk images in and names them by their path inside.
+Stack 1 is the host's own libvirtd (``qemu:///system``). Stacks 2 and 3 (stacks.py) are
+reached through a socket inside their root; their QEMU sees only files inside that root, so a
+lab on one copies the kernels, initrds and disk images in and names them by their path inside.
 
 Guest kinds: ``busybox`` (the lab's tiny diskless guest, with the control channel) and the
 real Debian guests of debian_image.py (``debian12``, ``debian12-rule``, ``debian13``,
-``debian13-rule``): systemd, udev and Debian's own qemu-guest-agent, booted from a qcow2
+``debian13-rule``, ``forky``): systemd, udev and Debian's own qemu-guest-agent, booted from a qcow2
 overlay of their own; they have no control channel, so the lab reads their CPU state
 through the agent and their kernel's words from the serial log. ``debian12-service``
 (service_image.py) is Debian 12 with libvirtd and virthotplug's dependencies, and serves the
@@ -26,7 +26,7 @@ import debian_image
 import service_image
 from domains import DomainSpec
 from guest import GuestImage
-from stack2 import SOCKET, Stack2
+from stacks import SOCKET, Stack, definition_of_root
 
 if TYPE_CHECKING:
     from lab import VMRequest
@@ -43,8 +43,8 @@ def is_debian(kind: str) -> bool:
     return kind != BUSYBOX
 
 
-def stack2_root_of(uri: str) -> Path | None:
-    """The root of a stack 2 that ``uri`` points into (by its socket), else None."""
+def stack_root_of(uri: str) -> Path | None:
+    """The root of a stack (2 or 3) that ``uri`` points into (by its socket), else None."""
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query)
     socket = (query.get("socket") or [""])[0]
     if not socket.endswith(SOCKET) or len(socket) == len(SOCKET):
@@ -64,39 +64,42 @@ class BootFiles:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a lab's files are: anywhere on the host (stack 1), inside stack 2's root.
+    """Where a lab's files are: anywhere on the host (stack 1), inside a stack's root.
 
-    Stack 2's root holds a link from its own path on the host to ``/``, so a path inside
-    the root is the same string for the host and for the chrooted daemons (stack2.py).
+    A stack's root holds a link from its own path on the host to ``/``, so a path inside
+    the root is the same string for the host and for the chrooted daemons (stacks.py).
     """
 
-    stack2: Stack2 | None
+    stack: Stack | None
 
     @classmethod
     def for_uri(cls, uri: str) -> Placement:
-        root = stack2_root_of(uri)
-        return cls(Stack2(root, root.parent.name) if root else None)
+        root = stack_root_of(uri)
+        definition = definition_of_root(root) if root else None
+        if root is None or definition is None:
+            return cls(None)
+        return cls(Stack(root, root.parent.name.rsplit("-", 1)[1], definition))
 
     @property
     def name(self) -> str:
-        return "stack2" if self.stack2 else "stack1"
+        return self.stack.name if self.stack else "stack1"
 
     def host_path(self, path: str) -> Path:
         """A path a stack's daemon chose (e.g. a channel socket) as the host names it."""
-        if self.stack2 is None or Path(path).is_relative_to(self.stack2.root):
+        if self.stack is None or Path(path).is_relative_to(self.stack.root):
             return Path(path)
         if path.startswith("/run/"):
             # Sockets: through a short link, since a unix socket path has at most 107 bytes.
-            return self.stack2.short_run() / path[len("/run/") :]
-        return self.stack2.host_path(path)
+            return self.stack.short_run() / path[len("/run/") :]
+        return self.stack.host_path(path)
 
     @property
     def log_dir(self) -> Path:
-        return self.stack2.host_path(LOG_DIR) if self.stack2 else Path(LOG_DIR)
+        return self.stack.host_path(LOG_DIR) if self.stack else Path(LOG_DIR)
 
     def stage(self, source: Path, group: str) -> Path:
-        """``source`` as QEMU can open it: itself on stack 1, a copy in stack 2's root."""
-        return self.stack2.copy_in(source, group) if self.stack2 else source
+        """``source`` as QEMU can open it: itself on stack 1, a copy in the stack's root."""
+        return self.stack.copy_in(source, group) if self.stack else source
 
     def busybox(self, image: GuestImage) -> GuestImage:
         group = f"busybox-{image.key}"
@@ -119,7 +122,7 @@ class Placement:
         """A fresh qcow2 overlay over the guest's disk image for one domain."""
         if files.disk is None:
             raise ValueError(f"{domain}: the guest has no disk image")
-        directory = self.stack2.host_path(OVERLAY_DIR) if self.stack2 else Path(OVERLAY_DIR)
+        directory = self.stack.host_path(OVERLAY_DIR) if self.stack else Path(OVERLAY_DIR)
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
         path = directory / f"{domain}.qcow2"
         path.unlink(missing_ok=True)
@@ -128,7 +131,7 @@ class Placement:
 
     def overlays(self, pattern: re.Pattern[str]) -> list[Path]:
         """Overlay files whose name matches ``pattern`` (for the lab's sweep)."""
-        directory = self.stack2.host_path(OVERLAY_DIR) if self.stack2 else Path(OVERLAY_DIR)
+        directory = self.stack.host_path(OVERLAY_DIR) if self.stack else Path(OVERLAY_DIR)
         if not directory.is_dir():
             return []
         return [p for p in directory.glob("*.qcow2") if pattern.match(p.name)]
