@@ -80,9 +80,11 @@ deb:
 demo: host venv
 	$(PY) tests/lab/demo.py
 
-# Stack 2 (libvirt 11.3 + QEMU 10.0 in a Debian trixie root) and the Debian 12/13 guest images,
-# built in parallel or found in the lab cache (the e2e matrix builds them on first use
-# otherwise; CI runs this first so that the build is a stage of its own).
+# Stacks 2 and 3 (libvirt 11.3 + QEMU 10.0 in a Debian trixie root, libvirt 12.8 + QEMU 11.1
+# in a forky root), the Debian 12/13/14 guest images and the service guest (Debian 12 +
+# libvirtd, for the systemd unit's test), built in parallel or found in the lab cache (the e2e
+# tests build them on first use otherwise; CI runs this first so that the build is a stage of
+# its own).
 .PHONY: lab-images demo-matrix
 lab-images: host
 	$(PYTHON) tests/lab/lab_images.py

@@ -55,9 +55,15 @@ from matrix_fixtures import (  # noqa: E402, F401 (fixtures: pytest finds them b
     matrix_lab,
     matrix_summary,
     matrix_vm,
+    matrix_vm_as_is,
     matrix_vms,
     stack1_lab,
     stack2_lab,
+    stack3_lab,
+)
+from service_fixtures import (  # noqa: E402, F401 (a fixture: pytest finds it by name here)
+    service_guest,
+    service_summary,
 )
 
 E2E_DIR = Path(__file__).resolve().parent
@@ -107,6 +113,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if matrix_summary():
         terminalreporter.section("matrix")
         for line in matrix_summary():
+            terminalreporter.write_line(line)
+    # The service guest's steps (test_service_systemd.py).
+    if service_summary():
+        terminalreporter.section("service")
+        for line in service_summary():
             terminalreporter.write_line(line)
 
 

@@ -9,7 +9,7 @@ back-off, watch probes the flooding domain, finds its vCPU busy and keeps its mo
 off (re-subscribing into a flood that never stopped is what could wedge libvirtd).
 
 Never against the host's system daemon: on stack 1 a private session-mode libvirtd of the
-lab user (tests/lab/private_libvirtd.py), and stack 2 (tests/lab/stack2.py, built if missing).
+lab user (tests/lab/private_libvirtd.py), and stack 2 (tests/lab/stacks.py, built if missing).
 A daemon that stops answering is killed by PID (stack 1) or restarted (stack 2).
 """
 
@@ -69,18 +69,18 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
 
 
 def _stack2() -> Iterator[Target]:
-    import stack2  # tests/lab: a stack that cannot be built fails the test, never skips
+    import stacks  # tests/lab: a stack that cannot be built fails the test, never skips
 
     # Built when missing (about a minute; the matrix tests of the same run need it anyway).
-    found = stack2.ensure_stack2()
-    users = stack2.Users()
+    found = stacks.ensure_stack2()
+    users = stacks.Users(stacks.STACK2)
     started = False
     try:
         # Stopped at the end only if started here: another run may use it without the lock.
         started = found.start()
 
         def pid() -> int:
-            return int(found.host_path(stack2.LIBVIRTD_PID).read_text().strip())
+            return int(found.host_path(stacks.LIBVIRTD_PID).read_text().strip())
 
         yield Target("stack2", found.uri, pid, found.restart_libvirtd)
     finally:

@@ -315,6 +315,28 @@ def test_setvcpus_above_maximum(capsys: Capsys) -> None:
     assert result.status != EXIT_OK and "maximum is 4" in result.err
 
 
+@pytest.mark.parametrize("online", [[], ["--online"], ["--no-online"]])
+def test_setvcpus_refuses_an_invalid_policy_before_the_hot_add(
+    capsys: Capsys, monkeypatch: pytest.MonkeyPatch, online: list[str]
+) -> None:
+    """Validate before any change: the grow is refused with the policy's error, and libvirt
+    is never asked to plug anything (before, the vCPU was hot-added and then refused)."""
+    from virthotplug.host.domain import Domain
+
+    plugs: list[int] = []
+    real = Domain.set_vcpus
+
+    def spy(self: Domain, count: int, *, live: bool, config: bool) -> None:
+        plugs.append(count)
+        real(self, count, live=live, config=config)
+
+    monkeypatch.setattr(Domain, "set_vcpus", spy)
+    result = run_cli(capsys, "-c", MIXED, "setvcpus", "bad-metadata", "2", *online)
+    assert result.status == EXIT_CONFIG, result.out + result.err
+    assert "invalid policy" in result.err
+    assert plugs == []
+
+
 @pytest.mark.parametrize("count", ["0", "-1", "x", "99999"])
 def test_setvcpus_bad_count(capsys: Capsys, count: str) -> None:
     with pytest.raises(SystemExit) as info:

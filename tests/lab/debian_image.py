@@ -1,4 +1,5 @@
-"""Real Debian guests for the lab: Debian 12 (bookworm) and 13 (trixie), from Debian packages.
+"""Real Debian guests for the lab: Debian 12 (bookworm), 13 (trixie) and 14 (forky, testing),
+from Debian packages.
 
 Each suite is debootstrapped (minbase plus systemd, udev, dbus, the distribution's
 qemu-guest-agent and cloud kernel) and configured in the sandbox (sandbox.py: never the
@@ -14,7 +15,12 @@ Cached in ``$VIRTHOTPLUG_LAB_CACHE`` (default /var/cache/virthotplug-lab) under
 in and the builder version; rebuilt into a temporary directory renamed into place only when
 one changes.
 
-    python3 tests/lab/debian_image.py [debian12|debian13 ...]    build (or find) and print
+Bookworm's debootstrap has no script for forky: its ``sid`` script makes a minbase root, and
+the packages are then installed with apt in the root (a one-step ``--include`` fails there,
+configuring initramfs-tools), with ``Acquire::Check-Valid-Until=false`` (the archive's forky
+Release file is past its Valid-Until); the root's apt sources and lists are emptied after.
+
+    python3 tests/lab/debian_image.py [debian12|debian13|debian14 ...]    build (or find)
 """
 
 from __future__ import annotations
@@ -28,24 +34,39 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from guest import cache_root
-from sandbox import SandboxError, clear_apt, debootstrap, in_root
+from sandbox import (
+    SandboxError,
+    apt_install,
+    clear_apt,
+    debootstrap,
+    forbid_service_starts,
+    in_root,
+    write_apt_sources,
+)
 
 log = logging.getLogger("lab.debian")
 
 BUILDER_VERSION = 1
-SUITES = {"debian12": "bookworm", "debian13": "trixie"}
+SUITES = {"debian12": "bookworm", "debian13": "trixie", "debian14": "forky"}
+# debootstrap's script for a suite bookworm's debootstrap has none for; such a suite gets its
+# packages from apt in the root, with these apt options.
+SCRIPTS = {"debian14": "sid"}
+APT_OPTIONS = {"debian14": ("Acquire::Check-Valid-Until=false",)}
 # Guest kind -> (distribution, image file).
 KINDS = {
     "debian12": ("debian12", "stock.img"),
     "debian12-rule": ("debian12", "rule.img"),
     "debian13": ("debian13", "stock.img"),
     "debian13-rule": ("debian13", "rule.img"),
+    # Linux 7.2: under TCG it rejects every hot-added vCPU, like Debian 13's 6.12 (lab notes).
+    "debian14": ("debian14", "stock.img"),
+    "debian14-rule": ("debian14", "rule.img"),
 }
 PACKAGES = (
     "systemd-sysv",
@@ -95,14 +116,28 @@ class BuildInputs:
     rule: str
     size_mib: int
     builder: int = BUILDER_VERSION
+    script: str | None = None
+    apt_options: list[str] = field(default_factory=list)
 
     def key(self) -> str:
-        text = json.dumps(self.__dict__, sort_keys=True).encode()
+        # No script and no apt options: left out, so the keys of the suites debootstrap knows
+        # stay as they were.
+        fields = {k: v for k, v in self.__dict__.items() if k not in ("script", "apt_options")}
+        fields |= {k: v for k in ("script", "apt_options") if (v := self.__dict__[k])}
+        text = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(text).hexdigest()[:16]
 
 
 def build_inputs(distro: str) -> BuildInputs:
-    return BuildInputs(SUITES[distro], list(PACKAGES), dict(FILES), RULE, IMAGE_SIZE_MIB)
+    return BuildInputs(
+        SUITES[distro],
+        list(PACKAGES),
+        dict(FILES),
+        RULE,
+        IMAGE_SIZE_MIB,
+        script=SCRIPTS.get(distro),
+        apt_options=list(APT_OPTIONS.get(distro, ())),
+    )
 
 
 @dataclass(frozen=True)
@@ -143,9 +178,25 @@ def _configure(rootfs: Path) -> str:
     return version
 
 
-def _mke2fs(rootfs: Path, image: Path) -> None:
+def _bootstrap(rootfs: Path, inputs: BuildInputs) -> None:
+    """A root with the packages: in one debootstrap, or (a suite debootstrap has no script
+    for) debootstrap minbase and then apt in the root."""
+    if inputs.script is None:
+        debootstrap(rootfs, inputs.suite, include=inputs.packages)
+        return
+    debootstrap(rootfs, inputs.suite, script=inputs.script)
+    write_apt_sources(rootfs, [inputs.suite])
+    forbid_service_starts(rootfs)
+    try:
+        apt_install(rootfs, inputs.packages, inputs.apt_options)
+    finally:
+        (rootfs / "usr/sbin/policy-rc.d").unlink(missing_ok=True)
+        clear_apt(rootfs)
+
+
+def _mke2fs(rootfs: Path, image: Path, size_mib: int = IMAGE_SIZE_MIB) -> None:
     argv = ["mke2fs", "-q", "-F", "-t", "ext4", "-L", "root", "-d", str(rootfs)]
-    done = subprocess.run([*argv, str(image), f"{IMAGE_SIZE_MIB}M"], capture_output=True, text=True)
+    done = subprocess.run([*argv, str(image), f"{size_mib}M"], capture_output=True, text=True)
     if done.returncode != 0:
         raise ImageError(f"mke2fs -d for {image.name} failed: {done.stderr.strip()}")
 
@@ -156,7 +207,7 @@ def build(cache: Path, inputs: BuildInputs) -> Path:
     try:
         rootfs = tmp / "rootfs"
         rootfs.mkdir()
-        debootstrap(rootfs, inputs.suite, include=inputs.packages)
+        _bootstrap(rootfs, inputs)
         version = _configure(rootfs)
         shutil.copyfile(rootfs / f"boot/vmlinuz-{version}", tmp / KERNEL_FILE)
         shutil.copyfile(rootfs / f"boot/initrd.img-{version}", tmp / INITRD_FILE)
@@ -190,7 +241,8 @@ def prune(cache: Path, suite: str, keep: Path) -> None:
 
 
 def ensure_distro(distro: str, cache: Path | None = None) -> Path:
-    """The build directory of ``distro`` (debian12, debian13), built if the cache has none."""
+    """The build directory of ``distro`` (debian12, debian13, debian14), built if the cache
+    has none."""
     cache = cache or cache_root()
     cache.mkdir(mode=0o755, parents=True, exist_ok=True)
     inputs = build_inputs(distro)
@@ -210,7 +262,7 @@ def ensure_distro(distro: str, cache: Path | None = None) -> Path:
 
 
 def ensure_image(kind: str, cache: Path | None = None) -> DebianImage:
-    """The image of one guest kind (debian12, debian12-rule, debian13, debian13-rule)."""
+    """The image of one guest kind (``KINDS``: debian12, debian12-rule, debian13, ...)."""
     if kind not in KINDS:
         raise ImageError(f"unknown Debian guest kind {kind!r} (known: {', '.join(KINDS)})")
     distro, disk = KINDS[kind]
@@ -227,10 +279,11 @@ def ensure_image(kind: str, cache: Path | None = None) -> DebianImage:
     )
 
 
-def overlay(backing: str, path: Path) -> Path:
-    """A qcow2 overlay over ``backing`` (a path as QEMU sees it: it may be in stack 2's root)."""
+def overlay(backing: str, path: Path, size_mib: int = IMAGE_SIZE_MIB) -> Path:
+    """A qcow2 overlay over ``backing`` (a path as QEMU sees it: it may be in stack 2's root)
+    of ``size_mib``, the size of the image behind it."""
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", backing, "-u"]
-    done = subprocess.run([*argv, str(path), f"{IMAGE_SIZE_MIB}M"], capture_output=True, text=True)
+    done = subprocess.run([*argv, str(path), f"{size_mib}M"], capture_output=True, text=True)
     if done.returncode != 0:
         raise ImageError(f"qemu-img create {path.name} failed: {done.stderr.strip()}")
     path.chmod(0o644)

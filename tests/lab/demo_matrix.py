@@ -4,7 +4,8 @@ Debian 12 as shipped (systemd, udev, its own qemu-guest-agent, no auto-online ru
 vCPU hot-added: QEMU's OST event says "device check: success" and the guest kernel logs
 "CPU1 has been hot-added", yet the CPU stays offline. ``virthotplug check`` warns;
 with the domain's policy set to ``online``, ``virthotplug apply`` onlines it through the
-agent. Pass ``--stack2`` to run it on the second host stack (libvirt 11.3 + QEMU 10.0).
+agent. Pass ``--stack2`` or ``--stack3`` to run it on the second (libvirt 11.3 + QEMU 10.0)
+or third host stack (libvirt 12.8 + QEMU 11.1).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from debian_image import ImageError
 from demo import REPO, cpus, say
 from domains import MANUAL
 from lab import DEFAULT_URI, Lab, LabError, LabVM, VMRequest, describe_ost
-from stack2 import Stack2Error, ensure_stack2
+from stacks import STACKS, Stack, StackError, ensure_stack
 
 SETTLE = 3.0
 
@@ -72,11 +73,17 @@ def check_and_apply(uri: str, vm: LabVM, workdir: Path) -> None:
     say(f"taints: {vm.taints() or 'none'}")
 
 
+def chosen_stack(argv: list[str]) -> Stack | None:
+    """The stack ``--stack2``/``--stack3`` names (built or found), None for the host's."""
+    names = [name for name in STACKS if f"--{name}" in argv]
+    return ensure_stack(STACKS[names[0]]) if names else None
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s  %(name)s: %(message)s")
     try:
-        uri = ensure_stack2().uri if "--stack2" in argv else DEFAULT_URI
-        stack = ensure_stack2() if "--stack2" in argv else None
+        stack = chosen_stack(argv)
+        uri = stack.uri if stack else DEFAULT_URI
         started = stack.start() if stack else False
         try:
             with Lab(uri) as lab, tempfile.TemporaryDirectory(prefix="vhp-demo-") as tmp:
@@ -87,7 +94,7 @@ def main(argv: list[str]) -> int:
             if stack and started:
                 stack.stop()
         return 0
-    except (LabError, ImageError, Stack2Error, libvirt.libvirtError, re.error) as exc:
+    except (LabError, ImageError, StackError, libvirt.libvirtError, re.error) as exc:
         say(f"FAILED: {exc}")
         return 1
 

@@ -2,7 +2,8 @@
 # Prepare a Debian 12 host for virthotplug's tests, demo and benchmarks.
 # Idempotent and quick when everything is already in place. Works without systemd.
 #  1. Debian packages (libvirt, QEMU, the guest agent, busybox, build deps of libvirt-python;
-#     debootstrap and qemu-utils for the second stack and the Debian guests)
+#     debootstrap and qemu-utils for the second stack and the Debian guests; the Debian
+#     package's build dependencies)
 #  2. /dev/kvm permissions (no udev here: without them every define re-probes QEMU for ~64 s)
 #  3. virtlogd and libvirtd, started by hand only when they are not already running
 #  4. the unprivileged lab user whose session-mode libvirtd the flood tests use
@@ -16,6 +17,11 @@ PACKAGES=(
     libvirt-dev pkg-config gcc libc6-dev python3-dev python3-venv
     mandoc python3-docutils procps man-db groff-base
     debootstrap qemu-utils
+    # Build dependencies of the Debian package (debian/control) and lintian: the e2e tier
+    # builds the .deb for the service guest (tests/e2e/test_service_systemd.py) and must
+    # not change the host's packages itself.
+    debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel
+    lintian
     prometheus  # promtool for the rules' unit tests; tests/e2e runs the server itself
 )
 

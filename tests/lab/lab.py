@@ -512,7 +512,7 @@ class LabVM:
         source = channel.find("source") if channel is not None else None
         if source is None or not source.get("path"):
             raise LabError(f"{self.name}: no control channel in the live XML")
-        # On stack 2 libvirt names it as seen inside its root.
+        # On stacks 2 and 3 libvirt names it as seen inside its root.
         return str(self.lab.placement.host_path(source.get("path", "")))
 
     def _live_channel(self, name: str) -> ET.Element | None:
@@ -736,9 +736,9 @@ class Lab:
         self._subscribe_ost = ost
         self.run_id = secrets.token_hex(3)
         self.domain_type = accelerator()
-        # Stack 1 (the host's libvirtd) or stack 2 (stack2.py) behind a socket in its root.
+        # Stack 1 (the host's libvirtd) or stack 2 or 3 (stacks.py) behind a socket in its root.
         self.placement = Placement.for_uri(uri)
-        if self.placement.stack2 is not None:
+        if self.placement.stack is not None:
             # Its QEMU has no /dev/kvm; serial logs are written inside its root.
             self.domain_type = "qemu"
             self.log_dir = self.placement.log_dir if log_dir == LOG_DIR else log_dir
@@ -791,8 +791,8 @@ class Lab:
         Guests keep running. Only for a libvirtd started by hand, as host-setup.sh does where
         no init system runs; a libvirtd managed by systemd is left alone.
         """
-        if self.placement.stack2 is not None:
-            self.placement.stack2.restart_libvirtd(timeout)
+        if self.placement.stack is not None:
+            self.placement.stack.restart_libvirtd(timeout)
             self._reconnect(timeout)
             return
         if Path("/run/systemd/system").is_dir():

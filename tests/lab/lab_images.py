@@ -1,6 +1,7 @@
-"""Build (or find in the cache) everything the e2e matrix boots, in parallel: stack 2's root,
-the Debian 12 and 13 guest images and the busybox guest. ``make lab-images`` runs it, so
-that CI shows the build as a stage of its own; the tests find everything cached.
+"""Build (or find in the cache) everything the e2e matrix boots, in parallel: the roots of
+stacks 2 and 3, the Debian 12, 13 and 14 guest images, the busybox guest and the service
+guest (Debian 12 with libvirtd, for the package's systemd unit). ``make lab-images`` runs it,
+so that CI shows the build as a stage of its own; the tests find everything cached.
 
 Prints one line per item with the seconds it took, and exits non-zero naming what failed.
 """
@@ -18,14 +19,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import debian_image
 import guest
-import stack2
+import service_image
+import stacks
 from sandbox import host_device_facts
 
 BUILDS: dict[str, Callable[[], object]] = {
-    "stack 2 (trixie root: libvirt + QEMU)": stack2.ensure_stack2,
+    "stack 2 (trixie root: libvirt + QEMU)": stacks.ensure_stack2,
+    "stack 3 (forky root: libvirt + QEMU + python3)": stacks.ensure_stack3,
     "debian12 guest (stock + rule images)": lambda: debian_image.ensure_distro("debian12"),
     "debian13 guest (stock + rule images)": lambda: debian_image.ensure_distro("debian13"),
+    "debian14 guest (stock + rule images)": lambda: debian_image.ensure_distro("debian14"),
     "busybox guest": guest.ensure_image,
+    "service guest (debian12 + libvirtd)": service_image.ensure_built,
 }
 
 

@@ -112,22 +112,31 @@ def host_mirror() -> str:
     raise SandboxError("no Debian archive in the host's apt sources")
 
 
-def debootstrap(root: Path, suite: str, include: Sequence[str] = ()) -> None:
-    """A minbase root in two stages: unpack (host), then configure (in the sandbox)."""
+def debootstrap(
+    root: Path, suite: str, include: Sequence[str] = (), script: str | None = None
+) -> None:
+    """A minbase root in two stages: unpack (host), then configure (in the sandbox).
+
+    ``script``: debootstrap's script for a suite it has none for (bookworm's debootstrap
+    knows no forky: its ``sid`` script makes any later suite).
+    """
     argv = ["debootstrap", "--foreign", "--variant=minbase"]
     if include:
         argv.append("--include=" + ",".join(include))
+    argv += [suite, str(root), host_mirror()]
+    if script is not None:
+        argv.append(f"/usr/share/debootstrap/scripts/{script}")
     # The first stage only downloads and unpacks; it runs in its own namespace all the same.
-    _check(unshared([*argv, suite, str(root), host_mirror()]), f"debootstrap {suite}")
+    _check(unshared(argv), f"debootstrap {suite}")
     in_root(root, "/debootstrap/debootstrap", "--second-stage", what="debootstrap second stage")
 
 
-def write_apt_sources(root: Path, suite: str) -> None:
-    """Sources for ``suite`` from the host's archive URI; removed again by clear_apt()."""
+def write_apt_sources(root: Path, suites: Sequence[str]) -> None:
+    """Sources for ``suites`` from the host's archive URI; removed again by clear_apt()."""
     mirror = host_mirror()
     keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
     signed = f"Signed-By: {keyring}\n" if (root / keyring.lstrip("/")).exists() else ""
-    text = f"Types: deb\nURIs: {mirror}\nSuites: {suite} {suite}-updates\nComponents: main\n"
+    text = f"Types: deb\nURIs: {mirror}\nSuites: {' '.join(suites)}\nComponents: main\n"
     (root / "etc/apt/sources.list.d/debian.sources").write_text(text + signed)
     (root / "etc/apt/sources.list").write_text("")
     shutil.copyfile("/etc/resolv.conf", root / "etc/resolv.conf")
@@ -139,9 +148,12 @@ def forbid_service_starts(root: Path) -> None:
     policy.chmod(0o755)
 
 
-def apt_install(root: Path, packages: Sequence[str]) -> None:
-    in_root(root, "apt-get", "update", "-qq", what="apt-get update in the root")
-    argv = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
+def apt_install(root: Path, packages: Sequence[str], options: Sequence[str] = ()) -> None:
+    """``apt-get update`` and ``install`` in the root; ``options`` are apt's ``-o`` settings
+    (e.g. ``Acquire::Check-Valid-Until=false`` for a dated snapshot of testing)."""
+    settings = [arg for option in options for arg in ("-o", option)]
+    in_root(root, "apt-get", *settings, "update", "-qq", what="apt-get update in the root")
+    argv = ["apt-get", *settings, "install", "-y", "-qq", "--no-install-recommends", *packages]
     in_root(root, *argv, what="apt-get install in the root")
 
 

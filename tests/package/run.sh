@@ -3,7 +3,9 @@
 #   1. build it from a copy of the tree (tests/package/build.sh) and run lintian: errors fail
 #   2. apt-get install ./virthotplug_*.deb
 #   3. the installed-package tests (tests/package) and the hook e2e test (tests/e2e/test_hook.py)
-#      with the system python3, its python3-libvirt and the package's modules: no venv
+#      with the system python3, its python3-libvirt and the package's modules: no venv; among
+#      them tests/package/test_stack3.py: the same .deb apt-installed in stack 3's forky root
+#      (built if missing) and run there with forky's python3 against the root's libvirtd
 #   4. apt-get remove keeps the conffiles (an admin's change survives; the hook's entry point
 #      stays and never fails a VM, its program is gone), purge leaves nothing: no path of
 #      the package that was not there before (directories shared with other packages stay)
@@ -90,7 +92,7 @@ log "installed in $(elapsed "$t")"
 # From outside the checkout: "python3 -m virthotplug" must find the package's modules.
 t=$(date +%s.%N)
 scratch=$(mktemp -d)
-(cd "$scratch" && python3 -m pytest -p no:cacheprovider --rootdir "$root" \
+(cd "$scratch" && VIRTHOTPLUG_DEB=$deb python3 -m pytest -p no:cacheprovider --rootdir "$root" \
     "$root/tests/package" -v) || fail "installed-package tests"
 (cd "$scratch" && python3 -m pytest -p no:cacheprovider --rootdir "$root" \
     "$root/tests/e2e/test_hook.py" -v) || fail "hook e2e test with the installed package"

@@ -49,6 +49,7 @@ from virthotplug.core.judge import (
     repeat_unplug,
 )
 from virthotplug.core.observed import EventReader
+from virthotplug.core.policy import EffectivePolicy, Policy
 from virthotplug.core.resizeplan import LayerCheck, Request
 from virthotplug.core.view import (
     GuestLayer,
@@ -60,6 +61,7 @@ from virthotplug.host import collect, history
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
 from virthotplug.host.domxml import parse_domain_xml
+from virthotplug.host.policysource import effective_policy
 from virthotplug.ops.reconcile import ReconcileResult, guest_seen, libvirt_seen, reconcile
 
 POLL_INTERVAL = 0.075  # seconds between guest-agent polls while waiting
@@ -117,6 +119,11 @@ def resize(
     seen = _Seen(events)
     context = history.contexts(config)
     before = collect.read_view(conn, dom, agent_timeout=timeout, context=context)
+    current = before.live.current if before.live is not None else 0
+    grows = request.live and request.count > current
+    # A grow ends in a reconcile under the domain's policy: an invalid one (metadata or the
+    # configuration file) is refused here, before anything changes, not after the hot-add.
+    effective = effective_policy(conn, dom, config) if grows else None
     notes: list[str] = []
     if request.live:
         before = _preflight(conn, dom, config, before, request, notes)
@@ -126,9 +133,8 @@ def resize(
     timings = {"request": time.monotonic() - started}
     outcome: Optional[ReconcileResult] = None
     repeated: Optional[str] = None
-    current = before.live.current if before.live is not None else 0
-    if request.live and request.count > current:
-        outcome = _after_grow(conn, dom, config, request, before, started, timings, seen)
+    if effective is not None:
+        outcome = _after_grow(conn, dom, config, effective, request, before, started, timings, seen)
     elif request.live and request.count < current:
         seen.requested(plan.unplugged(before, request.count), started, failure)
         repeated = _after_shrink(conn, dom, before, request, started, notes, seen)
@@ -294,6 +300,7 @@ def _after_grow(
     conn: Connection,
     dom: Domain,
     config: HostConfig,
+    effective: EffectivePolicy,
     request: Request,
     before: VcpuView,
     started: float,
@@ -319,13 +326,14 @@ def _after_grow(
     if hotadded:  # only what the guest lists is "detected"
         timings["guest-detected"] = time.monotonic() - started
     if hotadded and request.mode is None:
-        _grace(conn, dom, config, before, hotadded, started, request)
+        _grace(conn, dom, effective.policy, before, hotadded, started, request)
     result = reconcile(
         conn,
         dom,
         config,
         trigger=SOURCE,
         mode=request.mode,
+        effective=effective,
         observations=seen.update(),
         source=SOURCE,
     )
@@ -392,16 +400,13 @@ def _record(dom: Domain, before: VcpuView, seen: _Seen) -> None:
 def _grace(
     conn: Connection,
     dom: Domain,
-    config: HostConfig,
+    policy: Policy,
     before: VcpuView,
     hotadded: frozenset[int],
     started: float,
     request: Request,
 ) -> None:
     """Give the guest's own onlining rule the policy's grace period to win."""
-    from virthotplug.host.policysource import effective_policy
-
-    policy = effective_policy(conn, dom, config).policy
     if not policy.acts or policy.grace <= 0:
         return
     limit = min(policy.grace, max(0.0, started + request.timeout - time.monotonic()))
