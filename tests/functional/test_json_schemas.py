@@ -88,3 +88,22 @@ def test_watch_records_fit_their_schema(tmp_path: Path) -> None:
     for record in records:
         validate("watch-record", record)
     assert "reconcile" in {r["event"] for r in records}
+
+
+def test_a_reconcile_deferred_for_grace_fits_the_watch_record_schema() -> None:
+    """What watch writes while a policy's grace period runs (seen on a lab VM): only the
+    trigger and the hot-add, no policy or plan yet. A full reconcile still needs them."""
+    deferred = {
+        "time": "2026-12-07T12:48:19.902Z",
+        "host": "qemu:///system",
+        "domain": "lab",
+        "uuid": "c636e81e-3dba-4edf-b1fe-a9921e1f216d",
+        "event": "reconcile",
+        "details": {"trigger": ["ost"], "hotadded": [1]},
+        "findings": [],
+        "action": "wait",
+        "outcome": "deferred",
+    }
+    validate("watch-record", deferred)
+    with pytest.raises(jsonschema.ValidationError):
+        validate("watch-record", {**deferred, "action": "none", "outcome": "onlined"})
