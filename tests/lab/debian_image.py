@@ -36,6 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -201,6 +202,17 @@ def _mke2fs(rootfs: Path, image: Path, size_mib: int = IMAGE_SIZE_MIB) -> None:
         raise ImageError(f"mke2fs -d for {image.name} failed: {done.stderr.strip()}")
 
 
+def publish(tmp: Path, manifest: dict[str, Any], final: Path) -> Path:
+    """A finished build: its manifest written, its files readable by QEMU, renamed into
+    place in one step (a half-built image is never found in the cache)."""
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    for path in tmp.iterdir():
+        path.chmod(0o644)
+    tmp.chmod(0o755)
+    os.rename(tmp, final)
+    return final
+
+
 def build(cache: Path, inputs: BuildInputs) -> Path:
     """Build into a temporary directory beside the final one, then rename it into place."""
     tmp = Path(tempfile.mkdtemp(prefix=f".debian-{inputs.suite}-build-", dir=cache))
@@ -216,13 +228,7 @@ def build(cache: Path, inputs: BuildInputs) -> Path:
         _mke2fs(rootfs, tmp / "rule.img")
         shutil.rmtree(rootfs)
         manifest = {**inputs.__dict__, "kernel_version": version}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        tmp.chmod(0o755)
-        final = cache / f"debian-{inputs.suite}-{inputs.key()}"
-        os.rename(tmp, final)
-        return final
+        return publish(tmp, manifest, cache / f"debian-{inputs.suite}-{inputs.key()}")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

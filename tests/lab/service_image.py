@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -139,13 +138,7 @@ def build(cache: Path, inputs: BuildInputs) -> Path:
         shutil.rmtree(rootfs)
         manifest = {**inputs.__dict__, "kernel_version": version}
         manifest["files"] = sorted(inputs.files)
-        (tmp / debian_image.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        tmp.chmod(0o755)
-        final = cache / f"service-bookworm-{inputs.key()}"
-        os.rename(tmp, final)
-        return final
+        return debian_image.publish(tmp, manifest, cache / f"service-bookworm-{inputs.key()}")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
