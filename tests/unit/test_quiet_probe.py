@@ -10,7 +10,7 @@ import pytest
 
 from virthotplug.core import errors
 from virthotplug.daemon.flood import FloodGuard
-from virthotplug.daemon.subscriptions import MonitorSubscriptions, _busiest
+from virthotplug.daemon.subscriptions import MonitorSubscriptions, _busiest, _Reading
 
 HOST = "qemu:///system"
 UUID = "uuid-a"
@@ -33,6 +33,8 @@ class _Domain:
     def vcpu_times(self) -> dict[int, int]:
         if self._host.times is None:
             raise errors.UnsupportedError("domain 'dom-a' vCPU times: not supported")
+        if self._host.clock is not None:  # libvirtd answers this late
+            self._host.clock.now += self._host.answer_after
         return dict(self._host.times)
 
 
@@ -41,9 +43,10 @@ class _Host:
 
     monitoring = True
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Optional[_Clock] = None, answer_after: float = 0.0) -> None:
         self.times: Optional[dict[int, int]] = {0: 0, 1: 0}
         self.registered: list[str] = []
+        self.clock, self.answer_after = clock, answer_after
 
     def domain_by_uuid(self, uuid: str) -> _Domain:
         return _Domain(self)
@@ -117,8 +120,38 @@ def test_a_probe_that_finds_no_domain_ends_the_probes() -> None:
     assert probed == []
 
 
+def test_a_late_answer_does_not_make_a_busy_vcpu_look_idle() -> None:
+    # Under a flood libvirtd answered the first read 11 s after it was asked; vcpu1 used
+    # 0.97 s of CPU in the 1 s between that answer and the next read: busy, not 8 %.
+    clock = _Clock()
+    host = _Host(clock, answer_after=11.0)
+    guard = _suppressed(clock)
+    subs = MonitorSubscriptions(HOST, lambda: None, guard, clock)
+    _probe(subs, host, clock, 1030.0)  # answered at 1041
+    host.answer_after = 0.0
+    host.times = {0: 0, 1: 97 * SECOND // 100}
+    _probe(subs, host, clock, 1042.0)
+    assert host.registered == [] and guard.is_suppressed((HOST, UUID))
+
+
+def test_reads_too_close_together_decide_nothing() -> None:
+    # Two probes queued behind a slow answer read the vCPU times 2 ms apart: the flooding
+    # vCPU's time had not moved a clock tick, and it was taken for idle.
+    clock, host = _Clock(), _Host()
+    guard = _suppressed(clock)
+    subs = MonitorSubscriptions(HOST, lambda: None, guard, clock)
+    _probe(subs, host, clock, 1030.0)
+    host.times = {0: 0, 1: 97 * SECOND // 100}
+    _probe(subs, host, clock, 1031.0)  # busy: 97 %
+    _probe(subs, host, clock, 1031.002)  # the same times, 2 ms later
+    assert host.registered == [] and guard.is_suppressed((HOST, UUID))
+    host.times = {0: 0, 1: 2 * 97 * SECOND // 100}
+    _probe(subs, host, clock, 1032.0)  # measured from the read at 1031: still busy
+    assert host.registered == [] and guard.is_suppressed((HOST, UUID))
+
+
 def test_busiest_leaves_out_vcpus_plugged_in_between() -> None:
-    before = (0.0, {0: 0, 1: 0})
-    after = (2.0, {0: SECOND // 10, 1: SECOND // 2, 2: 10 * SECOND})
+    before = _Reading(0.0, 0.0, {0: 0, 1: 0})
+    after = _Reading(2.0, 2.0, {0: SECOND // 10, 1: SECOND // 2, 2: 10 * SECOND})
     assert _busiest(before, after) == (0.25, 1)
-    assert _busiest(before, (1.0, {})) == (0.0, 0)
+    assert _busiest(before, _Reading(1.0, 1.0, {})) == (0.0, 0)

@@ -23,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from virthotplug.core import errors
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 _DROP, _ADD, _PROBE, _SYNC, _STOP = 0, 1, 2, 3, 4  # priorities: lower runs first
 # How long the event thread waits for a flooding domain's removal to be under way.
 HANDOFF_WAIT = 0.2  # seconds
+# The shortest time between two vCPU-time reads that can tell busy from idle: the times move
+# in clock ticks (10 ms), and a probe queued behind a slow answer runs right after it (two
+# reads 2 ms apart showed a flooding vCPU as idle).
+MIN_WINDOW = 0.5  # seconds
 
 
 _Request = tuple[int, int, tuple[str, ...], float, threading.Event]
@@ -57,8 +62,8 @@ class MonitorSubscriptions:
         # (priority, sequence, UUIDs, when requested, set once the request is under way)
         self._queue: queue.PriorityQueue[_Request] = queue.PriorityQueue()
         self._seq = itertools.count()
-        # Suppressed domains' last vCPU times (when read, ns per vCPU), for quiet probes.
-        self._cpu: dict[str, tuple[float, dict[int, int]]] = {}
+        # Suppressed domains' last vCPU times, for quiet probes.
+        self._cpu: dict[str, _Reading] = {}
         self._thread = threading.Thread(target=self._loop, name=f"monitor {host}", daemon=True)
 
     def start(self) -> None:
@@ -168,8 +173,12 @@ class MonitorSubscriptions:
     def _busy(self, key: tuple[str, str], dom: Domain) -> bool:
         """Reads the domain's vCPU times: whether it stays off for now (its first read, or a
         vCPU above ``BUSY_FRACTION`` of a CPU since the previous read)."""
-        sample = (self._clock(), dom.vcpu_times())
+        asked = self._clock()
+        times = dom.vcpu_times()
+        sample = _Reading(asked, self._clock(), times)
         before = self._cpu.get(dom.uuid)
+        if before is not None and sample.asked - before.answered < MIN_WINDOW:
+            return True  # too close to the previous read to measure: it stays the baseline
         self._cpu[dom.uuid] = sample
         if before is None:
             return True  # the next probe decides
@@ -198,15 +207,27 @@ class MonitorSubscriptions:
             log.warning("%s: no QEMU monitor events for %s: %s", self.host, uuid, exc)
 
 
-def _busiest(
-    before: tuple[float, dict[int, int]], after: tuple[float, dict[int, int]]
-) -> tuple[float, int]:
+@dataclass(frozen=True)
+class _Reading:
+    """A domain's vCPU times (ns per vCPU) and when the call that read them was made and
+    answered: libvirtd took them at some moment in between."""
+
+    asked: float
+    answered: float
+    times: dict[int, int]
+
+
+def _busiest(before: _Reading, after: _Reading) -> tuple[float, int]:
     """(the largest share of one CPU a vCPU used between two reads, that vCPU); vCPUs
-    plugged or unplugged in between are left out."""
-    seconds = max(after[0] - before[0], 1e-3)
+    plugged or unplugged in between are left out.
+
+    Divided by the shortest time the two reads can be apart: under a flood libvirtd may
+    answer seconds late, and timing a read from when it was asked would spread the vCPU time
+    over seconds it was not measured in (a busy vCPU taken for an idle one)."""
+    seconds = max(after.asked - before.answered, 1e-3)
     shares = [
-        ((ns - before[1][vcpu]) / 1e9 / seconds, vcpu)
-        for vcpu, ns in after[1].items()
-        if vcpu in before[1]
+        ((ns - before.times[vcpu]) / 1e9 / seconds, vcpu)
+        for vcpu, ns in after.times.items()
+        if vcpu in before.times
     ]
     return max(shares, default=(0.0, 0))
