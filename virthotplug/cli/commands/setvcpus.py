@@ -156,7 +156,9 @@ def check_options(args: argparse.Namespace) -> None:
     if args.current and (args.live or args.config):
         raise UsageError("--current is exclusive with --live and --config")
     if args.maximum and not args.config:
-        raise UsageError("--maximum needs --config (the maximum of a running domain is fixed)")
+        raise UsageError(
+            "--maximum needs --config, as in virsh (it changes the persistent maximum)"
+        )
     if args.maximum and (args.live or args.guest):
         raise UsageError(
             "--maximum changes the persistent definition only: not with --live or --guest"
