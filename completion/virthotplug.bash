@@ -10,7 +10,7 @@ _virthotplug_watch="-h --help --json --resync-interval --agent-timeout --workers
 _virthotplug_policy="-h --help --json --set --clear --count --grace --exclude --retries --live --config --current"
 _virthotplug_apply="-h --help --all --agent-timeout --dry-run --json"
 _virthotplug_help="-h --help"
-_virthotplug_setvcpus="-h --help --live --config --current --timeout --online --no-online --force --json"
+_virthotplug_setvcpus="-h --help --live --config --current --maximum --guest --override-policy --hotpluggable --timeout --online --no-online --force --json"
 # Options followed by a value.
 _virthotplug_with_value="-c --connect -d --debug --config-file --agent-timeout --resync-interval --workers --hotadd-settle --set --count --grace --exclude --retries --timeout --metrics-listen --domain"
 # Commands and how many DOMAIN arguments they take (0: any number).

@@ -326,9 +326,9 @@ def test_setvcpus_refuses_an_invalid_policy_before_the_hot_add(
     plugs: list[int] = []
     real = Domain.set_vcpus
 
-    def spy(self: Domain, count: int, *, live: bool, config: bool) -> None:
+    def spy(self: Domain, count: int, **flags: bool) -> None:
         plugs.append(count)
-        real(self, count, live=live, config=config)
+        real(self, count, **flags)
 
     monkeypatch.setattr(Domain, "set_vcpus", spy)
     result = run_cli(capsys, "-c", MIXED, "setvcpus", "bad-metadata", "2", *online)

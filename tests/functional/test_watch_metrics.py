@@ -25,7 +25,8 @@ pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families
 
 # Running (or paused) domains of mixed.xml with a valid policy: each gets a reconcile record.
-# bad-metadata's invalid policy makes its reconcile fail (an "error" reconcile, no record).
+# bad-metadata's invalid policy makes its reconcile an "error" one, with a record of its own
+# (outcome invalid-policy) and the invalid-policy finding among its metrics.
 RECONCILED = ("hotplug-agent", "fixed-noagent", "growable-noagent", "paused-agent")
 SERVING = re.compile(r"metrics: serving http://(\S+):(\d+)/metrics")
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -183,4 +184,44 @@ def test_one_host_down_does_not_stop_watching_the_other(
     # The down host is retried in the background, with a warning naming it.
     watch.wait("a warning about the host that is down", lambda: down in watch.stderr)
     assert watch.proc.poll() is None
+    assert watch.stop() == 0
+
+
+def test_an_invalid_policy_is_a_record_and_a_metric(
+    tmp_path: Path, processes: list[WatchProcess]
+) -> None:
+    """Not only a line on stderr: a watch --json record (fitting its schema) and the
+    domain's invalid-policy finding series, with no policy mode series for it."""
+    from jsonschemas import validate
+
+    watch = WatchProcess(tmp_path, [MIXED], "--metrics-listen", "127.0.0.1:0")
+    processes.append(watch)
+    _address, port = watch.endpoint()
+    watch.wait("bad-metadata's record", lambda: "bad-metadata" in watch.reconciled())
+    with watch._lock:
+        (record,) = [r for r in watch.records if r["domain"] == "bad-metadata"]
+    validate("watch-record", record)
+    assert (record["event"], record["outcome"], record["action"]) == (
+        "reconcile",
+        "invalid-policy",
+        "none",
+    )
+    assert "invalid policy in metadata" in record["details"]["policy_error"]
+    assert record["findings"][0]["code"] == "invalid-policy"
+    bad = {"host": MIXED, "domain": "bad-metadata"}
+    finding = {"code": "invalid-policy", "severity": "warning", **bad}
+
+    def with_the_finding() -> Samples:
+        found = scrape(port)
+        return found if get(found, "virthotplug_domain_finding", **finding) == 1 else {}
+
+    samples = watch.wait("the invalid-policy series", with_the_finding)
+    assert get(samples, "virthotplug_domain_vcpus", layer="live", **bad) == 1
+    modes = [
+        labels
+        for name, labels in samples
+        if name == "virthotplug_domain_policy_info" and ("domain", "bad-metadata") in labels
+    ]
+    assert modes == []
+    assert watch.stderr.count("domain 'bad-metadata': invalid policy") == 1  # logged once
     assert watch.stop() == 0

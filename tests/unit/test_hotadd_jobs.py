@@ -300,3 +300,34 @@ def test_the_worker_hands_the_retry_kind_to_the_main_loop(holds: bool) -> None:
     watch._run_job(Job(REF, due=0.0, first_request=0.0, reasons=["ost"]))
     done = watch._queue.get_nowait()
     assert isinstance(done, JobDone) and (done.retry_after, done.holds) == (1.0, holds)
+
+
+def test_an_invalid_policy_is_reported_once_then_routine(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job reports the domain (record, finding) instead of failing; a resync finding
+    the same again is routine (debug level), an event is news again."""
+    from virthotplug.core.errors import InvalidPolicyError
+
+    guest = Guest(Policy(), ("0", "0", 1))
+    r = runner(guest, monkeypatch)
+
+    def invalid(*_args: Any, **_kwargs: Any) -> EffectivePolicy:
+        raise InvalidPolicyError(f"domain '{REF.name}': invalid policy in metadata: mode='x'")
+
+    monkeypatch.setattr(reconcile, "effective_policy", invalid)
+
+    def resync(reasons: list[str]) -> Any:
+        job = Job(REF, due=clock.now, first_request=clock.now, reasons=reasons)
+        return r.run(Conn(), Dom(), job)  # type: ignore[arg-type]
+
+    first, again, event = resync(["host"]), resync(["host"]), resync(["lifecycle"])
+    assert first.record.outcome == "invalid-policy" and first.record.action == "none"
+    assert first.record.details["policy_error"] == (
+        "invalid policy in metadata: mode='x'; nothing is done to the guest"
+    )
+    assert first.view.findings[0].code == "invalid-policy" and first.policy_mode is None
+    assert (first.warning, first.routine) == (True, False)
+    assert (again.warning, again.routine) == (False, True)
+    assert (event.warning, event.routine) == (True, False)
+    assert guest.reconciles == 3  # read, never written

@@ -244,3 +244,31 @@ def test_a_request_libvirt_already_counts_is_a_hot_add_while_a_vcpu_is_stale() -
     assert dom.calls == [2]  # only the repeated unplug was asked for
     forced = resizeplan.Request(3, True, False, force=True)
     assert resize._preflight(conn, dom, HostConfig(), view(3, "0,1", STALE), forced, []).live  # type: ignore[arg-type]
+
+
+# --- --maximum and --hotpluggable: what the persistent definition must show -----------------
+
+
+def test_maximum_is_verified_on_the_config_maximum() -> None:
+    request = resizeplan.Request(6, False, True, maximum=True)
+    lowered = CountLayer(2, 6)
+    assert resizeplan.config_check(lowered, request).ok
+    assert not resizeplan.config_check(CountLayer(2, 8), request).ok
+    assert resizeplan.config_check(lowered, request).layer == "config maximum"
+
+
+def test_hotpluggable_is_verified_on_the_vcpus_the_change_enabled() -> None:
+    from virthotplug.core.view import VcpuEntry
+
+    before = CountLayer(1, 3)
+    marked = CountLayer(
+        3, 3, (VcpuEntry(0, True, False), VcpuEntry(1, True, True), VcpuEntry(2, True, True))
+    )
+    plain = CountLayer(
+        3, 3, (VcpuEntry(0, True, False), VcpuEntry(1, True, True), VcpuEntry(2, True, False))
+    )
+    (ok,) = resizeplan.hotpluggable_check(before, marked)
+    assert ok.ok and ok.target == "vCPU 1-2"
+    (missed,) = resizeplan.hotpluggable_check(before, plain)
+    assert not missed.ok and missed.now == "not vCPU 2"
+    assert resizeplan.hotpluggable_check(marked, marked) == []  # nothing enabled: no check

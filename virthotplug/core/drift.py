@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 from virthotplug.core.cpulist import format_cpulist
+from virthotplug.core.errors import quote
 from virthotplug.core.policy import MODE_IGNORE, Policy, kept_offline, unreachable
 from virthotplug.core.shared import SharedValues
 from virthotplug.core.view import (
@@ -288,3 +289,11 @@ def _match(view: VcpuView, policy: Optional[Policy]) -> Iterable[Finding]:
     why = unreachable(view, policy) if policy is not None else None
     if why is not None:
         yield Finding(MATCH_UNREACHABLE, WARNING, f"policy 'match' cannot be met: {why}")
+
+
+def invalid_policy_finding(domain: str, error: str) -> Finding:
+    """The finding of a domain whose policy is invalid; ``error``: the policy's error (its
+    leading ``domain 'NAME': `` is dropped: the finding belongs to the domain already)."""
+    prefix = f"domain {quote(domain)}: "
+    message = error[len(prefix) :] if error.startswith(prefix) else error
+    return Finding(INVALID_POLICY, WARNING, f"{message}; nothing is done to the guest")

@@ -99,6 +99,11 @@ class MalformedXMLError(ConfigError):
     pass
 
 
+class InvalidPolicyError(ConfigError):
+    """A domain's policy (its metadata, or its section of the configuration file) is
+    invalid: nothing is done to the guest, and the domain's reports say why."""
+
+
 class UnsupportedError(VirtHotplugError):
     """Permanent: the driver, QEMU or the domain cannot do this. Record, don't retry."""
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 from virthotplug.core.cpulist import MAX_CPU_ID, CpulistError, format_cpulist, parse_cpulist
-from virthotplug.core.errors import ConfigError, quote
+from virthotplug.core.errors import ConfigError, InvalidPolicyError, quote
 from virthotplug.core.precedence import merge_fields
 from virthotplug.core.settings import parse_integer, parse_seconds
 from virthotplug.core.view import GuestLayer, VcpuView
@@ -118,7 +118,7 @@ def parse_field(name: str, text: str) -> Any:
 
 
 def _field_error(source: str, domain: str, what: str) -> ConfigError:
-    return ConfigError(f"domain {quote(domain)}: invalid policy in {source}: {what}")
+    return InvalidPolicyError(f"domain {quote(domain)}: invalid policy in {source}: {what}")
 
 
 def _quote(text: str) -> str:

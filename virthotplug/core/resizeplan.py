@@ -19,7 +19,7 @@ from virthotplug.core import errors
 from virthotplug.core.cpulist import format_cpulist
 from virthotplug.core.drift import GUEST_MISSING_VCPUS, GUEST_REJECTED_VCPU, gone_text
 from virthotplug.core.policy import Policy, decide
-from virthotplug.core.view import VcpuEntry, VcpuView
+from virthotplug.core.view import CountLayer, VcpuEntry, VcpuView
 
 DEFAULT_TIMEOUT = 10.0
 REPEAT_ACCEPTED = "accepted"
@@ -33,6 +33,10 @@ class Request:
     timeout: float = DEFAULT_TIMEOUT
     mode: Optional[str] = None  # "online" (--online), "report" (--no-online), None: policy
     force: bool = False
+    maximum: bool = False  # --maximum: ``count`` is the persistent definition's new maximum
+    hotpluggable: bool = False  # --hotpluggable: the vCPUs enabled are hotpluggable
+    guest: bool = False  # --guest: ``count`` CPUs online in the guest, through its agent
+    override_policy: bool = False  # --override-policy: --guest under 'report'/'ignore' too
 
 
 @dataclass(frozen=True)
@@ -136,23 +140,54 @@ def verify(
     policy: Optional[Policy],
     error: Optional[str],
     repeated: Optional[str],
+    before: Optional[VcpuView] = None,
 ) -> tuple[tuple[LayerCheck, ...], tuple[str, ...]]:
     """Each layer against the target, and notes. ``host``: this host's description (libvirt
-    and QEMU versions); ``policy``: the one the grow onlined under (None: no grow)."""
+    and QEMU versions); ``policy``: the one the grow onlined under (None: no grow);
+    ``before``: the view before the change (for ``--hotpluggable``)."""
     checks: list[LayerCheck] = []
     notes: list[str] = []
-    target = str(request.count)
     if request.config and after.config is not None:
-        now = after.config.current
-        checks.append(
-            LayerCheck("config", _counts(now, after.config.maximum), target, now == request.count)
-        )
+        checks.append(config_check(after.config, request))
+        if request.hotpluggable and before is not None and before.config is not None:
+            checks.extend(hotpluggable_check(before.config, after.config))
     if request.live:
         checks.extend(live_checks(after, request.count))
         if policy is not None:
             checks.extend(online_check(after, policy, notes))
         notes.extend(drift_notes(host, after, error, repeated))
     return tuple(checks), tuple(notes)
+
+
+def config_check(config: CountLayer, request: Request) -> LayerCheck:
+    """The persistent definition's count, or its maximum for ``--maximum`` (libvirt then
+    lowers the count with it when it is above the new maximum)."""
+    now = _counts(config.current, config.maximum)
+    if request.maximum:
+        return LayerCheck(
+            "config maximum", now, f"-/{request.count}", config.maximum == request.count
+        )
+    return LayerCheck("config", now, str(request.count), config.current == request.count)
+
+
+def hotpluggable_check(before: CountLayer, after: CountLayer) -> list[LayerCheck]:
+    """``--hotpluggable``: every vCPU the change enabled in the persistent definition is
+    marked hotpluggable (so that it can be unplugged live once the domain runs)."""
+    was = _enabled(before)
+    added = sorted(_enabled(after) - was)
+    if not added:
+        return []
+    marked = {v.id for v in after.vcpus if v.hotpluggable}
+    plain = [v for v in added if v not in marked]
+    now = "yes" if not plain else f"not vCPU {format_cpulist(plain)}"
+    return [LayerCheck("config hotpluggable", now, f"vCPU {format_cpulist(added)}", not plain)]
+
+
+def _enabled(layer: CountLayer) -> frozenset[int]:
+    """The enabled vCPU ids of a definition (the first ``current`` without detail)."""
+    if layer.vcpus:
+        return frozenset(v.id for v in layer.vcpus if v.enabled)
+    return frozenset(range(layer.current))
 
 
 def _counts(current: int, maximum: int) -> str:

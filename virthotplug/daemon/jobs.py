@@ -18,11 +18,14 @@ and judged again then; the policy's action is never held back by it.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Optional
 
+from virthotplug.core import errors
 from virthotplug.core.config import HostConfig, WatchSettings
 from virthotplug.core.cpulist import format_cpulist
+from virthotplug.core.drift import INVALID_POLICY, invalid_policy_finding
 from virthotplug.core.events import (
     DeviceDeletedMonitorEvent,
     DeviceRemovalEvent,
@@ -33,10 +36,11 @@ from virthotplug.core.judge import Verdict
 from virthotplug.core.policy import Policy
 from virthotplug.core.records import Record, iso_time
 from virthotplug.core.schedule import Job, Key
-from virthotplug.core.view import to_dict
+from virthotplug.core.view import VcpuView, to_dict
 from virthotplug.daemon.domains import DomainJobs, DomainRegistry
 from virthotplug.daemon.flood import FloodEvent
 from virthotplug.daemon.results import JobResult
+from virthotplug.host import collect, history
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
 from virthotplug.host.policysource import effective_policy
@@ -101,11 +105,19 @@ class JobRunner:
             domain.observations.distrust(at)
 
     def run(self, conn: Connection, dom: Domain, job: Job) -> JobResult:
-        config = self.config
-        effective = None
         domain = self._domain(job.ref.key)
         self._apply_distrust(job.ref.key, domain)
         domain.observations.hinted(job.hotadded, job.first_request)
+        try:
+            return self._reconcile(conn, dom, job, domain)
+        except errors.InvalidPolicyError as exc:
+            # Raised before any write: nothing was done to the guest. A record, a finding
+            # (and its metric) say so, not only a log line.
+            return self._invalid_policy(conn, dom, job, domain, str(exc))
+
+    def _reconcile(self, conn: Connection, dom: Domain, job: Job, domain: DomainJobs) -> JobResult:
+        config = self.config
+        effective = None
         if job.hotadded:
             effective = effective_policy(conn, dom, config)
             wait = _grace_left(effective.policy, job)
@@ -124,13 +136,49 @@ class JobRunner:
         )
         return _reconciled(job, result, self._routine(job, domain, result))
 
+    def _invalid_policy(
+        self, conn: Connection, dom: Domain, job: Job, domain: DomainJobs, error: str
+    ) -> JobResult:
+        """The domain as it is, with the ``invalid-policy`` finding; routine (debug level)
+        when the last job found the same."""
+        contexts = history.contexts(self.config)
+        view = collect.read_view(
+            conn, dom, agent_timeout=self.settings.agent_timeout, context=contexts
+        )
+        finding = invalid_policy_finding(dom.name, error)
+        view = dataclasses.replace(view, findings=(finding, *view.findings))
+        codes = _codes(view)
+        with self.domains.lock:
+            previous, domain.findings = domain.findings, codes
+        routine = set(job.reasons) <= {"host"} and previous == codes
+        data = to_dict(view)
+        record = Record(
+            time=iso_time(time.time()),
+            host=job.ref.host,
+            domain=dom.name,
+            uuid=dom.uuid,
+            event="reconcile",
+            details={
+                "trigger": list(job.reasons),
+                "policy_error": finding.message,
+                "live": data["live"],
+                "guest": data["guest"],
+                "agent": data["agent"],
+            },
+            findings=data["findings"],
+            action="none",
+            outcome=INVALID_POLICY,
+        )
+        line = f"domain '{dom.name}': {finding.message}"
+        return JobResult(record=record, line=line, view=view, routine=routine, warning=not routine)
+
     def _domain(self, key: Key) -> DomainJobs:
         with self.domains.lock:
             return self.domains.record(key).jobs
 
     def _routine(self, job: Job, domain: DomainJobs, result: ReconcileResult) -> bool:
         """A resync that wrote nothing and found what the last reconcile found."""
-        codes = tuple(sorted(f.code for f in result.view.findings))
+        codes = _codes(result.view)
         with self.domains.lock:
             previous, domain.findings = domain.findings, codes
         quiet_outcomes = {"skipped", "unchanged", "excluded"}
@@ -139,6 +187,10 @@ class JobRunner:
             and previous == codes
             and all(o.code in quiet_outcomes for o in result.outcomes)
         )
+
+
+def _codes(view: VcpuView) -> tuple[str, ...]:
+    return tuple(sorted(f.code for f in view.findings))
 
 
 def _grace_left(policy: Policy, job: Job) -> float:

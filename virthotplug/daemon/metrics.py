@@ -13,7 +13,9 @@ that stops or goes away is forgotten with its record, and with it every series i
                                                vCPUs plugged; guest: CPUs present
     virthotplug_domain_vcpus_maximum           the vCPU maximum
     virthotplug_domain_guest_cpus{state}       guest CPUs online / offline
-    virthotplug_domain_finding{code,severity}  1 for each drift finding present
+    virthotplug_domain_finding{code,severity}  1 for each drift finding present;
+                                               code="invalid-policy" while the domain's
+                                               policy is invalid (nothing is done then)
     virthotplug_domain_agent_connected         1 when the guest agent answered
     virthotplug_domain_last_reconcile_timestamp_seconds
     virthotplug_domain_policy_info{mode}       1 for the effective policy mode the daemon
@@ -29,7 +31,9 @@ Per host (label ``host``):
     virthotplug_events_total{kind}                        events received
     virthotplug_ost_events_total{device,source,status}    ACPI _OST, decoded names
     virthotplug_actions_total{outcome}                    reconcile outcome codes
-    virthotplug_reconciles_total{result}                  ok / failed / error
+    virthotplug_reconciles_total{result}                  ok / failed / error (could
+                                                          not reconcile: e.g. an invalid
+                                                          policy)
     virthotplug_reconnects_total, virthotplug_host_connected (0 once the host's session
                                                           gave up, with its domains'
                                                           series gone)
@@ -49,6 +53,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
+from virthotplug.core.drift import INVALID_POLICY
 from virthotplug.core.errors import UsageError
 from virthotplug.core.events import Event, HostEvent, OstMonitorEvent
 from virthotplug.daemon.domains import DomainRegistry, Hotadd
@@ -273,7 +278,7 @@ class Metrics:
     def _reconciled(self, job: Job, result: JobResult, seconds: float) -> None:
         host = job.ref.host
         self.duration.labels(host).observe(seconds)
-        self.reconciles.labels(host, "failed" if result.failed else "ok").inc()
+        self.reconciles.labels(host, _result_label(result)).inc()
         codes = str(result.record.outcome or "")
         for code in filter(None, codes.split(",")):
             self.actions.labels(host, code).inc()
@@ -416,6 +421,13 @@ class _DomainCollector:
                 pending.add_metric(labels, len(hotadds))
                 since.add_metric(labels, min(hotadds))
         yield from (vcpus, maximum, guest_cpus, finding, agent, last, policy, pending, since)
+
+
+def _result_label(result: JobResult) -> str:
+    """ok; failed: an action failed; error: could not reconcile (an invalid policy)."""
+    if result.record.outcome == INVALID_POLICY:
+        return "error"
+    return "failed" if result.failed else "ok"
 
 
 def _layer_counts(view: VcpuView) -> dict[str, Optional[int]]:

@@ -38,7 +38,7 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 from virthotplug.core import errors
 from virthotplug.core.config import HostConfig, WatchSettings
-from virthotplug.core.drift import find_drift
+from virthotplug.core.drift import find_drift, invalid_policy_finding
 from virthotplug.core.events import DomainRef
 from virthotplug.core.policy import MODE_IGNORE, EffectivePolicy, decide
 from virthotplug.core.view import VcpuView
@@ -155,13 +155,15 @@ class BulkResync:
         acting: list[collect.BulkRaw] = []
         idle: list[collect.BulkRaw] = []
         policies: dict[str, Optional[EffectivePolicy]] = {}
+        invalid: dict[str, str] = {}  # uuid -> why its policy is invalid
         for raw in read.raws:
             try:
                 policy = policy_from_definitions(
                     raw.view.name, raw.view.uuid, raw.policy_fields, config
                 )
-            except errors.ConfigError:
-                policies[raw.view.uuid] = None  # the reconcile reports it
+            except errors.ConfigError as exc:
+                policies[raw.view.uuid] = None  # the reconcile job records it
+                invalid[raw.view.uuid] = str(exc)
                 idle.append(raw)
                 continue
             policies[raw.view.uuid] = policy
@@ -173,7 +175,10 @@ class BulkResync:
         raws = {raw.view.uuid: raw for raw in read.raws}
         with self._lock:
             views += [self._carried_over(state, raw.view) for raw in idle]
-            views = [self._judged(state, v, policies.get(v.uuid), raws[v.uuid]) for v in views]
+            views = [
+                self._judged(state, v, policies.get(v.uuid), raws[v.uuid], invalid.get(v.uuid))
+                for v in views
+            ]
             chosen = self._choose(state, views, policies, asked, started)
         if self._on_views is not None:
             modes = {uuid: p.policy.mode for uuid, p in policies.items() if p is not None}
@@ -228,11 +233,13 @@ class BulkResync:
         view: VcpuView,
         policy: Optional[EffectivePolicy],
         raw: collect.BulkRaw,
+        invalid: Optional[str] = None,
     ) -> VcpuView:
         """Findings as a reconcile would judge them: under the domain's policy, with its
         vCPU history (the daemon's latest, else what the live definition read holds), so a
         resync never calls CPUs a policy keeps offline a warning, nor a hot-add the guest
-        rejected an unplug gone wrong."""
+        rejected an unplug gone wrong. ``invalid``: why the policy is invalid (its finding
+        then leads, as the reconcile job's does)."""
         known = state.known.get(view.uuid)
         live = raw.definitions.live
         if known is not None:
@@ -240,7 +247,10 @@ class BulkResync:
         elif live is not None:
             view = dataclasses.replace(view, history=history.from_raw(live.history))
         rules = policy.policy if policy is not None else None
-        return dataclasses.replace(view, findings=find_drift(view, rules))
+        findings = find_drift(view, rules)
+        if invalid is not None:
+            findings = (invalid_policy_finding(view.name, invalid), *findings)
+        return dataclasses.replace(view, findings=findings)
 
     @staticmethod
     def _choose(

@@ -155,9 +155,24 @@ class Domain:
             context=self.context,
         )
 
-    def set_vcpus(self, count: int, *, live: bool, config: bool) -> None:
-        """Hot-plug or unplug vCPUs (live) and/or change the persistent count (config)."""
+    def set_vcpus(
+        self,
+        count: int,
+        *,
+        live: bool,
+        config: bool,
+        maximum: bool = False,
+        hotpluggable: bool = False,
+    ) -> None:
+        """Hot-plug or unplug vCPUs (live) and/or change the persistent count (config).
+        ``maximum``: change the persistent maximum instead (``VIR_DOMAIN_VCPU_MAXIMUM``);
+        ``hotpluggable``: the vCPUs it enables are hotpluggable (``..._HOTPLUGGABLE``)."""
+        lv = self._conn.libvirt
         flags = self._conn.affect_flags(live=live, config=config)
+        if maximum:
+            flags |= lv.VIR_DOMAIN_VCPU_MAXIMUM
+        if hotpluggable:
+            flags |= lv.VIR_DOMAIN_VCPU_HOTPLUGGABLE
         self._call(lambda: self.raw.setVcpusFlags(count, flags))
 
     # taints the domain

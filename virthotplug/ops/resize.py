@@ -142,7 +142,9 @@ def resize(
     after = collect.read_view(conn, dom, agent_timeout=timeout, context=context)
     policy = outcome.policy.policy if outcome is not None else None
     error = failure.text if failure is not None else None
-    checks, more = plan.verify(conn.support.describe(), after, request, policy, error, repeated)
+    checks, more = plan.verify(
+        conn.support.describe(), after, request, policy, error, repeated, before
+    )
     notes.extend(more)
     return ResizeResult(
         dom.name,
@@ -277,7 +279,13 @@ def _set_vcpus(
     """Ask libvirt; a failed shrink (or a grow that changed something) is verified, not
     raised: libvirt's unplug timeout is an error although the guest may have ejected."""
     try:
-        dom.set_vcpus(request.count, live=request.live, config=request.config)
+        dom.set_vcpus(
+            request.count,
+            live=request.live,
+            config=request.config,
+            maximum=request.maximum,
+            hotpluggable=request.hotpluggable,
+        )
     except (errors.ConnectError, errors.PermissionDeniedError):
         raise
     except errors.VirtHotplugError as exc:
@@ -450,6 +458,9 @@ def to_dict(result: ResizeResult) -> dict[str, Any]:
         "count": result.request.count,
         "live": result.request.live,
         "config": result.request.config,
+        "maximum": result.request.maximum,
+        "guest": result.request.guest,
+        "hotpluggable": result.request.hotpluggable,
         "complete": result.complete,
         "error": result.error,
         "checks": [

@@ -13,7 +13,6 @@ from virthotplug.cli.commands.common import (
     selected_names,
     uris,
 )
-from virthotplug.core.errors import quote
 
 READ_ONLY_AGENT = (
     "read-only connection: libvirt refuses guest-agent calls, the guest layer is not read"
@@ -97,15 +96,12 @@ def _noting_invalid_policies(context: Any, config: Any, invalid: dict[tuple[str,
 def _with_invalid_policy(view: Any, invalid: dict[tuple[str, str], str]) -> Any:
     import dataclasses
 
-    from virthotplug.core.drift import INVALID_POLICY
-    from virthotplug.core.view import WARNING, Finding
+    from virthotplug.core.drift import invalid_policy_finding
 
     why = invalid.get((view.name, view.uuid))
     if why is None:
         return view
-    prefix = f"domain {quote(view.name)}: "
-    message = why[len(prefix) :] if why.startswith(prefix) else why
-    finding = Finding(INVALID_POLICY, WARNING, f"{message}; nothing is done to the guest")
+    finding = invalid_policy_finding(view.name, why)
     return dataclasses.replace(view, findings=(finding, *view.findings))
 
 

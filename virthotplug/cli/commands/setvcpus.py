@@ -16,7 +16,7 @@ from virthotplug.core.errors import (
 )
 
 if TYPE_CHECKING:  # the real imports stay inside run(): start-up stays light
-    from virthotplug.core.resizeplan import LayerCheck
+    from virthotplug.core.resizeplan import LayerCheck, Request
     from virthotplug.daemon.monitorlog import MonitorLog
     from virthotplug.host.connection import Connection
     from virthotplug.host.domain import Domain
@@ -47,6 +47,30 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="change the running domain if it runs, else the persistent definition (the "
         "default, like virsh)",
+    )
+    parser.add_argument(
+        "--maximum",
+        action="store_true",
+        help="change the maximum vCPU count of the persistent definition (needs --config, "
+        "like virsh; takes effect at the next start)",
+    )
+    parser.add_argument(
+        "--guest",
+        action="store_true",
+        help="set how many CPUs are online inside the guest, through its agent (running "
+        "domain; never cpu0 nor a CPU the policy excludes; refused under the policies report "
+        "and ignore unless --override-policy)",
+    )
+    parser.add_argument(
+        "--override-policy",
+        action="store_true",
+        help="with --guest: change the guest although the domain's policy is report or ignore",
+    )
+    parser.add_argument(
+        "--hotpluggable",
+        action="store_true",
+        help="mark the vCPUs enabled in the persistent definition hotpluggable, so that they "
+        "can be unplugged live",
     )
     parser.add_argument(
         "--timeout",
@@ -92,34 +116,77 @@ def _count(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from virthotplug.core.config import load_config
-    from virthotplug.core.resizeplan import Request
     from virthotplug.host.connection import Connection
     from virthotplug.host.libvirt_module import ensure_event_loop
-    from virthotplug.ops import resize
+    from virthotplug.ops import guestcount, resize
 
     hosts = uris(args)
     if len(hosts) > 1:
         raise UsageError("setvcpus works on one host: give -c once")
-    if args.current and (args.live or args.config):
-        raise UsageError("--current is exclusive with --live and --config")
+    check_options(args)
     config = load_config(args.config_file)
     ensure_event_loop()  # before open(): monitor events need it
     with Connection(hosts[0], readonly=args.readonly) as conn:
         dom = conn.lookup(args.domain)
-        log = _monitor(conn, dom)
         live, persistent = _affect(dom, args)
-        _refuse_over_maximum(conn, dom, args.count, live=live, config=persistent)
-        mode = {True: "online", False: "report", None: None}[args.online]
-        request = Request(args.count, live, persistent, args.timeout, mode, args.force)
-        started = time.monotonic()
-        events = (lambda: log.events(since=started)) if log is not None else None
-        result = resize.resize(conn, dom, config, request, events)
+        request = _request(args, live, persistent)
+        log: Optional[MonitorLog] = None
+        if args.guest:
+            started = time.monotonic()
+            result = guestcount.set_guest_count(conn, dom, config, request)
+        else:
+            log = _monitor(conn, dom)
+            if not args.maximum:
+                _refuse_over_maximum(conn, dom, args.count, live=live, config=persistent)
+            started = time.monotonic()
+            events = (lambda: log.events(since=started)) if log is not None else None
+            result = resize.resize(conn, dom, config, request, events)
         if log is not None:
             log.wait_quiet(0.3, 1.0)  # the final eject report trails the unplug
         _print(result, log, started, args.json, quiet=args.quiet)
     if result.complete:
         return EXIT_OK
     return EXIT_GUEST_REJECTED if result.rejected else EXIT_INCOMPLETE
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """virsh's rules on the options (``--current`` alone; ``--maximum`` needs ``--config``;
+    ``--guest`` is not ``--config``), plus what can never work: a live maximum (libvirt
+    refuses it), and options that have no meaning with ``--guest``."""
+    if args.current and (args.live or args.config):
+        raise UsageError("--current is exclusive with --live and --config")
+    if args.maximum and not args.config:
+        raise UsageError(
+            "--maximum needs --config, as in virsh (it changes the persistent maximum)"
+        )
+    if args.maximum and (args.live or args.guest):
+        raise UsageError(
+            "--maximum changes the persistent definition only: not with --live or --guest"
+        )
+    if args.guest and args.config:
+        raise UsageError("--guest is exclusive with --config (it changes the running guest)")
+    if args.guest and (args.online is not None or args.force):
+        raise UsageError("--online, --no-online and --force have no meaning with --guest")
+    if args.override_policy and not args.guest:
+        raise UsageError("--override-policy is for --guest only")
+
+
+def _request(args: argparse.Namespace, live: bool, persistent: bool) -> Request:
+    from virthotplug.core.resizeplan import Request
+
+    mode = {True: "online", False: "report", None: None}[args.online]
+    return Request(
+        args.count,
+        live,
+        persistent,
+        args.timeout,
+        mode,
+        args.force,
+        maximum=bool(args.maximum),
+        hotpluggable=bool(args.hotpluggable),
+        guest=bool(args.guest),
+        override_policy=bool(args.override_policy),
+    )
 
 
 def _affect(dom: Domain, args: argparse.Namespace) -> tuple[bool, bool]:
@@ -185,10 +252,7 @@ def _print(
         print(json_document(doc))
         return
     before = result.before.live.current if result.before.live is not None else "?"
-    where = "+".join(
-        w for w, on in (("live", result.request.live), ("config", result.request.config)) if on
-    )
-    print(f"{result.name}: {before} -> {result.request.count} vCPUs ({where})")
+    print(_headline(result, before))
     for event in events:
         print(f"  {describe_event(event, started)}")
     for key, seconds in result.timings.items():
@@ -198,6 +262,20 @@ def _print(
     _print_checks(result.checks, headers=not quiet)
     for note in result.notes:
         print(f"  note: {note}")
+
+
+def _headline(result: ResizeResult, before: object) -> str:
+    request = result.request
+    if request.guest:
+        guest = result.before.guest
+        online = len(guest.online) if guest is not None else "?"
+        return f"{result.name}: {online} -> {request.count} CPUs online in the guest (guest)"
+    if request.maximum:
+        config = result.before.config
+        was = config.maximum if config is not None else "?"
+        return f"{result.name}: maximum {was} -> {request.count} vCPUs (config)"
+    where = "+".join(w for w, on in (("live", request.live), ("config", request.config)) if on)
+    return f"{result.name}: {before} -> {request.count} vCPUs ({where})"
 
 
 def _print_checks(checks: Sequence[LayerCheck], *, headers: bool) -> None:
