@@ -70,12 +70,12 @@ CHURN_EVENT_BOUND = 30.0  # watch has a lifecycle record for a churned test doma
 BUSYBOX_MAX_VCPUS = 8  # room for seven hot-adds per boot (TCG's thread budget)
 RESYNC = 60
 # The lab VMs: (stack, guest, policy of the configuration file).
+# Five guests: TCG guests idle at a tenth of a host core each, and a starved guest stalls
+# (soft lockups while a CPU comes online) whatever onlines it.
 ROSTER = (
     ("stack1", "busybox", "online"),
-    ("stack1", "busybox", "report"),
     ("stack1", "debian12", "match"),
     ("stack2", "busybox", "match"),
-    ("stack2", "busybox", "online"),
     ("stack3", "busybox", "online"),
     ("stack3", "busybox", "report"),
 )
@@ -102,6 +102,12 @@ class SoakResult:
     @property
     def passed(self) -> bool:
         return not self.violations and all(c.passed for c in self.criteria)
+
+
+def _leave_stack(built: Stack, users: Users) -> None:
+    """Stop the stack unless another run uses it."""
+    if users.leave():
+        built.stop()
 
 
 # ---- the test driver's 1,000 domains and their churn --------------------------------------
@@ -166,6 +172,7 @@ class TestDomains:
 
     def _one(self) -> None:
         name = self._rng.choice(self._names)
+        before = time.monotonic()  # its event may reach watch's reader before the call returns
         try:
             dom = self._conn.lookupByName(name)
             state = dom.info()[0]
@@ -178,7 +185,7 @@ class TestDomains:
             else:
                 op = self._rng.choice(("destroy", "suspend", "undefine-define"))
                 self._running_op(dom, op)
-            self.ops.append((time.monotonic(), name, op))
+            self.ops.append((before, name, op))
         except libvirt.libvirtError as exc:
             self.errors.append(f"{self._ledger.now():.0f} s {name}: {exc}")
 
@@ -226,7 +233,7 @@ class Soak:
         for definition in (STACK2, STACK3):
             built = ensure_stack(definition)
             users = Users(definition)
-            stack.callback(lambda b=built, u=users: u.leave() and b.stop())
+            stack.callback(_leave_stack, built, users)
             built.start()
             self.stacks[definition.name] = built
         uris = {"stack1": "qemu:///system", **{n: s.uri for n, s in self.stacks.items()}}
@@ -245,7 +252,7 @@ class Soak:
             self.vms.append(sv)
             by_lab.setdefault(stack_name, []).append(sv)
         started = time.monotonic()
-        errors = []
+        errors: list[str] = []
         threads = [
             threading.Thread(target=lambda s=s: self._boot(s, errors)) for s in by_lab.values()
         ]
@@ -370,7 +377,9 @@ class Soak:
                 entry["result"] = "done"
             except Exception as exc:  # a failed step is a violation; the run goes on
                 entry["result"] = f"error: {exc}"
-                self.ledger.violate("step-failed", step.target, f"{step.kind}: {exc}")
+                stalled = isinstance(target, SoakVM) and faults.stalled(target, str(exc))
+                if not stalled:
+                    self.ledger.violate("step-failed", step.target, f"{step.kind}: {exc}")
             entry["seconds"] = round(time.monotonic() - started, 2)
             self.ledger.record(entry)
             self.kinds_done.add(step.kind)
@@ -384,8 +393,7 @@ class Soak:
     def after_step(self, watch: WatchProcess, touched: list[SoakVM]) -> None:
         port = watch.metrics_port()
         for sv in touched:
-            self.check_findings(sv, port)
-            self.check_history(sv)
+            self.check_history(sv, self.check_findings(sv, port))
         for sv in self.vms:
             taints = sv.vm.taints()
             if taints:
@@ -393,8 +401,9 @@ class Soak:
         if watch.proc.poll() is not None:
             raise RuntimeError(f"watch exited {watch.proc.returncode}: {watch.stderr_tail()}")
 
-    def check_findings(self, sv: SoakVM, port: int) -> None:
-        """watch's view of the domain agrees with a fresh read within one resync."""
+    def check_findings(self, sv: SoakVM, port: int) -> Optional[dict[str, Any]]:
+        """watch's view of the domain agrees with a fresh read within one resync; returns
+        the last fresh read."""
         seen: dict[str, Any] = {}
 
         def agree() -> bool:
@@ -414,10 +423,10 @@ class Soak:
                 },
             }
             self.ledger.violate("findings", sv.name, "watch disagrees with a fresh read", evidence)
+        return seen.get("status")
 
-    def check_history(self, sv: SoakVM) -> None:
+    def check_history(self, sv: SoakVM, doc: Optional[dict[str, Any]]) -> None:
         """The domain's history has exactly the hot-adds the schedule made since it started."""
-        doc = soak_checks.status(sv.lab.uri, sv.name)
         if doc is None:
             self.ledger.violate("history", sv.name, "status could not be read")
             return
@@ -485,6 +494,7 @@ class Soak:
             "schedule": [s.to_dict() for s in self.steps],
             "log": self.ledger.log,
             "violations": self.ledger.violations_dicts(),
+            "incidents": faults.incidents,
             "criteria": [dataclasses.asdict(c) for c in found],
             "hotadd_latencies": faults.hotadd_latencies,
             "samples": soak_series.samples_dicts(sampler.samples),

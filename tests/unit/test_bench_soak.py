@@ -74,7 +74,7 @@ def test_a_flat_run_passes_and_a_leak_fails() -> None:
     flat = [sample(t, 40.0 + (0.05 if t % 20 else 0.0)) for t in range(0, 1800, 10)]
     found = {c.name: c for c in soak_series.criteria(flat, 1800, [0.4, 0.6, 1.1])}
     assert all(c.passed for c in found.values()), found
-    leaking = [sample(t, 40.0 + t / 3600 * 3, fds=20 + t // 300) for t in range(0, 1800, 10)]
+    leaking = [sample(t, 40.0 + t / 3600 * 3, fds=20 + t // 150) for t in range(0, 1800, 10)]
     found = {c.name: c for c in soak_series.criteria(leaking, 1800, [0.4, 2.5] * 50)}
     assert not found["rss_slope_mib_per_h"].passed
     assert found["rss_slope_mib_per_h"].value is not None
@@ -85,9 +85,18 @@ def test_a_flat_run_passes_and_a_leak_fails() -> None:
 
 def test_the_warm_up_is_not_judged() -> None:
     # Growth during the first minute (the first resyncs) only.
-    samples = [sample(t, 30.0 + min(t, 60) / 6) for t in range(0, 600, 10)]
-    (slope, *_) = soak_series.criteria(samples, 600, [0.5])
+    samples = [sample(t, 30.0 + min(t, 360) / 36) for t in range(0, 1800, 10)]
+    (slope, *_) = soak_series.criteria(samples, 1800, [0.5])
     assert slope.passed and slope.value == 0.0
+
+
+def test_a_short_run_bounds_the_growth_instead_of_the_slope() -> None:
+    noisy = [sample(t, 60.0 + (t % 60) / 20) for t in range(0, 300, 10)]  # +-3 MiB, no leak
+    (rss, *_) = soak_series.criteria(noisy, 300, [0.5])
+    assert rss.name == "rss_growth_mib" and rss.passed
+    leaking = [sample(t, 60.0 + t / 10) for t in range(0, 300, 10)]  # 24 MiB in 4 minutes
+    (rss, *_) = soak_series.criteria(leaking, 300, [0.5])
+    assert not rss.passed
 
 
 def test_no_measurement_is_no_pass() -> None:
