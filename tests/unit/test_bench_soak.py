@@ -107,3 +107,17 @@ def test_percentile() -> None:
     assert soak_series.percentile(list(range(1, 101)), 99) == 99
     assert soak_series.percentile([3.0], 99) == 3.0
     assert soak_series.percentile([], 99) is None
+
+
+def test_findings_agree_leaves_out_what_only_watch_can_know() -> None:
+    import soak_checks
+
+    doc = {
+        "live": {"current": 3},
+        "guest": {"online": [0], "present": [0, 1, 2]},
+        "findings": [{"code": "guest-cpu-offline"}],
+    }
+    seen = {"live": 3, "online": 1, "findings": {"guest-cpu-offline", "ost-flood"}}
+    assert soak_checks.findings_agree(seen, doc)
+    assert not soak_checks.findings_agree({**seen, "online": 3}, doc)
+    assert not soak_checks.findings_agree({**seen, "findings": {"ost-flood"}}, doc)

@@ -291,7 +291,8 @@ class Watch:
 
     def _monitor_registration(self, ev: Event) -> None:
         """A domain's QEMU monitor registration follows its life: on start and resume, off
-        on stop, crash, undefine (and when the hook says it stopped)."""
+        on stop and crash (and when the hook says it stopped); an undefined domain that runs
+        on, transient, keeps it."""
         session = self.sessions.get(ev.domain.host) if ev.domain is not None else None
         if session is None or ev.domain is None:
             return
