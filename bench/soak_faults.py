@@ -10,13 +10,14 @@ one resync, history, taint) are ``Soak.after_step``'s, in soak.py.
 from __future__ import annotations
 
 import contextlib
+import signal
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import libvirt
 from lab import Lab, LabError, LabVM
@@ -97,7 +98,7 @@ class Faults:
         watch: WatchProcess,
         scratch: Path,
         test_domains: TestDomains,
-        rewrite_config: Any,
+        rewrite_config: Callable[[], Path],
         restart_host_libvirtd: bool = False,
     ) -> None:
         self.ledger = ledger
@@ -356,7 +357,7 @@ class Faults:
         sv.file_mode = next(m for m in MODES if m != sv.file_mode)
         self._rewrite_config()
         since = time.monotonic()
-        self.watch.proc.send_signal(1)  # SIGHUP
+        self.watch.proc.send_signal(signal.SIGHUP)
         self.ledger.record({"kind": "config", "target": sv.name, "file_mode": sv.file_mode})
         if sv.metadata_mode is None:
             self._expect_policy_applied(sv, since)
