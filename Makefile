@@ -4,6 +4,7 @@
 #   make test    set up this machine and run lint, type checks and every test tier
 #   make lint typecheck   lint and type checks in a plain virtualenv (no machine set-up)
 #   make bench   benchmarks side by side (prints tables, writes bench/results/)
+#   make soak    watch for SOAK_MINUTES (60) under churn and faults (bench/soak.py)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -26,6 +27,8 @@ RST2MAN ?= rst2man
 MAN_PAGES := man/virthotplug.1 man/virthotplug.conf.5 man/virthotplug-hook.8
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+SOAK_MINUTES ?= 60
+SOAK_ARGS ?=
 
 .PHONY: all host venv lint typecheck unit functional e2e test demo bench clean
 
@@ -94,6 +97,15 @@ demo-matrix: host venv
 
 bench: host venv
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# The soak draws its series with matplotlib, the bench extra (never the program's).
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+.PHONY: soak
+soak: host venv $(VENV)/.bench
+	$(PY) bench/soak.py --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -31,6 +31,8 @@ setup(
     ],
     extras_require={
         "metrics": ["prometheus-client>=0.12"],
+        # Only the soak's plot (bench/soak_series.py) draws: never needed by the program.
+        "bench": ["matplotlib>=3.5"],
         "dev": [
             "pytest>=7",
             "hypothesis>=6",

@@ -143,6 +143,7 @@ def test_metrics_endpoint_follows_the_reconciles(
     assert skipped == len(RECONCILED)
     assert (get(samples, "virthotplug_events_total", host=MIXED, kind="host") or 0) >= 1
     assert (get(samples, "process_resident_memory_bytes") or 0) > 0
+    assert get(samples, "virthotplug_reconcile_queue_depth") == 0  # every reconcile done
     assert watch.stop() == 0
 
 

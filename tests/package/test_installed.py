@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from hook_install import INSTALLED, SYSTEM_CONFIG, Saved, reload_libvirt_hooks
 from lab import LabVM
-from test_hook import INSTALLED, SYSTEM_CONFIG, Saved, hook_record, reload_libvirt_hooks
+from test_hook import hook_record
 from watchproc import WatchProcess, scoped_config, write_config
 
 ROOT = Path(__file__).resolve().parents[2]

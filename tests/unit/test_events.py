@@ -31,7 +31,7 @@ REF = DomainRef("qemu:///system", "9a2b", "guest1")
         (2, 0, "started (booted)", RECONCILE),
         (4, 0, "resumed (unpaused)", RECONCILE),
         (5, 1, "stopped (destroyed)", FORGET),
-        (1, 0, "undefined (removed)", FORGET),
+        (1, 0, "undefined (removed)", RECONCILE),  # a running domain goes on, transient
         (3, 0, "suspended (paused)", REPORT),
         (6, 1, "shutdown (guest)", REPORT),
         (42, 7, "event 42 (detail 7)", REPORT),

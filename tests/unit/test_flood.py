@@ -439,13 +439,15 @@ def test_monitor_registrations_follow_lifecycle_resyncs_and_floods() -> None:
     watch._event(LifecycleEvent(ref, event=3, detail=0))  # suspended: nothing
     watch._event(LifecycleEvent(ref, event=4, detail=0))  # resumed
     watch._event(LifecycleEvent(ref, event=5, detail=1))  # stopped (destroyed)
-    watch._event(LifecycleEvent(ref, event=1, detail=0))  # undefined
+    watch._event(LifecycleEvent(ref, event=1, detail=0))  # undefined: it was not running
+    watch._event(LifecycleEvent(ref, event=2, detail=0))  # started (transient)
+    watch._event(LifecycleEvent(ref, event=1, detail=0))  # undefined while it runs: kept
     assert session.monitors.calls == [
         ("sync", ["uuid-a"]),
         ("add", "uuid-a"),
         ("add", "uuid-a"),
         ("drop", "uuid-a"),
-        ("drop", "uuid-a"),
+        ("add", "uuid-a"),
     ]
 
 

@@ -1,5 +1,5 @@
-"""Per-domain state lives only as long as the domain does: a stopped, undefined or crashed
-domain leaves nothing behind in the daemon (thousands of short-lived domains a day must
+"""Per-domain state lives only as long as the domain does: a stopped or crashed domain
+leaves nothing behind in the daemon (thousands of short-lived domains a day must
 not grow it), and the counters workers update are exact."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from virthotplug.daemon.watch import Watch
 from virthotplug.host.connection import Connection, Domain
 from virthotplug.ops import reconcile
 
-STOPPED, UNDEFINED = 5, 1
+STOPPED, UNDEFINED, CRASHED = 5, 1, 8
 
 
 def _never(_conn: Connection, _dom: Domain, _job: Job) -> JobResult:
@@ -42,9 +42,22 @@ def test_a_forgotten_domain_leaves_no_state_in_the_job_runner() -> None:
     runner = _runner_with_state(refs)
     watch = Watch([], WatchSettings(), _never, EventLog(None), domains=runner.domains)
     watch._event(LifecycleEvent(refs[0], event=STOPPED, detail=1))
-    watch._event(LifecycleEvent(refs[1], event=UNDEFINED, detail=0))
+    watch._event(LifecycleEvent(refs[1], event=CRASHED, detail=0))
     watch._event(HookEvent(refs[2], operation="release", sub_operation="end"))
     assert not list(runner.domains.records())
+
+
+def test_a_running_domain_undefined_keeps_its_state() -> None:
+    """Undefining a running domain leaves it running, transient: what the daemon knows of
+    it (its hot-adds, findings) stays, and a reconcile re-reads it (found by the soak: the
+    next hot-add's OST event was lost with the forgotten monitor registration)."""
+    (ref,) = [_ref(0)]
+    runner = _runner_with_state([ref])
+    watch = Watch([], WatchSettings(), _never, EventLog(None), domains=runner.domains)
+    watch._event(LifecycleEvent(ref, event=UNDEFINED, detail=0))
+    (record,) = runner.domains.records()
+    assert record.jobs is not None and record.jobs.findings == ("guest-cpu-offline",)
+    assert len(watch._sched) == 1  # a reconcile of the now transient domain
 
 
 def test_domain_locks_go_with_their_last_user() -> None:

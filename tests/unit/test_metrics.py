@@ -143,6 +143,14 @@ def m() -> metrics.Metrics:
     return metrics.Metrics()
 
 
+def test_queue_depth_is_read_at_each_scrape(m: metrics.Metrics) -> None:
+    depth = [4]
+    m.track_queue(lambda: depth[0])
+    assert m.registry.get_sample_value("virthotplug_reconcile_queue_depth") == 4
+    depth[0] = 0
+    assert m.registry.get_sample_value("virthotplug_reconcile_queue_depth") == 0
+
+
 # --- --metrics-listen ------------------------------------------------------------------------
 
 

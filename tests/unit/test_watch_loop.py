@@ -41,6 +41,23 @@ def test_no_spinning_while_every_worker_is_busy() -> None:
     assert watch._wait_time(next_tick) == 0.0
 
 
+def test_queue_depth_counts_due_and_running_reconciles() -> None:
+    watch = _watch(workers=2)
+    sched = watch._sched
+    assert watch.queue_depth() == 0
+    for i in range(3):
+        sched.request(_ref(i), due=0.0, at=0.0, reason="lifecycle")
+    sched.request(_ref(0), due=0.0, at=0.0, reason="ost")  # merged: still one job of dom0
+    sched.request(_ref(3), due=time.monotonic() + 3600, at=0.0, reason="resync")  # later
+    assert watch.queue_depth() == 3
+    (job,) = sched.pop_due(time.monotonic(), 1)  # running: still in the queue's depth
+    assert watch.queue_depth() == 3
+    sched.finish(job.ref.key)
+    assert watch.queue_depth() == 2
+    sched.hold(_ref(1).key, time.monotonic() + 3600)  # held (agent breaker): not due
+    assert watch.queue_depth() == 1
+
+
 def test_future_jobs_still_bound_the_wait() -> None:
     watch = _watch(workers=2)
     watch._sched.request(_ref(0), due=time.monotonic() + 0.05, at=0.0, reason="ost")

@@ -115,9 +115,12 @@ class LifecycleEvent(Event):
 
     @property
     def intent(self) -> str:
-        if self.event_name in ("started", "resumed", "defined"):
+        # "undefined" is no end: a running domain undefined goes on, transient (its QEMU
+        # monitor registration and record must stay), and one that was not running was
+        # forgotten when it stopped. The reconcile re-reads it (its persistent policy is gone).
+        if self.event_name in ("started", "resumed", "defined", "undefined"):
             return RECONCILE
-        if self.event_name in ("stopped", "undefined", "crashed"):
+        if self.event_name in ("stopped", "crashed"):
             return FORGET
         return REPORT
 

@@ -129,6 +129,20 @@ class ReconcileQueue:
         ]
         return min(dues) if dues else None
 
+    def due_or_running(self, now: float) -> int:
+        """Jobs due by ``now`` (waiting for a worker) and jobs running: the queue's depth.
+        Safe from another thread: it reads a snapshot (a list made under the GIL)."""
+        pending = list(self._pending.items())
+        held = dict(self._held)
+
+        def ready_at(key: Key, job: Job) -> float:
+            until = held.get(key)
+            return job.ready_at if until is None else max(job.ready_at, until)
+
+        running = set(self._running)
+        due = sum(1 for key, job in pending if key not in running and ready_at(key, job) <= now)
+        return due + len(running)
+
     @property
     def running(self) -> int:
         return len(self._running)

@@ -10,10 +10,11 @@ host's monitor registrations (its subscription thread), the scheduler's queued j
 main loop) — is forgotten through the same call: each of those stores hands the registry
 its ``forget``.
 
-A domain is forgotten on its FORGET events (stopped, crashed, undefined, the hook's
-release) and whenever a resync's listing of a host's running domains no longer has it
-(``prune``): an event lost in a reconnect gap leaves nothing behind for longer than one
-resync. One lock guards the registry and every record's fields: workers, the main loop, a
+A domain is forgotten on its FORGET events (stopped, crashed, the hook's release; never
+undefined, which a running domain outlives as a transient one) and whenever a resync's
+listing of a host's running domains no longer has it (``prune``): an event lost in a
+reconnect gap, or a domain undefined while stopped, leaves nothing behind for longer than
+one resync. One lock guards the registry and every record's fields: workers, the main loop, a
 resync thread and metrics scrapes all read and write them.
 """
 

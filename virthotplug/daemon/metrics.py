@@ -168,12 +168,21 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
+        self.queue_depth = prom.Gauge(
+            "virthotplug_reconcile_queue_depth",
+            "reconciles waiting or running, every host together",
+            registry=reg,
+        )
         self._lock = threading.Lock()
         self.domains = domains if domains is not None else DomainRegistry()
         self._connected_before: set[str] = set()
         self._gone: set[str] = set()  # hosts whose session ended: never watched again
         self.clock = time.monotonic  # the events' clock (tests replace it)
         reg.register(_DomainCollector(self._snapshot))
+
+    def track_queue(self, depth: Callable[[], float]) -> None:
+        """Read the queue depth from ``depth`` at each scrape (``Watch.queue_depth``)."""
+        self.queue_depth.set_function(depth)
 
     # --- the observer -----------------------------------------------------------------------
 

@@ -143,6 +143,11 @@ class Watch:
 
     # control (signal handlers and tests call these)
 
+    def queue_depth(self) -> int:
+        """Reconciles due (waiting for a worker) or running: the metrics' queue depth, read
+        on the metrics thread. A job set for later (a grace period, a retry) is not counted."""
+        return self._sched.due_or_running(time.monotonic())
+
     def request_stop(self) -> None:
         """Stop soon; safe from a signal handler (it only enqueues: a handler runs on the
         main thread between two bytecodes, maybe while that thread holds a lock)."""
@@ -286,7 +291,8 @@ class Watch:
 
     def _monitor_registration(self, ev: Event) -> None:
         """A domain's QEMU monitor registration follows its life: on start and resume, off
-        on stop, crash, undefine (and when the hook says it stopped)."""
+        on stop and crash (and when the hook says it stopped); an undefined domain that runs
+        on, transient, keeps it."""
         session = self.sessions.get(ev.domain.host) if ev.domain is not None else None
         if session is None or ev.domain is None:
             return

@@ -162,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         resync=resync,
         domains=domains,
     )
+    if metrics is not None:
+        metrics.track_queue(watch.queue_depth)
     watch.install_signal_handlers()
     try:
         watch.run()
