@@ -438,11 +438,6 @@ def test_stack3_repeated_unplug_corrects_the_count_and_vcpu_removed_follows(
     assert lines == [f"vcpu-removed {vm.name} 1"] * 2, lines
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 21 case 5: a grow prints QEMU's late DEVICE_DELETED of the old vcpu1 "
-    "as if the grow had deleted it",
-)
 @pytest.mark.parametrize("case", cases("stack3-busybox"), ids=str)
 def test_stack3_grow_after_an_unplug_reports_only_the_grow(
     case: Case, matrix_lab: Lab, matrix_vm: LabVM
@@ -505,11 +500,6 @@ def test_forky_rejects_the_hot_add_while_ost_says_success(
 FALSE_CLAIMS = ("stale", "restart the domain", "crash")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 21 case 4: on a forky guest that rejected vcpu1, setvcpus DOM 3 unplugs, "
-    "waits 5 s and exits 9 calling vcpu1 stale, the repeat refused and a restart needed",
-)
 @pytest.mark.parametrize("case", FORKY, ids=str)
 def test_forky_grow_past_a_rejected_vcpu_makes_no_false_claims(
     case: Case, matrix_lab: Lab, matrix_vm_as_is: LabVM
@@ -548,11 +538,6 @@ def test_forky_rejected_vcpu_is_removed_with_setvcpus(
         assert false_claim not in run.text.lower(), run.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 21 case 6: with two rejected hot-adds (libvirt 3, guest 1) setvcpus DOM 1 "
-    "exits 11 after 10 s, libvirt still counting 2, and speaks of a stale vCPU",
-)
 @pytest.mark.parametrize("case", FORKY, ids=str)
 def test_forky_two_rejected_vcpus_are_removed_with_setvcpus(
     case: Case, matrix_lab: Lab, matrix_vm_as_is: LabVM

@@ -60,18 +60,42 @@ class FakeConn:
     def guest_vcpus(self, _dom: Any) -> dict[str, str]:
         return {"vcpus": self.guest, "online": self.guest, "offlinable": ""}
 
+    def bulk_stats(self, doms: list[Any]) -> list[tuple[Any, dict[str, int]]]:
+        return [(dom, {"vcpu.current": dom.counted}) for dom in doms]
+
 
 class FakeDom:
     name = "web1"
 
-    def __init__(self, refuse: Optional[str] = None) -> None:
+    def __init__(self, refuse: Optional[str] = None, counted: int = 3) -> None:
         self.refuse = refuse
+        self.counted = counted  # libvirt's live count
         self.calls: list[int] = []
 
     def set_vcpus(self, count: int, *, live: bool, config: bool) -> None:
         self.calls.append(count)
         if self.refuse is not None:
             raise errors.VirtHotplugError(f"domain 'web1': {self.refuse}")
+        self.counted = count
+
+
+class Libvirt12Dom(FakeDom):
+    """libvirt 12.8 + QEMU 11.1 under TCG: an unplug request removes, highest first, the
+    vCPUs asked for before (the guest ejected them; the repeat corrects the count), and
+    gives up waiting (VIR_ERR_OPERATION_TIMEOUT) on the first one not asked for before."""
+
+    def __init__(self, counted: int) -> None:
+        super().__init__(None, counted)
+        self.asked: set[int] = set()
+
+    def set_vcpus(self, count: int, *, live: bool, config: bool) -> None:
+        self.calls.append(count)
+        while self.counted > count:
+            vcpu = self.counted - 1
+            if vcpu not in self.asked:
+                self.asked.add(vcpu)
+                raise errors.VirtHotplugError(TIMED_OUT, code=VIR_ERR_OPERATION_TIMEOUT)
+            self.counted -= 1
 
 
 def view(
@@ -244,3 +268,74 @@ def test_a_request_libvirt_already_counts_is_a_hot_add_while_a_vcpu_is_stale() -
     assert dom.calls == [2]  # only the repeated unplug was asked for
     forced = resizeplan.Request(3, True, False, force=True)
     assert resize._preflight(conn, dom, HostConfig(), view(3, "0,1", STALE), forced, []).live  # type: ignore[arg-type]
+
+
+# --- libvirt 12.8 + QEMU 11.1 (stack 3) with a guest that rejected hot-adds (Linux 7.2) -------
+
+FALSE_CLAIMS = ("stale", "restart the domain", "crash")
+
+
+def test_two_rejected_vcpus_are_removed_one_repeat_at_a_time() -> None:
+    # Issue 21 case 6: libvirt counts 3, the guest has cpu0. libvirt gives up on vcpu2; the
+    # repeat removes vcpu2 and gives up on vcpu1; the next repeat removes vcpu1.
+    conn, dom, notes = FakeConn("libvirt 12.8.0, QEMU 11.1.2", "0"), Libvirt12Dom(3), []
+    before = view(3, "0")
+    request = resizeplan.Request(1, True, False, timeout=0.2)
+    failure = resize._set_vcpus(conn, dom, before, request)  # type: ignore[arg-type]
+    assert failure is not None and failure.code == VIR_ERR_OPERATION_TIMEOUT
+    seen = resize._Seen(None)
+    seen.requested(resizeplan.unplugged(before, 1), 0.0, failure)
+    repeated = resize._after_shrink(conn, dom, before, request, 0.0, notes, seen)  # type: ignore[arg-type]
+    assert repeated == "accepted" and dom.counted == 1 and dom.calls == [1, 1, 1]
+    entries = recorded_entries(seen.update().events, "setvcpus")
+    assert [(e.kind, e.vcpu) for e in entries] == [
+        (HISTORY_UNPLUG_TIMEOUT, 2),
+        (HISTORY_UNPLUG_TIMEOUT, 1),
+    ]
+    text = " ".join(notes).lower()
+    assert not [claim for claim in FALSE_CLAIMS if claim in text], text
+
+
+def test_a_repeat_that_changes_nothing_is_a_refusal() -> None:
+    # libvirt 9.0: the repeat fails and libvirt's count stays: refused, not tried again.
+    conn, dom, notes = FakeConn("libvirt 9.0.0, QEMU 7.2.0", "0"), FakeDom(REFUSED), []
+    seen = resize._Seen(None)
+    seen.requested([1, 2], 0.0, TIMEOUT)
+    request = resizeplan.Request(1, True, False, timeout=0.2)
+    repeated = resize._after_shrink(conn, dom, view(3, "0"), request, 0.0, notes, seen)  # type: ignore[arg-type]
+    assert repeated is not None and REFUSED in repeated and dom.calls == [1]
+
+
+def test_grow_past_a_vcpu_nothing_explains_unplugs_it_first_then_grows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Issue 21 case 4: libvirt counts 2, the guest has cpu0, nothing on record (the guest
+    # rejected vcpu1 while no watch ran). The first unplug times out: not a refused repeat.
+    conn, dom, notes = FakeConn("libvirt 12.8.0, QEMU 11.1.2", "0"), Libvirt12Dom(2), []
+    repaired = view(1, "0")
+    monkeypatch.setattr(resize.collect, "read_view", lambda *_a, **_k: repaired)
+    request = resizeplan.Request(3, True, False, timeout=0.2)
+    got = resize._repair_before_grow(conn, dom, HostConfig(), view(2, "0"), request, notes)  # type: ignore[arg-type]
+    assert got is repaired and dom.calls == [1, 1] and dom.counted == 1
+    assert "the repeated unplug request was accepted" in notes[0], notes
+    text = " ".join(notes).lower()
+    assert not [claim for claim in FALSE_CLAIMS if claim in text], text
+
+
+class Libvirt9Dom(FakeDom):
+    """libvirt 9.0 + QEMU 7.2: the first unplug gives up waiting, a repeat is refused."""
+
+    def set_vcpus(self, count: int, *, live: bool, config: bool) -> None:
+        self.calls.append(count)
+        if len(self.calls) == 1:
+            raise errors.VirtHotplugError(TIMED_OUT, code=VIR_ERR_OPERATION_TIMEOUT)
+        raise errors.VirtHotplugError(REFUSED, code=VIR_ERR_INTERNAL_ERROR)
+
+
+def test_grow_past_a_vcpu_nothing_explains_where_the_host_refuses_the_repeat() -> None:
+    conn, dom = FakeConn("libvirt 9.0.0, QEMU 7.2.0", "0"), Libvirt9Dom(counted=2)
+    request = resizeplan.Request(3, True, False, timeout=0.2)
+    with pytest.raises(errors.UnsupportedError) as caught:
+        resize._repair_before_grow(conn, dom, HostConfig(), view(2, "0"), request, [])  # type: ignore[arg-type]
+    assert dom.calls == [1, 1]  # the first unplug, then one repeat
+    assert "refused the repeated unplug request" in str(caught.value)

@@ -102,6 +102,30 @@ def check_thread_budget(view: VcpuView, needed: int) -> None:
     )
 
 
+def qemu_stopped_text(before: VcpuView, count: int, said: Optional[str]) -> str:
+    """What to say when the domain stopped during a hot-add to ``count`` vCPUs; ``said``:
+    libvirt's error to the request, if any."""
+    current = before.live.current if before.live is not None else 0
+    text = (
+        f"domain '{before.name}': QEMU stopped (crashed) during the hot-add ({current} -> "
+        f"{count} vCPUs): the domain is not running any more"
+    )
+    if said:
+        text += f"; libvirt reported: {said}"
+    if before.domain_type == "qemu" and before.live is not None:
+        created = before.history.created
+        known = (
+            f"it had created {created} by the domain's record"
+            if created is not None
+            else "how many it had created was not known"
+        )
+        text += (
+            f". Under TCG (domain type 'qemu') QEMU aborts a plug that would create more vCPUs "
+            f"than the domain's maximum ({before.live.maximum}) in its life; {known}"
+        )
+    return text + ". Start the domain again"
+
+
 def check_hotpluggable(view: VcpuView, vcpus: Sequence[VcpuEntry], needed: int) -> None:
     """Enough hotpluggable, disabled vCPUs in the live definition (``vcpus``; empty: no
     per-vCPU detail, libvirt decides)."""
@@ -114,6 +138,15 @@ def check_hotpluggable(view: VcpuView, vcpus: Sequence[VcpuEntry], needed: int) 
             f"hotpluggable and disabled ({format_cpulist(free) or 'none'}); mark vCPUs "
             "hotpluggable='yes' in the persistent definition and restart"
         )
+
+
+def plugged(before: VcpuView, count: int) -> list[int]:
+    """The vCPUs libvirt plugs to reach ``count``: the lowest-numbered disabled ones."""
+    live = before.live
+    if live is None or count <= live.current:
+        return []
+    disabled = [v.id for v in live.vcpus if not v.enabled] or range(live.current, live.maximum)
+    return sorted(disabled)[: count - live.current]
 
 
 def unplugged(before: VcpuView, count: int) -> list[int]:
