@@ -339,3 +339,59 @@ def test_grow_past_a_vcpu_nothing_explains_where_the_host_refuses_the_repeat() -
         resize._repair_before_grow(conn, dom, HostConfig(), view(2, "0"), request, [])  # type: ignore[arg-type]
     assert dom.calls == [1, 1]  # the first unplug, then one repeat
     assert "refused the repeated unplug request" in str(caught.value)
+
+
+# --- the TCG thread budget, from what proves it (issue 21 case 3) ----------------------------
+
+
+def record(initial: int, *events: tuple[str, int], since_start: bool = False) -> History:
+    history = History(initial=initial, since_start=since_start)
+    for i, (kind, vcpu) in enumerate(events):
+        history = history.add(HistoryEntry(kind, vcpu, float(10 * i), "ost"))
+    return history
+
+
+def test_a_record_complete_since_the_start_proves_the_count() -> None:
+    # Booted with 1 under watch; vcpu1 plugged, unplugged, plugged again: 3 of 4 made.
+    proven = record(
+        1,
+        (HISTORY_PLUGGED, 1),
+        (HISTORY_EJECTED, 1),
+        (HISTORY_PLUGGED, 1),
+        since_start=True,
+    )
+    resizeplan.check_thread_budget(view(2, "0,1", proven), 1)  # the 4th: allowed
+    with pytest.raises(errors.UnsupportedError) as caught:
+        resizeplan.check_thread_budget(view(2, "0,1", proven), 2)
+    assert "has created 3 (counted since QEMU's start" in str(caught.value)
+
+
+def test_an_incomplete_record_that_saw_unplugs_leaves_the_count_unknown() -> None:
+    # Case 3: the record began after a hot-add made while no watch ran (it counts 2 at its
+    # start); it saw vcpu1 ejected and plugged again. QEMU had made 4 of 4: one more aborts.
+    gap = record(2, (HISTORY_EJECTED, 1), (HISTORY_PLUGGED, 1))
+    with pytest.raises(errors.UnsupportedError) as caught:
+        resizeplan.check_thread_budget(view(2, "0,1", gap), 1)
+    text = str(caught.value)
+    assert "how many it has created is not known: at least 3" in text
+    assert "vCPU 1 unplugged" in text and "--force" in text
+
+
+def test_without_an_unplug_on_record_the_live_count_bounds_the_plugs() -> None:
+    resizeplan.check_thread_budget(view(1, "0"), 3)  # nothing on record: 1 + 3 <= 4
+    plugs_only = record(1, (HISTORY_PLUGGED, 1))
+    resizeplan.check_thread_budget(view(2, "0,1", plugs_only), 2)
+    # A repair that unplugged vCPUs first still counts the threads they had.
+    with pytest.raises(errors.UnsupportedError):
+        resizeplan.check_thread_budget(view(1, "0"), 3, at_least=2)
+
+
+def test_qemu_stopped_text_says_what_was_known() -> None:
+    text = resizeplan.qemu_stopped_text(view(2, "0,1"), 3, "Unable to read from monitor")
+    assert text.startswith("domain 'web1': QEMU stopped (crashed) during the hot-add (2 -> 3")
+    assert "libvirt reported: Unable to read from monitor" in text
+    assert "how many it had created was not known" in text
+    proven = record(1, (HISTORY_PLUGGED, 1), since_start=True)
+    assert "it had created 2 (counted since QEMU's start)" in resizeplan.qemu_stopped_text(
+        view(2, "0,1", proven), 3, None
+    )

@@ -279,12 +279,13 @@ def _preflight(
     plan.check_live_request(view, request)
     if request.force:
         return view
+    counted = view.live.current if view.live is not None else 0  # vCPUs QEMU made, at least
     if plan.needs_repair(view, request):
         seen = seen if seen is not None else _Seen(None)
         view = _repair_before_grow(conn, dom, config, view, request, notes, seen)
     needed = request.count - (view.live.current if view.live is not None else request.count)
     if needed > 0:
-        plan.check_thread_budget(view, needed)
+        plan.check_thread_budget(view, needed, at_least=counted)
         xml = parse_domain_xml(dom.xml(inactive=False), domain=view.name)
         plan.check_hotpluggable(view, xml.vcpus, needed)
     return view
