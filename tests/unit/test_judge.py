@@ -321,6 +321,28 @@ def test_replugged_slot_unplugged_within_3s_after_we_onlined_it_is_not_rejected(
     assert all(e.kind != HISTORY_REJECTED for e in v.entries)
 
 
+def test_case2_watch_onlined_a_replugged_cpu_then_virsh_unplugged_it_within_3s() -> None:
+    # Issue 21 case 2 (stack 3, busybox guest): watch last saw cpu0-1 (before the slot's
+    # earlier unplug), QEMU re-plugs vcpu1, watch onlines cpu1 at 0.4 s, then `virsh
+    # setvcpus DOM 1` (not seen as a request: only the guest's eject) at 2 s; libvirt keeps
+    # counting vcpu1 (TCG). The look at 3 s sees one CPU for libvirt's two.
+    obs = pending("0,1", 1)
+    v = verdict(obs, guest("0,1", "0"), 2, "0,1", at=0.05)
+    obs.settle(v, guest("0,1", "0"), recorded=True)
+    assert v.listed == {1} and v.decided and not v.rejected
+    obs.wrote_online(frozenset({1}), T0 + 0.4)
+    obs.add(read(unplug(1, 2.0)))
+    v = verdict(obs, guest("0"), 2, "0,1", at=HOTADD_WAIT)
+    assert not v.rejected and v.fates == {1: FATE_STALE}
+    assert HISTORY_REJECTED not in [e.kind for e in v.entries]
+    # The same when the agent answered only at 3 s (the first looks saw nothing).
+    late_agent = pending("0,1", 1)
+    late_agent.wrote_online(frozenset({1}), T0 + 0.4)
+    late_agent.add(read(unplug(1, 2.0)))
+    v = verdict(late_agent, guest("0"), 2, "0,1", at=HOTADD_WAIT)
+    assert not v.rejected and v.fates[1] != FATE_REJECTED
+
+
 def test_an_eject_before_the_guest_listed_is_not_a_rejection() -> None:
     obs = pending("0", 1)
     obs.add(read(unplug(1, 1.0)))

@@ -395,3 +395,30 @@ def test_qemu_stopped_text_says_what_was_known() -> None:
     assert "it had created 2 (counted since QEMU's start)" in resizeplan.qemu_stopped_text(
         view(2, "0,1", proven), 3, None
     )
+
+
+def test_case3_a_cpu_the_guest_took_and_ejected_is_no_kernel_rejection() -> None:
+    # Issue 21 case 3 began with case 2's false "rejected" entry: what watch records of that
+    # sequence (plug, then the guest's eject) makes check and setvcpus speak of an eject.
+    events = [ost(1, 100.0), *eject(1, 102.0)]
+    seen = resize._Seen(lambda: events)
+    history = History()
+    for entry in recorded_entries(seen.update().events, "watch"):
+        history = history.add(entry)
+    after = view(2, "0", history)
+    codes = [f.code for f in after.findings]
+    assert "guest-rejected-vcpu" not in codes and "guest-missing-vcpus" in codes
+    text = " ".join(f.message for f in after.findings)
+    assert "6.12" not in text and "QEMU reported it ejected (ost)" in text
+    # setvcpus DOM 2 then repairs it first (the unplug was seen: this is the repeat).
+    assert resizeplan.needs_repair(after, resizeplan.Request(2, True, False))
+
+
+def eject(vcpu: int, mono: float) -> list[Any]:
+    def report(status: int, device: Optional[str], at: float) -> Any:
+        info: dict[str, Any] = {"source": 3, "status": status, "slot-type": "CPU"}
+        if device is not None:
+            info.update(device=device, slot=str(vcpu))
+        return OstMonitorEvent(REF, ost=parse_ost_details(json.dumps({"info": info})), mono=at)
+
+    return [report(0x84, f"vcpu{vcpu}", mono), report(0, None, mono + 0.05)]

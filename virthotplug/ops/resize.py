@@ -123,7 +123,10 @@ def resize(
     context = history.contexts(config)
     before = collect.read_view(conn, dom, agent_timeout=timeout, context=context)
     current = before.live.current if before.live is not None else 0
-    grows = request.live and request.count > current
+    # A count libvirt already reaches is a grow too while it counts vCPUs the guest has not
+    # (the preflight unplugs those first).
+    repairs = plan.needs_repair(before, request) and not request.force
+    grows = request.live and (request.count > current or repairs)
     # A grow ends in a reconcile under the domain's policy: an invalid one (metadata or the
     # configuration file) is refused here, before anything changes, not after the hot-add.
     effective = effective_policy(conn, dom, config) if grows else None
