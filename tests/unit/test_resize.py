@@ -422,3 +422,30 @@ def eject(vcpu: int, mono: float) -> list[Any]:
         return OstMonitorEvent(REF, ost=parse_ost_details(json.dumps({"info": info})), mono=at)
 
     return [report(0x84, f"vcpu{vcpu}", mono), report(0, None, mono + 0.05)]
+
+
+class StoppingDom(FakeDom):
+    """QEMU aborts under the plug: libvirt fails the request and marks the domain shut off
+    a moment later (after it reads the monitor's end)."""
+
+    def __init__(self, stops_after: int) -> None:
+        super().__init__(counted=2)
+        self.looks = 0
+        self.stops_after = stops_after
+
+    def is_active(self) -> bool:
+        self.looks += 1
+        return self.looks <= self.stops_after
+
+
+def test_a_domain_that_stops_under_the_hot_add_is_qemu_stopping() -> None:
+    dom = StoppingDom(stops_after=2)
+    request = resizeplan.Request(3, True, False)
+    with pytest.raises(errors.QemuStoppedError) as caught:
+        resize._raise_if_stopped(dom, view(2, "0,1"), request, True, "monitor closed")  # type: ignore[arg-type]
+    assert caught.value.exit_status == errors.EXIT_QEMU_STOPPED == 13
+    assert "QEMU stopped (crashed) during the hot-add (2 -> 3 vCPUs)" in str(caught.value)
+    # A domain that keeps running: the request's own error stands.
+    resize._raise_if_stopped(StoppingDom(stops_after=10**6), view(2, "0,1"), request, True, "x")  # type: ignore[arg-type]
+    # A shrink is never called a crashed hot-add.
+    resize._raise_if_stopped(StoppingDom(stops_after=0), view(2, "0,1"), request, False, "x")  # type: ignore[arg-type]
