@@ -114,7 +114,7 @@ def check_thread_budget(view: VcpuView, needed: int, at_least: int = 0) -> None:
             f"{head}, and how many it has created is not known: at least {lower}, but the "
             "domain's record is not complete since QEMU's start (no watch saw the start, or "
             "it stopped watching since) and it shows vCPU "
-            f"{format_cpulist(history.unplugged)} unplugged, whose slots may have been "
+            f"{format_cpulist(history.unplugged)} unplugged: a slot unplugged may have been "
             f"plugged again while nobody recorded. {tail} (a watch running from the start "
             "counts them)"
         )
