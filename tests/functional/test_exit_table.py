@@ -77,3 +77,24 @@ def run_in_process(argv: list[str], capsys: pytest.CaptureFixture[str]) -> Resul
     except SystemExit as exc:  # argparse's usage errors exit from inside the parser
         captured = capsys.readouterr()
         return Result(int(exc.code or 0), captured.out, captured.err)
+
+
+def test_qemu_stopping_during_the_hot_add_has_its_own_status(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Not a case the test driver gives by itself: QEMU aborting under a plug (under TCG,
+    # more vCPUs than the domain's maximum in its life) is played by a hot-add request that
+    # stops the domain and fails, as libvirt's does when QEMU's monitor goes away.
+    from virthotplug.core import errors
+    from virthotplug.host.domain import Domain
+
+    def crash(self: Domain, count: int, *, live: bool, config: bool, **_flags: bool) -> None:
+        self.raw.destroy()
+        raise errors.VirtHotplugError("Unable to read from monitor: Connection reset by peer")
+
+    monkeypatch.setattr(Domain, "set_vcpus", crash)
+    result = run_cli(capsys, "-c", MIXED, "setvcpus", "hotplug-agent", "3", "--live", "--json")
+    assert result.status == errors.EXIT_QEMU_STOPPED == 13, result
+    assert "QEMU stopped (crashed) during the hot-add (1 -> 3 vCPUs)" in result.err, result
+    assert "Connection reset by peer" in result.err
+    assert result.json()["exit_status"] == 13

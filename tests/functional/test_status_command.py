@@ -81,7 +81,12 @@ def test_hotplug_agent(mixed: dict[str, Any]) -> None:
         "vcpus": [{"id": 0, "state": "running"}],
         "ejected": [],
     }
-    assert domain["history"] == {"initial": None, "plugged": 0, "entries": []}
+    assert domain["history"] == {
+        "initial": None,
+        "plugged": 0,
+        "since_start": False,
+        "entries": [],
+    }
     assert domain["guest"] is None
     # The test driver has no guest-agent support: a configured agent it cannot query.
     assert domain["agent"]["configured"] is True

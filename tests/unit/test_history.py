@@ -220,3 +220,20 @@ def test_metadata_text_is_bounded_and_escaped() -> None:
     assert len(source) < len(hostile)
     text = gone_text(parsed, 1)
     assert "\x1b" not in text and "\\x1b[2J" in text
+
+
+def test_a_record_since_qemus_start_keeps_its_mark_until_it_is_taken_off() -> None:
+    dom = FakeDom()
+    begun = history.started(dom, 2)  # type: ignore[arg-type]
+    assert begun == History(initial=2, since_start=True) == stored(dom)
+    assert begun.proven_created == 2
+    plug = HistoryEntry(HISTORY_PLUGGED, 2, 10.0, "ost")
+    recorded = history.record(dom, [plug], live_count=3)  # type: ignore[arg-type]
+    assert recorded is not None and recorded.since_start and recorded.proven_created == 3
+    assert stored(dom) == recorded
+    gap = history.not_since_start(dom)  # type: ignore[arg-type]
+    assert gap is not None and not gap.since_start and gap.proven_created is None
+    assert gap.created == 3 and stored(dom) == gap
+    # Anyone can write metadata: only the exact mark counts.
+    raw = RawHistory({"initial": "1", "since-start": "YES"}, ())
+    assert not history.from_raw(raw).since_start

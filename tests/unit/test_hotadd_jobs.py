@@ -331,3 +331,87 @@ def test_an_invalid_policy_is_reported_once_then_routine(
     assert (again.warning, again.routine) == (False, True)
     assert (event.warning, event.routine) == (True, False)
     assert guest.reconciles == 3  # read, never written
+
+
+# --- the record complete since QEMU's start (the TCG thread count) ---------------------------
+
+STARTED, BOOTED, FROM_SNAPSHOT = 2, 0, 3  # libvirt's lifecycle event and its details
+
+
+class MonitoredConn(Conn):
+    def __init__(self, monitored: bool) -> None:
+        self.listening = {REF.uuid} if monitored else set()
+
+    def monitored(self) -> frozenset[str]:
+        return frozenset(self.listening)
+
+
+@pytest.fixture
+def marks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    calls: list[tuple[str, int]] = []
+
+    def started(_dom: Any, live_count: int) -> History:
+        calls.append(("started", live_count))
+        return History(initial=live_count, since_start=True)
+
+    def not_since_start(_dom: Any) -> History:
+        calls.append(("not-since-start", 0))
+        return History()
+
+    monkeypatch.setattr(jobs.history, "started", started)
+    monkeypatch.setattr(jobs.history, "not_since_start", not_since_start)
+    return calls
+
+
+def start_event(detail: int) -> Any:
+    from virthotplug.core.events import LifecycleEvent
+
+    return LifecycleEvent(REF, event=STARTED, detail=detail)
+
+
+def run_on(r: jobs.JobRunner, conn: Conn, clock: Clock) -> Any:
+    job = Job(REF, due=clock.now, first_request=clock.now, reasons=["lifecycle"])
+    return r.run(conn, Dom(), job)  # type: ignore[arg-type]
+
+
+def test_a_boot_the_daemon_saw_begins_the_record_once_its_monitor_events_come(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch, marks: list[tuple[str, int]]
+) -> None:
+    guest = Guest(Policy(mode="report"), ("0", "0", 1))
+    r = runner(guest, monkeypatch)
+    r.observe(start_event(BOOTED))
+    run_on(r, MonitoredConn(monitored=False), clock)  # not listening yet: not begun
+    assert marks == []
+    run_on(r, MonitoredConn(monitored=True), clock)
+    assert marks == [("started", 1)]
+    assert r.domains.record(REF.key).jobs.since_start
+
+
+def test_a_gap_or_another_runs_mark_takes_the_mark_off(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch, marks: list[tuple[str, int]]
+) -> None:
+    from virthotplug.core.events import HostEvent
+
+    guest = Guest(Policy(mode="report"), ("0", "0", 1))
+    guest.history = History(initial=1, since_start=True)  # as another watch left it
+    r = runner(guest, monkeypatch)
+    run_on(r, MonitoredConn(monitored=True), clock)
+    assert marks == [("not-since-start", 0)]
+    # This daemon saw the boot; then its connection was lost and made again.
+    marks.clear()
+    r.observe(start_event(BOOTED))
+    run_on(r, MonitoredConn(monitored=True), clock)
+    assert marks == [("started", 1)]
+    r.observe(HostEvent(None, host=REF.host, what="connected"))
+    assert not r.domains.record(REF.key).jobs.since_start
+    run_on(r, MonitoredConn(monitored=True), clock)
+    assert marks[-1] == ("not-since-start", 0)
+
+
+def test_a_snapshot_revert_is_no_fresh_start(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch, marks: list[tuple[str, int]]
+) -> None:
+    r = runner(Guest(Policy(mode="report"), ("0", "0", 1)), monkeypatch)
+    r.observe(start_event(FROM_SNAPSHOT))
+    run_on(r, MonitoredConn(monitored=True), clock)
+    assert marks == []

@@ -29,6 +29,7 @@ from virthotplug.core.judge import (
     FATE_UNPLUG_REQUESTED,
     HOTADD_WAIT,
     PLUG,
+    PLUG_REQUEST,
     REMOVED,
     UNPLUG_REQUEST,
     VIR_ERR_OPERATION_TIMEOUT,
@@ -214,6 +215,56 @@ def test_stack3_late_device_deleted_is_not_recorded_as_an_eject() -> None:
     assert v.entries == () and v.late == {1} and v.fates == {1: FATE_PLUGGED}
 
 
+def test_stack3_grow_after_an_unplug_the_late_removal_comes_before_the_plug() -> None:
+    # Issue 21 case 5, as setvcpus 1 -> 2 sees it after an earlier unplug of vcpu1 (repeat
+    # accepted): QEMU's DEVICE_DELETED for the old vcpu1 comes 4-8 ms into the grow, before
+    # the new vcpu1's OST report (23-60 ms), and libvirt's second vcpu-removed with it.
+    obs = Observations(present=frozenset({0}))
+    obs.add([observed(PLUG_REQUEST, 1, 0.0)])
+    obs.add(read([deleted("/machine/peripheral/vcpu1", 0.005, "vcpu1")]))
+    obs.add([observed(REMOVED, 1, 0.006), *read([ost(1, 1, 0, 0.04)])])
+    obs.hinted({1}, T0 + 0.04)
+    v = verdict(obs, guest("0,1", "0"), 2, "0,1", at=0.3)
+    assert v.late == {1} and v.listed == {1} and not v.rejected
+    assert v.fates == {1: FATE_LISTED}
+    assert [(e.kind, e.vcpu) for e in v.entries] == [(HISTORY_PLUGGED, 1)]
+    assert [(o.kind, round(o.at - T0, 3)) for o in judge.late_removals(obs.events)] == [
+        (DELETED, 0.005),
+        (REMOVED, 0.006),
+    ]
+
+
+def test_stack3_under_watch_the_removals_at_the_replug_are_the_old_vcpus() -> None:
+    # What watch sees of the same (it sees no request): the unplug's eject and libvirt's
+    # vcpu-removed after the repeat; at the re-plug, QEMU's DEVICE_DELETED and a second
+    # vcpu-removed before the new OST report. Only the first removal ends vcpu1's unplug.
+    obs = Observations()
+    obs.add([*read(unplug(1, 0.1)), observed(REMOVED, 1, 5.2)])
+    obs.add(read([deleted("/machine/peripheral/vcpu1", 10.005, "vcpu1")]))
+    obs.add([observed(REMOVED, 1, 10.006), *read([ost(1, 1, 0, 10.04)])])
+    obs.hinted({1}, T0 + 10.04)
+    v = verdict(obs, guest("0,1", "0"), 2, "0,1", at=10.3)
+    assert v.late == {1} and v.fates == {1: FATE_LISTED} and not v.rejected
+    assert [(e.kind, e.vcpu, e.source) for e in v.entries] == [
+        (HISTORY_EJECTED, 1, "ost"),
+        (HISTORY_PLUGGED, 1, "ost"),
+    ]
+
+
+def test_a_kvm_removal_after_the_eject_is_the_vcpus_own() -> None:
+    # Where QEMU finalizes the vCPU at once (KVM): eject, then DEVICE_DELETED, then libvirt's
+    # device removal: the vCPU is removed; the removal is recorded once.
+    obs = Observations()
+    obs.add([request(1, 0.0), *read([*unplug(1, 0.1), deleted("/machine/peripheral/vcpu1", 0.2)])])
+    obs.add([observed(REMOVED, 1, 0.21)])
+    v = verdict(obs, guest("0"), 1, "0", at=0.5)
+    assert v.fates == {1: FATE_REMOVED}
+    assert [(e.kind, e.source) for e in v.entries] == [
+        (HISTORY_EJECTED, "ost"),
+        (HISTORY_EJECTED, "device-deleted"),
+    ]
+
+
 # --- guests that reject hot-adds --------------------------------------------------------------
 
 
@@ -268,6 +319,28 @@ def test_replugged_slot_unplugged_within_3s_after_we_onlined_it_is_not_rejected(
     assert not v.rejected and v.listed == {1} and v.credited == frozenset()
     assert v.fates[1] != FATE_REJECTED
     assert all(e.kind != HISTORY_REJECTED for e in v.entries)
+
+
+def test_case2_watch_onlined_a_replugged_cpu_then_virsh_unplugged_it_within_3s() -> None:
+    # Issue 21 case 2 (stack 3, busybox guest): watch last saw cpu0-1 (before the slot's
+    # earlier unplug), QEMU re-plugs vcpu1, watch onlines cpu1 at 0.4 s, then `virsh
+    # setvcpus DOM 1` (not seen as a request: only the guest's eject) at 2 s; libvirt keeps
+    # counting vcpu1 (TCG). The look at 3 s sees one CPU for libvirt's two.
+    obs = pending("0,1", 1)
+    v = verdict(obs, guest("0,1", "0"), 2, "0,1", at=0.05)
+    obs.settle(v, guest("0,1", "0"), recorded=True)
+    assert v.listed == {1} and v.decided and not v.rejected
+    obs.wrote_online(frozenset({1}), T0 + 0.4)
+    obs.add(read(unplug(1, 2.0)))
+    v = verdict(obs, guest("0"), 2, "0,1", at=HOTADD_WAIT)
+    assert not v.rejected and v.fates == {1: FATE_STALE}
+    assert HISTORY_REJECTED not in [e.kind for e in v.entries]
+    # The same when the agent answered only at 3 s (the first looks saw nothing).
+    late_agent = pending("0,1", 1)
+    late_agent.wrote_online(frozenset({1}), T0 + 0.4)
+    late_agent.add(read(unplug(1, 2.0)))
+    v = verdict(late_agent, guest("0"), 2, "0,1", at=HOTADD_WAIT)
+    assert not v.rejected and v.fates[1] != FATE_REJECTED
 
 
 def test_an_eject_before_the_guest_listed_is_not_a_rejection() -> None:

@@ -60,18 +60,42 @@ class FakeConn:
     def guest_vcpus(self, _dom: Any) -> dict[str, str]:
         return {"vcpus": self.guest, "online": self.guest, "offlinable": ""}
 
+    def bulk_stats(self, doms: list[Any]) -> list[tuple[Any, dict[str, int]]]:
+        return [(dom, {"vcpu.current": dom.counted}) for dom in doms]
+
 
 class FakeDom:
     name = "web1"
 
-    def __init__(self, refuse: Optional[str] = None) -> None:
+    def __init__(self, refuse: Optional[str] = None, counted: int = 3) -> None:
         self.refuse = refuse
+        self.counted = counted  # libvirt's live count
         self.calls: list[int] = []
 
-    def set_vcpus(self, count: int, *, live: bool, config: bool) -> None:
+    def set_vcpus(self, count: int, *, live: bool, config: bool, **_flags: bool) -> None:
         self.calls.append(count)
         if self.refuse is not None:
             raise errors.VirtHotplugError(f"domain 'web1': {self.refuse}")
+        self.counted = count
+
+
+class Libvirt12Dom(FakeDom):
+    """libvirt 12.8 + QEMU 11.1 under TCG: an unplug request removes, highest first, the
+    vCPUs asked for before (the guest ejected them; the repeat corrects the count), and
+    gives up waiting (VIR_ERR_OPERATION_TIMEOUT) on the first one not asked for before."""
+
+    def __init__(self, counted: int) -> None:
+        super().__init__(None, counted)
+        self.asked: set[int] = set()
+
+    def set_vcpus(self, count: int, *, live: bool, config: bool, **_flags: bool) -> None:
+        self.calls.append(count)
+        while self.counted > count:
+            vcpu = self.counted - 1
+            if vcpu not in self.asked:
+                self.asked.add(vcpu)
+                raise errors.VirtHotplugError(TIMED_OUT, code=VIR_ERR_OPERATION_TIMEOUT)
+            self.counted -= 1
 
 
 def view(
@@ -272,3 +296,184 @@ def test_hotpluggable_is_verified_on_the_vcpus_the_change_enabled() -> None:
     (missed,) = resizeplan.hotpluggable_check(before, plain)
     assert not missed.ok and missed.now == "not vCPU 2"
     assert resizeplan.hotpluggable_check(marked, marked) == []  # nothing enabled: no check
+
+
+# --- libvirt 12.8 + QEMU 11.1 (stack 3) with a guest that rejected hot-adds (Linux 7.2) -------
+
+FALSE_CLAIMS = ("stale", "restart the domain", "crash")
+
+
+def test_two_rejected_vcpus_are_removed_one_repeat_at_a_time() -> None:
+    # Issue 21 case 6: libvirt counts 3, the guest has cpu0. libvirt gives up on vcpu2; the
+    # repeat removes vcpu2 and gives up on vcpu1; the next repeat removes vcpu1.
+    conn, dom, notes = FakeConn("libvirt 12.8.0, QEMU 11.1.2", "0"), Libvirt12Dom(3), []
+    before = view(3, "0")
+    request = resizeplan.Request(1, True, False, timeout=0.2)
+    failure = resize._set_vcpus(conn, dom, before, request)  # type: ignore[arg-type]
+    assert failure is not None and failure.code == VIR_ERR_OPERATION_TIMEOUT
+    seen = resize._Seen(None)
+    seen.requested(resizeplan.unplugged(before, 1), 0.0, failure)
+    repeated = resize._after_shrink(conn, dom, before, request, 0.0, notes, seen)  # type: ignore[arg-type]
+    assert repeated == "accepted" and dom.counted == 1 and dom.calls == [1, 1, 1]
+    entries = recorded_entries(seen.update().events, "setvcpus")
+    assert [(e.kind, e.vcpu) for e in entries] == [
+        (HISTORY_UNPLUG_TIMEOUT, 2),
+        (HISTORY_UNPLUG_TIMEOUT, 1),
+    ]
+    text = " ".join(notes).lower()
+    assert not [claim for claim in FALSE_CLAIMS if claim in text], text
+
+
+def test_a_repeat_that_changes_nothing_is_a_refusal() -> None:
+    # libvirt 9.0: the repeat fails and libvirt's count stays: refused, not tried again.
+    conn, dom, notes = FakeConn("libvirt 9.0.0, QEMU 7.2.0", "0"), FakeDom(REFUSED), []
+    seen = resize._Seen(None)
+    seen.requested([1, 2], 0.0, TIMEOUT)
+    request = resizeplan.Request(1, True, False, timeout=0.2)
+    repeated = resize._after_shrink(conn, dom, view(3, "0"), request, 0.0, notes, seen)  # type: ignore[arg-type]
+    assert repeated is not None and REFUSED in repeated and dom.calls == [1]
+
+
+def test_grow_past_a_vcpu_nothing_explains_unplugs_it_first_then_grows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Issue 21 case 4: libvirt counts 2, the guest has cpu0, nothing on record (the guest
+    # rejected vcpu1 while no watch ran). The first unplug times out: not a refused repeat.
+    conn, dom, notes = FakeConn("libvirt 12.8.0, QEMU 11.1.2", "0"), Libvirt12Dom(2), []
+    repaired = view(1, "0")
+    monkeypatch.setattr(resize.collect, "read_view", lambda *_a, **_k: repaired)
+    request = resizeplan.Request(3, True, False, timeout=0.2)
+    got = resize._repair_before_grow(conn, dom, HostConfig(), view(2, "0"), request, notes)  # type: ignore[arg-type]
+    assert got is repaired and dom.calls == [1, 1] and dom.counted == 1
+    assert "the repeated unplug request was accepted" in notes[0], notes
+    text = " ".join(notes).lower()
+    assert not [claim for claim in FALSE_CLAIMS if claim in text], text
+
+
+class Libvirt9Dom(FakeDom):
+    """libvirt 9.0 + QEMU 7.2: the first unplug gives up waiting, a repeat is refused."""
+
+    def set_vcpus(self, count: int, *, live: bool, config: bool, **_flags: bool) -> None:
+        self.calls.append(count)
+        if len(self.calls) == 1:
+            raise errors.VirtHotplugError(TIMED_OUT, code=VIR_ERR_OPERATION_TIMEOUT)
+        raise errors.VirtHotplugError(REFUSED, code=VIR_ERR_INTERNAL_ERROR)
+
+
+def test_grow_past_a_vcpu_nothing_explains_where_the_host_refuses_the_repeat() -> None:
+    conn, dom = FakeConn("libvirt 9.0.0, QEMU 7.2.0", "0"), Libvirt9Dom(counted=2)
+    request = resizeplan.Request(3, True, False, timeout=0.2)
+    with pytest.raises(errors.UnsupportedError) as caught:
+        resize._repair_before_grow(conn, dom, HostConfig(), view(2, "0"), request, [])  # type: ignore[arg-type]
+    assert dom.calls == [1, 1]  # the first unplug, then one repeat
+    assert "refused the repeated unplug request" in str(caught.value)
+
+
+# --- the TCG thread budget, from what proves it (issue 21 case 3) ----------------------------
+
+
+def record(initial: int, *events: tuple[str, int], since_start: bool = False) -> History:
+    history = History(initial=initial, since_start=since_start)
+    for i, (kind, vcpu) in enumerate(events):
+        history = history.add(HistoryEntry(kind, vcpu, float(10 * i), "ost"))
+    return history
+
+
+def test_a_record_complete_since_the_start_proves_the_count() -> None:
+    # Booted with 1 under watch; vcpu1 plugged, unplugged, plugged again: 3 of 4 made.
+    proven = record(
+        1,
+        (HISTORY_PLUGGED, 1),
+        (HISTORY_EJECTED, 1),
+        (HISTORY_PLUGGED, 1),
+        since_start=True,
+    )
+    resizeplan.check_thread_budget(view(2, "0,1", proven), 1)  # the 4th: allowed
+    with pytest.raises(errors.UnsupportedError) as caught:
+        resizeplan.check_thread_budget(view(2, "0,1", proven), 2)
+    assert "has created 3 (counted since QEMU's start" in str(caught.value)
+
+
+def test_an_incomplete_record_that_saw_unplugs_leaves_the_count_unknown() -> None:
+    # Case 3: the record began after a hot-add made while no watch ran (it counts 2 at its
+    # start); it saw vcpu1 ejected and plugged again. QEMU had made 4 of 4: one more aborts.
+    gap = record(2, (HISTORY_EJECTED, 1), (HISTORY_PLUGGED, 1))
+    with pytest.raises(errors.UnsupportedError) as caught:
+        resizeplan.check_thread_budget(view(2, "0,1", gap), 1)
+    text = str(caught.value)
+    assert "how many it has created is not known: at least 3" in text
+    assert "vCPU 1 unplugged" in text and "--force" in text
+
+
+def test_without_an_unplug_on_record_the_live_count_bounds_the_plugs() -> None:
+    resizeplan.check_thread_budget(view(1, "0"), 3)  # nothing on record: 1 + 3 <= 4
+    plugs_only = record(1, (HISTORY_PLUGGED, 1))
+    resizeplan.check_thread_budget(view(2, "0,1", plugs_only), 2)
+    # A repair that unplugged vCPUs first still counts the threads they had.
+    with pytest.raises(errors.UnsupportedError):
+        resizeplan.check_thread_budget(view(1, "0"), 3, at_least=2)
+
+
+def test_qemu_stopped_text_says_what_was_known() -> None:
+    text = resizeplan.qemu_stopped_text(view(2, "0,1"), 3, "Unable to read from monitor")
+    assert text.startswith("domain 'web1': QEMU stopped (crashed) during the hot-add (2 -> 3")
+    assert "libvirt reported: Unable to read from monitor" in text
+    assert "how many it had created was not known" in text
+    proven = record(1, (HISTORY_PLUGGED, 1), since_start=True)
+    assert "it had created 2 (counted since QEMU's start)" in resizeplan.qemu_stopped_text(
+        view(2, "0,1", proven), 3, None
+    )
+
+
+def test_case3_a_cpu_the_guest_took_and_ejected_is_no_kernel_rejection() -> None:
+    # Issue 21 case 3 began with case 2's false "rejected" entry: what watch records of that
+    # sequence (plug, then the guest's eject) makes check and setvcpus speak of an eject.
+    events = [ost(1, 100.0), *eject(1, 102.0)]
+    seen = resize._Seen(lambda: events)
+    history = History()
+    for entry in recorded_entries(seen.update().events, "watch"):
+        history = history.add(entry)
+    after = view(2, "0", history)
+    codes = [f.code for f in after.findings]
+    assert "guest-rejected-vcpu" not in codes and "guest-missing-vcpus" in codes
+    text = " ".join(f.message for f in after.findings)
+    assert "6.12" not in text and "QEMU reported it ejected (ost)" in text
+    # setvcpus DOM 2 then repairs it first (the unplug was seen: this is the repeat).
+    assert resizeplan.needs_repair(after, resizeplan.Request(2, True, False))
+
+
+def eject(vcpu: int, mono: float) -> list[Any]:
+    def report(status: int, device: Optional[str], at: float) -> Any:
+        info: dict[str, Any] = {"source": 3, "status": status, "slot-type": "CPU"}
+        if device is not None:
+            info.update(device=device, slot=str(vcpu))
+        return OstMonitorEvent(REF, ost=parse_ost_details(json.dumps({"info": info})), mono=at)
+
+    return [report(0x84, f"vcpu{vcpu}", mono), report(0, None, mono + 0.05)]
+
+
+class StoppingDom(FakeDom):
+    """QEMU aborts under the plug: libvirt fails the request and marks the domain shut off
+    a moment later (after it reads the monitor's end)."""
+
+    def __init__(self, stops_after: int) -> None:
+        super().__init__(counted=2)
+        self.looks = 0
+        self.stops_after = stops_after
+
+    def is_active(self) -> bool:
+        self.looks += 1
+        return self.looks <= self.stops_after
+
+
+def test_a_domain_that_stops_under_the_hot_add_is_qemu_stopping() -> None:
+    dom = StoppingDom(stops_after=2)
+    request = resizeplan.Request(3, True, False)
+    with pytest.raises(errors.QemuStoppedError) as caught:
+        resize._raise_if_stopped(dom, view(2, "0,1"), request, True, "monitor closed")  # type: ignore[arg-type]
+    assert caught.value.exit_status == errors.EXIT_QEMU_STOPPED == 13
+    assert "QEMU stopped (crashed) during the hot-add (2 -> 3 vCPUs)" in str(caught.value)
+    # A domain that keeps running: the request's own error stands.
+    resize._raise_if_stopped(StoppingDom(stops_after=10**6), view(2, "0,1"), request, True, "x")  # type: ignore[arg-type]
+    # A shrink is never called a crashed hot-add.
+    resize._raise_if_stopped(StoppingDom(stops_after=0), view(2, "0,1"), request, False, "x")  # type: ignore[arg-type]

@@ -23,6 +23,7 @@ EXIT_UNSUPPORTED = 9  # the hypervisor or domain cannot do what was asked
 EXIT_NOT_RUNNING = 10  # the domain must be running for this
 EXIT_INCOMPLETE = 11  # an operation ran but not every layer reached the target
 EXIT_GUEST_REJECTED = 12  # setvcpus: the guest did not take a hot-added vCPU QEMU's OST accepted
+EXIT_QEMU_STOPPED = 13  # setvcpus: QEMU stopped (crashed) during the hot-add
 EXIT_INTERRUPTED = 130  # SIGINT, like a shell
 
 
@@ -108,6 +109,13 @@ class UnsupportedError(VirtHotplugError):
     """Permanent: the driver, QEMU or the domain cannot do this. Record, don't retry."""
 
     exit_status = EXIT_UNSUPPORTED
+
+
+class QemuStoppedError(VirtHotplugError):
+    """The domain was running when a hot-add was asked for and is not any more: QEMU
+    stopped (crashed) during the request."""
+
+    exit_status = EXIT_QEMU_STOPPED
 
 
 class NotRunningError(VirtHotplugError):

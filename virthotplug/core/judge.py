@@ -72,7 +72,8 @@ EJECT = "eject"  # the guest's OST eject success for vcpuN
 DELETED = "deleted"  # QEMU's DEVICE_DELETED for vcpuN itself (never a sub-path)
 REMOVED = "removed"  # libvirt's device-removed / vcpu-removed for vcpuN
 UNPLUG_REQUEST = "unplug-request"  # this tool asked libvirt to unplug vcpuN
-KINDS = (PLUG, EJECT, DELETED, REMOVED, UNPLUG_REQUEST)
+PLUG_REQUEST = "plug-request"  # this tool asked libvirt to plug vcpuN
+KINDS = (PLUG, EJECT, DELETED, REMOVED, UNPLUG_REQUEST, PLUG_REQUEST)
 
 # Fates.
 FATE_PLUGGED = "plugged"
@@ -376,17 +377,27 @@ def _gone_after_plug(events: list[Observed], pending: Pending) -> frozenset[int]
 
 def _late_removals(events: list[Observed]) -> list[tuple[int, int]]:
     """(vCPU, index) of removals that belong to the slot's previous vCPU: after the vCPU's
-    latest plug, with no eject or unplug request of it in between."""
+    latest plug or request to plug it, or after an earlier removal of it (that vCPU is gone
+    already), with no eject or unplug request of it in between."""
     late: list[tuple[int, int]] = []
-    plugged_again: dict[int, bool] = {}  # vCPU -> plugged, not unplugged since
+    state: dict[int, str] = {}  # vCPU -> what was last seen of it: a plug, an unplug, gone
     for index, e in enumerate(events):
-        if e.kind == PLUG:
-            plugged_again[e.vcpu] = True
+        if e.kind in (PLUG, PLUG_REQUEST):
+            state[e.vcpu] = PLUG
         elif e.kind in (EJECT, UNPLUG_REQUEST):
-            plugged_again[e.vcpu] = False
-        elif e.kind in (DELETED, REMOVED) and plugged_again.get(e.vcpu):
-            late.append((e.vcpu, index))
+            state[e.vcpu] = UNPLUG_REQUEST
+        elif e.kind in (DELETED, REMOVED):
+            if state.get(e.vcpu) in (PLUG, REMOVED):
+                late.append((e.vcpu, index))
+            else:
+                state[e.vcpu] = REMOVED
     return late
+
+
+def late_removals(events: list[Observed]) -> tuple[Observed, ...]:
+    """The removals in ``events`` that are the late events of a slot's previous vCPU (see
+    the module's rules): not something the request being observed did."""
+    return tuple(events[index] for _, index in _late_removals(events))
 
 
 def _fates(
@@ -398,7 +409,7 @@ def _fates(
     late_at = {index for _, index in late}
     fates: dict[int, str] = {}
     for index, e in enumerate(events):
-        if index in late_at:
+        if index in late_at or e.kind == PLUG_REQUEST:  # a request is no fate by itself
             continue
         fates[e.vcpu] = {
             PLUG: FATE_PLUGGED,

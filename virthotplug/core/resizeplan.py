@@ -88,22 +88,64 @@ def stale_reason(view: VcpuView) -> str:
     return "; ".join(parts) or "no unplug on record; the guest has fewer CPUs than libvirt counts"
 
 
-def check_thread_budget(view: VcpuView, needed: int) -> None:
+def check_thread_budget(view: VcpuView, needed: int, at_least: int = 0) -> None:
     """Under TCG QEMU aborts a plug that would create more vCPUs in the domain's life than
-    its maximum (``tcg_register_thread`` assertion). Only known from the domain's history."""
-    created = view.history.created
-    if view.domain_type != "qemu" or created is None or view.live is None or needed <= 0:
+    its maximum (``tcg_register_thread`` assertion). The count is proven only by a record
+    complete since QEMU's start; otherwise what is known is a lower bound (the live count,
+    ``at_least`` — e.g. before this command unplugged some —, the record's count), and
+    where the record shows vCPUs unplugged, their slots may have been plugged again while
+    nobody recorded: the count is not known, and the plug is refused."""
+    live = view.live
+    if view.domain_type != "qemu" or live is None or needed <= 0:
         return
-    if created + needed <= view.live.maximum:
-        return
-    raise errors.UnsupportedError(
+    history = view.history
+    proven = history.proven_created
+    lower = proven if proven is not None else max(live.current, at_least, history.created or 0)
+    head = (
         f"domain '{view.name}': refusing to hot-add {needed} vCPU(s): under TCG (domain type "
         f"'qemu') QEMU aborts a plug that would create more vCPUs than the domain's maximum "
-        f"({view.live.maximum}) in its life, and it has created {created} "
-        f"(the domain's history: {view.history.initial} at the start of the record, "
-        f"{view.history.plugged} plugged since). Restart the domain to reset it; --force "
-        "skips this check"
+        f"({live.maximum}) in its life"
     )
+    tail = "Restart the domain to reset it; --force skips this check"
+    if lower + needed > live.maximum:
+        how = "counted since QEMU's start" if proven is not None else "or more"
+        raise errors.UnsupportedError(
+            f"{head}, and it has created {lower} ({how}; the domain's record: "
+            f"{history.initial} at its start, {history.plugged} plugged since). {tail}"
+        )
+    if proven is None and history.unplugged:
+        raise errors.UnsupportedError(
+            f"{head}, and how many it has created is not known: at least {lower}, but the "
+            "domain's record is not complete since QEMU's start (no watch saw the start, or "
+            "it stopped watching since) and it shows vCPU "
+            f"{format_cpulist(history.unplugged)} unplugged: a slot unplugged may have been "
+            f"plugged again while nobody recorded. {tail} (a watch running from the start "
+            "counts them)"
+        )
+
+
+def qemu_stopped_text(before: VcpuView, count: int, said: Optional[str]) -> str:
+    """What to say when the domain stopped during a hot-add to ``count`` vCPUs; ``said``:
+    libvirt's error to the request, if any."""
+    current = before.live.current if before.live is not None else 0
+    text = (
+        f"domain '{before.name}': QEMU stopped (crashed) during the hot-add ({current} -> "
+        f"{count} vCPUs): the domain is not running any more"
+    )
+    if said:
+        text += f"; libvirt reported: {said}"
+    if before.domain_type == "qemu" and before.live is not None:
+        created = before.history.proven_created
+        known = (
+            f"it had created {created} (counted since QEMU's start)"
+            if created is not None
+            else "how many it had created was not known (no record complete since its start)"
+        )
+        text += (
+            f". Under TCG (domain type 'qemu') QEMU aborts a plug that would create more vCPUs "
+            f"than the domain's maximum ({before.live.maximum}) in its life; {known}"
+        )
+    return text + ". Start the domain again"
 
 
 def check_hotpluggable(view: VcpuView, vcpus: Sequence[VcpuEntry], needed: int) -> None:
@@ -118,6 +160,15 @@ def check_hotpluggable(view: VcpuView, vcpus: Sequence[VcpuEntry], needed: int) 
             f"hotpluggable and disabled ({format_cpulist(free) or 'none'}); mark vCPUs "
             "hotpluggable='yes' in the persistent definition and restart"
         )
+
+
+def plugged(before: VcpuView, count: int) -> list[int]:
+    """The vCPUs libvirt plugs to reach ``count``: the lowest-numbered disabled ones."""
+    live = before.live
+    if live is None or count <= live.current:
+        return []
+    disabled = [v.id for v in live.vcpus if not v.enabled] or range(live.current, live.maximum)
+    return sorted(disabled)[: count - live.current]
 
 
 def unplugged(before: VcpuView, count: int) -> list[int]:

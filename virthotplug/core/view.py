@@ -120,12 +120,15 @@ class History:
     ``initial`` is the live vCPU count when the record began and ``plugged`` the vCPUs
     plugged since, so ``initial + plugged`` is how many vCPUs QEMU has created in the
     domain's life as far as anyone recorded it (under TCG QEMU cannot create more than
-    the maximum).
+    the maximum). That is a proof only when ``since_start``: the record began when QEMU
+    started (a ``watch`` saw the start) and nothing was missed since; otherwise plugs made
+    while nobody recorded are not in it.
     """
 
     entries: tuple[HistoryEntry, ...] = ()
     plugged: int = 0
     initial: Optional[int] = None
+    since_start: bool = False
 
     @property
     def empty(self) -> bool:
@@ -160,10 +163,24 @@ class History:
             return self
         entries = tuple(sorted((*self.entries, entry), key=lambda e: e.time))
         plugged = self.plugged + (1 if entry.kind == HISTORY_PLUGGED else 0)
-        return History(entries[-MAX_HISTORY_ENTRIES:], plugged, self.initial)
+        return History(entries[-MAX_HISTORY_ENTRIES:], plugged, self.initial, self.since_start)
 
     def with_initial(self, count: int) -> History:
-        return self if self.initial is not None else History(self.entries, self.plugged, count)
+        if self.initial is not None:
+            return self
+        return History(self.entries, self.plugged, count, self.since_start)
+
+    @property
+    def proven_created(self) -> Optional[int]:
+        """vCPUs QEMU has created in the domain's life, when the record proves it."""
+        return self.created if self.since_start else None
+
+    @property
+    def unplugged(self) -> frozenset[int]:
+        """vCPUs the record saw unplugged at some time (ejected or an unplug that timed
+        out), whatever came after: their slots may have been plugged again."""
+        kinds = (HISTORY_EJECTED, HISTORY_UNPLUG_TIMEOUT)
+        return frozenset(e.vcpu for e in self.entries if e.kind in kinds)
 
 
 def _same(a: HistoryEntry, b: HistoryEntry) -> bool:
@@ -332,6 +349,7 @@ def history_dict(history: History) -> dict[str, Any]:
     return {
         "initial": history.initial,
         "plugged": history.plugged,
+        "since_start": history.since_start,
         "entries": [
             {"kind": e.kind, "vcpu": e.vcpu, "time": round(e.time, 3), "source": e.source}
             for e in history.entries

@@ -66,6 +66,9 @@ class DomainJobs:
     observations: Observations = field(default_factory=Observations)
     reader: EventReader = field(default_factory=EventReader)  # its monitor events, in order
     findings: Optional[tuple[str, ...]] = None  # codes last reported: a routine resync or news
+    # This daemon began the domain's vCPU record when QEMU started and has missed none of
+    # its monitor events since (``History.since_start``: the TCG thread count is proven).
+    since_start: bool = False
 
 
 @dataclass(slots=True)
@@ -81,6 +84,10 @@ class DomainRecord:
     # A mark the main loop leaves for the next job, which applies it to ``jobs``: the time
     # the domain flooded its monitor events (what it sent before then is void).
     distrusted_at: Optional[float] = None
+    # Another: the time QEMU started afresh (booted, restored, migrated in) as its lifecycle
+    # event said; the next job whose connection receives the domain's monitor events begins
+    # the record since the start.
+    started_at: Optional[float] = None
     # The metrics: the domain as its last reconcile or resync left it, when (Unix time),
     # its effective policy mode then (None: invalid or not known), and the hot-adds
     # (vCPU id → OST event) the guest has not shown online yet.

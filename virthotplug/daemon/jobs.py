@@ -30,6 +30,8 @@ from virthotplug.core.events import (
     DeviceDeletedMonitorEvent,
     DeviceRemovalEvent,
     Event,
+    HostEvent,
+    LifecycleEvent,
     OstMonitorEvent,
 )
 from virthotplug.core.judge import Verdict
@@ -50,6 +52,9 @@ ACTING_MODES = ("online", "match")
 RETRY_HOTADD = "hot-add"
 RETRY_SETTLE = "settle"
 SOURCE = "watch"  # who wrote a history entry
+# Lifecycle "started" details that mean a new QEMU process: it has made only the vCPUs it
+# starts with (not "from snapshot" or "wakeup": the same process goes on).
+FRESH_STARTS = ("booted", "migrated", "restored")
 
 
 class JobRunner:
@@ -75,10 +80,18 @@ class JobRunner:
         """Every event, on the daemon's main loop (quick, no libvirt call): what QEMU's
         monitor events and libvirt's device removals say about vCPUs is kept for the
         domain's next job."""
+        if isinstance(ev, HostEvent) and ev.what == "connected":
+            self._missed_events(ev.host)
+            return
         if ev.domain is None:
             return
         if isinstance(ev, FloodEvent):
             self._distrust_monitor(ev.domain.key)
+            return
+        if isinstance(ev, LifecycleEvent) and ev.event_name == "started":
+            if ev.detail_name in FRESH_STARTS:
+                with self.domains.lock:
+                    self.domains.record(ev.domain.key).started_at = time.monotonic()
             return
         if not isinstance(ev, (OstMonitorEvent, DeviceDeletedMonitorEvent, DeviceRemovalEvent)):
             return
@@ -97,12 +110,38 @@ class JobRunner:
             # (its judgement would write its pending hot-add back).
             self.domains.record(key).distrusted_at = time.monotonic()
 
+    def _missed_events(self, host: str) -> None:
+        """A new connection to ``host``: events in the gap are lost, so no record of its
+        domains is complete since QEMU's start any more (their next job says so)."""
+        with self.domains.lock:
+            for rec in self.domains.records(host):
+                rec.jobs.since_start = False
+
     def _apply_distrust(self, key: Key, domain: DomainJobs) -> None:
         with self.domains.lock:
             rec = self.domains.record(key)
             at, rec.distrusted_at = rec.distrusted_at, None
         if at is not None:
             domain.observations.distrust(at)
+            domain.since_start = False  # the plugs it sent were not kept
+
+    def _keep_since_start(
+        self, conn: Connection, dom: Domain, domain: DomainJobs, result: ReconcileResult
+    ) -> None:
+        """Begin the domain's record at QEMU's start this daemon saw, once its monitor
+        events come in (the live count then holds any plug made before); take the mark
+        off a record this daemon cannot vouch for (another run's, or a gap since)."""
+        with self.domains.lock:
+            rec = self.domains.record((conn.uri, dom.uuid))
+            started, rec.started_at = rec.started_at, None
+            if started is not None and dom.uuid not in conn.monitored():
+                rec.started_at = started  # not listening yet: the next job begins it
+                started = None
+        live = result.view.live
+        if started is not None and live is not None:
+            domain.since_start = history.started(dom, live.current) is not None
+        elif result.view.history.since_start and not domain.since_start:
+            history.not_since_start(dom)
 
     def run(self, conn: Connection, dom: Domain, job: Job) -> JobResult:
         domain = self._domain(job.ref.key)
@@ -134,6 +173,7 @@ class JobRunner:
             source=SOURCE,
             first_look=self.settings.hotadd_settle,
         )
+        self._keep_since_start(conn, dom, domain, result)
         return _reconciled(job, result, self._routine(job, domain, result))
 
     def _invalid_policy(

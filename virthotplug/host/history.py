@@ -14,6 +14,7 @@ never a reason for a command to fail.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 _MAX_COUNT = 1_000_000
 MAX_SOURCE_CHARS = 32
 WRITE_ATTEMPTS = 3  # read-merge-write rounds when another writer got in between
+# The record began when QEMU started and nothing was missed since (``History.since_start``).
+SINCE_START = "since-start"
 
 
 # --- what findings depend on besides the layers ------------------------------------------
@@ -148,6 +151,7 @@ def from_raw(raw: Optional[RawHistory]) -> History:
     history = History(
         plugged=_count(raw.attributes.get("plugged")) or 0,
         initial=_count(raw.attributes.get("initial")),
+        since_start=raw.attributes.get(SINCE_START) == "yes",
     )
     for entry in entries:
         history = _keep(history, entry)
@@ -157,13 +161,15 @@ def from_raw(raw: Optional[RawHistory]) -> History:
 def _keep(history: History, entry: HistoryEntry) -> History:
     """Add without counting a plug again (``plugged`` is read back as written)."""
     added = history.add(entry)
-    return History(added.entries, history.plugged, history.initial)
+    return History(added.entries, history.plugged, history.initial, history.since_start)
 
 
 def to_raw(history: History) -> RawHistory:
     attributes = {"plugged": str(history.plugged)}
     if history.initial is not None:
         attributes["initial"] = str(history.initial)
+    if history.since_start:
+        attributes[SINCE_START] = "yes"
     entries = tuple(
         {"kind": e.kind, "vcpu": str(e.vcpu), "time": f"{e.time:.3f}", "source": e.source}
         for e in history.entries
@@ -271,6 +277,20 @@ def record(
         return history
 
     return update(dom, change)
+
+
+def started(dom: Domain, live_count: int) -> Optional[History]:
+    """QEMU started afresh (booted, restored, migrated in) and the caller saw it: a new
+    record that counts from ``live_count`` vCPUs, marked as complete since the start. What
+    the old record said was about another QEMU process."""
+    fresh = History(initial=live_count, since_start=True)
+    return update(dom, lambda _old: fresh)
+
+
+def not_since_start(dom: Domain) -> Optional[History]:
+    """The record's mark that nothing was missed since QEMU's start goes: its keeper stopped
+    watching (a gap in which plugs may have gone unrecorded)."""
+    return update(dom, lambda old: dataclasses.replace(old, since_start=False))
 
 
 # --- counting ----------------------------------------------------------------------------

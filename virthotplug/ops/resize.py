@@ -30,9 +30,10 @@ back from every layer instead.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from virthotplug.core import errors
 from virthotplug.core import resizeplan as plan
@@ -41,6 +42,7 @@ from virthotplug.core.events import Event
 from virthotplug.core.judge import (
     HOTADD_WAIT,
     PLUG,
+    PLUG_REQUEST,
     UNPLUG_REQUEST,
     GuestSeen,
     Observations,
@@ -88,6 +90,7 @@ class ResizeResult:
     timings: Mapping[str, float] = field(default_factory=dict)  # seconds since the request
     rejected: frozenset[int] = frozenset()  # vCPUs the guest did not take (OST said success)
     repeated: Optional[str] = None  # the repeated unplug: "accepted" or libvirt's error
+    requests: tuple[Observed, ...] = ()  # the (un)plug requests made, for the judge
 
     @property
     def complete(self) -> bool:
@@ -120,26 +123,38 @@ def resize(
     context = history.contexts(config)
     before = collect.read_view(conn, dom, agent_timeout=timeout, context=context)
     current = before.live.current if before.live is not None else 0
-    grows = request.live and request.count > current
+    # A count libvirt already reaches is a grow too while it counts vCPUs the guest has not
+    # (the preflight unplugs those first).
+    repairs = plan.needs_repair(before, request) and not request.force
+    grows = request.live and (request.count > current or repairs)
     # A grow ends in a reconcile under the domain's policy: an invalid one (metadata or the
     # configuration file) is refused here, before anything changes, not after the hot-add.
     effective = effective_policy(conn, dom, config) if grows else None
     notes: list[str] = []
     if request.live:
-        before = _preflight(conn, dom, config, before, request, notes)
+        before = _preflight(conn, dom, config, before, request, notes, seen)
     seen.observations.present = before.guest.present if before.guest is not None else None
     started = time.monotonic()
-    failure = _set_vcpus(conn, dom, before, request)
+    with _qemu_watched(dom, before, request, grows):
+        failure = _set_vcpus(conn, dom, before, request)
+        if failure is not None:
+            _raise_if_stopped(dom, before, request, grows, failure.text)
     timings = {"request": time.monotonic() - started}
     outcome: Optional[ReconcileResult] = None
     repeated: Optional[str] = None
     if effective is not None:
-        outcome = _after_grow(conn, dom, config, effective, request, before, started, timings, seen)
+        seen.plug_requested(plan.plugged(before, request.count), started)
+        with _qemu_watched(dom, before, request, grows):
+            outcome = _after_grow(
+                conn, dom, config, effective, request, before, started, timings, seen
+            )
     elif request.live and request.count < current:
         seen.requested(plan.unplugged(before, request.count), started, failure)
         repeated = _after_shrink(conn, dom, before, request, started, notes, seen)
         _record(dom, before, seen)
     after = collect.read_view(conn, dom, agent_timeout=timeout, context=context)
+    if grows and not after.active:
+        _raise_if_stopped(dom, before, request, grows, None)
     policy = outcome.policy.policy if outcome is not None else None
     error = failure.text if failure is not None else None
     checks, more = plan.verify(
@@ -158,6 +173,7 @@ def resize(
         timings,
         outcome.verdict.rejected if outcome is not None else frozenset(),
         repeated,
+        seen.requests(),
     )
 
 
@@ -191,6 +207,16 @@ class _Seen:
             Observed(UNPLUG_REQUEST, v, at, wall, code) for v in sorted(tried, reverse=True)
         )
 
+    def plug_requested(self, vcpus: list[int], at: float) -> None:
+        """A grow asked libvirt to plug ``vcpus`` at ``at``: a removal of one of them after
+        that is the late event of its slot's previous vCPU."""
+        wall = time.time()
+        self.observations.add(Observed(PLUG_REQUEST, v, at, wall) for v in vcpus)
+
+    def requests(self) -> tuple[Observed, ...]:
+        kinds = (PLUG_REQUEST, UNPLUG_REQUEST)
+        return tuple(o for o in self.observations.snapshot().events if o.kind in kinds)
+
     def plugs_are_old(self, needed: int) -> bool:
         """Every hot-add QEMU reported is ``HOTADD_WAIT`` old: a guest that has not listed
         its CPU by then never will."""
@@ -198,6 +224,46 @@ class _Seen:
         if needed <= 0 or len(plugs) < needed:
             return False
         return time.monotonic() - max(plugs) >= HOTADD_WAIT
+
+
+# --- QEMU stopping under a hot-add ---------------------------------------------------------
+
+STOP_WAIT = 1.0  # libvirt marks the domain shut off once it has read QEMU's monitor EOF
+
+
+@contextlib.contextmanager
+def _qemu_watched(dom: Domain, before: VcpuView, request: Request, grows: bool) -> Iterator[None]:
+    """An error of a hot-add's step whose domain has stopped meanwhile is QEMU's crash."""
+    try:
+        yield
+    except (errors.ConnectError, errors.QemuStoppedError):
+        raise
+    except errors.VirtHotplugError as exc:
+        _raise_if_stopped(dom, before, request, grows, str(exc))
+        raise
+
+
+def _raise_if_stopped(
+    dom: Domain, before: VcpuView, request: Request, grows: bool, said: Optional[str]
+) -> None:
+    """Raise ``QemuStoppedError`` when the domain, running before the hot-add, has stopped
+    (looked at for up to ``STOP_WAIT`` seconds: libvirt notices QEMU's end a moment after
+    the request that made it fail)."""
+    if not grows:
+        return
+    deadline = time.monotonic() + STOP_WAIT
+    while _running(dom):
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(POLL_INTERVAL)
+    raise errors.QemuStoppedError(plan.qemu_stopped_text(before, request.count, said))
+
+
+def _running(dom: Domain) -> bool:
+    try:
+        return dom.is_active()
+    except errors.NoDomainError:
+        return False  # a transient domain is gone with its QEMU
 
 
 # --- preflight -----------------------------------------------------------------------------
@@ -210,17 +276,21 @@ def _preflight(
     view: VcpuView,
     request: Request,
     notes: list[str],
+    seen: Optional[_Seen] = None,
 ) -> VcpuView:
-    """Refuse what cannot or must not be done; repair a stale vCPU first where the host
-    lets us. Returns the view to start from (re-read after a repair)."""
+    """Refuse what cannot or must not be done; first unplug what libvirt counts beyond the
+    guest's CPUs where the host lets us. Returns the view to start from (re-read after a
+    repair). ``seen``: where the repair's requests and events go (this command's)."""
     plan.check_live_request(view, request)
     if request.force:
         return view
+    counted = view.live.current if view.live is not None else 0  # vCPUs QEMU made, at least
     if plan.needs_repair(view, request):
-        view = _repair_before_grow(conn, dom, config, view, request, notes)
+        seen = seen if seen is not None else _Seen(None)
+        view = _repair_before_grow(conn, dom, config, view, request, notes, seen)
     needed = request.count - (view.live.current if view.live is not None else request.count)
     if needed > 0:
-        plan.check_thread_budget(view, needed)
+        plan.check_thread_budget(view, needed, at_least=counted)
         xml = parse_domain_xml(dom.xml(inactive=False), domain=view.name)
         plan.check_hotpluggable(view, xml.vcpus, needed)
     return view
@@ -233,41 +303,75 @@ def _repair_before_grow(
     view: VcpuView,
     request: Request,
     notes: list[str],
+    seen: Optional[_Seen] = None,
 ) -> VcpuView:
-    """Repeat the unplug that left the stale vCPU; refuse the grow if the host will not."""
+    """Unplug the vCPUs libvirt counts beyond the guest's CPUs, as a shrink to the guest's
+    count does; refuse the grow if libvirt still counts more after that.
+
+    Where the domain's history has their unplug already (a stale vCPU), this request is the
+    repeat, and a failure is the host refusing it. Otherwise (nothing on record, or a
+    hot-add the guest did not take) it is a first unplug: a timeout is then libvirt giving
+    up waiting as usual, and the request is repeated once the guest ejected, where the host
+    accepts it."""
     assert view.live is not None
+    seen = seen if seen is not None else _Seen(None)
     present = len(view.guest.present) if view.guest is not None else 0
     target = max(present, 1)
-    try:
-        dom.set_vcpus(target, live=True, config=False)
-    except (errors.ConnectError, errors.PermissionDeniedError):
-        raise
-    except errors.VirtHotplugError as exc:
-        raise errors.UnsupportedError(
-            f"domain '{view.name}': refusing to hot-add: libvirt counts {view.live.current} "
-            f"live vCPUs but the guest has only {present} (a stale vCPU: "
-            f"{plan.stale_reason(view)}), and this host ({conn.support.describe()}) refused "
-            f"the repeated unplug request ({exc}). A hot-add while a stale vCPU cannot be "
-            "repaired is known to crash QEMU. Restart the domain (shut down, then start) to "
-            "resync; --force skips this check"
-        ) from None
+    shrink = Request(target, True, False, request.timeout)
+    vcpus = plan.unplugged(view, target)
+    started = time.monotonic()
+    failure = _set_vcpus(conn, dom, view, shrink)
+    if failure is not None and set(vcpus) & view.history.gone:
+        # The unplug was asked before (a stale vCPU): this was the repeat, and it failed.
+        raise _not_repaired(conn, view, present, failure.text)
+    repeated: Optional[str] = None
+    if failure is not None:
+        seen.requested(vcpus, started, failure)
+        repeated = _after_shrink(conn, dom, view, shrink, started, [], seen)
+        if repeated != plan.REPEAT_ACCEPTED:
+            raise _not_repaired(conn, view, present, repeated)
     repaired = collect.read_view(
         conn, dom, agent_timeout=config.watch.agent_timeout, context=history.contexts(config)
     )
     count = repaired.live.current if repaired.live is not None else -1
+    how = "the unplug request was" if repeated is None else "the repeated unplug request was"
     notes.append(
         f"repaired first: libvirt counted {view.live.current} live vCPUs, the guest "
-        f"{present} ({plan.stale_reason(view)}); the repeated unplug request was accepted "
-        f"by this host ({conn.support.describe()}), libvirt now counts {count}"
+        f"{present} ({plan.stale_reason(view)}); {how} accepted by this host "
+        f"({conn.support.describe()}), libvirt now counts {count}"
     )
-    if plan.stale(repaired):
+    if count > target:
         raise errors.UnsupportedError(
-            f"domain '{view.name}': refusing to hot-add: the repeated unplug request was "
-            f"accepted but libvirt still counts {count} live vCPUs for a guest with "
-            f"{present}. Restart the domain (shut down, then start) to resync; --force "
-            "skips this check"
+            f"domain '{view.name}': refusing to hot-add: the unplug request was accepted "
+            f"but libvirt still counts {count} live vCPUs for a guest with {present}. "
+            "Restart the domain (shut down, then start) to resync; --force skips this check"
         )
     return repaired
+
+
+def _not_repaired(
+    conn: Connection, view: VcpuView, present: int, refused: Optional[str]
+) -> errors.UnsupportedError:
+    """Why a grow is refused when libvirt still counts more vCPUs than the guest has:
+    ``refused`` is libvirt's error to the repeated unplug request (None: nothing was
+    repeated, the guest did not eject)."""
+    assert view.live is not None
+    head = (
+        f"domain '{view.name}': refusing to hot-add: libvirt counts {view.live.current} live "
+        f"vCPUs but the guest has only {present}"
+    )
+    if refused is None:
+        return errors.UnsupportedError(
+            f"{head}, and the guest did not eject the vCPU libvirt was asked to unplug "
+            f"({plan.stale_reason(view)}). 'virthotplug setvcpus {view.name} {max(present, 1)}'"
+            " unplugs it once the guest lets go; --force skips this check"
+        )
+    return errors.UnsupportedError(
+        f"{head} (a stale vCPU: {plan.stale_reason(view)}), and this host "
+        f"({conn.support.describe()}) refused the repeated unplug request ({refused}). A "
+        "hot-add while a stale vCPU cannot be repaired is known to crash QEMU. Restart the "
+        "domain (shut down, then start) to resync; --force skips this check"
+    )
 
 
 # --- the change ----------------------------------------------------------------------------
@@ -361,30 +465,68 @@ def _after_shrink(
     seen: _Seen,
 ) -> Optional[str]:
     """Wait for the guest to drop the CPUs; when libvirt failed the unplug although the
-    guest ejected, repeat the same unplug request once. Returns "accepted", libvirt's error,
-    or None when nothing was repeated."""
-    guest = _wait_guest(
-        conn, dom, before, lambda g: len(g.present) <= request.count, started, request
-    )
-    observations = seen.update()
-    answer = GuestSeen(guest.present, guest.online, time.monotonic()) if guest else None
-    requests = [o for o in observations.events if o.kind == UNPLUG_REQUEST]
-    if not repeat_unplug(requests, observations.events, answer, request.count):
-        return None  # accepted, or the guest has not ejected: repeating would time out again
+    guest ejected, repeat the same unplug request. libvirt unplugs one vCPU at a time and
+    stops at the first it gives up on, so a repeat may correct the count for that one and
+    give up on the next: repeated while each one corrects libvirt's count (at most once per
+    vCPU). Returns "accepted", libvirt's error of a repeat that changed nothing, or None
+    when nothing was repeated."""
+    current = before.live.current if before.live is not None else request.count
+    for _ in range(max(1, current - request.count)):
+        guest = _wait_guest(
+            conn, dom, before, lambda g: len(g.present) <= request.count, started, request
+        )
+        observations = seen.update()
+        answer = GuestSeen(guest.present, guest.online, time.monotonic()) if guest else None
+        requests = [o for o in observations.events if o.kind == UNPLUG_REQUEST]
+        if not repeat_unplug(requests, observations.events, answer, request.count):
+            return None  # accepted, or the guest has not ejected: repeating would time out
+        refused = _repeat(conn, dom, before, request, seen, requests)
+        if refused is None:
+            notes.append(
+                f"libvirt gave up on the unplug although the guest ejected the CPU; the "
+                f"repeated unplug request was accepted by this host ({conn.support.describe()})"
+            )
+            return plan.REPEAT_ACCEPTED
+        if refused.text is not None:
+            return refused.text
+    return None
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """A repeated unplug that failed: ``text`` is libvirt's error when it changed nothing,
+    None when it corrected the count for some vCPUs and gave up on the next one."""
+
+    text: Optional[str]
+
+
+def _repeat(
+    conn: Connection,
+    dom: Domain,
+    before: VcpuView,
+    request: Request,
+    seen: _Seen,
+    requests: list[Observed],
+) -> Optional[_Refused]:
+    """Repeat the unplug request once; None when libvirt accepted it. Which vCPUs it
+    removed and which one it gave up on is read from libvirt's count, never its message."""
+    counted = _live_count(conn, dom)
     again = time.monotonic()
     try:
         dom.set_vcpus(request.count, live=True, config=False)
     except (errors.ConnectError, errors.PermissionDeniedError):
         raise
     except errors.VirtHotplugError as exc:
-        seen.requested([r.vcpu for r in requests][:1], again, Failure(str(exc), exc.code))
-        return str(exc)
+        now = _live_count(conn, dom)
+        asked = plan.unplugged(before, request.count)
+        if now < 0 or counted < 0 or now >= counted:
+            seen.requested([r.vcpu for r in requests][:1], again, Failure(str(exc), exc.code))
+            return _Refused(str(exc))
+        seen.requested(asked[now - request.count : counted - request.count], again, None)
+        seen.requested(asked[: now - request.count], again, Failure(str(exc), exc.code))
+        return _Refused(None)
     seen.requested(sorted({r.vcpu for r in requests}), again, None)
-    notes.append(
-        f"libvirt gave up on the unplug although the guest ejected the CPU; the repeated "
-        f"unplug request was accepted by this host ({conn.support.describe()})"
-    )
-    return plan.REPEAT_ACCEPTED
+    return None
 
 
 def _record(dom: Domain, before: VcpuView, seen: _Seen) -> None:

@@ -16,6 +16,7 @@ from virthotplug.core.errors import (
 )
 
 if TYPE_CHECKING:  # the real imports stay inside run(): start-up stays light
+    from virthotplug.core.events import Event
     from virthotplug.core.resizeplan import LayerCheck, Request
     from virthotplug.daemon.monitorlog import MonitorLog
     from virthotplug.host.connection import Connection
@@ -33,10 +34,11 @@ def register(subparsers: Any) -> None:
         description="Change a domain's vCPU count like 'virsh setvcpus', then wait for the "
         "guest to see the change, bring new CPUs online (per the domain's policy, or "
         "--online/--no-online) and verify every layer. When libvirt gives up on an unplug the "
-        "guest completed, the request is repeated once. A hot-add is refused only where it is "
+        "guest completed, the request is repeated. A hot-add is refused only where it is "
         "known to crash QEMU (a stale vCPU this host will not repair; under TCG, more plugs "
         "than the maximum in the domain's life) unless --force. Exit status 0 only when every "
-        "layer reached the target, 12 when the guest rejected a hot-added vCPU, 11 otherwise.",
+        "layer reached the target, 12 when the guest rejected a hot-added vCPU, 13 when QEMU "
+        "stopped (crashed) during the hot-add, 11 otherwise.",
     )
     parser.add_argument("domain", metavar="DOMAIN", help="domain name, UUID or id")
     parser.add_argument("count", metavar="COUNT", type=_count, help="the new vCPU count")
@@ -240,21 +242,21 @@ def _print(
     quiet: bool,
 ) -> None:
     from virthotplug.cli.commands.apply import describe
-    from virthotplug.daemon.monitorlog import describe as describe_event
     from virthotplug.ops import resize
 
     events = log.events(since=started) if log is not None else []
+    described = _described(result, events, started)
     if as_json:
         from virthotplug.core.report import JSON_SCHEMA_VERSION, json_document
 
         doc = {"version": JSON_SCHEMA_VERSION, **resize.to_dict(result)}
-        doc["events"] = [{"t": round(e.mono - started, 3), "event": e.describe()} for e in events]
+        doc["events"] = [{"t": round(e.mono - started, 3), "event": text} for e, text in described]
         print(json_document(doc))
         return
     before = result.before.live.current if result.before.live is not None else "?"
     print(_headline(result, before))
-    for event in events:
-        print(f"  {describe_event(event, started)}")
+    for event, text in described:
+        print(f"  +{event.mono - started:.3f} s  {text}")
     for key, seconds in result.timings.items():
         print(f"  {key}: {seconds:.3f} s")
     if result.reconcile is not None:
@@ -276,6 +278,33 @@ def _headline(result: ResizeResult, before: object) -> str:
         return f"{result.name}: maximum {was} -> {request.count} vCPUs (config)"
     where = "+".join(w for w, on in (("live", request.live), ("config", request.config)) if on)
     return f"{result.name}: {before} -> {request.count} vCPUs ({where})"
+
+
+def _described(
+    result: ResizeResult, events: Sequence[Event], started: float
+) -> list[tuple[Event, str]]:
+    """Each monitor event with what it says; a removal the judge tells is the late event of
+    a slot's previous vCPU (QEMU 11.1 sends it when the slot is plugged again) says so
+    instead of passing for something this command did."""
+    from virthotplug.core.judge import late_removals
+    from virthotplug.core.observed import EventReader
+    from virthotplug.daemon.monitorlog import event_name
+
+    reader = EventReader()
+    read = [(event, reader.read(event)) for event in events]
+    observed = [o for _, o in read if o is not None]
+    late = set(late_removals(sorted([*observed, *result.requests], key=lambda o: o.at)))
+    described = []
+    for event, seen in read:
+        if seen is not None and seen in late:
+            text = (
+                f"QEMU's late report that the vcpu{seen.vcpu} unplugged earlier is gone "
+                "(sent when its slot is plugged again): not this change"
+            )
+        else:
+            text = f"{event_name(event)}  {event.describe()}"
+        described.append((event, text))
+    return described
 
 
 def _print_checks(checks: Sequence[LayerCheck], *, headers: bool) -> None:
