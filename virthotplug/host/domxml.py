@@ -148,10 +148,17 @@ Children = dict[Any, list[etree._Element]]
 
 
 def _children(root: etree._Element) -> Children:
+    """The children read below (``_READ``), by tag; the others (memory, os, clock, ...) are
+    passed over."""
     children: Children = {}
     for child in root:  # comments too: their tag is a function, never asked for
-        children.setdefault(child.tag, []).append(child)
+        tag = child.tag
+        if tag in _READ:
+            children.setdefault(tag, []).append(child)
     return children
+
+
+_READ = frozenset({"name", "uuid", "vcpu", "vcpus", "cpu", "devices", "metadata"})
 
 
 def _first(parents: Sequence[etree._Element], tag: str) -> Optional[etree._Element]:
@@ -268,11 +275,25 @@ def _parse_vcpu(children: Children, ctx: _Ctx) -> tuple[int, int, Optional[str]]
         # libvirt defaults to one vCPU when <vcpu> is absent.
         return 1, 1, None
     elem = elems[0]
-    maximum = _int(elem.text, "<vcpu> count", ctx, minimum=1)
-    current = _int(elem.get("current", str(maximum)), "<vcpu current>", ctx, minimum=1)
-    if current > maximum:
-        raise ctx.error(f"<vcpu current='{current}'> exceeds the maximum {maximum}")
-    return maximum, current, elem.get("placement")
+    text, current_text, placement = elem.text, elem.get("current"), elem.get("placement")
+
+    def validated() -> tuple[int, int, Optional[str]]:
+        maximum = _int(text, "<vcpu> count", ctx, minimum=1)
+        current = _int(
+            current_text if current_text is not None else str(maximum),
+            "<vcpu current>",
+            ctx,
+            minimum=1,
+        )
+        if current > maximum:
+            raise ctx.error(f"<vcpu current='{current}'> exceeds the maximum {maximum}")
+        return maximum, current, placement
+
+    return _vcpu_by_attributes.get((text, current_text, placement), validated)
+
+
+# Each distinct <vcpu> element is validated once: (text, current, placement) → the counts.
+_vcpu_by_attributes = SharedValues()
 
 
 def _parse_vcpus(children: Children, vcpu_max: int, ctx: _Ctx) -> tuple[VcpuEntry, ...]:
