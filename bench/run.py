@@ -36,7 +36,7 @@ from common import (
 )
 from flood import Flood, flood_available, flood_table, flood_targets
 from footprint import SHARED_URI, Footprint, FootprintResult
-from hotadd import AGENT_POLL, DebianResult, Hotadd, HotaddResult, debian12_cached
+from hotadd import AGENT_POLL, DebianResult, Hotadd, HotaddResult, Latencies, debian12_cached
 from hotadd import METHODS as HOTADD_METHODS
 from nodes import MIX, MIXES
 from sweep import SizeResult, Sweep
@@ -46,7 +46,7 @@ TARGET_VIRSH_RATIO = 50.0  # at least 50x faster than the virsh loop
 TARGET_RSS_MIB = 50.0
 TARGET_IDLE_CPU = 0.5  # percent of one core, 120 s with 1,000 domains, resyncs included
 TARGET_HOTADD_OVER_RULE = 0.030  # watch's hot-add to online p50 over the guest's own rule
-TARGET_HOTADD_UNDER_RESYNC = 0.050  # ... and at most this much slower under a resync
+TARGET_HOTADD_UNDER_RESYNC = 0.030  # ... and at most this much slower under a resync
 TARGET_BURST_OVER_FLOOR = 1.05  # ten at once: OST to online p50 within 5 % of the floor
 
 
@@ -518,7 +518,8 @@ def hotadd_targets(result: HotaddResult) -> list[dict[str, Any]]:
 
 def debian_targets(result: DebianResult, label: str) -> list[dict[str, Any]]:
     """watch within 30 ms of the udev rule (guest's clock, and from the host), and no more
-    than 50 ms slower while a resync runs on another connection."""
+    than 30 ms slower while a resync runs on another connection (from the host, and on the
+    guest's clock)."""
     checks: list[dict[str, Any]] = []
     for what, seen in (("guest_clock", "on the guest's clock"), ("host", "seen from the host")):
         values = getattr(result, what)
@@ -532,21 +533,28 @@ def debian_targets(result: DebianResult, label: str) -> list[dict[str, Any]]:
                 "met": over <= TARGET_HOTADD_OVER_RULE and not watch["failures"],
             }
         )
-    if "watch-resync" in result.guest_clock:
-        watch = result.guest_clock["watch"].summary()
-        busy = result.guest_clock["watch-resync"].summary()
-        over = busy["p50"] - watch["p50"]
-        checks.append(
-            {
-                "target": f"Debian 12: {label} p50 no more than "
-                f"{TARGET_HOTADD_UNDER_RESYNC * 1000:.0f} ms slower while a "
-                f"{result.resync_domains}-domain resync runs on another connection (guest's "
-                "clock)",
-                "value": f"{over * 1000:+.0f} ms (without p50 {fmt_seconds(watch['p50'])})",
-                "met": over <= TARGET_HOTADD_UNDER_RESYNC and not busy["failures"],
-            }
-        )
+    if "watch-resync" in result.host:
+        for what, seen in (("host", "seen from the host"), ("guest_clock", "guest's clock")):
+            checks.append(resync_target(result, getattr(result, what), seen, label))
     return checks
+
+
+def resync_target(
+    result: DebianResult, values: dict[str, Latencies], seen: str, label: str
+) -> dict[str, Any]:
+    """Hot-add to online p50 while the same watch resyncs a test node on a second connection,
+    against the same without: the difference and the ratio beside the target."""
+    alone, busy = values["watch"].summary(), values["watch-resync"].summary()
+    over = busy["p50"] - alone["p50"]
+    return {
+        "target": f"Debian 12: {label} hot-add to online p50 at most "
+        f"{TARGET_HOTADD_UNDER_RESYNC * 1000:.0f} ms slower while it resyncs "
+        f"{result.resync_domains} test domains every {result.resync_interval:g} s on a "
+        f"second connection ({seen})",
+        "value": f"{over * 1000:+.0f} ms, {busy['p50'] / alone['p50']:.2f}x "
+        f"({fmt_seconds(alone['p50'])} alone, {fmt_seconds(busy['p50'])} during)",
+        "met": over <= TARGET_HOTADD_UNDER_RESYNC and not busy["failures"],
+    }
 
 
 # --- targets --------------------------------------------------------------------------------

@@ -156,3 +156,42 @@ def test_resync_judges_with_the_history_a_reconcile_left(tmp_path: Path, monkeyp
     [again] = seen
     codes = {f.code for f in again.findings}
     assert GUEST_REJECTED_VCPU in codes and GUEST_MISSING_VCPUS not in codes
+
+
+def test_a_reconcile_ending_on_one_host_does_not_wait_for_another_hosts_resync(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A hot-add's reconcile on one host ends (``reconciled``) while a resync of another
+    host is still judging its domains: nothing the two share is held across a resync."""
+    import threading
+
+    from virthotplug.daemon import resync as resync_module
+
+    judging, release = threading.Event(), threading.Event()
+    judge = resync_module.find_drift
+
+    def slow_judge(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == "busy-resync":
+            judging.set()
+            release.wait(10.0)
+        return judge(*args, **kwargs)
+
+    resync = BulkResync(Holder())
+    with (
+        Connection(node(tmp_path / "a.xml", 2)) as quiet,
+        Connection(node(tmp_path / "b.xml", 3)) as busy,
+    ):
+        view = collect.read_views(quiet).views[0]
+        resync.run(quiet)
+        monkeypatch.setattr(resync_module, "find_drift", slow_judge)
+        other = threading.Thread(target=resync.run, args=(busy,), name="busy-resync")
+        other.start()
+        try:
+            assert judging.wait(10.0)
+            ended = threading.Thread(target=resync.reconciled, args=(quiet.uri, view))
+            ended.start()
+            ended.join(2.0)
+            assert not ended.is_alive(), "the reconcile waited for the other host's resync"
+        finally:
+            release.set()
+            other.join(10.0)

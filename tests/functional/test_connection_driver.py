@@ -18,7 +18,7 @@ from virthotplug.core.drift import CONFIG_LIVE_MISMATCH
 from virthotplug.core.view import AGENT_UNSUPPORTED, INFO
 from virthotplug.core.workpool import call_with_timeout
 from virthotplug.host.collect import read_view, read_views
-from virthotplug.host.connection import Connection, classify
+from virthotplug.host.connection import Connection, OpeningConnection, classify
 from virthotplug.host.domxml import (
     NAMESPACE,
     Topology,
@@ -170,6 +170,30 @@ def test_closed_connection(conn: Connection) -> None:
     with pytest.raises(errors.ConnectError, match="not connected"):
         conn.lookup("hotplug-agent")
     conn.close()  # closing twice is harmless
+
+
+def test_opening_connection_hands_over_an_open_connection() -> None:
+    opening = OpeningConnection(MIXED)
+    with opening.result() as conn:
+        assert conn.transient_uuids() == set()
+        opening.discard()  # handed over: the caller's to close, discard leaves it open
+        assert conn.is_alive()
+    assert not conn.is_alive()
+
+
+def test_opening_connection_raises_the_open_error_in_the_caller() -> None:
+    with pytest.raises(errors.VirtHotplugError) as direct:
+        Connection("bogus:///x").open()
+    opening = OpeningConnection("bogus:///x")
+    with pytest.raises(type(direct.value), match="no connection driver available"):
+        opening.result()
+    opening.discard()  # nothing was opened: nothing to close
+
+
+def test_opening_connection_discarded_unused_is_closed() -> None:
+    opening = OpeningConnection(MIXED)
+    opening.discard()
+    assert opening._conn is not None and not opening._conn.is_alive()
 
 
 def test_transient_uuids() -> None:

@@ -100,6 +100,10 @@ class _HostState:
         self.conn = conn
         self.cache = collect.DefinitionCache(max_age)
         self.known: dict[str, _Known] = {}  # uuid → last findings and full view
+        # Guards ``known``. One per host: a resync judging a thousand domains of one host
+        # holds it a while, and a reconcile ending on another host (a hot-add) must not
+        # wait for that.
+        self.lock = threading.Lock()
 
 
 class BulkResync:
@@ -113,7 +117,7 @@ class BulkResync:
         self._holder = holder
         self._on_views = on_views
         self._hosts: dict[str, _HostState] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards ``_hosts``; each host's state has its own
 
     # --- what the daemon tells it --------------------------------------------------------
 
@@ -128,7 +132,7 @@ class BulkResync:
         state = self._hosts.get(host)
         if state is not None:
             state.cache.invalidate(uuid)
-            with self._lock:
+            with state.lock:
                 state.known.pop(uuid, None)
 
     def reconciled(self, host: str, view: Optional[VcpuView]) -> None:
@@ -136,7 +140,7 @@ class BulkResync:
         state = self._hosts.get(host)
         if state is None or view is None:
             return
-        with self._lock:
+        with state.lock:
             state.known[view.uuid] = _Known(_codes(view), view, time.monotonic())
 
     # --- the resync -----------------------------------------------------------------------
@@ -173,7 +177,7 @@ class BulkResync:
         )
         asked = {view.uuid for view in views}
         raws = {raw.view.uuid: raw for raw in read.raws}
-        with self._lock:
+        with state.lock:
             views += [self._carried_over(state, raw.view) for raw in idle]
             views = [
                 self._judged(state, v, policies.get(v.uuid), raws[v.uuid], invalid.get(v.uuid))
@@ -215,7 +219,7 @@ class BulkResync:
             return False
         if policy.policy.acts:
             return True
-        with self._lock:
+        with state.lock:
             known = state.known.get(view.uuid)
         return known is None or known.worth_asking(now, state.cache.max_age)
 
@@ -242,10 +246,13 @@ class BulkResync:
         then leads, as the reconcile job's does)."""
         known = state.known.get(view.uuid)
         live = raw.definitions.live
+        latest = None
         if known is not None:
-            view = dataclasses.replace(view, history=known.view.history)
+            latest = known.view.history
         elif live is not None:
-            view = dataclasses.replace(view, history=history.from_raw(live.history))
+            latest = history.from_raw(live.history)
+        if latest is not None and latest != view.history:  # most domains have none: no copy
+            view = dataclasses.replace(view, history=latest)
         rules = policy.policy if policy is not None else None
         findings = find_drift(view, rules)
         if invalid is not None:

@@ -31,7 +31,7 @@ from virthotplug.host.bulk import (
     read_domains,
     workers_for,
 )
-from virthotplug.host.connection import Connection
+from virthotplug.host.connection import Connection, OpeningConnection
 from virthotplug.host.domain import Domain
 from virthotplug.host.history import ContextFn
 from virthotplug.host.libvirt_types import Stats
@@ -150,15 +150,21 @@ def read_hosts(
     agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
     workers: int = DEFAULT_WORKERS,
     context: Optional[ContextFn] = None,
+    opening: Optional[OpeningConnection] = None,
 ) -> ReadResult:
     """Read several hosts at once, results in the order of ``uris``.
 
     With one host its errors propagate (like virsh). With several, a host that is down or
     fails is reported in ``errors`` and the others still are read, and a named domain needs
     to exist on one host only: a name found on none of the hosts read is an error.
+    ``opening``: the one host's connection, already being opened (``OpeningConnection``).
     """
     if len(uris) == 1:
-        with Connection(uris[0], readonly=readonly).open() as conn:
+        if opening is not None:
+            conn = opening.result()
+        else:
+            conn = Connection(uris[0], readonly=readonly).open()
+        with conn:
             return read_views(
                 conn, names, agent_timeout=agent_timeout, workers=workers, context=context
             )

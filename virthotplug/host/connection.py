@@ -481,6 +481,42 @@ class Connection:
             return False
 
 
+class OpeningConnection:
+    """A connection opened on a thread of its own, while the caller goes on (imports the
+    read path, loads its configuration): libvirtd takes from a few milliseconds to a second
+    to answer an open (the test driver parses its whole node file), time the caller's own
+    start-up fits in. ``result`` waits for it: the open connection, or the open's error.
+    """
+
+    def __init__(self, uri: Optional[str], *, readonly: bool = False) -> None:
+        self._uri, self._readonly = uri, readonly
+        self._conn: Optional[Connection] = None
+        self._error: Optional[BaseException] = None
+        self._handed_over = False  # result() gave it to the caller, who closes it
+        self._thread = threading.Thread(target=self._open, name="open", daemon=True)
+        self._thread.start()
+
+    def _open(self) -> None:
+        try:
+            self._conn = Connection(self._uri, readonly=self._readonly).open()
+        except BaseException as exc:  # raised in the caller's thread, by result()
+            self._error = exc
+
+    def result(self) -> Connection:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._conn is not None
+        self._handed_over = True
+        return self._conn
+
+    def discard(self) -> None:
+        """Close it if ``result`` never handed it over (the caller failed before reading)."""
+        self._thread.join()
+        if self._conn is not None and not self._handed_over:
+            self._conn.close()
+
+
 def _monitor_forwarder(sink: EventSink) -> Callable[..., None]:
     def forward(
         _c: Any, dom: VirDomain, event: str, seconds: int, micros: int, details: Any, _o: Any

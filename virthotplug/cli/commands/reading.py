@@ -33,10 +33,37 @@ def read_for_report(args: Any, *, qemu_monitor: bool = False) -> Reading:
     """The views of the selected domains for ``status``/``check``. A configuration file
     that cannot be read, or a read-only connection's refused agent calls, leave a verdict
     for every domain from what could be read, and say what was not."""
+    hosts, names = uris(args), selected_names(args)
+    opening = _opening(hosts, args.readonly)
+    try:
+        return _read(args, hosts, names, opening, qemu_monitor)
+    except BaseException:
+        if opening is not None:
+            opening.discard()
+        raise
+
+
+def _opening(hosts: list[Optional[str]], readonly: bool) -> Any:
+    """One host's connection, opened while the read path is imported and the configuration
+    loaded (libvirtd may take a second to answer an open); None for several hosts (each is
+    opened on a thread of its own anyway)."""
+    if len(hosts) != 1:
+        return None
+    from virthotplug.host.connection import OpeningConnection
+
+    return OpeningConnection(hosts[0], readonly=readonly)
+
+
+def _read(
+    args: Any,
+    hosts: list[Optional[str]],
+    names: Optional[list[str]],
+    opening: Any,
+    qemu_monitor: bool,
+) -> Reading:
     from virthotplug.core.config import load_config
     from virthotplug.host import collect, history
 
-    hosts, names = uris(args), selected_names(args)
     config = load_config(args.config_file, unreadable_ok=True)
     invalid: dict[tuple[str, str], str] = {}  # (name, uuid) -> why its policy is invalid
     context = _noting_invalid_policies(
@@ -50,6 +77,7 @@ def read_for_report(args: Any, *, qemu_monitor: bool = False) -> Reading:
         readonly=args.readonly,
         agent_timeout=agent_timeout(args, config),
         context=context,
+        opening=opening,
     )
     check_read_result(result, names, hosts)
     result.views = [_with_invalid_policy(view, invalid) for view in result.views]
@@ -94,13 +122,13 @@ def _noting_invalid_policies(context: Any, config: Any, invalid: dict[tuple[str,
 
 
 def _with_invalid_policy(view: Any, invalid: dict[tuple[str, str], str]) -> Any:
+    why = invalid.get((view.name, view.uuid))
+    if why is None:  # nearly every domain: the imports below are for the few others
+        return view
     import dataclasses
 
     from virthotplug.core.drift import invalid_policy_finding
 
-    why = invalid.get((view.name, view.uuid))
-    if why is None:
-        return view
     finding = invalid_policy_finding(view.name, why)
     return dataclasses.replace(view, findings=(finding, *view.findings))
 
