@@ -28,6 +28,7 @@ from virthotplug.core.events import (
     DeviceRemovalEvent,
     Event,
     OstMonitorEvent,
+    VcpuRemovedEvent,
 )
 from virthotplug.core.judge import Verdict
 from virthotplug.core.policy import Policy
@@ -46,6 +47,10 @@ ACTING_MODES = ("online", "match")
 RETRY_HOTADD = "hot-add"
 RETRY_SETTLE = "settle"
 SOURCE = "watch"  # who wrote a history entry
+
+
+# The events that say something about one vCPU (``core.observed``).
+_VCPU_EVENTS = (OstMonitorEvent, DeviceDeletedMonitorEvent, DeviceRemovalEvent, VcpuRemovedEvent)
 
 
 class JobRunner:
@@ -69,14 +74,14 @@ class JobRunner:
 
     def observe(self, ev: Event) -> None:
         """Every event, on the daemon's main loop (quick, no libvirt call): what QEMU's
-        monitor events and libvirt's device removals say about vCPUs is kept for the
-        domain's next job."""
+        monitor events and libvirt's device and vCPU removals say about vCPUs is kept for
+        the domain's next job."""
         if ev.domain is None:
             return
         if isinstance(ev, FloodEvent):
             self._distrust_monitor(ev.domain.key)
             return
-        if not isinstance(ev, (OstMonitorEvent, DeviceDeletedMonitorEvent, DeviceRemovalEvent)):
+        if not isinstance(ev, _VCPU_EVENTS):
             return
         domain = self._domain(ev.domain.key)
         found = domain.reader.read(ev)

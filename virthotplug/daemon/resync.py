@@ -240,7 +240,7 @@ class BulkResync:
         elif live is not None:
             view = dataclasses.replace(view, history=history.from_raw(live.history))
         rules = policy.policy if policy is not None else None
-        return dataclasses.replace(view, findings=find_drift(view, rules))
+        return dataclasses.replace(view, findings=find_drift(view, rules, now=time.time()))
 
     @staticmethod
     def _choose(

@@ -155,9 +155,11 @@ class Domain:
             context=self.context,
         )
 
-    def set_vcpus(self, count: int, *, live: bool, config: bool) -> None:
-        """Hot-plug or unplug vCPUs (live) and/or change the persistent count (config)."""
-        flags = self._conn.affect_flags(live=live, config=config)
+    def set_vcpus(self, count: int, *, live: bool, config: bool, async_flag: int = 0) -> None:
+        """Hot-plug or unplug vCPUs (live) and/or change the persistent count (config).
+        ``async_flag``: the connection's ``VIR_DOMAIN_VCPU_ASYNC_UNPLUG`` (its capability
+        record's), to return once an unplug request is fired instead of waiting for it."""
+        flags = self._conn.affect_flags(live=live, config=config) | async_flag
         self._call(lambda: self.raw.setVcpusFlags(count, flags))
 
     # taints the domain
