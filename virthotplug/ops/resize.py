@@ -442,7 +442,7 @@ class _AsyncShrink:
         live = self._complete(timings)
         if live <= self.request.count:
             self._confirm(timings)
-        repeated = self.refused if self.refused is not None else None
+        repeated = self.refused
         if self.accepted and repeated is None:
             repeated = plan.REPEAT_ACCEPTED
             notes.append(
