@@ -105,8 +105,9 @@ REJECTION_CAUSES = (
 # refuses it, and setvcpus then reports the remedy that is left.
 PENDING_REMEDY = (
     "'virthotplug setvcpus {name} {count}' repeats the unplug request, which completes it "
-    "once the guest has ejected the vCPU where the host accepts a repeat (libvirt 11.3 and "
-    "later); where the host refuses it, restart the domain; do not hot-add before"
+    "once the guest has ejected the vCPU on a host that accepts a repeat (libvirt 11.3 and "
+    "later); on one that refuses it only a restart of the domain resyncs libvirt; do not "
+    "hot-add before"
 )
 
 Check = Callable[[VcpuView, Optional[Policy]], Iterable[Finding]]
