@@ -9,9 +9,11 @@ from typing import Any, Callable, Optional
 
 import pytest
 
+from virthotplug.core.config import HostConfig, WatchSettings
 from virthotplug.core.events import DomainRef, Event, VcpuRemovedEvent
 from virthotplug.core.judge import REMOVED
 from virthotplug.core.observed import EventReader
+from virthotplug.daemon.jobs import JobRunner
 from virthotplug.daemon.listener import Listener
 from virthotplug.daemon.monitorlog import MonitorLog, describe
 from virthotplug.host import connection as connection_module
@@ -171,3 +173,11 @@ def test_setvcpus_keeps_and_prints_vcpu_removed() -> None:
     assert describe(ev, 9.5) == "+0.500 s  vcpu-removed  libvirt removed vcpu1"
     assert log.wait_for(lambda e: isinstance(e, VcpuRemovedEvent), since=9.0, limit=0.0)
     assert not log.wait_for(lambda e: False, since=9.0, limit=0.01)
+
+
+def test_watch_keeps_vcpu_removed_for_the_domains_next_judgement() -> None:
+    runner = JobRunner(HostConfig(), WatchSettings())
+    ref = DomainRef("h", "u", "web1")
+    runner.observe(VcpuRemovedEvent(ref, vcpu=2, mono=5.0, at=1005.0))
+    observations = runner.domains.record(ref.key).jobs.observations.snapshot()
+    assert [(o.kind, o.vcpu, o.at) for o in observations.events] == [(REMOVED, 2, 5.0)]
