@@ -153,11 +153,8 @@ def _layers(out: str, status: int) -> Optional[float]:
         return None
     if status != 0 or not doc.get("complete"):
         return None
-    timings = doc.get("timings", {})
-    value = timings.get("all-layers")
-    if value is None:  # the sync path has no such key: the whole command's wait is it
-        return None if not timings else float(max(timings.values()))
-    return float(value)
+    value = doc.get("timings", {}).get("all-layers")
+    return float(value) if value is not None else None
 
 
 def shrink_table(result: ShrinkResult) -> str:

@@ -40,4 +40,4 @@ def test_a_shrink_without_the_capability_sends_no_async_flag(
     live = doc["checks"][0]
     assert grown.json()["checks"][0]["ok"] and (live["layer"], live["ok"]) == ("live", True)
     assert sent == [(3, 0), (2, 0)]
-    assert "all-layers" not in doc["timings"] and doc["repeated_unplug"] is None
+    assert "guest-ejected" not in doc["timings"] and doc["repeated_unplug"] is None
