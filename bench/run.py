@@ -5,6 +5,8 @@
     hotadd      hot-add to online on lab VMs
     flood       a guest flooding ACPI_DEVICE_OST, on a private libvirtd: nothing subscribed,
                 ``virsh qemu-monitor-event``, ``watch`` (also ``bench/results/flood.json``)
+    shrink      a shrink on stack 3 (libvirt 12.8): ``setvcpus`` with the async unplug (in
+                the root), ``setvcpus`` from a 9.0 client (sync), a plain ``virsh setvcpus``
 
 Absolute times on a shared machine are noisy; the ratios are what count: every comparison
 is measured in the same run, repetitions interleaved, medians. Prints tables and writes
@@ -39,6 +41,7 @@ from footprint import SHARED_URI, Footprint, FootprintResult
 from hotadd import AGENT_POLL, DebianResult, Hotadd, HotaddResult, Latencies, debian12_cached
 from hotadd import METHODS as HOTADD_METHODS
 from nodes import MIX, MIXES
+from shrink import Shrink, shrink_table, shrink_targets
 from sweep import SizeResult, Sweep
 
 TARGET_FLOOR_RATIO = 1.3  # status within 1.3x of the floor at 1,000 domains, every mix
@@ -96,6 +99,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-flood", action="store_true", help="skip the OST flood cases")
     parser.add_argument(
+        "--no-shrink", action="store_true", help="skip the stack-3 shrink (builds stack 3)"
+    )
+    parser.add_argument("--shrink-rounds", type=int, default=5, help="shrinks per method")
+    parser.add_argument(
         "--flood-seconds", type=float, default=60.0, help="length of each flood case"
     )
     parser.add_argument(
@@ -110,6 +117,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.hotadd_debian_rounds = 3
         args.hotadd_resync_domains = min(args.hotadd_resync_domains, 100)
         args.flood_seconds = min(args.flood_seconds, 10.0)
+        args.shrink_rounds = min(args.shrink_rounds, 2)
     return args
 
 
@@ -714,10 +722,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             document["hotadd"] = hotadd.to_dict()
             output.append(hotadd_tables(hotadd))
     flood_checks = [] if args.no_flood else run_flood(args, document, output)
+    shrink_checks = [] if args.no_shrink else run_shrink(args, document, output)
     checks = targets(sweep, footprints)
     if hotadd is not None:
         checks += hotadd_targets(hotadd)
-    checks += flood_checks
+    checks += flood_checks + shrink_checks
     document["targets"] = checks
     document["machine"]["load_average_end"] = load_average()
     output.append(targets_table(checks))
@@ -748,6 +757,23 @@ def run_flood(
     )
     output.append(flood_table(results))
     return flood_targets(results)
+
+
+def run_shrink(
+    args: argparse.Namespace, document: dict[str, Any], output: list[str]
+) -> list[dict[str, Any]]:
+    """The stack-3 shrink; its table goes to ``output``."""
+    log(f"shrink: stack 3, {args.shrink_rounds} rounds of each method")
+    try:
+        result = Shrink(args.shrink_rounds).run(log)
+    except Exception as exc:  # the stack or the lab could not start: report it, keep the rest
+        log(f"shrink benchmark failed: {exc}")
+        document["shrink"] = {"error": str(exc)}
+        output.append(f"Shrink on stack 3: not measured: {exc}")
+        return []
+    document["shrink"] = result.to_dict()
+    output.append(shrink_table(result))
+    return shrink_targets(result)
 
 
 def _cpu_count() -> int:

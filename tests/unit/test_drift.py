@@ -113,6 +113,7 @@ def test_codes_are_stable() -> None:
         "match-unreachable",
         "ost-flood",
         "invalid-policy",
+        "unplug-pending",
     )
 
 

@@ -8,13 +8,18 @@ The policy decides what is drift: CPUs it keeps offline on purpose (``exclude``,
 under ``ignore``, those beyond a ``match`` count) are reported at info level as
 ``guest-cpu-kept-offline``, never as a warning; a ``match`` target the guest cannot reach is
 ``match-unreachable``. The history tells a stale vCPU (an unplug libvirt gave up on that the
-guest completed) from a hot-add the guest did not take. While ``settling`` (right after a
-resume, restore or hot-add), findings that depend on the guest are at most warnings.
+guest completed) from a hot-add the guest did not take, and both from a pending unplug
+(``unplug-pending``): an async unplug libvirt has not completed, a vCPU the guest ejected
+while libvirt still counts it with no timed-out request on record, or a vCPU the guest took
+and no longer has although nobody saw it unplugged (``virsh setvcpus --async``). While
+``settling`` (right after a resume, restore or hot-add), findings that depend on the guest
+are at most warnings.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+import datetime
+from typing import Callable, Iterable, Mapping, Optional
 
 from virthotplug.core.cpulist import format_cpulist
 from virthotplug.core.errors import quote
@@ -30,11 +35,13 @@ from virthotplug.core.view import (
     HISTORY_EJECTED,
     HISTORY_PLUGGED,
     HISTORY_REJECTED,
+    HISTORY_UNPLUG_REQUESTED,
     HISTORY_UNPLUG_TIMEOUT,
     INFO,
     WARNING,
     Finding,
     History,
+    HistoryEntry,
     VcpuView,
 )
 
@@ -42,6 +49,7 @@ GUEST_CPU_OFFLINE = "guest-cpu-offline"
 GUEST_CPU_KEPT_OFFLINE = "guest-cpu-kept-offline"
 GUEST_MISSING_VCPUS = "guest-missing-vcpus"
 GUEST_REJECTED_VCPU = "guest-rejected-vcpu"
+UNPLUG_PENDING = "unplug-pending"
 MATCH_UNREACHABLE = "match-unreachable"
 GUEST_EXTRA_VCPUS = "guest-extra-vcpus"
 CONFIG_LIVE_MISMATCH = "config-live-mismatch"
@@ -76,6 +84,7 @@ ALL_CODES = (
     MATCH_UNREACHABLE,
     OST_FLOOD,
     INVALID_POLICY,
+    UNPLUG_PENDING,
 )
 
 
@@ -92,21 +101,36 @@ REJECTION_CAUSES = (
     "guest booted with nr_cpus=/maxcpus="
 )
 
+# What completes a pending unplug. libvirt 11.3 and 12.8 accept the same unplug request
+# again once the guest has ejected the vCPU and drop it then (lab: 21 of 21); libvirt 9.0
+# refuses it, and setvcpus then reports the remedy that is left.
+PENDING_REMEDY = (
+    "'virthotplug setvcpus {name} {count}' repeats the unplug request, which completes it "
+    "once the guest has ejected the vCPU on a host that accepts a repeat (libvirt 11.3 and "
+    "later); on one that refuses it only a restart of the domain resyncs libvirt; do not "
+    "hot-add before"
+)
+
 Check = Callable[[VcpuView, Optional[Policy]], Iterable[Finding]]
 
 
 def find_drift(
-    view: VcpuView, policy: Optional[Policy] = None, *, settling: bool = False
+    view: VcpuView,
+    policy: Optional[Policy] = None,
+    *,
+    settling: bool = False,
+    now: Optional[float] = None,
 ) -> tuple[Finding, ...]:
     """Every finding for ``view`` under ``policy`` (None: unknown, judged like 'report'),
-    most fundamental first."""
+    most fundamental first. ``now`` (Unix seconds) gives a pending unplug its age; without
+    it the time it was seen is named."""
     if not view.active:
         return (Finding(DOMAIN_NOT_RUNNING, INFO, f"domain is {view.state}: only config known"),)
     checks: tuple[Check, ...] = (
         _config_vs_live,
         _hypervisor_vs_live,
         _agent,
-        _guest_count,
+        lambda v, p: _guest_count(v, p, now),
         _guest_offline,
         _match,
     )
@@ -193,13 +217,18 @@ def _agent_not_configured(view: VcpuView) -> Finding:
     )
 
 
-def _guest_count(view: VcpuView, _policy: Optional[Policy]) -> Iterable[Finding]:
+def _guest_count(
+    view: VcpuView, _policy: Optional[Policy], now: Optional[float]
+) -> Iterable[Finding]:
     if view.guest is None or view.live is None:
         return
     present, counted = len(view.guest.present), view.live.current
+    requested = _requested(view)
     if present < counted:
-        yield from _missing(view, counted, present)
-    elif present > counted:
+        yield from _missing(view, counted, present, requested, now)
+    elif requested:  # fired, the guest has not ejected yet
+        yield _pending(view, requested, now, "the guest has not ejected it yet")
+    if present > counted:
         extra = sorted(view.guest.present)[counted:]
         yield Finding(
             GUEST_EXTRA_VCPUS,
@@ -209,7 +238,13 @@ def _guest_count(view: VcpuView, _policy: Optional[Policy]) -> Iterable[Finding]
         )
 
 
-def _missing(view: VcpuView, counted: int, present: int) -> Iterable[Finding]:
+def _missing(
+    view: VcpuView,
+    counted: int,
+    present: int,
+    requested: Mapping[int, float],
+    now: Optional[float],
+) -> Iterable[Finding]:
     """The guest has fewer CPUs than libvirt counts: the history says why, when it can."""
     history = view.history
     rejected = sorted(history.vcpus(HISTORY_REJECTED))
@@ -222,13 +257,33 @@ def _missing(view: VcpuView, counted: int, present: int) -> Iterable[Finding]:
         )
     unexplained = counted - present - len(rejected)
     if unexplained <= 0:
+        if requested:
+            yield _pending(view, requested, now, "the guest has not ejected it yet")
+        return
+    ejected = {**_ejected_pending(view), **requested}
+    if ejected:
+        yield _pending(view, ejected, now, "the guest ejected it, libvirt still counts it")
+        unexplained -= len(ejected)
+    gone = history.gone - set(ejected)
+    if unexplained > 0 and gone:
+        head = f"libvirt counts {counted} live vCPUs but the guest has only {present} "
+        head += f"({format_cpulist(view.guest.present) if view.guest else '-'})"
+        yield Finding(GUEST_MISSING_VCPUS, CRITICAL, f"{head}: {_stale_text(view, gone)}")
+        return
+    if unexplained <= 0:
+        return
+    unobserved = _unobserved(view, unexplained, set(ejected))
+    if unobserved:
+        yield _pending(
+            view,
+            unobserved,
+            now,
+            "the guest took it and no longer has it; the unplug was not observed "
+            "(e.g. virsh setvcpus --async)",
+        )
         return
     head = f"libvirt counts {counted} live vCPUs but the guest has only {present} "
     head += f"({format_cpulist(view.guest.present) if view.guest else '-'})"
-    gone = history.gone
-    if gone:
-        yield Finding(GUEST_MISSING_VCPUS, CRITICAL, f"{head}: {_stale_text(view, gone)}")
-        return
     yield Finding(
         GUEST_MISSING_VCPUS,
         CRITICAL,
@@ -236,6 +291,88 @@ def _missing(view: VcpuView, counted: int, present: int) -> Iterable[Finding]:
         "libvirt gave up on completed in the guest (a stale vCPU), or the guest did not take a "
         "hot-added vCPU; do not hot-add before 'virthotplug setvcpus' or a restart resolves it",
     )
+
+
+# --- pending unplugs ------------------------------------------------------------------------
+
+
+def _enabled(view: VcpuView) -> frozenset[int]:
+    """The vCPU ids libvirt counts: the live definition's, else its per-vCPU states."""
+    live = view.live
+    if live is None:
+        return frozenset()
+    enabled = frozenset(v.id for v in live.vcpus if v.enabled)
+    if not enabled and view.hypervisor is not None:
+        enabled = frozenset(view.hypervisor.vcpus)
+    return enabled or frozenset(range(live.current))
+
+
+def _requested(view: VcpuView) -> dict[int, float]:
+    """vCPU -> when: async unplugs fired (their latest entry) that libvirt still counts."""
+    enabled = _enabled(view)
+    return {
+        v: e.time
+        for v, e in view.history.last_by_vcpu().items()
+        if e.kind == HISTORY_UNPLUG_REQUESTED and v in enabled
+    }
+
+
+def _ejected_pending(view: VcpuView) -> dict[int, float]:
+    """vCPU -> when: ejected by the guest (their latest entry) and still counted by libvirt,
+    with no request libvirt gave up on since their latest plug (that is a stale vCPU)."""
+    enabled = _enabled(view)
+    found: dict[int, float] = {}
+    for vcpu, entry in view.history.last_by_vcpu().items():
+        if entry.kind == HISTORY_EJECTED and vcpu in enabled and not _timed_out(view, vcpu):
+            found[vcpu] = entry.time
+    return found
+
+
+def _timed_out(view: VcpuView, vcpu: int) -> bool:
+    """An unplug request of ``vcpu`` timed out since its latest plug."""
+    timed_out = False
+    for entry in sorted((e for e in view.history.entries if e.vcpu == vcpu), key=_time):
+        if entry.kind == HISTORY_PLUGGED:
+            timed_out = False
+        elif entry.kind == HISTORY_UNPLUG_TIMEOUT:
+            timed_out = True
+    return timed_out
+
+
+def _time(entry: HistoryEntry) -> float:
+    return entry.time
+
+
+def _unobserved(view: VcpuView, missing: int, known: set[int]) -> dict[int, Optional[float]]:
+    """The vCPUs a hot-add on record brought that the guest took (their latest entry is the
+    plug: not rejected) and that libvirt still counts, when the guest has fewer CPUs: an
+    unplug nobody here saw. The highest ones, as libvirt unplugs them."""
+    plugged = sorted((view.history.vcpus(HISTORY_PLUGGED) & _enabled(view)) - known)
+    return {vcpu: None for vcpu in plugged[-missing:]} if plugged and missing > 0 else {}
+
+
+def _pending(
+    view: VcpuView, vcpus: Mapping[int, Optional[float]], now: Optional[float], state: str
+) -> Finding:
+    assert view.live is not None
+    parts = [f"vcpu{v} ({_age(vcpus[v], now)})" for v in sorted(vcpus)]
+    count = max(1, view.live.current - len(vcpus))
+    remedy = PENDING_REMEDY.format(name=view.name, count=count)
+    return Finding(
+        UNPLUG_PENDING,
+        WARNING,
+        f"unplug pending: {', '.join(parts)}: {state}; {remedy}",
+        tuple(sorted(vcpus)),
+    )
+
+
+def _age(since: Optional[float], now: Optional[float]) -> str:
+    if since is None:
+        return "age unknown"
+    if now is None:
+        moment = datetime.datetime.fromtimestamp(since, tz=datetime.timezone.utc)
+        return f"since {moment.isoformat(timespec='seconds').replace('+00:00', 'Z')}"
+    return f"for {max(0.0, now - since):.1f} s"
 
 
 def _stale_text(view: VcpuView, gone: frozenset[int]) -> str:

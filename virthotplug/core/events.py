@@ -244,6 +244,27 @@ class DeviceDeletedMonitorEvent(Event):
         return {"device": self.deleted.device, "path": self.deleted.path}
 
 
+@dataclass(frozen=True)
+class VcpuRemovedEvent(Event):
+    """libvirt's vcpu-removed (libvirt 12.4 or later): libvirt dropped ``<vcpu id=vcpu>``
+    from the live definition. The confirmation of an unplug; QEMU 11.1 under TCG also makes
+    libvirt send one, late, when the slot is plugged again (the judge tells them apart)."""
+
+    vcpu: int = -1
+
+    kind = "vcpu-removed"
+
+    @property
+    def intent(self) -> str:
+        return RECONCILE
+
+    def describe(self) -> str:
+        return f"libvirt removed vcpu{self.vcpu}"
+
+    def details(self) -> dict[str, Any]:
+        return {"vcpu": self.vcpu}
+
+
 METADATA_TYPES = {0: "description", 1: "title", 2: "element"}
 
 

@@ -15,6 +15,7 @@ from virthotplug.core.events import (
     DeviceRemovalEvent,
     Event,
     OstMonitorEvent,
+    VcpuRemovedEvent,
 )
 from virthotplug.core.judge import DELETED, EJECT, PLUG, REMOVED, Observed
 from virthotplug.core.ost import SOURCE_DEVICE_CHECK, SOURCE_EJECT_REQUEST, STATUS_SUCCESS
@@ -33,7 +34,8 @@ class EventReader:
     - DEVICE_DELETED for ``vcpuN`` itself (device ``vcpuN`` with its own path, or exactly
       ``/machine/peripheral/vcpuN``): QEMU removed vcpuN. Never a sub-path such as
       ``…/vcpuN/lapic``, which QEMU sends under TCG although the vCPU is never finalized.
-    - libvirt's device-removed for alias ``vcpuN``: libvirt removed it.
+    - libvirt's device-removed for alias ``vcpuN``, or its vcpu-removed for vCPU N (libvirt
+      12.4 or later): libvirt removed it.
     """
 
     def __init__(self) -> None:
@@ -46,6 +48,8 @@ class EventReader:
             vcpu = ev.deleted.vcpu_id
             vcpu = vcpu if vcpu is not None else deleted_vcpu(ev.deleted.path)
             return Observed(DELETED, vcpu, ev.mono, ev.at) if vcpu is not None else None
+        if isinstance(ev, VcpuRemovedEvent) and 0 <= ev.vcpu <= MAX_CPU_ID:
+            return Observed(REMOVED, ev.vcpu, ev.mono, ev.at)
         if isinstance(ev, DeviceRemovalEvent) and not ev.failed:
             vcpu = vcpu_from_alias(ev.alias)
             return Observed(REMOVED, vcpu, ev.mono, ev.at) if vcpu is not None else None

@@ -17,7 +17,12 @@ from typing import Optional, Sequence
 
 from virthotplug.core import errors
 from virthotplug.core.cpulist import format_cpulist
-from virthotplug.core.drift import GUEST_MISSING_VCPUS, GUEST_REJECTED_VCPU, gone_text
+from virthotplug.core.drift import (
+    GUEST_MISSING_VCPUS,
+    GUEST_REJECTED_VCPU,
+    UNPLUG_PENDING,
+    gone_text,
+)
 from virthotplug.core.policy import Policy, decide
 from virthotplug.core.view import CountLayer, VcpuEntry, VcpuView
 
@@ -78,8 +83,9 @@ def needs_repair(view: VcpuView, request: Request) -> bool:
 
 
 def stale(view: VcpuView) -> bool:
-    """libvirt counts a vCPU the guest does not have, and no rejected hot-add explains it."""
-    return any(f.code == GUEST_MISSING_VCPUS for f in view.findings)
+    """libvirt counts a vCPU the guest does not have, and no rejected hot-add explains it;
+    a pending unplug too (the hot-add that follows one is what crashes QEMU 7.2)."""
+    return any(f.code in (GUEST_MISSING_VCPUS, UNPLUG_PENDING) for f in view.findings)
 
 
 def stale_reason(view: VcpuView) -> str:
@@ -293,8 +299,8 @@ def drift_notes(
         detail = f": {after.agent.error}" if after.agent.error else ""
         notes.append(f"the guest cannot be verified: guest agent {after.agent.state}{detail}")
     for finding in after.findings:
-        if finding.code == GUEST_REJECTED_VCPU:
-            notes.append(f"guest-rejected-vcpu: {finding.message}")
+        if finding.code in (GUEST_REJECTED_VCPU, UNPLUG_PENDING):
+            notes.append(f"{finding.code}: {finding.message}")
         elif finding.code == GUEST_MISSING_VCPUS and after.live is not None:
             notes.append(stale_note(after, repeated))
     return notes

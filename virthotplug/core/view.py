@@ -99,7 +99,16 @@ HISTORY_UNPLUG_TIMEOUT = "unplug-timeout"  # libvirt gave up waiting for an unpl
 HISTORY_EJECTED = "ejected"  # QEMU reported the vCPU ejected (OST or DEVICE_DELETED)
 HISTORY_REJECTED = "rejected"  # QEMU's OST said success, the guest never listed a new CPU
 HISTORY_PLUGGED = "plugged"  # a hot-add QEMU reported (OST device check success)
-HISTORY_KINDS = (HISTORY_UNPLUG_TIMEOUT, HISTORY_EJECTED, HISTORY_REJECTED, HISTORY_PLUGGED)
+# An async unplug was fired (libvirt 12.4 or later) and libvirt still counted the vCPU when
+# the command ended: pending until libvirt drops it.
+HISTORY_UNPLUG_REQUESTED = "unplug-requested"
+HISTORY_KINDS = (
+    HISTORY_UNPLUG_TIMEOUT,
+    HISTORY_EJECTED,
+    HISTORY_REJECTED,
+    HISTORY_PLUGGED,
+    HISTORY_UNPLUG_REQUESTED,
+)
 MAX_HISTORY_ENTRIES = 32  # the latest are kept; counts survive in ``plugged``
 
 

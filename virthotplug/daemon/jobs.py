@@ -33,6 +33,7 @@ from virthotplug.core.events import (
     HostEvent,
     LifecycleEvent,
     OstMonitorEvent,
+    VcpuRemovedEvent,
 )
 from virthotplug.core.judge import Verdict
 from virthotplug.core.policy import Policy
@@ -57,6 +58,10 @@ SOURCE = "watch"  # who wrote a history entry
 FRESH_STARTS = ("booted", "migrated", "restored")
 
 
+# The events that say something about one vCPU (``core.observed``).
+_VCPU_EVENTS = (OstMonitorEvent, DeviceDeletedMonitorEvent, DeviceRemovalEvent, VcpuRemovedEvent)
+
+
 class JobRunner:
     """Holds the current configuration (replaced on SIGHUP) and runs jobs with it."""
 
@@ -78,8 +83,8 @@ class JobRunner:
 
     def observe(self, ev: Event) -> None:
         """Every event, on the daemon's main loop (quick, no libvirt call): what QEMU's
-        monitor events and libvirt's device removals say about vCPUs is kept for the
-        domain's next job."""
+        monitor events and libvirt's device and vCPU removals say about vCPUs is kept for
+        the domain's next job."""
         if isinstance(ev, HostEvent) and ev.what == "connected":
             self._missed_events(ev.host)
             return
@@ -93,7 +98,7 @@ class JobRunner:
                 with self.domains.lock:
                     self.domains.record(ev.domain.key).started_at = time.monotonic()
             return
-        if not isinstance(ev, (OstMonitorEvent, DeviceDeletedMonitorEvent, DeviceRemovalEvent)):
+        if not isinstance(ev, _VCPU_EVENTS):
             return
         domain = self._domain(ev.domain.key)
         found = domain.reader.read(ev)

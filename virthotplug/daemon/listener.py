@@ -29,6 +29,7 @@ from virthotplug.core.events import (
     LifecycleEvent,
     MetadataEvent,
     OstMonitorEvent,
+    VcpuRemovedEvent,
 )
 from virthotplug.core.ost import EventDataError, parse_device_deleted, parse_ost_details
 from virthotplug.daemon.flood import FloodEvent, FloodGuard, Verdict
@@ -76,6 +77,9 @@ class Listener:
     def on_device_removed(self, dom: VirDomain, alias: str, failed: bool) -> None:
         self._put(lambda: DeviceRemovalEvent(self._ref(dom), alias=str(alias), failed=failed))
 
+    def on_vcpu_removed(self, dom: VirDomain, vcpu: int) -> None:
+        self._put(lambda: VcpuRemovedEvent(self._ref(dom), vcpu=_vcpu_id(vcpu)))
+
     def on_monitor(
         self, dom: VirDomain, event: str, details: Any, emitted: Optional[float] = None
     ) -> None:
@@ -115,6 +119,11 @@ class Listener:
             self._enqueue(build())
         except Exception:
             log.exception("%s: dropping an event that could not be recorded", self.host)
+
+
+def _vcpu_id(value: Any) -> int:
+    """The event's vCPU id as an int; -1 for anything else (never raised into libvirt)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
 
 
 def _ost_record(ref: DomainRef, details: Any) -> OstMonitorEvent:

@@ -1,14 +1,23 @@
-"""Record the QEMU-monitor hints (ACPI_DEVICE_OST, DEVICE_DELETED) of one domain while a
-command runs, for printing them decoded. Hints only: nothing is decided from them here.
+"""Record the QEMU-monitor hints (ACPI_DEVICE_OST, DEVICE_DELETED) and libvirt's
+vcpu-removed events of one domain while a command runs, for printing them decoded and for
+the command's judge. Nothing is decided from them here.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
-from virthotplug.core.events import DeviceDeletedMonitorEvent, Event, OstMonitorEvent
+from virthotplug.core.events import (
+    DeviceDeletedMonitorEvent,
+    Event,
+    OstMonitorEvent,
+    VcpuRemovedEvent,
+)
+
+_KEPT = (OstMonitorEvent, DeviceDeletedMonitorEvent, VcpuRemovedEvent)
+_NAMES = {OstMonitorEvent: "ACPI_DEVICE_OST", DeviceDeletedMonitorEvent: "DEVICE_DELETED"}
 
 
 class MonitorLog:
@@ -25,7 +34,7 @@ class MonitorLog:
         self._events: list[Event] = []
 
     def put(self, event: Event) -> None:
-        if not isinstance(event, (OstMonitorEvent, DeviceDeletedMonitorEvent)):
+        if not isinstance(event, _KEPT):
             return
         if event.domain is None or event.domain.uuid != self.uuid:
             return
@@ -37,6 +46,17 @@ class MonitorLog:
         """Events recorded at or after the monotonic time ``since``."""
         with self._lock:
             return [e for e in self._events if since is None or e.mono >= since]
+
+    def wait_for(self, found: Callable[[Event], bool], since: float, limit: float) -> bool:
+        """Wait (at most ``limit`` seconds) for an event at or after ``since`` that
+        ``found`` accepts; whether one came."""
+        deadline = time.monotonic() + limit
+        while True:
+            if any(found(e) for e in self.events(since)):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
     def wait_quiet(self, quiet: float, limit: float) -> None:
         """Wait until no event arrived for ``quiet`` seconds (at most ``limit`` seconds), so
@@ -51,5 +71,5 @@ class MonitorLog:
 
 
 def event_name(event: Event) -> str:
-    """QEMU's name of a logged event (``ACPI_DEVICE_OST``, ``DEVICE_DELETED``)."""
-    return "ACPI_DEVICE_OST" if isinstance(event, OstMonitorEvent) else "DEVICE_DELETED"
+    """The name of a logged event (``ACPI_DEVICE_OST``, ``DEVICE_DELETED``, ``vcpu-removed``)."""
+    return _NAMES.get(type(event), "vcpu-removed")

@@ -254,7 +254,7 @@ class BulkResync:
         if latest is not None and latest != view.history:  # most domains have none: no copy
             view = dataclasses.replace(view, history=latest)
         rules = policy.policy if policy is not None else None
-        findings = find_drift(view, rules)
+        findings = find_drift(view, rules, now=time.time())
         if invalid is not None:
             findings = (invalid_policy_finding(view.name, invalid), *findings)
         return dataclasses.replace(view, findings=findings)

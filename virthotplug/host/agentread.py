@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any, Optional, Sequence
 
 from virthotplug.core import errors
@@ -67,8 +68,8 @@ def guest_layers(
 
 def _findings(view: VcpuView, context: Optional[DomainContext]) -> tuple[Finding, ...]:
     if context is None:
-        return find_drift(view)
-    return find_drift(view, context.policy, settling=context.settling)
+        return find_drift(view, now=time.time())
+    return find_drift(view, context.policy, settling=context.settling, now=time.time())
 
 
 def _query_agents(

@@ -61,6 +61,7 @@ class EventSink(Protocol):
     def on_lifecycle(self, dom: VirDomain, event: int, detail: int) -> None: ...
     def on_agent(self, dom: VirDomain, state: int, reason: int) -> None: ...
     def on_device_removed(self, dom: VirDomain, alias: str, failed: bool) -> None: ...
+    def on_vcpu_removed(self, dom: VirDomain, vcpu: int) -> None: ...
     def on_metadata(self, dom: VirDomain, mtype: int, namespace: Any) -> None: ...
     def on_monitor(
         self, dom: VirDomain, event: str, details: Any, emitted: Optional[float]
@@ -365,6 +366,11 @@ class Connection:
         if metadata_change is not None:  # libvirt >= 3.0: a policy set on a running domain
             domain_events.append(
                 (metadata_change, lambda _c, dom, mtype, ns, _o: sink.on_metadata(dom, mtype, ns))
+            )
+        vcpu_removed = self.support.vcpu_removed_event_id
+        if vcpu_removed is not None:  # libvirt >= 12.4, binding and daemon: libvirt dropped it
+            domain_events.append(
+                (vcpu_removed, lambda _c, dom, vcpu, _o: sink.on_vcpu_removed(dom, vcpu))
             )
         for event_id, callback in domain_events:
             register = functools.partial(

@@ -163,12 +163,15 @@ class Domain:
         config: bool,
         maximum: bool = False,
         hotpluggable: bool = False,
+        async_flag: int = 0,
     ) -> None:
         """Hot-plug or unplug vCPUs (live) and/or change the persistent count (config).
         ``maximum``: change the persistent maximum instead (``VIR_DOMAIN_VCPU_MAXIMUM``);
-        ``hotpluggable``: the vCPUs it enables are hotpluggable (``..._HOTPLUGGABLE``)."""
+        ``hotpluggable``: the vCPUs it enables are hotpluggable (``..._HOTPLUGGABLE``);
+        ``async_flag``: the connection's ``VIR_DOMAIN_VCPU_ASYNC_UNPLUG`` (its capability
+        record's), to return once an unplug request is fired instead of waiting for it."""
         lv = self._conn.libvirt
-        flags = self._conn.affect_flags(live=live, config=config)
+        flags = self._conn.affect_flags(live=live, config=config) | async_flag
         if maximum:
             flags |= lv.VIR_DOMAIN_VCPU_MAXIMUM
         if hotpluggable:

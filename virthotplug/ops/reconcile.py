@@ -227,7 +227,7 @@ def _judge(
     observations.settle(verdict, guest_seen(view), recorded is not None)
     if recorded is not None and recorded != view.history:
         view = dataclasses.replace(view, history=recorded)
-        view = dataclasses.replace(view, findings=find_drift(view, policy))
+        view = dataclasses.replace(view, findings=find_drift(view, policy, now=time.time()))
     view, settle_after = _settle(observations, view, policy)
     return _Judged(found, verdict, view, settle_after)
 
@@ -254,7 +254,8 @@ def _settle(
         observations.critical_since = since
     if left is None:
         return view, None
-    return dataclasses.replace(view, findings=find_drift(view, policy, settling=True)), left
+    settled = find_drift(view, policy, settling=True, now=time.time())
+    return dataclasses.replace(view, findings=settled), left
 
 
 def guest_seen(view: VcpuView) -> Optional[GuestSeen]:

@@ -21,6 +21,16 @@ Decided from what this host shows, never from a version number:
 - A hot-add whose OST device check came but that the guest never lists was rejected by the
   guest (``guest-rejected-vcpu``): reported, with its own exit status.
 
+Where the connection has libvirt 12.4's async unplug (its capability record: binding and
+daemon), a shrink fires the unplug and completes it from what it observes instead of
+waiting out libvirt's timeout: once the guest has ejected the vCPUs (its agent no longer
+lists them, or its OST eject reports when there is no agent) while libvirt still counts
+them, the same request is repeated (libvirt drops an ejected vCPU on a repeat, then
+emits vcpu-removed, the confirmation), at most once per vCPU, within the command's timeout.
+An async unplug the guest has not completed when the command ends is recorded in the
+domain's history (``unplug-requested``) and reported as ``unplug-pending``. Without the
+capability the shrink is the synchronous one above.
+
 What is seen — unplug timeouts, QEMU's eject and plug reports, rejected hot-adds — is judged
 by ``core.judge`` from the events seen during the command and goes into the domain's history
 (``host.history``), which later commands read. Apart from that single
@@ -40,9 +50,11 @@ from virthotplug.core import resizeplan as plan
 from virthotplug.core.config import HostConfig
 from virthotplug.core.events import Event
 from virthotplug.core.judge import (
+    EJECT,
     HOTADD_WAIT,
     PLUG,
     PLUG_REQUEST,
+    REMOVED,
     UNPLUG_REQUEST,
     GuestSeen,
     Observations,
@@ -54,7 +66,9 @@ from virthotplug.core.observed import EventReader
 from virthotplug.core.policy import EffectivePolicy, Policy
 from virthotplug.core.resizeplan import LayerCheck, Request
 from virthotplug.core.view import (
+    HISTORY_UNPLUG_REQUESTED,
     GuestLayer,
+    HistoryEntry,
     VcpuView,
     parse_guest_reply,
 )
@@ -67,6 +81,10 @@ from virthotplug.host.policysource import effective_policy
 from virthotplug.ops.reconcile import ReconcileResult, guest_seen, libvirt_seen, reconcile
 
 POLL_INTERVAL = 0.075  # seconds between guest-agent polls while waiting
+ASYNC_POLL_INTERVAL = 0.025  # ... while an async unplug waits for the guest's eject
+# How long a completed async unplug waits for libvirt's vcpu-removed (its confirmation; it
+# follows the accepted repeat within milliseconds in the lab).
+CONFIRM_WAIT = 0.5
 SOURCE = "setvcpus"  # who wrote a history entry
 # Stop polling the agent at once on these: waiting cannot change them.
 _PERMANENT = (
@@ -134,21 +152,30 @@ def resize(
     if request.live:
         before = _preflight(conn, dom, config, before, request, notes, seen)
     seen.observations.present = before.guest.present if before.guest is not None else None
+    shrinks = request.live and request.count < current
+    async_flag = conn.support.async_unplug_flag if shrinks else None
     started = time.monotonic()
     with _qemu_watched(dom, before, request, grows):
-        failure = _set_vcpus(conn, dom, before, request)
+        failure = _set_vcpus(conn, dom, before, request, async_flag or 0)
         if failure is not None:
             _raise_if_stopped(dom, before, request, grows, failure.text)
     timings = {"request": time.monotonic() - started}
     outcome: Optional[ReconcileResult] = None
     repeated: Optional[str] = None
+    pending: frozenset[int] = frozenset()
     if effective is not None:
         seen.plug_requested(plan.plugged(before, request.count), started)
         with _qemu_watched(dom, before, request, grows):
             outcome = _after_grow(
                 conn, dom, config, effective, request, before, started, timings, seen
             )
-    elif request.live and request.count < current:
+    elif shrinks and async_flag is not None:
+        unplugged = plan.unplugged(before, request.count)
+        seen.requested(unplugged, started, failure)
+        shrink = _AsyncShrink(conn, dom, before, request, seen, async_flag, started)
+        repeated, pending = shrink.run(failure, timings, notes)
+        _record(dom, before, seen, pending)
+    elif shrinks:
         seen.requested(plan.unplugged(before, request.count), started, failure)
         repeated = _after_shrink(conn, dom, before, request, started, notes, seen)
         _record(dom, before, seen)
@@ -161,6 +188,9 @@ def resize(
         conn.support.describe(), after, request, policy, error, repeated, before
     )
     notes.extend(more)
+    if shrinks and checks and all(c.ok for c in checks):
+        # Every layer at the target, read back: the async path timed it as it happened.
+        timings.setdefault("all-layers", time.monotonic() - started)
     return ResizeResult(
         dom.name,
         request,
@@ -378,10 +408,11 @@ def _not_repaired(
 
 
 def _set_vcpus(
-    conn: Connection, dom: Domain, before: VcpuView, request: Request
+    conn: Connection, dom: Domain, before: VcpuView, request: Request, async_flag: int = 0
 ) -> Optional[Failure]:
     """Ask libvirt; a failed shrink (or a grow that changed something) is verified, not
-    raised: libvirt's unplug timeout is an error although the guest may have ejected."""
+    raised: libvirt's unplug timeout is an error although the guest may have ejected.
+    ``async_flag``: the async unplug's flag (a shrink on a connection that has it)."""
     try:
         dom.set_vcpus(
             request.count,
@@ -389,6 +420,7 @@ def _set_vcpus(
             config=request.config,
             maximum=request.maximum,
             hotpluggable=request.hotpluggable,
+            async_flag=async_flag,
         )
     except (errors.ConnectError, errors.PermissionDeniedError):
         raise
@@ -529,9 +561,136 @@ def _repeat(
     return None
 
 
-def _record(dom: Domain, before: VcpuView, seen: _Seen) -> None:
+class _AsyncShrink:
+    """An async unplug completed from what is observed (see the module's docstring)."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        dom: Domain,
+        before: VcpuView,
+        request: Request,
+        seen: _Seen,
+        async_flag: int,
+        started: float,
+    ) -> None:
+        assert before.live is not None
+        self.conn, self.dom, self.before, self.request = conn, dom, before, request
+        self.seen, self.flag, self.started = seen, async_flag, started
+        self.unplugged = plan.unplugged(before, request.count)
+        self.deadline = started + request.timeout
+        self.repeats_left = len(self.unplugged)
+        self.accepted = 0
+        self.refused: Optional[str] = None
+
+    def run(
+        self, failure: Optional[Failure], timings: dict[str, float], notes: list[str]
+    ) -> tuple[Optional[str], frozenset[int]]:
+        """Wait for the guest's eject, repeat the request while libvirt still counts what
+        the guest gave up; (the repeat's outcome for ``ResizeResult.repeated``, the vCPUs
+        libvirt still counts at the end)."""
+        if failure is not None:  # not fired: nothing to complete
+            return None, frozenset()
+        live = self._complete(timings)
+        if live <= self.request.count:
+            self._confirm(timings)
+        repeated = self.refused
+        if self.accepted and repeated is None:
+            repeated = plan.REPEAT_ACCEPTED
+            notes.append(
+                f"async unplug: the guest ejected the vCPUs; the repeated request completed "
+                f"it on this host ({self.conn.support.describe()})"
+            )
+        still = max(0, live - self.request.count)
+        return repeated, frozenset(sorted(self.unplugged)[-still:]) if still else frozenset()
+
+    def _complete(self, timings: dict[str, float]) -> int:
+        """Poll until every layer is at the target, the deadline, or a refused repeat;
+        libvirt's live count at the end."""
+        target = self.request.count
+        while True:
+            live = _live_count(self.conn, self.dom)
+            present = self._guest_present()
+            if present is not None and present <= target and "guest-ejected" not in timings:
+                timings["guest-ejected"] = time.monotonic() - self.started
+            if live <= target and (present is None or present <= target):
+                timings["all-layers"] = time.monotonic() - self.started
+                return live
+            if self._ejected_more_than_dropped(live, present) and self.repeats_left > 0:
+                if not self._repeat():
+                    return _live_count(self.conn, self.dom)
+                continue
+            if time.monotonic() >= self.deadline:
+                return live
+            time.sleep(ASYNC_POLL_INTERVAL)
+
+    def _guest_present(self) -> Optional[int]:
+        """How many CPUs the guest lists now; None without an answer."""
+        if not self.before.agent.configured:
+            return None
+        assert self.before.live is not None
+        try:
+            reply = call_with_timeout(lambda: self.conn.guest_vcpus(self.dom), 1.0)
+            guest = parse_guest_reply(
+                reply, maximum=self.before.live.maximum, domain=self.before.name
+            )
+        except (errors.AgentError, errors.TransientError, CallTimeout, *_PERMANENT):
+            return None
+        return len(guest.present)
+
+    def _ejected_more_than_dropped(self, live: int, present: Optional[int]) -> bool:
+        """The guest gave up a vCPU libvirt still counts: its agent lists fewer CPUs than
+        libvirt counts, or (no answer) its OST reports ejected more than libvirt dropped."""
+        if present is not None:
+            return present < live
+        assert self.before.live is not None
+        ejected = {
+            o.vcpu
+            for o in self.seen.update().events
+            if o.kind == EJECT and o.at >= self.started and o.vcpu in self.unplugged
+        }
+        return len(ejected) > self.before.live.current - live
+
+    def _repeat(self) -> bool:
+        """Repeat the request (async again: it returns at once); False when refused."""
+        self.repeats_left -= 1
+        again = time.monotonic()
+        try:
+            self.dom.set_vcpus(self.request.count, live=True, config=False, async_flag=self.flag)
+        except (errors.ConnectError, errors.PermissionDeniedError):
+            raise
+        except errors.VirtHotplugError as exc:
+            self.seen.requested(self.unplugged[-1:], again, Failure(str(exc), exc.code))
+            self.refused = str(exc)
+            return False
+        self.seen.requested(self.unplugged, again, None)
+        self.accepted += 1
+        return True
+
+    def _confirm(self, timings: dict[str, float]) -> None:
+        """Wait briefly for libvirt's vcpu-removed of the unplugged vCPUs: the confirmation
+        (it goes into the observations; the layers were verified already)."""
+        if not self.conn.support.vcpu_removed_event:
+            return
+        wanted = set(self.unplugged)
+        limit = time.monotonic() + CONFIRM_WAIT
+        while time.monotonic() < limit:
+            removed = {
+                o.vcpu
+                for o in self.seen.update().events
+                if o.kind == REMOVED and o.at >= self.started
+            }
+            if wanted <= removed:
+                timings["vcpu-removed"] = time.monotonic() - self.started
+                return
+            time.sleep(0.01)
+
+
+def _record(
+    dom: Domain, before: VcpuView, seen: _Seen, pending: frozenset[int] = frozenset()
+) -> None:
     """Put what this command observed into the domain's history (live definition only): the
-    judge's entries, never a guess."""
+    judge's entries, never a guess; and the async unplugs libvirt still counts (pending)."""
     if before.live is None:
         return
     observations = seen.update()
@@ -543,8 +702,11 @@ def _record(dom: Domain, before: VcpuView, seen: _Seen) -> None:
         wall=time.time(),
         source=SOURCE,
     )
-    if verdict.entries:
-        history.record(dom, verdict.entries, live_count=before.live.current)
+    wall = time.time()
+    requested = tuple(HistoryEntry(HISTORY_UNPLUG_REQUESTED, v, wall, SOURCE) for v in pending)
+    entries = verdict.entries + requested
+    if entries:
+        history.record(dom, entries, live_count=before.live.current)
 
 
 def _grace(
