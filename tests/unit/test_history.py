@@ -224,7 +224,7 @@ def test_metadata_text_is_bounded_and_escaped() -> None:
 
 def test_a_record_since_qemus_start_keeps_its_mark_until_it_is_taken_off() -> None:
     dom = FakeDom()
-    begun = history.started(dom, 2)  # type: ignore[arg-type]
+    begun = history.started(dom, 2, 5.0)  # type: ignore[arg-type]
     assert begun == History(initial=2, since_start=True) == stored(dom)
     assert begun.proven_created == 2
     plug = HistoryEntry(HISTORY_PLUGGED, 2, 10.0, "ost")
@@ -237,3 +237,15 @@ def test_a_record_since_qemus_start_keeps_its_mark_until_it_is_taken_off() -> No
     # Anyone can write metadata: only the exact mark counts.
     raw = RawHistory({"initial": "1", "since-start": "YES"}, ())
     assert not history.from_raw(raw).since_start
+
+
+def test_a_record_begun_at_the_start_keeps_what_was_seen_since() -> None:
+    # The job that begins the record at QEMU's start (100.0) has just recorded a hot-add
+    # of vcpu2 (live count 3 now); a restored record's entry from before the start goes.
+    dom = FakeDom()
+    old = HistoryEntry(HISTORY_PLUGGED, 1, 50.0, "ost")
+    plug = HistoryEntry(HISTORY_PLUGGED, 2, 101.0, "ost")
+    assert history.write(dom, History((old, plug), plugged=2, initial=1))  # type: ignore[arg-type]
+    begun = history.started(dom, 3, 100.0)  # type: ignore[arg-type]
+    assert begun == History((plug,), plugged=1, initial=2, since_start=True) == stored(dom)
+    assert begun.proven_created == 3

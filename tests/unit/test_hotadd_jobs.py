@@ -350,7 +350,7 @@ class MonitoredConn(Conn):
 def marks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     calls: list[tuple[str, int]] = []
 
-    def started(_dom: Any, live_count: int) -> History:
+    def started(_dom: Any, live_count: int, _since: float) -> History:
         calls.append(("started", live_count))
         return History(initial=live_count, since_start=True)
 

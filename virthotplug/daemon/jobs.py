@@ -144,7 +144,8 @@ class JobRunner:
                 started = None
         live = result.view.live
         if started is not None and live is not None:
-            domain.since_start = history.started(dom, live.current) is not None
+            since = time.time() - (time.monotonic() - started)  # the start, in Unix seconds
+            domain.since_start = history.started(dom, live.current, since) is not None
         elif result.view.history.since_start and not domain.since_start:
             history.not_since_start(dom)
 

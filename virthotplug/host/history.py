@@ -27,6 +27,7 @@ from virthotplug.core.cpulist import MAX_CPU_ID
 from virthotplug.core.policy import MODE_IGNORE, Policy, merge_policy
 from virthotplug.core.report import printable
 from virthotplug.core.view import (
+    HISTORY_EJECTED,
     HISTORY_KINDS,
     HISTORY_PLUGGED,
     History,
@@ -279,12 +280,23 @@ def record(
     return update(dom, change)
 
 
-def started(dom: Domain, live_count: int) -> Optional[History]:
-    """QEMU started afresh (booted, restored, migrated in) and the caller saw it: a new
-    record that counts from ``live_count`` vCPUs, marked as complete since the start. What
-    the old record said was about another QEMU process."""
-    fresh = History(initial=live_count, since_start=True)
-    return update(dom, lambda _old: fresh)
+def started(dom: Domain, live_count: int, since: float) -> Optional[History]:
+    """QEMU started afresh at ``since`` (Unix seconds: booted, restored, migrated in) and the
+    caller saw it: the record counts from then, marked as complete since the start. Entries
+    from before are about another QEMU process (a restored or migrated record carries them)
+    and go; those seen since stay (the job that begins the record may have recorded a
+    hot-add already), and the count they began from is ``live_count`` less what they
+    plugged, plus what they ejected (a vCPU libvirt still counts after its eject makes
+    that one too many: the safe side of a thread budget)."""
+
+    def begin(old: History) -> History:
+        kept = tuple(e for e in old.entries if e.time >= since)
+        plugged = sum(1 for e in kept if e.kind == HISTORY_PLUGGED)
+        ejected = sum(1 for e in kept if e.kind == HISTORY_EJECTED)
+        initial = max(1, live_count - plugged + ejected)
+        return History(kept, plugged, initial, since_start=True)
+
+    return update(dom, begin)
 
 
 def not_since_start(dom: Domain) -> Optional[History]:
