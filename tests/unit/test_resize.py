@@ -478,3 +478,16 @@ def test_a_domain_that_stops_under_the_hot_add_is_qemu_stopping() -> None:
     resize._raise_if_stopped(StoppingDom(stops_after=10**6), view(2, "0,1"), request, True, "x")  # type: ignore[arg-type]
     # A shrink is never called a crashed hot-add.
     resize._raise_if_stopped(StoppingDom(stops_after=0), view(2, "0,1"), request, False, "x")  # type: ignore[arg-type]
+
+
+def test_setvcpus_events_keep_their_own_text_in_json_and_their_name_on_the_line() -> None:
+    # The JSON "event" is the event's description, as before QEMU's names were printed; the
+    # human line names the QEMU event first.
+    from types import SimpleNamespace
+
+    from virthotplug.cli.commands import setvcpus
+
+    event = ost(2, 100.5)
+    described = setvcpus._described(SimpleNamespace(requests=()), [event], 100.0)  # type: ignore[arg-type]
+    assert described == [(event, "ACPI_DEVICE_OST", event.describe())]
+    assert event.describe().startswith("device check: success")

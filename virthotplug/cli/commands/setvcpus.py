@@ -250,13 +250,15 @@ def _print(
         from virthotplug.core.report import JSON_SCHEMA_VERSION, json_document
 
         doc = {"version": JSON_SCHEMA_VERSION, **resize.to_dict(result)}
-        doc["events"] = [{"t": round(e.mono - started, 3), "event": text} for e, text in described]
+        doc["events"] = [
+            {"t": round(e.mono - started, 3), "event": text} for e, _name, text in described
+        ]
         print(json_document(doc))
         return
     before = result.before.live.current if result.before.live is not None else "?"
     print(_headline(result, before))
-    for event, text in described:
-        print(f"  +{event.mono - started:.3f} s  {text}")
+    for event, name, text in described:
+        print(f"  +{event.mono - started:.3f} s  {name + '  ' if name else ''}{text}")
     for key, seconds in result.timings.items():
         print(f"  {key}: {seconds:.3f} s")
     if result.reconcile is not None:
@@ -282,10 +284,10 @@ def _headline(result: ResizeResult, before: object) -> str:
 
 def _described(
     result: ResizeResult, events: Sequence[Event], started: float
-) -> list[tuple[Event, str]]:
-    """Each monitor event with what it says; a removal the judge tells is the late event of
-    a slot's previous vCPU (QEMU 11.1 sends it when the slot is plugged again) says so
-    instead of passing for something this command did."""
+) -> list[tuple[Event, str, str]]:
+    """Each monitor event with its name and what it says; a removal the judge tells is the
+    late event of a slot's previous vCPU (QEMU 11.1 sends it when the slot is plugged again)
+    says so, without the name, instead of passing for something this command did."""
     from virthotplug.core.judge import late_removals
     from virthotplug.core.observed import EventReader
     from virthotplug.daemon.monitorlog import event_name
@@ -301,9 +303,9 @@ def _described(
                 f"QEMU's late report that the vcpu{seen.vcpu} unplugged earlier is gone "
                 "(sent when its slot is plugged again): not this change"
             )
+            described.append((event, "", text))
         else:
-            text = f"{event_name(event)}  {event.describe()}"
-        described.append((event, text))
+            described.append((event, event_name(event), event.describe()))
     return described
 
 
