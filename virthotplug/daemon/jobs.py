@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from virthotplug.core import errors
 from virthotplug.core.config import HostConfig, WatchSettings
@@ -197,23 +197,9 @@ class JobRunner:
         with self.domains.lock:
             previous, domain.findings = domain.findings, codes
         routine = set(job.reasons) <= {"host"} and previous == codes
-        data = to_dict(view)
-        record = Record(
-            time=iso_time(time.time()),
-            host=job.ref.host,
-            domain=dom.name,
-            uuid=dom.uuid,
-            event="reconcile",
-            details={
-                "trigger": list(job.reasons),
-                "policy_error": finding.message,
-                "live": data["live"],
-                "guest": data["guest"],
-                "agent": data["agent"],
-            },
-            findings=data["findings"],
-            action="none",
-            outcome=INVALID_POLICY,
+        details = {"trigger": list(job.reasons), "policy_error": finding.message}
+        record = _reconcile_record(
+            (job.ref.host, dom.name, dom.uuid), view, details, "none", INVALID_POLICY
         )
         line = f"domain '{dom.name}': {finding.message}"
         return JobResult(record=record, line=line, view=view, routine=routine, warning=not routine)
@@ -279,32 +265,22 @@ def _reconciled(job: Job, result: ReconcileResult, routine: bool) -> JobResult:
     view, verdict = result.view, result.verdict
     since = time.monotonic() - job.first_request
     codes = [o.code for o in result.outcomes]
-    data = to_dict(view)
-    record = Record(
-        time=iso_time(time.time()),
-        host=result.host,
-        domain=result.name,
-        uuid=result.uuid,
-        event="reconcile",
-        details={
-            "trigger": list(job.reasons),
-            "coalesced": job.coalesced,
-            # Guest CPU ids the hot-add brought (present now minus before), and the vCPU ids
-            # of the OST events behind it.
-            "hotadded": sorted(verdict.listed),
-            "hotadd_vcpus": sorted(verdict.hotadd_vcpus),
-            "rejected_vcpus": sorted(verdict.rejected),
-            "since_first_event": round(since, 3),
-            "policy": result.policy.to_dict(),
-            "plan": result.plan.to_dict(),
-            "outcomes": [o.to_dict() for o in result.outcomes],
-            "live": data["live"],
-            "guest": data["guest"],
-            "agent": data["agent"],
-        },
-        findings=data["findings"],
-        action=_action(result),
-        outcome=",".join(codes) or "unchanged",
+    details = {
+        "trigger": list(job.reasons),
+        "coalesced": job.coalesced,
+        # Guest CPU ids the hot-add brought (present now minus before), and the vCPU ids
+        # of the OST events behind it.
+        "hotadded": sorted(verdict.listed),
+        "hotadd_vcpus": sorted(verdict.hotadd_vcpus),
+        "rejected_vcpus": sorted(verdict.rejected),
+        "since_first_event": round(since, 3),
+        "policy": result.policy.to_dict(),
+        "plan": result.plan.to_dict(),
+        "outcomes": [o.to_dict() for o in result.outcomes],
+    }
+    outcome = ",".join(codes) or "unchanged"
+    record = _reconcile_record(
+        (result.host, result.name, result.uuid), view, details, _action(result), outcome
     )
     online = view.guest.online if view.guest is not None else frozenset()
     retry_after, retry_reason = _retry(result)
@@ -320,6 +296,27 @@ def _reconciled(job: Job, result: ReconcileResult, routine: bool) -> JobResult:
         warning=bool(verdict.rejected),
         hotadds_online=_online_hotadds(verdict, online),
         policy_mode=result.policy.policy.mode,
+    )
+
+
+def _reconcile_record(
+    where: tuple[str, str, str], view: VcpuView, details: dict[str, Any], action: str, outcome: str
+) -> Record:
+    """A ``reconcile`` record: ``details`` and the view's layers (live, guest, agent) and
+    findings, as every reconcile record carries them; ``where``: (host, domain, UUID)."""
+    data = to_dict(view)
+    layers = {key: data[key] for key in ("live", "guest", "agent")}
+    host, name, uuid = where
+    return Record(
+        time=iso_time(time.time()),
+        host=host,
+        domain=name,
+        uuid=uuid,
+        event="reconcile",
+        details={**details, **layers},
+        findings=data["findings"],
+        action=action,
+        outcome=outcome,
     )
 
 
