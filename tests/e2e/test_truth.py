@@ -83,23 +83,25 @@ def test_out_of_order_setvcpu_names_the_guest_cpu_everywhere(
     case: Case, matrix_lab: Lab, matrix_vm: LabVM, start_watch: StartWatch
 ) -> None:
     vm = matrix_vm
-    # Onlining this CPU takes the busybox guest on QEMU 7.2 under TCG 10-20 s (and its lab
-    # control channel stops answering afterwards): wait for the agent's answer that long.
-    watch = start_watch({vm.name: "mode = online"}, matrix_lab.uri, "agent_timeout = 60")
+    # The report policy, which never writes: onlining this CPU takes the busybox guest on
+    # QEMU 7.2 under TCG 10-20 s, and once it wedged the guest kernel for minutes, holding
+    # libvirtd's job lock on the domain through the agent call. The name the plan gives the
+    # CPU is what is checked here; onlining itself has its own tests.
+    watch = start_watch({vm.name: "mode = report"}, matrix_lab.uri)
     since = time.monotonic()
     vm.dom.setVcpu("3", 1, libvirt.VIR_DOMAIN_AFFECT_LIVE)  # virsh setvcpu DOM 3 --enable --live
     ost = matrix_lab.ost.wait_for(vm.name, since=since, where=_is_hot_add, timeout=60)
     assert ost.device == "vcpu3"
 
-    def onlined(record: Record) -> bool:
-        return _reconcile_of(record, vm.name) and "onlined" in str(record.get("outcome"))
+    def reported(record: Record) -> bool:
+        return _reconcile_of(record, vm.name) and record["details"].get("hotadded") == [1]
 
-    record = watch.wait_for(onlined, since=since, timeout=90)[1]
+    record = watch.wait_for(reported, since=since, timeout=60)[1]
     guest = vm.guest_vcpus()
-    assert guest.vcpus == {0, 1} and guest.online == {0, 1}, "the guest calls it cpu1"
+    assert guest.vcpus == {0, 1} and guest.online == {0}, "the guest calls it cpu1"
     details = record["details"]
-    assert details["hotadded"] == [1] and details["hotadd_vcpus"] == [3], details
-    cpus = [o["cpus"] for o in details["outcomes"] if o["code"].startswith("onlined")]
+    assert details["hotadd_vcpus"] == [3], details
+    cpus = [o["cpus"] for o in details["outcomes"] if o["code"] == "skipped"]
     assert cpus == [[1]], details["outcomes"]
     # Looked at until listed, not polled for seconds: a handful of reconciles at most.
     assert len(_reconciles(watch, vm.name, since, time.monotonic())) <= 5

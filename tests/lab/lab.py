@@ -785,11 +785,14 @@ class Lab:
         self._conn = conn
         return conn
 
-    def restart_libvirtd(self, timeout: float = 30.0) -> None:
+    def restart_libvirtd(self, timeout: float = 45.0) -> None:
         """Stop libvirtd (the PID in its pid file), start it again and reconnect the lab.
 
         Guests keep running. Only for a libvirtd started by hand, as host-setup.sh does where
-        no init system runs; a libvirtd managed by systemd is left alone.
+        no init system runs; a libvirtd managed by systemd is left alone. A worker blocked in
+        a guest-agent call (libvirt's agent timeout blocks by default) holds libvirtd's
+        shutdown until libvirtd forces it after 30 s: the wait is longer than that, then
+        SIGKILL, and libvirtd is started again in every case so later tests find it.
         """
         if self.placement.stack is not None:
             self.placement.stack.restart_libvirtd(timeout)
@@ -799,7 +802,12 @@ class Lab:
             raise LabError("libvirtd is managed by systemd here: not restarting it by hand")
         pid = int(LIBVIRTD_PIDFILE.read_text().strip())
         os.kill(pid, signal.SIGTERM)
-        self._poll_until(timeout, "libvirtd to stop", lambda: not Path(f"/proc/{pid}").exists())
+        try:
+            self._poll_until(timeout, "libvirtd to stop", lambda: not Path(f"/proc/{pid}").exists())
+        except LabError:
+            log.warning("libvirtd (pid %d) did not stop in %.0f s: SIGKILL", pid, timeout)
+            os.kill(pid, signal.SIGKILL)
+            self._poll_until(timeout, "libvirtd to die", lambda: not Path(f"/proc/{pid}").exists())
         subprocess.run(["libvirtd", "-d"], check=True)
         self._reconnect(timeout)
 
