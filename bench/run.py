@@ -47,7 +47,7 @@ from sweep import SizeResult, Sweep
 TARGET_FLOOR_RATIO = 1.3  # status within 1.3x of the floor at 1,000 domains, every mix
 TARGET_VIRSH_RATIO = 50.0  # at least 50x faster than the virsh loop
 TARGET_RSS_MIB = 50.0
-TARGET_IDLE_CPU = 0.5  # percent of one core, 120 s with 1,000 domains, resyncs included
+TARGET_IDLE_CPU = 0.3  # percent of one core, 120 s with 1,000 domains, resyncs included
 TARGET_HOTADD_OVER_RULE = 0.030  # watch's hot-add to online p50 over the guest's own rule
 TARGET_HOTADD_UNDER_RESYNC = 0.030  # ... and at most this much slower under a resync
 TARGET_BURST_OVER_FLOOR = 1.05  # ten at once: OST to online p50 within 5 % of the floor
