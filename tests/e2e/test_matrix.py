@@ -25,7 +25,7 @@ from typing import Callable
 
 import libvirt
 import pytest
-from inroot import VirthotplugInRoot
+from inroot import InRootProcess, VirthotplugInRoot
 from lab import Lab, LabVM, MonitorEvent
 from matrix_fixtures import Case, cases, vhp
 from sandbox import chroot_env, in_root_argv
@@ -530,6 +530,70 @@ def test_stack3_watch_in_the_root_reports_vcpu_removed(
     assert removed["domain"] == vm.name and removed["details"] == {"vcpu": 1}, removed
     assert vm.live_vcpus() == 1
     vm.hotplug_broken = False
+
+
+def _new_since(watch: InRootProcess, match: Callable[[Record], bool]) -> Callable[[Record], bool]:
+    """``match``, for records that came after now."""
+    before = {id(r) for r in list(watch.records)}
+    return lambda r: id(r) not in before and match(r)
+
+
+def _async_unplug_and_repeat(stack: Stack, vm: LabVM, count: int, present: set[int]) -> None:
+    """``virsh setvcpus DOM COUNT --live --async`` in the root, the guest's eject, the repeat."""
+    stack.run("virsh", "setvcpus", vm.name, str(count), "--live", "--async")
+    vm.wait_cpu_state(lambda s: s.present == present, timeout=30, what=f"present {present}")
+    stack.run("virsh", "setvcpus", vm.name, str(count), "--live", "--async")
+    deadline = time.monotonic() + 10
+    while vm.live_vcpus() != count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert vm.live_vcpus() == count
+
+
+@pytest.mark.parametrize("case", cases("stack3-busybox"), ids=str)
+def test_stack3_replugged_slot_unplugged_at_once_is_no_guest_rejection(
+    case: Case, matrix_lab: Lab, matrix_vm: LabVM, in_root: VirthotplugInRoot
+) -> None:
+    # Issue 21 cases 2 and 3: a slot plugged again, onlined by watch, and unplugged within
+    # 3 s (QEMU's late DEVICE_DELETED and libvirt's vcpu-removed for the old vCPU come with
+    # the re-plug) is no guest rejection: no such record, finding or history entry; and the
+    # grow that would make QEMU's fifth vCPU thread (maximum 4) is refused, QEMU alive.
+    vm, stack = matrix_vm, stack_of(matrix_lab)
+    policy = vhp(matrix_lab.uri, "policy", vm.name, "--set", "online", "--live")
+    assert policy.status == 0, policy.text
+    watch = in_root.start("watch", "--json")
+    try:
+        watch.wait_line(lambda r: r.get("event") == "reconcile" and r["domain"] == vm.name)
+        for round_ in ("plug", "re-plug"):
+            onlined = _new_since(watch, _onlined(vm.name))
+            vm.hot_add(2)
+            watch.wait_line(onlined, timeout=60)
+            wait_online(vm, {1})
+            replugged = time.monotonic()
+            _async_unplug_and_repeat(stack, vm, 1, {0})
+            print(f"{case}: {round_}: unplugged {time.monotonic() - replugged:.2f} s after online")
+        time.sleep(SETTLE + 3.0)
+        records = [r for r in list(watch.records) if r.get("domain") == vm.name]
+    finally:
+        watch.stop()
+    rejected = [
+        r
+        for r in records
+        if (r.get("details") or {}).get("rejected_vcpus")
+        or "guest-rejected-vcpu" in json.dumps(r.get("findings"))
+    ]
+    assert rejected == [], rejected
+    status = json.loads(vhp(matrix_lab.uri, "status", vm.name, "--json").out)["domains"][0]
+    kinds = [e.get("kind") for e in status["history"]["entries"]]
+    assert "rejected" not in kinds, status["history"]
+    check = vhp(matrix_lab.uri, "check", vm.name)
+    print(check.text)
+    assert "rejected" not in check.out and "Linux 6.12" not in check.out, check.text
+    # Case 3: two plugs would be QEMU's vCPU threads 4 and 5 in this domain's life.
+    grow = vhp(matrix_lab.uri, "setvcpus", vm.name, "3", "--live")
+    print(grow.text)
+    assert grow.status == 9, grow.text
+    assert vm.dom.isActive() and vm.live_vcpus() == 1, "refused before any plug"
+    assert vm.taints() == []
 
 
 # ---- Debian 14 (forky): Linux 7.2 rejects every TCG hot-add -------------------------------
