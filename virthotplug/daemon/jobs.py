@@ -70,9 +70,14 @@ class JobRunner:
         config: HostConfig,
         settings: WatchSettings,
         domains: Optional[DomainRegistry] = None,
+        *,
+        voucher: str = "",
     ) -> None:
         self.config = config
         self.settings = settings
+        # The token of this run's host locks: the histories this daemon begins at QEMU's
+        # start carry it, so that they count as complete only while it runs ("": none do).
+        self.voucher = voucher
         # What is kept per domain between its jobs (``DomainJobs``: the observations the
         # judge reads, with this daemon's own writes, and the findings last reported) lives
         # in its record (``domains``), forgotten with it.
@@ -145,7 +150,8 @@ class JobRunner:
         live = result.view.live
         if started is not None and live is not None:
             since = time.time() - (time.monotonic() - started)  # the start, in Unix seconds
-            domain.since_start = history.started(dom, live.current, since) is not None
+            begun = history.started(dom, live.current, since, self.voucher)
+            domain.since_start = begun is not None and begun.since_start
         elif result.view.history.since_start and not domain.since_start:
             history.not_since_start(dom)
 
