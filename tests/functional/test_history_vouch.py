@@ -16,9 +16,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
+import pytest
 from tdriver import Result, node_uri, run_module
 
 from virthotplug.core.errors import EXIT_UNSUPPORTED
@@ -143,3 +145,26 @@ def test_no_watch_in_sight_vouches_for_nothing(tmp_path: Path) -> None:
         assert host.grow().status == EXIT_UNSUPPORTED
     finally:
         _stop(proc, signal.SIGTERM)
+
+
+def test_an_orderly_stop_takes_the_mark_off_what_the_watch_vouched_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from virthotplug.core.config import HostConfig, WatchSettings
+    from virthotplug.daemon.jobs import JobRunner
+    from virthotplug.daemon.lock import HostLocks
+    from virthotplug.host import history
+    from virthotplug.host.connection import Connection
+
+    host = Host(tmp_path)
+    monkeypatch.setenv(RUN_DIR_ENV, str(host.run_dir))
+    with HostLocks() as locks, Connection(host.uri) as conn:
+        locks.acquire([conn.uri])
+        runner = JobRunner(HostConfig(), WatchSettings(), voucher=locks.token)
+        dom = conn.lookup("tcg")
+        begun = history.started(dom, 1, time.time(), locks.token)
+        assert begun is not None and begun.since_start  # as a job that saw the start
+        runner.domains.record((conn.uri, dom.uuid)).jobs.since_start = True
+        runner.withdraw({conn.uri: conn})
+        stored = dom.metadata(HISTORY_NAMESPACE, live=True) or ""
+        assert "initial=" in stored and "since-start" not in stored and "vouched-by" not in stored

@@ -420,3 +420,20 @@ def test_a_snapshot_revert_is_no_fresh_start(
     r.observe(start_event(FROM_SNAPSHOT))
     run_on(r, MonitoredConn(monitored=True), clock)
     assert marks == []
+
+
+def test_an_orderly_stop_takes_off_the_marks_this_run_vouches_for(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch, marks: list[tuple[str, int]]
+) -> None:
+    r = runner(Guest(Policy(mode="report"), ("0", "0", 1)), monkeypatch)
+    r.observe(start_event(BOOTED))
+    run_on(r, MonitoredConn(monitored=True), clock)
+    assert marks == [("started", 1)]
+    r.withdraw({REF.host: MonitoredConn(monitored=True)})  # type: ignore[dict-item]
+    assert marks[-1] == ("not-since-start", 0)
+    assert not r.domains.record(REF.key).jobs.since_start
+    # A start a job sees after the stop request begins the record, unmarked.
+    r.observe(start_event(BOOTED))
+    run_on(r, MonitoredConn(monitored=True), clock)
+    assert marks[-1] == ("started by ''", 1)
+    assert not r.domains.record(REF.key).jobs.since_start

@@ -162,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         observe=runner.observe,
         resync=resync,
         domains=domains,
+        on_stop=runner.withdraw,
     )
     if metrics is not None:
         metrics.track_queue(watch.queue_depth)
