@@ -164,7 +164,8 @@ def enable_now(shell: GuestShell) -> int:
     assert stat(shell, HOOK_SOCKET) == "600 root:root socket"
     assert stat(shell, LOCK).split()[1:] == ["root:root", "regular", "file"]
     pid = main_pid(shell)
-    assert shell.check(f"cat {LOCK}").strip() == str(pid), "the lock names another pid"
+    owner = shell.check(f"cat {LOCK}").split()  # its pid and its run's token
+    assert owner[0] == str(pid) and len(owner) == 2, f"the lock names another owner: {owner}"
     check_hardening(shell, pid)
     return pid
 
@@ -187,10 +188,12 @@ def reload(shell: GuestShell, pid: int) -> None:
 
 def wait_new_main(shell: GuestShell, old_pid: int, listening: int) -> int:
     """Wait for a main process other than ``old_pid`` that holds the lock (it writes its pid
-    there) and listens on the hook socket (the ``listening``-th time in the journal)."""
+    there, then its run's token) and listens on the hook socket (the ``listening``-th time in
+    the journal)."""
     new_main = (
         f'pid=$(systemctl show -p MainPID --value {UNIT}); [ "$pid" -ne 0 ] && '
-        f'[ "$pid" -ne {old_pid} ] && [ "$(cat {LOCK} 2>/dev/null)" = "$pid" ]'
+        f'[ "$pid" -ne {old_pid} ] && owner=$(cat {LOCK} 2>/dev/null) && '
+        '[ "${owner%% *}" = "$pid" ]'
     )
     shell.wait_until(f"{new_main} && test -S {HOOK_SOCKET}", RESTART_TIMEOUT)
     wait_journal(shell, "listening for hook messages", count=listening, timeout=RESTART_TIMEOUT)

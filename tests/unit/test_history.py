@@ -5,6 +5,8 @@ the events it saw with the next job of the domain."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Optional
 
 import pytest
@@ -24,6 +26,7 @@ from virthotplug.core.view import (
     HistoryEntry,
 )
 from virthotplug.daemon import jobs
+from virthotplug.daemon.lock import HostLocks
 from virthotplug.host import history
 from virthotplug.host.domxml import (
     HISTORY_NAMESPACE,
@@ -33,6 +36,7 @@ from virthotplug.host.domxml import (
     parse_domain_xml,
     parse_history_element,
 )
+from virthotplug.host.watchlock import RUN_DIR_ENV, new_token
 
 REF = DomainRef("qemu:///system", "6b0e4c1a-0000-4000-8000-000000000002", "d")
 
@@ -99,7 +103,7 @@ def test_the_element_round_trips_through_domain_xml() -> None:
     )
     parsed = parse_domain_xml(xml)
     assert parsed.policy == {"mode": "online"}
-    assert history.from_raw(parsed.history) == recorded
+    assert history.from_raw(parsed.history, uri=REF.host) == recorded
 
 
 @pytest.mark.parametrize(
@@ -115,11 +119,11 @@ def test_the_element_round_trips_through_domain_xml() -> None:
 )
 def test_entries_anyone_could_write_are_dropped(attrs: dict[str, str]) -> None:
     raw = RawHistory({"plugged": "x" * 50, "initial": "2"}, (attrs,))
-    assert history.from_raw(raw) == History(initial=2)
+    assert history.from_raw(raw, uri=REF.host) == History(initial=2)
 
 
 class FakeDom:
-    name, uuid, context = "d", REF.uuid, "domain 'd'"
+    name, uuid, context, uri = "d", REF.uuid, "domain 'd'", REF.host
 
     def __init__(self) -> None:
         self.written: list[str] = []
@@ -199,7 +203,7 @@ class SecondWriter(FakeDom):
 
 def stored(dom: FakeDom) -> History:
     assert dom.text is not None
-    return history.from_raw(parse_history_element(dom.text, domain="d"))
+    return history.from_raw(parse_history_element(dom.text, domain="d"), uri=dom.uri)
 
 
 def test_two_writers_lose_no_entry() -> None:
@@ -214,7 +218,7 @@ def test_two_writers_lose_no_entry() -> None:
 def test_metadata_text_is_bounded_and_escaped() -> None:
     hostile = "\x1b[2J\u202e" + "x" * 99
     attrs = {"kind": "ejected", "vcpu": "1", "time": "5", "source": hostile}
-    parsed = history.from_raw(RawHistory({}, (attrs,)))
+    parsed = history.from_raw(RawHistory({}, (attrs,)), uri=REF.host)
     source = parsed.entries[0].source
     assert source.startswith("\\x1b[2J\\u202e") and source.isprintable()
     assert len(source) < len(hostile)
@@ -222,10 +226,23 @@ def test_metadata_text_is_bounded_and_escaped() -> None:
     assert "\x1b" not in text and "\\x1b[2J" in text
 
 
-def test_a_record_since_qemus_start_keeps_its_mark_until_it_is_taken_off() -> None:
+@pytest.fixture
+def watching(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HostLocks]:
+    """A watch of REF's host runs in this process: it holds the host's lock, in a run
+    directory of the test's own."""
+    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path))
+    with HostLocks() as locks:
+        locks.acquire([REF.host])
+        yield locks
+
+
+def test_a_record_since_qemus_start_keeps_its_mark_until_it_is_taken_off(
+    watching: HostLocks,
+) -> None:
     dom = FakeDom()
-    begun = history.started(dom, 2, 5.0)  # type: ignore[arg-type]
-    assert begun == History(initial=2, since_start=True) == stored(dom)
+    token = watching.token
+    begun = history.started(dom, 2, 5.0, token)  # type: ignore[arg-type]
+    assert begun == History(initial=2, since_start=True, voucher=token) == stored(dom)
     assert begun.proven_created == 2
     plug = HistoryEntry(HISTORY_PLUGGED, 2, 10.0, "ost")
     recorded = history.record(dom, [plug], live_count=3)  # type: ignore[arg-type]
@@ -235,17 +252,70 @@ def test_a_record_since_qemus_start_keeps_its_mark_until_it_is_taken_off() -> No
     assert gap is not None and not gap.since_start and gap.proven_created is None
     assert gap.created == 3 and stored(dom) == gap
     # Anyone can write metadata: only the exact mark counts.
-    raw = RawHistory({"initial": "1", "since-start": "YES"}, ())
-    assert not history.from_raw(raw).since_start
+    raw = RawHistory({"initial": "1", "since-start": "YES", "vouched-by": token}, ())
+    assert not history.from_raw(raw, uri=REF.host).since_start
 
 
-def test_a_record_begun_at_the_start_keeps_what_was_seen_since() -> None:
+def test_a_record_begun_at_the_start_keeps_what_was_seen_since(watching: HostLocks) -> None:
     # The job that begins the record at QEMU's start (100.0) has just recorded a hot-add
     # of vcpu2 (live count 3 now); a restored record's entry from before the start goes.
     dom = FakeDom()
     old = HistoryEntry(HISTORY_PLUGGED, 1, 50.0, "ost")
     plug = HistoryEntry(HISTORY_PLUGGED, 2, 101.0, "ost")
     assert history.write(dom, History((old, plug), plugged=2, initial=1))  # type: ignore[arg-type]
-    begun = history.started(dom, 3, 100.0)  # type: ignore[arg-type]
-    assert begun == History((plug,), plugged=1, initial=2, since_start=True) == stored(dom)
+    begun = history.started(dom, 3, 100.0, watching.token)  # type: ignore[arg-type]
+    expected = History((plug,), plugged=1, initial=2, since_start=True, voucher=watching.token)
+    assert begun == expected == stored(dom)
     assert begun.proven_created == 3
+
+
+# --- who vouches for the since-start mark -------------------------------------------------
+
+
+def trusted(attributes: dict[str, str], uri: Optional[str]) -> bool:
+    return history.from_raw(RawHistory(attributes, ()), uri=uri).since_start
+
+
+def test_a_mark_counts_only_while_the_watch_it_names_holds_the_hosts_lock(
+    watching: HostLocks, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mark = {"initial": "1", "since-start": "yes", "vouched-by": watching.token}
+    assert trusted(mark, REF.host)
+    assert not trusted({**mark, "vouched-by": new_token()}, REF.host)  # another run's
+    assert not trusted({"initial": "1", "since-start": "yes"}, REF.host)  # nobody's
+    assert not trusted(mark, "qemu+ssh://elsewhere/system")  # a lock out of sight
+    assert not trusted(mark, None)
+    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path / "missing"))  # no run directory
+    assert not trusted(mark, REF.host)
+
+
+def test_the_mark_outlives_its_watch_but_counts_no_more(watching: HostLocks) -> None:
+    dom = FakeDom()
+    begun = history.started(dom, 2, 5.0, watching.token)  # type: ignore[arg-type]
+    assert begun is not None and begun.proven_created == 2
+    written = list(dom.written)
+    watching.release()  # the watch stopped: killed, crashed, or before its last write
+    assert f'vouched-by="{watching.token}"' in (dom.text or "")  # still stored
+    found = history.read(dom)  # type: ignore[arg-type]
+    assert found is not None and not found.since_start and found.proven_created is None
+    assert dom.written == written  # a reader never writes
+    # A later watch of the host vouches for its own records only.
+    with HostLocks() as later:
+        later.acquire([REF.host])
+        assert not stored(dom).since_start
+
+
+def test_a_write_keeps_the_mark_of_a_running_watch_and_drops_a_dead_ones(
+    watching: HostLocks,
+) -> None:
+    dom = FakeDom()
+    history.started(dom, 1, 5.0, watching.token)  # type: ignore[arg-type]
+    plug = HistoryEntry(HISTORY_PLUGGED, 1, 10.0, "setvcpus")
+    recorded = history.record(dom, [plug], live_count=2)  # type: ignore[arg-type]
+    assert recorded is not None and recorded.voucher == watching.token
+    assert stored(dom).proven_created == 2
+    watching.release()
+    eject = HistoryEntry(HISTORY_EJECTED, 1, 20.0, "setvcpus")
+    recorded = history.record(dom, [eject], live_count=1)  # type: ignore[arg-type]
+    assert recorded is not None and not recorded.since_start
+    assert "since-start" not in (dom.text or "") and "vouched-by" not in (dom.text or "")

@@ -31,6 +31,7 @@ from virthotplug.daemon import jobs
 from virthotplug.ops import reconcile
 
 REF = DomainRef("qemu:///system", "6b0e4c1a-0000-4000-8000-000000000001", "deb13")
+VOUCHER = "5e1f" * 8  # the token of the daemon's host locks
 
 
 class Clock:
@@ -105,7 +106,7 @@ def runner(guest: Guest, monkeypatch: pytest.MonkeyPatch) -> jobs.JobRunner:
     effective = lambda *_a: EffectivePolicy(guest.policy, dict.fromkeys(FIELDS, "test"))  # noqa: E731
     monkeypatch.setattr(jobs, "effective_policy", effective)
     monkeypatch.setattr(reconcile, "effective_policy", effective)
-    return jobs.JobRunner(HostConfig(), WatchSettings())
+    return jobs.JobRunner(HostConfig(), WatchSettings(), voucher=VOUCHER)
 
 
 class Dom:
@@ -345,14 +346,18 @@ class MonitoredConn(Conn):
     def monitored(self) -> frozenset[str]:
         return frozenset(self.listening)
 
+    def domain_by_uuid(self, uuid: str) -> Dom:
+        assert uuid == REF.uuid
+        return Dom()
+
 
 @pytest.fixture
 def marks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     calls: list[tuple[str, int]] = []
 
-    def started(_dom: Any, live_count: int, _since: float) -> History:
-        calls.append(("started", live_count))
-        return History(initial=live_count, since_start=True)
+    def started(_dom: Any, live_count: int, _since: float, voucher: str) -> History:
+        calls.append(("started" if voucher == VOUCHER else f"started by {voucher!r}", live_count))
+        return History(initial=live_count, since_start=bool(voucher), voucher=voucher)
 
     def not_since_start(_dom: Any) -> History:
         calls.append(("not-since-start", 0))
@@ -415,3 +420,20 @@ def test_a_snapshot_revert_is_no_fresh_start(
     r.observe(start_event(FROM_SNAPSHOT))
     run_on(r, MonitoredConn(monitored=True), clock)
     assert marks == []
+
+
+def test_an_orderly_stop_takes_off_the_marks_this_run_vouches_for(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch, marks: list[tuple[str, int]]
+) -> None:
+    r = runner(Guest(Policy(mode="report"), ("0", "0", 1)), monkeypatch)
+    r.observe(start_event(BOOTED))
+    run_on(r, MonitoredConn(monitored=True), clock)
+    assert marks == [("started", 1)]
+    r.withdraw({REF.host: MonitoredConn(monitored=True)})  # type: ignore[dict-item]
+    assert marks[-1] == ("not-since-start", 0)
+    assert not r.domains.record(REF.key).jobs.since_start
+    # A start a job sees after the stop request begins the record, unmarked.
+    r.observe(start_event(BOOTED))
+    run_on(r, MonitoredConn(monitored=True), clock)
+    assert marks[-1] == ("started by ''", 1)
+    assert not r.domains.record(REF.key).jobs.since_start

@@ -98,7 +98,7 @@ def test_qemu_and_libvirt_disagreeing_is_a_finding_and_in_json() -> None:
 
 
 class Dom:
-    name, context = "d", "domain 'd'"
+    name, context, uri = "d", "domain 'd'", "qemu:///system"
 
     def __init__(self) -> None:
         self.asked = 0

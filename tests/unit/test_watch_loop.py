@@ -3,15 +3,16 @@ reports what it handles to an observer (the metrics)."""
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import Any
+from typing import Any, Mapping
 
 from virthotplug.core.config import WatchSettings
 from virthotplug.core.events import DomainRef, LifecycleEvent
 from virthotplug.core.schedule import Job
 from virthotplug.daemon.eventlog import EventLog
 from virthotplug.daemon.results import JobResult
-from virthotplug.daemon.watch import MAIN_LOOP_WAKEUP, Watch, _Control
+from virthotplug.daemon.watch import MAIN_LOOP_WAKEUP, WITHDRAW_GRACE, Watch, _Control
 from virthotplug.daemon.worker import WorkerPool
 from virthotplug.host.connection import Connection, Domain
 
@@ -106,3 +107,26 @@ def test_a_reload_applies_the_number_of_workers_in_full() -> None:
     assert pool.size == 4 and _alive_after(pool, 4) == 4
     watch._control(_Control("reload"))
     assert pool.size == 1 and _alive_after(pool, 1) == 1
+
+
+def test_a_stop_request_gives_on_stop_the_open_connections_for_a_bounded_time() -> None:
+    # The daemon takes its since-start marks off (``JobRunner.withdraw``) while its
+    # connections are open; a libvirtd that never answers delays the stop only so long.
+    uri = "test:///default"
+    seen: list[tuple[dict[str, Any], bool]] = []
+    hung = threading.Event()
+
+    def on_stop(conns: Mapping[str, Any]) -> None:
+        seen.append((dict(conns), watch._stop.is_set()))
+        hung.wait(10)
+
+    watch = Watch([uri], WatchSettings(), _never, EventLog(None), on_stop=on_stop)
+    conn = object()
+    watch.sessions[uri]._conn = conn  # type: ignore[assignment]
+    started = time.monotonic()
+    watch._control(_Control("stop"))
+    took = time.monotonic() - started
+    hung.set()
+    assert seen == [({uri: conn}, False)]  # before the sessions are told to close
+    assert watch._stop.is_set()
+    assert WITHDRAW_GRACE * 0.9 <= took < WITHDRAW_GRACE + 1.0

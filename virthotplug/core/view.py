@@ -14,6 +14,7 @@ fills these objects and ``to_dict`` gives the stable JSON form.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -131,13 +132,16 @@ class History:
     domain's life as far as anyone recorded it (under TCG QEMU cannot create more than
     the maximum). That is a proof only when ``since_start``: the record began when QEMU
     started (a ``watch`` saw the start) and nothing was missed since; otherwise plugs made
-    while nobody recorded are not in it.
+    while nobody recorded are not in it. ``voucher`` names the watch run that vouches for
+    ``since_start`` (its token): the mark holds only while that watch runs (``host.history``
+    checks it on every read).
     """
 
     entries: tuple[HistoryEntry, ...] = ()
     plugged: int = 0
     initial: Optional[int] = None
     since_start: bool = False
+    voucher: str = ""
 
     @property
     def empty(self) -> bool:
@@ -172,12 +176,12 @@ class History:
             return self
         entries = tuple(sorted((*self.entries, entry), key=lambda e: e.time))
         plugged = self.plugged + (1 if entry.kind == HISTORY_PLUGGED else 0)
-        return History(entries[-MAX_HISTORY_ENTRIES:], plugged, self.initial, self.since_start)
+        return dataclasses.replace(self, entries=entries[-MAX_HISTORY_ENTRIES:], plugged=plugged)
 
     def with_initial(self, count: int) -> History:
         if self.initial is not None:
             return self
-        return History(self.entries, self.plugged, count, self.since_start)
+        return dataclasses.replace(self, initial=count)
 
     @property
     def proven_created(self) -> Optional[int]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from virthotplug.core import errors
 from virthotplug.core.config import HostConfig, WatchSettings
@@ -70,9 +70,15 @@ class JobRunner:
         config: HostConfig,
         settings: WatchSettings,
         domains: Optional[DomainRegistry] = None,
+        *,
+        voucher: str = "",
     ) -> None:
         self.config = config
         self.settings = settings
+        # The token of this run's host locks: the histories this daemon begins at QEMU's
+        # start carry it, so that they count as complete only while it runs ("": none do).
+        self.voucher = voucher
+        self._stopping = False  # set by ``withdraw``: no record is marked any more
         # What is kept per domain between its jobs (``DomainJobs``: the observations the
         # judge reads, with this daemon's own writes, and the findings last reported) lives
         # in its record (``domains``), forgotten with it.
@@ -145,9 +151,29 @@ class JobRunner:
         live = result.view.live
         if started is not None and live is not None:
             since = time.time() - (time.monotonic() - started)  # the start, in Unix seconds
-            domain.since_start = history.started(dom, live.current, since) is not None
+            voucher = "" if self._stopping else self.voucher
+            begun = history.started(dom, live.current, since, voucher)
+            domain.since_start = begun is not None and begun.since_start
         elif result.view.history.since_start and not domain.since_start:
             history.not_since_start(dom)
+
+    def withdraw(self, conns: Mapping[str, Connection]) -> None:
+        """An orderly stop: take the mark off every record this daemon vouches for, on the
+        hosts whose connection is still there. Best effort (the caller bounds the time): a
+        mark left behind counts for nothing once this process has let go of its locks."""
+        with self.domains.lock:
+            self._stopping = True
+            vouched = [
+                rec for host in conns for rec in self.domains.records(host) if rec.jobs.since_start
+            ]
+        for rec in vouched:
+            try:
+                dom = conns[rec.host].domain_by_uuid(rec.uuid)
+            except errors.VirtHotplugError:
+                continue  # gone, or the host is: its history went with it
+            if history.not_since_start(dom) is not None:
+                with self.domains.lock:
+                    rec.jobs.since_start = False
 
     def run(self, conn: Connection, dom: Domain, job: Job) -> JobResult:
         domain = self._domain(job.ref.key)

@@ -250,7 +250,7 @@ class BulkResync:
         if known is not None:
             latest = known.view.history
         elif live is not None:
-            latest = history.from_raw(live.history)
+            latest = history.from_raw(live.history, uri=state.conn.uri)
         if latest is not None and latest != view.history:  # most domains have none: no copy
             view = dataclasses.replace(view, history=latest)
         rules = policy.policy if policy is not None else None

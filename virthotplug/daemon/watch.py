@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from virthotplug.core import errors
 from virthotplug.core.breaker import AgentBreaker
@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 MAIN_LOOP_WAKEUP = 0.25  # bounds how long a stop request or a due job waits
 SHUTDOWN_GRACE = 1.5  # SIGTERM to exit stays under 2 s even with a slow daemon
+WITHDRAW_GRACE = 0.5  # what a stop request gives ``on_stop`` (a hung libvirtd never answers)
 # Items handled per pass of the main loop before due jobs are dispatched and the tick runs:
 # under a sustained flood the queue never empties, and the loop must still go round.
 DRAIN_BATCH = 500
@@ -98,8 +99,12 @@ class Watch:
         observe: Optional[Callable[[Event], None]] = None,
         resync: Optional[BulkResync] = None,
         domains: Optional[DomainRegistry] = None,
+        on_stop: Optional[Callable[[Mapping[str, Connection]], None]] = None,
     ) -> None:
         self.settings = settings
+        # Told of a stop request, with every host's connection still open (best effort: it
+        # gets WITHDRAW_GRACE seconds, on a thread of its own).
+        self._on_stop = on_stop
         self._eventlog = eventlog
         self._reload = reload
         # SimpleQueue: its put is reentrant, so a signal handler may call it while the main
@@ -248,6 +253,7 @@ class Watch:
 
     def _control(self, item: _Control) -> None:
         if item.what == "stop":
+            self._withdraw()
             self._begin_stop()
         elif item.what == "reload" and self._reload is not None:
             try:
@@ -257,6 +263,18 @@ class Watch:
                 log.error("reload failed, keeping the previous configuration: %s", exc)
                 return
             self._resize_workers()
+
+    def _withdraw(self) -> None:
+        """Before the connections close: ``on_stop`` for an orderly stop, waited for at
+        most WITHDRAW_GRACE seconds (then left to end with the process)."""
+        conns = {uri: s.conn for uri, s in self.sessions.items() if s.conn is not None}
+        if self._on_stop is None or not conns:
+            return
+        stop = threading.Thread(target=self._on_stop, args=(conns,), name="stop", daemon=True)
+        stop.start()
+        stop.join(WITHDRAW_GRACE)
+        if stop.is_alive():
+            log.warning("stopping without waiting any longer for the hosts to answer")
 
     def _resize_workers(self) -> None:
         """A reload applies ``workers`` in full: the pool and the count of free slots."""

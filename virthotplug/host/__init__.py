@@ -9,7 +9,8 @@ model (``domxml``), reading the four layers of every domain (``collect``: its en
 ``agentread``: the guest agents asked, findings added), writes through the guest agent
 (``actions``), where a domain's policy comes from (``policysource``), the domain's vCPU
 history kept in its live metadata and each domain's policy and history for findings
-(``history``), and QEMU's own vCPU answer for ``status --qemu-monitor``, which taints
+(``history``), which watch holds a host's lock now, the one that vouches for a history
+(``watchlock``), and QEMU's own vCPU answer for ``status --qemu-monitor``, which taints
 (``qemu_monitor``).
 
 Imports: ``virthotplug.core``, libvirt, libvirt_qemu, lxml. Never ``virthotplug.ops``,

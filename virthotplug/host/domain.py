@@ -48,6 +48,11 @@ class Domain:
         return f"Domain({self.name!r}, {self.uuid})"
 
     @property
+    def uri(self) -> str:
+        """The URI of the host the domain is on, as its connection names it."""
+        return self._conn.uri
+
+    @property
     def context(self) -> str:
         """How messages name this domain."""
         return f"domain '{self.name}'"

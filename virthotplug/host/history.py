@@ -6,6 +6,13 @@ the domain" and "nothing is wrong here". ``setvcpus`` and ``watch`` record what 
 metadata element of the running definition (``domxml.HISTORY_NAMESPACE``; never the
 persistent one, so the record ends with the domain run), and every command reads it back.
 
+The mark that the record is complete since QEMU's start (``History.since_start``: the TCG
+thread count is proven) names the ``watch`` run that keeps it, by the token in that watch's
+lock file (``host.watchlock``). It counts only while that watch holds the host's lock: once
+it stops (cleanly, killed, crashed), plugs made by others go unrecorded, so every read takes
+a mark whose watch is gone, or that cannot be seen from here (another host's run directory),
+as no mark at all. A reader never writes for that; the next write drops it.
+
 Writing it never taints the domain (``virDomainSetMetadata`` is a first-class API) and never
 touches the policy element, so a METADATA_CHANGE subscription filtered on the policy
 namespace ignores it. A failed write is logged and otherwise ignored: the record is a help,
@@ -44,14 +51,17 @@ from virthotplug.host.domxml import (
     parse_domain_xml,
     parse_history_element,
 )
+from virthotplug.host.watchlock import vouches
 
 log = logging.getLogger(__name__)
 
 _MAX_COUNT = 1_000_000
 MAX_SOURCE_CHARS = 32
 WRITE_ATTEMPTS = 3  # read-merge-write rounds when another writer got in between
-# The record began when QEMU started and nothing was missed since (``History.since_start``).
+# The record began when QEMU started and nothing was missed since (``History.since_start``),
+# as the watch run whose token is in ``VOUCHED_BY`` says while it runs.
 SINCE_START = "since-start"
+VOUCHED_BY = "vouched-by"
 
 
 # --- what findings depend on besides the layers ------------------------------------------
@@ -106,7 +116,7 @@ def contexts(
                 live = parse_domain_xml(dom.xml(inactive=False), domain=dom.name)
             except (errors.NoDomainError, errors.ConfigError):
                 live = None
-        history = from_raw(live.history) if live is not None else History()
+        history = from_raw(live.history, uri=dom.uri) if live is not None else History()
         resolved = policy if policy is not None else _policy(config, dom, definition, live)
         qemu = _ask_qemu(dom) if qemu_monitor and active else None
         return DomainContext(resolved, history, settling, qemu)
@@ -143,34 +153,46 @@ def _policy(
 # --- raw element <-> History --------------------------------------------------------------
 
 
-def from_raw(raw: Optional[RawHistory]) -> History:
-    """Validate the raw element; entries that do not parse are dropped (anyone with write
-    access to the domain can write metadata: it is input, not truth)."""
+def from_raw(raw: Optional[RawHistory], *, uri: Optional[str]) -> History:
+    """Validate the raw element of a domain of the host ``uri``; entries that do not parse
+    are dropped (anyone with write access to the domain can write metadata: it is input,
+    not truth), and so is a since-start mark no running watch of that host vouches for
+    (``uri`` None: nobody can)."""
     if raw is None:
         return History()
     entries = [e for e in (_entry(attrs) for attrs in raw.entries) if e is not None]
+    voucher = _voucher(raw.attributes, uri)
     history = History(
         plugged=_count(raw.attributes.get("plugged")) or 0,
         initial=_count(raw.attributes.get("initial")),
-        since_start=raw.attributes.get(SINCE_START) == "yes",
+        since_start=bool(voucher),
+        voucher=voucher,
     )
     for entry in entries:
         history = _keep(history, entry)
     return history
 
 
+def _voucher(attributes: Mapping[str, str], uri: Optional[str]) -> str:
+    """The token of the watch that vouches for the mark, if it still runs; else ""."""
+    if attributes.get(SINCE_START) != "yes":
+        return ""
+    token = attributes.get(VOUCHED_BY, "")
+    return token if vouches(uri, token) else ""
+
+
 def _keep(history: History, entry: HistoryEntry) -> History:
     """Add without counting a plug again (``plugged`` is read back as written)."""
-    added = history.add(entry)
-    return History(added.entries, history.plugged, history.initial, history.since_start)
+    return dataclasses.replace(history.add(entry), plugged=history.plugged)
 
 
 def to_raw(history: History) -> RawHistory:
     attributes = {"plugged": str(history.plugged)}
     if history.initial is not None:
         attributes["initial"] = str(history.initial)
-    if history.since_start:
+    if history.since_start and history.voucher:  # a mark nobody vouches for is none
         attributes[SINCE_START] = "yes"
+        attributes[VOUCHED_BY] = history.voucher
     entries = tuple(
         {"kind": e.kind, "vcpu": str(e.vcpu), "time": f"{e.time:.3f}", "source": e.source}
         for e in history.entries
@@ -215,7 +237,7 @@ def read(dom: Domain) -> Optional[History]:
     if text is None:
         return History()
     try:
-        return from_raw(parse_history_element(text, domain=dom.name))
+        return from_raw(parse_history_element(text, domain=dom.name), uri=dom.uri)
     except errors.VirtHotplugError as exc:
         # Written by someone else and not ours to read: a record of our own replaces it.
         log.warning("%s: ignoring unreadable vCPU history: %s", dom.context, exc)
@@ -280,9 +302,10 @@ def record(
     return update(dom, change)
 
 
-def started(dom: Domain, live_count: int, since: float) -> Optional[History]:
+def started(dom: Domain, live_count: int, since: float, voucher: str) -> Optional[History]:
     """QEMU started afresh at ``since`` (Unix seconds: booted, restored, migrated in) and the
-    caller saw it: the record counts from then, marked as complete since the start. Entries
+    caller saw it: the record counts from then, marked as complete since the start by the
+    watch whose token is ``voucher`` (its lock's; "": not marked). Entries
     from before are about another QEMU process (a restored or migrated record carries them)
     and go; those seen since stay (the job that begins the record may have recorded a
     hot-add already), and the count they began from is ``live_count`` less what they
@@ -294,7 +317,7 @@ def started(dom: Domain, live_count: int, since: float) -> Optional[History]:
         plugged = sum(1 for e in kept if e.kind == HISTORY_PLUGGED)
         ejected = sum(1 for e in kept if e.kind == HISTORY_EJECTED)
         initial = max(1, live_count - plugged + ejected)
-        return History(kept, plugged, initial, since_start=True)
+        return History(kept, plugged, initial, since_start=bool(voucher), voucher=voucher)
 
     return update(dom, begin)
 
@@ -302,7 +325,7 @@ def started(dom: Domain, live_count: int, since: float) -> Optional[History]:
 def not_since_start(dom: Domain) -> Optional[History]:
     """The record's mark that nothing was missed since QEMU's start goes: its keeper stopped
     watching (a gap in which plugs may have gone unrecorded)."""
-    return update(dom, lambda old: dataclasses.replace(old, since_start=False))
+    return update(dom, lambda old: dataclasses.replace(old, since_start=False, voucher=""))
 
 
 # --- counting ----------------------------------------------------------------------------

@@ -124,7 +124,10 @@ def run(args: argparse.Namespace) -> int:
 
     settings, config = load()
     domains = DomainRegistry()  # what the daemon keeps per domain, shared by its parts
-    runner = JobRunner(config, settings, domains)
+    # One watch per host: held until this process ends, however it ends. Their token marks
+    # the histories this run vouches for.
+    locks = HostLocks()
+    runner = JobRunner(config, settings, domains, voucher=locks.token)
 
     def reload() -> Any:
         new_settings, new_config = load()
@@ -133,8 +136,6 @@ def run(args: argparse.Namespace) -> int:
 
     # The hook socket is read at start only; a new hook_socket needs a restart.
     hosts = _host_uris(args)
-    # One watch per host: held until this process ends, however it ends.
-    locks = HostLocks()
     locks.acquire(hosts)
     sources = []
     if not args.no_hook_socket:
@@ -161,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         observe=runner.observe,
         resync=resync,
         domains=domains,
+        on_stop=runner.withdraw,
     )
     if metrics is not None:
         metrics.track_queue(watch.queue_depth)
