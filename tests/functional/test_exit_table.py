@@ -22,6 +22,7 @@ SECOND_HOST = "test:///default"
 PLACEHOLDERS = {
     "RUNNING": "hotplug-agent",
     "STOPPED": "stopped-big",
+    "PAUSED": "paused-agent",
     "NOSUCH": "nosuch",
     "HOST1": MIXED,
     "HOST2": SECOND_HOST,

@@ -15,6 +15,7 @@ from virthotplug.core.errors import (
     EXIT_AGENT,
     EXIT_CONFIG,
     EXIT_FAILURE,
+    EXIT_INCOMPLETE,
     EXIT_NOT_RUNNING,
     EXIT_OK,
     EXIT_PERMISSION,
@@ -240,3 +241,34 @@ def test_guest_without_an_agent(capsys: Capsys) -> None:
     result = run_cli(capsys, "-c", MIXED, "setvcpus", "hotplug-agent", "1", "--guest")
     assert result.status == EXIT_AGENT
     assert result.err.count("domain 'hotplug-agent'") == 1
+
+
+# --- the domain's state, as virsh treats it ------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [["--live"], ["--current"], []])
+def test_paused_domain_is_changed_and_its_guest_left_unverified(
+    options: list[str], capsys: Capsys
+) -> None:
+    # libvirt (and so virsh) hot-plugs into a paused domain; its guest runs no code, so the
+    # guest layer is reported as not known, not as refused (exit status 11, not 10).
+    result = run_cli(capsys, "-c", MIXED, "setvcpus", "paused-agent", "3", *options, "--json")
+    assert result.status == EXIT_INCOMPLETE, result.err
+    checks = {c["layer"]: c for c in result.json()["checks"]}
+    assert checks["live"]["ok"] and checks["hypervisor"]["ok"]
+    assert checks["guest present"] == {
+        "layer": "guest present",
+        "now": "unknown (paused)",
+        "target": "3",
+        "ok": False,
+    }
+    assert any("the domain is paused" in note for note in result.json()["notes"])
+
+
+def test_shut_off_domain_live_is_refused_config_and_current_are_changed(capsys: Capsys) -> None:
+    live = run_cli(capsys, "-c", MIXED, "setvcpus", "stopped-big", "3", "--live")
+    assert live.status == EXIT_NOT_RUNNING
+    for options in (["--config"], ["--current"]):
+        result = run_cli(capsys, "-c", MIXED, "setvcpus", "stopped-big", "3", *options, "--json")
+        assert result.status == EXIT_OK, result.err
+        assert [c["layer"] for c in result.json()["checks"]] == ["config"]

@@ -56,8 +56,10 @@ class LayerCheck:
 
 
 def check_live_request(view: VcpuView, request: Request) -> None:
-    """A live change needs a running domain and a count within its maximum."""
-    if view.state != "running" or view.live is None:
+    """A live change needs an active domain and a count within its maximum. A paused one is
+    changed as libvirt changes it (virsh does too); its guest cannot be verified until it
+    resumes, which the verification says (``live_checks``)."""
+    if view.state not in ("running", "paused") or view.live is None:
         raise errors.NotRunningError(
             f"domain '{view.name}' is {view.state}: a live change needs a running domain "
             "(use --config to change the persistent definition only)"
@@ -262,7 +264,8 @@ def live_checks(after: VcpuView, count: int) -> list[LayerCheck]:
         checks.append(LayerCheck("hypervisor", str(plugged), target, plugged == count))
     guest = after.guest
     if guest is None:
-        checks.append(LayerCheck("guest present", f"unknown ({after.agent.state})", target, False))
+        why = "paused" if after.state == "paused" else after.agent.state
+        checks.append(LayerCheck("guest present", f"unknown ({why})", target, False))
     else:
         present = len(guest.present)
         checks.append(LayerCheck("guest present", str(present), target, present == count))
@@ -295,7 +298,13 @@ def drift_notes(
         notes.append(f"libvirt reported: {error}")
     if repeated not in (None, REPEAT_ACCEPTED):
         notes.append(f"this host ({host}) refused the repeated unplug request: {repeated}")
-    if after.guest is None:
+    if after.guest is None and after.state == "paused":
+        notes.append(
+            "the domain is paused: its guest runs no code, so whether it sees the change is "
+            f"not known until it resumes ('virthotplug status {after.name}' then verifies "
+            "every layer)"
+        )
+    elif after.guest is None:
         detail = f": {after.agent.error}" if after.agent.error else ""
         notes.append(f"the guest cannot be verified: guest agent {after.agent.state}{detail}")
     for finding in after.findings:

@@ -161,12 +161,13 @@ def check_options(args: argparse.Namespace) -> None:
         raise UsageError(
             "--maximum needs --config, as in virsh (it changes the persistent maximum)"
         )
+    # Before the --maximum rule: virsh names this one for --maximum --config --guest too.
+    if args.guest and args.config:
+        raise UsageError("--guest is exclusive with --config (it changes the running guest)")
     if args.maximum and (args.live or args.guest):
         raise UsageError(
             "--maximum changes the persistent definition only: not with --live or --guest"
         )
-    if args.guest and args.config:
-        raise UsageError("--guest is exclusive with --config (it changes the running guest)")
     if args.guest and (args.online is not None or args.force):
         raise UsageError("--online, --no-online and --force have no meaning with --guest")
     if args.override_policy and not args.guest:
