@@ -281,3 +281,26 @@ def test_async_shrink_reports_a_refused_repeat() -> None:
     repeated, pending, _timings, _notes = async_shrink(stack)
     assert repeated == "domain 'web1': refused" and pending == frozenset({2})
     assert len(stack.calls) == 2
+
+
+class MidwayStack3(Stack3):
+    """A repeat that drops the highest vCPU, then fails on the next one."""
+
+    def set_vcpus(self, count: int, *, live: bool, config: bool, async_flag: int = 0) -> None:
+        self.calls.append((count, async_flag))
+        self.live -= 1
+        raise errors.VirtHotplugError("domain 'web1': failed midway", code=1)
+
+
+def test_an_async_repeat_that_fails_midway_is_recorded_from_libvirts_count() -> None:
+    # 4 -> 2: the repeat removed vcpu3 (libvirt's count dropped) and failed on vcpu2. The
+    # one repeat of both shrinks reads that from the count, never from the message.
+    stack = MidwayStack3(live=4, target=2, eject_after=1)
+    seen = Seen(None)
+    request = resizeplan.Request(2, True, False)
+    before = view(4, "0,1,2,3", History())
+    shrink = AsyncShrink(stack, stack, before, request, seen, ASYNC_FLAG, 0.0)  # type: ignore[arg-type]
+    assert not shrink._repeat()
+    assert shrink.refused == "domain 'web1': failed midway" and stack.calls == [(2, ASYNC_FLAG)]
+    asked = [(o.vcpu, o.error) for o in seen.update().events if o.kind == UNPLUG_REQUEST]
+    assert asked == [(3, None), (2, 1)]

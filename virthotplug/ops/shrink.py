@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from virthotplug.core import errors
 from virthotplug.core import resizeplan as plan
@@ -37,7 +37,6 @@ from virthotplug.core.judge import (
     REMOVED,
     UNPLUG_REQUEST,
     GuestSeen,
-    Observed,
     repeat_unplug,
 )
 from virthotplug.core.resizeplan import Request
@@ -78,53 +77,63 @@ def after_shrink(
         requests = [o for o in observations.events if o.kind == UNPLUG_REQUEST]
         if not repeat_unplug(requests, observations.events, answer, request.count):
             return None  # accepted, or the guest has not ejected: repeating would time out
-        refused = _repeat(conn, dom, before, request, seen, requests)
-        if refused is None:
+        repeated = repeat_request(conn, dom, before, request, seen, [r.vcpu for r in requests])
+        if repeated.accepted:
             notes.append(
                 f"libvirt gave up on the unplug although the guest ejected the CPU; the "
                 f"repeated unplug request was accepted by this host ({conn.support.describe()})"
             )
             return plan.REPEAT_ACCEPTED
-        if refused.text is not None:
-            return refused.text
+        if not repeated.corrected:
+            return repeated.error
     return None
 
 
 @dataclass(frozen=True)
-class _Refused:
-    """A repeated unplug that failed: ``text`` is libvirt's error when it changed nothing,
-    None when it corrected the count for some vCPUs and gave up on the next one."""
+class Repeated:
+    """What a repeated unplug request did, read from libvirt's count (never its message)."""
 
-    text: Optional[str]
+    error: Optional[str] = None  # libvirt's error to it; None: accepted
+    # It failed but libvirt's count dropped: it removed some vCPUs and gave up on the next.
+    corrected: bool = False
+
+    @property
+    def accepted(self) -> bool:
+        return self.error is None
 
 
-def _repeat(
+def repeat_request(
     conn: Connection,
     dom: Domain,
     before: VcpuView,
     request: Request,
     seen: Seen,
-    requests: list[Observed],
-) -> Optional[_Refused]:
-    """Repeat the unplug request once; None when libvirt accepted it. Which vCPUs it
-    removed and which one it gave up on is read from libvirt's count, never its message."""
+    asked: Sequence[int],
+    async_flag: int = 0,
+) -> Repeated:
+    """Repeat the unplug request once (``async_flag``: as the async unplug, returning at
+    once); ``asked``: the vCPUs it asks for again, recorded as requested in ``seen``. Which
+    vCPUs it removed and which one it gave up on is read from libvirt's count before and
+    after, never from its message: a failure that left the count as it was is a refusal
+    (recorded on the highest vCPU asked, the first libvirt tries)."""
     counted = live_count(conn, dom)
     again = time.monotonic()
     try:
-        dom.set_vcpus(request.count, live=True, config=False)
+        dom.set_vcpus(request.count, live=True, config=False, async_flag=async_flag)
     except (errors.ConnectError, errors.PermissionDeniedError):
         raise
     except errors.VirtHotplugError as exc:
+        failure = Failure(str(exc), exc.code)
         now = live_count(conn, dom)
-        asked = plan.unplugged(before, request.count)
         if now < 0 or counted < 0 or now >= counted:
-            seen.requested([r.vcpu for r in requests][:1], again, Failure(str(exc), exc.code))
-            return _Refused(str(exc))
-        seen.requested(asked[now - request.count : counted - request.count], again, None)
-        seen.requested(asked[: now - request.count], again, Failure(str(exc), exc.code))
-        return _Refused(None)
-    seen.requested(sorted({r.vcpu for r in requests}), again, None)
-    return None
+            seen.requested(sorted(asked)[-1:], again, failure)
+            return Repeated(failure.text)
+        unplugged = plan.unplugged(before, request.count)
+        seen.requested(unplugged[now - request.count : counted - request.count], again, None)
+        seen.requested(unplugged[: now - request.count], again, failure)
+        return Repeated(failure.text, corrected=True)
+    seen.requested(sorted(set(asked)), again, None)
+    return Repeated()
 
 
 class AsyncShrink:
@@ -218,18 +227,14 @@ class AsyncShrink:
         return len(ejected) > self.before.live.current - live
 
     def _repeat(self) -> bool:
-        """Repeat the request (async again: it returns at once); False when refused."""
+        """Repeat the request (async again: it returns at once); False when it failed."""
         self.repeats_left -= 1
-        again = time.monotonic()
-        try:
-            self.dom.set_vcpus(self.request.count, live=True, config=False, async_flag=self.flag)
-        except (errors.ConnectError, errors.PermissionDeniedError):
-            raise
-        except errors.VirtHotplugError as exc:
-            self.seen.requested(self.unplugged[-1:], again, Failure(str(exc), exc.code))
-            self.refused = str(exc)
+        repeated = repeat_request(
+            self.conn, self.dom, self.before, self.request, self.seen, self.unplugged, self.flag
+        )
+        if not repeated.accepted:
+            self.refused = repeated.error
             return False
-        self.seen.requested(self.unplugged, again, None)
         self.accepted += 1
         return True
 
