@@ -25,8 +25,9 @@ from virthotplug.core.judge import (
 )
 from virthotplug.core.observed import EventReader
 from virthotplug.core.resizeplan import Request
-from virthotplug.core.view import GuestLayer, VcpuView, parse_guest_reply
-from virthotplug.core.workpool import CallTimeout, call_with_timeout
+from virthotplug.core.view import GuestLayer, VcpuView
+from virthotplug.core.workpool import CallTimeout
+from virthotplug.host.agentread import read_guest
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
 
@@ -125,8 +126,7 @@ def wait_guest(
     while True:
         remaining = deadline - time.monotonic()
         try:
-            reply = call_with_timeout(lambda: conn.guest_vcpus(dom), max(0.05, remaining))
-            last = parse_guest_reply(reply, maximum=maximum, domain=before.name)
+            last = read_guest(conn, dom, maximum=maximum, timeout=max(0.05, remaining))
         except PERMANENT:
             return last
         except (errors.AgentError, errors.TransientError, CallTimeout):

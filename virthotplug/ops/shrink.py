@@ -40,8 +40,9 @@ from virthotplug.core.judge import (
     repeat_unplug,
 )
 from virthotplug.core.resizeplan import Request
-from virthotplug.core.view import VcpuView, parse_guest_reply
-from virthotplug.core.workpool import CallTimeout, call_with_timeout
+from virthotplug.core.view import VcpuView
+from virthotplug.core.workpool import CallTimeout
+from virthotplug.host.agentread import read_guest
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
 from virthotplug.ops.seen import PERMANENT, Failure, Seen, live_count, wait_guest
@@ -205,10 +206,7 @@ class AsyncShrink:
             return None
         assert self.before.live is not None
         try:
-            reply = call_with_timeout(lambda: self.conn.guest_vcpus(self.dom), 1.0)
-            guest = parse_guest_reply(
-                reply, maximum=self.before.live.maximum, domain=self.before.name
-            )
+            guest = read_guest(self.conn, self.dom, maximum=self.before.live.maximum, timeout=1.0)
         except (errors.AgentError, errors.TransientError, CallTimeout, *PERMANENT):
             return None
         return len(guest.present)
