@@ -48,9 +48,11 @@ from virthotplug.host.domain import Domain
 from virthotplug.ops.seen import PERMANENT, Failure, Seen, live_count, wait_guest
 
 ASYNC_POLL_INTERVAL = 0.025  # seconds between looks while an async unplug waits for the eject
+GUEST_READ_TIMEOUT = 1.0  # seconds one look waits for the guest agent's list
 # How long a completed async unplug waits for libvirt's vcpu-removed (its confirmation; it
-# follows the accepted repeat within milliseconds in the lab).
+# follows the accepted repeat within milliseconds in the lab), looking this often.
 CONFIRM_WAIT = 0.5
+CONFIRM_POLL_INTERVAL = 0.01
 
 
 def after_shrink(
@@ -181,8 +183,17 @@ class AsyncShrink:
         return repeated, frozenset(sorted(self.unplugged)[-still:]) if still else frozenset()
 
     def _complete(self, timings: dict[str, float]) -> int:
-        """Poll until every layer is at the target, the deadline, or a refused repeat;
-        libvirt's live count at the end."""
+        """Look at the layers every ``ASYNC_POLL_INTERVAL`` seconds until every layer is at
+        the target, a repeat fails, or the deadline (the request's timeout); libvirt's live
+        count at the end. Bounded: the first look past the deadline that repeats nothing
+        is the last; a look is one stats call and one agent read (at most
+        ``GUEST_READ_TIMEOUT``); a repeat, looked at again at once, is made at most once
+        per unplugged vCPU.
+
+        Polled, not waited on: the guest's list comes from its agent and libvirt's count
+        from its stats, and neither announces a change (under TCG libvirt's vcpu-removed
+        follows the repeat, not the eject); the monitor events are a list read at each
+        look, with nothing to wake a waiter."""
         target = self.request.count
         while True:
             live = live_count(self.conn, self.dom)
@@ -206,7 +217,8 @@ class AsyncShrink:
             return None
         assert self.before.live is not None
         try:
-            guest = read_guest(self.conn, self.dom, maximum=self.before.live.maximum, timeout=1.0)
+            maximum = self.before.live.maximum
+            guest = read_guest(self.conn, self.dom, maximum=maximum, timeout=GUEST_READ_TIMEOUT)
         except (errors.AgentError, errors.TransientError, CallTimeout, *PERMANENT):
             return None
         return len(guest.present)
@@ -252,4 +264,4 @@ class AsyncShrink:
             if wanted <= removed:
                 timings["vcpu-removed"] = time.monotonic() - self.started
                 return
-            time.sleep(0.01)
+            time.sleep(CONFIRM_POLL_INTERVAL)
