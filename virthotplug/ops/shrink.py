@@ -32,13 +32,7 @@ from typing import Optional, Sequence
 
 from virthotplug.core import errors
 from virthotplug.core import resizeplan as plan
-from virthotplug.core.judge import (
-    EJECT,
-    REMOVED,
-    UNPLUG_REQUEST,
-    GuestSeen,
-    repeat_unplug,
-)
+from virthotplug.core.judge import EJECT, REMOVED, UNPLUG_REQUEST, GuestSeen, repeat_unplug
 from virthotplug.core.resizeplan import Request
 from virthotplug.core.view import VcpuView
 from virthotplug.core.workpool import CallTimeout
