@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import re
 import signal
 import subprocess
+import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from typing import Any, Callable, Optional
 
 import nodes
 from common import (
+    ROOT,
     daemon_restarted,
     proc_cpu_seconds,
     proc_rss_bytes,
@@ -43,6 +43,8 @@ from common import (
     wait_for_daemon,
     watch_env,
 )
+
+sys.path.insert(0, str(ROOT / "tests" / "lab"))
 
 SHARED_URI = "test+unix:///default"
 ATTEMPTS = 3
@@ -127,24 +129,13 @@ class _Watcher:
             env=env,
             bufsize=1,
         )
-        self.lines: list[Line] = []
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        from jsonfollow import JsonLineReader
 
-    def _read(self) -> None:
         assert self.proc.stdout is not None
-        for text in self.proc.stdout:
-            try:
-                record = json.loads(text)
-            except ValueError:
-                continue
-            with self._lock:
-                self.lines.append(Line(time.monotonic(), record))
+        self._json = JsonLineReader(self.proc.stdout)
 
     def snapshot(self) -> list[Line]:
-        with self._lock:
-            return list(self.lines)
+        return [Line(arrived, record) for arrived, record in self._json.arrivals()]
 
     def sample(self) -> Sample:
         rss, _ = proc_rss_bytes(self.proc.pid)
@@ -164,7 +155,7 @@ class _Watcher:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._reader.join(timeout=5)
+        self._json.thread.join(timeout=5)
         self._stderr.close()
 
 

@@ -31,7 +31,6 @@ serial log; dmesg timestamps).
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shutil
 import signal
@@ -215,9 +214,10 @@ class _Watch:
             env=watch_env(tmp),
             text=True,
         )
-        self.records: list[tuple[float, dict[str, Any]]] = []  # (arrival, JSON record)
-        self._lock = threading.Lock()
-        threading.Thread(target=self._read, name="watch-json", daemon=True).start()
+        from jsonfollow import JsonLineReader
+
+        assert self.proc.stdout is not None
+        self._json = JsonLineReader(self.proc.stdout, name="watch-json")
         deadline = time.monotonic() + 60
         # One "connected" line per host.
         while self.log.read_text(encoding="utf-8", errors="replace").count("connected") < len(uris):
@@ -242,50 +242,37 @@ class _Watch:
                 raise RuntimeError("watch did not reload its configuration")
             time.sleep(0.05)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            with self._lock:
-                self.records.append((time.monotonic(), record))
-
     def onlined(self, name: str, since: float) -> Optional[float]:
         """Arrival of the first reconcile record since ``since`` that onlined a CPU."""
-        with self._lock:
-            for arrived, record in self.records:
-                if (
-                    arrived >= since
-                    and record.get("domain") == name
-                    and record.get("event") == "reconcile"
-                    and "onlined" in str(record.get("outcome", "")).split(",")
-                ):
-                    return arrived
+        for arrived, record in self._json.arrivals():
+            if (
+                arrived >= since
+                and record.get("domain") == name
+                and record.get("event") == "reconcile"
+                and "onlined" in str(record.get("outcome", "")).split(",")
+            ):
+                return arrived
         return None
 
     def listed(self, host: str, since: float) -> Optional[float]:
         """Arrival of the first "listed" record (a resync's listing done) of the host whose
         URI starts with ``host``, since ``since``."""
-        with self._lock:
-            for arrived, record in self.records:
-                details = record.get("details") or {}
-                if (
-                    arrived >= since
-                    and details.get("what") == "listed"
-                    and str(record.get("host", "")).startswith(host)
-                ):
-                    return arrived
+        for arrived, record in self._json.arrivals():
+            details = record.get("details") or {}
+            if (
+                arrived >= since
+                and details.get("what") == "listed"
+                and str(record.get("host", "")).startswith(host)
+            ):
+                return arrived
         return None
 
     def last_listed_reason(self, host: str) -> str:
         """What watch said of the host's last resync ("N running, ... 0.31 s")."""
-        with self._lock:
-            for _, record in reversed(self.records):
-                details = record.get("details") or {}
-                if details.get("what") == "listed" and str(record.get("host")).startswith(host):
-                    return str(details.get("reason") or "")
+        for record in reversed(self._json.records()):
+            details = record.get("details") or {}
+            if details.get("what") == "listed" and str(record.get("host")).startswith(host):
+                return str(details.get("reason") or "")
         return ""
 
     def stop(self) -> None:

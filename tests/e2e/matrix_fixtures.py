@@ -33,6 +33,8 @@ from sandbox import host_device_facts
 from stacks import STACK2, STACK3, Stack, StackDefinition, Users, ensure_stack
 
 STACKS = ("stack1", "stack2", "stack3")
+# The guest kernel's own words for a rejected hot-add (lab notes, Debian 13 and 14 under TCG).
+REJECTED = r"ACPI: Unable to map lapic to logical cpu number"
 # Stack name -> "libvirt X, QEMU Y" as its daemon reported it; printed in the lab summary.
 STACKS_RAN: dict[str, str] = {}
 MATRIX_TIMINGS: dict[str, float] = {}

@@ -26,24 +26,20 @@ from typing import Callable
 import libvirt
 import pytest
 from inroot import InRootProcess, VirthotplugInRoot
-from lab import Lab, LabVM, MonitorEvent
-from matrix_fixtures import Case, cases, vhp
+from lab import DEVICE_CHECK, SUCCESS, Lab, LabVM, MonitorEvent
+from matrix_fixtures import REJECTED, Case, cases, vhp
 from sandbox import chroot_env, in_root_argv
 from stacks import Stack
 from watchproc import Record, WatchProcess, for_domain, scoped_config
 
-DEVICE_CHECK = 1
-SUCCESS = 0
 # Nagios-style exit statuses of `virthotplug check`.
 CHECK_OK, CHECK_WARNING = 0, 1
-EJECT_REQUEST = 3
 UNPLUG_TIMED_OUT = "vcpu unplug request timed out"
 # libvirt 12.4's VIR_DOMAIN_EVENT_ID_VCPU_REMOVED: a client library older than 12.4 refuses it.
 VCPU_REMOVED = 28
 # A guest's own udev rule onlines a CPU in well under a second on TCG.
 SETTLE = 3.0
 HOT_ADDED = r"CPU(\d+) has been hot-added"
-REJECTED = r"ACPI: Unable to map lapic to logical cpu number"
 
 SEED = cases(
     "stack1-busybox",
@@ -534,7 +530,7 @@ def test_stack3_watch_in_the_root_reports_vcpu_removed(
 
 def _new_since(watch: InRootProcess, match: Callable[[Record], bool]) -> Callable[[Record], bool]:
     """``match``, for records that came after now."""
-    before = {id(r) for r in list(watch.records)}
+    before = {id(r) for r in watch.records()}
     return lambda r: id(r) not in before and match(r)
 
 
@@ -572,7 +568,7 @@ def test_stack3_replugged_slot_unplugged_at_once_is_no_guest_rejection(
             _async_unplug_and_repeat(stack, vm, 1, {0})
             print(f"{case}: {round_}: unplugged {time.monotonic() - replugged:.2f} s after online")
         time.sleep(SETTLE + 3.0)
-        records = [r for r in list(watch.records) if r.get("domain") == vm.name]
+        records = [r for r in watch.records() if r.get("domain") == vm.name]
     finally:
         watch.stop()
     rejected = [

@@ -10,10 +10,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from lab import Lab, LabVM, MonitorEvent
+from lab import DEVICE_CHECK, SUCCESS, Lab, LabVM, MonitorEvent
 
-DEVICE_CHECK = 1
-SUCCESS = 0
 # Auto-onlining takes 0.3-0.55 s on TCG; staying offline is judged after well beyond that.
 SETTLE = 2.0
 

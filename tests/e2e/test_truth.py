@@ -23,14 +23,11 @@ from typing import Callable
 
 import libvirt
 import pytest
-from lab import Lab, LabVM, MonitorEvent
-from matrix_fixtures import Case, vhp
+from lab import DEVICE_CHECK, SUCCESS, Lab, LabVM, MonitorEvent
+from matrix_fixtures import REJECTED, Case, vhp
 from watchproc import Record, WatchProcess, scoped_config
 
 StartWatch = Callable[..., WatchProcess]
-DEVICE_CHECK, SUCCESS = 1, 0
-# The guest kernel's own words for a rejected hot-add (lab notes, Debian 13 under TCG).
-REJECTED = r"ACPI: Unable to map lapic to logical cpu number"
 VERSION = re.compile(r"QEMU \d+\.\d+(?:\.\d+)?")
 
 

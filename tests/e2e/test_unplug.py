@@ -11,10 +11,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from lab import Lab, LabError, LabVM, MonitorEvent
-
-EJECT_REQUEST = 3
-SUCCESS = 0
+from lab import EJECT_REQUEST, SUCCESS, Lab, LabError, LabVM, MonitorEvent
 
 
 def is_eject_done(event: MonitorEvent) -> bool:

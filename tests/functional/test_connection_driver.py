@@ -6,6 +6,7 @@ libvirt really says, not on hand-made errors.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,9 +17,11 @@ from tdriver import MIXED, node_uri
 from virthotplug.core import errors
 from virthotplug.core.drift import CONFIG_LIVE_MISMATCH
 from virthotplug.core.view import AGENT_UNSUPPORTED, INFO
-from virthotplug.core.workpool import call_with_timeout
+from virthotplug.core.workpool import CallTimeout, call_with_timeout
+from virthotplug.host.agentread import read_guest
 from virthotplug.host.collect import read_view, read_views
 from virthotplug.host.connection import Connection, OpeningConnection, classify
+from virthotplug.host.domain import Domain
 from virthotplug.host.domxml import (
     NAMESPACE,
     Topology,
@@ -132,6 +135,26 @@ def test_guest_vcpus_raises_in_a_worker_thread(conn: Connection) -> None:
 def test_guest_vcpus_read_only(ro_conn: Connection) -> None:
     with pytest.raises(errors.PermissionDeniedError, match="read only access"):
         ro_conn.guest_vcpus(ro_conn.lookup("hotplug-agent"))
+
+
+def test_read_guest_parses_the_agents_list_within_its_timeout(
+    conn: Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dom = conn.lookup("hotplug-agent")
+    reply = {"vcpus": "0-2", "online": "0-1", "offlinable": "1-2"}
+    monkeypatch.setattr(Domain, "guest_vcpus", lambda _dom: reply)
+    guest = read_guest(conn, dom, maximum=4, timeout=5.0)
+    assert guest.present == {0, 1, 2} and guest.online == {0, 1}
+    with pytest.raises(errors.GuestDataError):
+        read_guest(conn, dom, maximum=2, timeout=5.0)  # more CPUs than the domain can have
+    monkeypatch.setattr(Domain, "guest_vcpus", lambda _dom: time.sleep(2.0))
+    with pytest.raises(CallTimeout):
+        read_guest(conn, dom, maximum=4, timeout=0.05)
+
+
+def test_read_guest_raises_what_the_driver_says(conn: Connection) -> None:
+    with pytest.raises(errors.UnsupportedError, match=r"^domain 'hotplug-agent': "):
+        read_guest(conn, conn.lookup("hotplug-agent"), maximum=4, timeout=30.0)
 
 
 # --- lookups ----------------------------------------------------------------------------

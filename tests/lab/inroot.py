@@ -9,7 +9,6 @@ root is left as it was built. Its dependencies are the root's (stacks.PACKAGE_DE
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from jsonfollow import JsonLineReader
 from sandbox import chroot_env, in_root_argv
 from stacks import Stack
 
@@ -81,30 +81,20 @@ class InRootProcess:
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=chroot_env()
         )
-        self.records: list[dict[str, Any]] = []
+        assert self.proc.stdout is not None
+        self._json = JsonLineReader(self.proc.stdout)
         self.stderr: list[str] = []
-        self._lock = threading.Lock()
-        self._readers = [
-            threading.Thread(target=self._read, daemon=True),
-            threading.Thread(target=self._read_stderr, daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_reader.start()
 
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.stderr.append(line)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            with self._lock:
-                self.records.append(record)
+    def records(self) -> list[dict[str, Any]]:
+        """Every record so far, in the order they came."""
+        return self._json.records()
 
     def wait_line(
         self, match: Callable[[dict[str, Any]], bool], timeout: float = 60.0
@@ -112,15 +102,15 @@ class InRootProcess:
         """The first record ``match`` accepts; fails after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with self._lock:
-                found = [r for r in self.records if match(r)]
+            found = [r for r in self._json.records() if match(r)]
             if found:
                 return found[0]
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
         tail = "".join(self.stderr[-10:])
-        raise AssertionError(f"no matching record; the last ones: {self.records[-5:]}\n{tail}")
+        last = self._json.records()[-5:]
+        raise AssertionError(f"no matching record; the last ones: {last}\n{tail}")
 
     def stop(self) -> str:
         """SIGTERM, then wait; its stderr."""
@@ -131,6 +121,6 @@ class InRootProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        for reader in self._readers:
+        for reader in (self._json.thread, self._stderr_reader):
             reader.join(timeout=5)
         return "".join(self.stderr)

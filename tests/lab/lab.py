@@ -230,6 +230,11 @@ class CpuState:
 
 # ---- QEMU monitor events ------------------------------------------------------------------
 
+# The ACPI_DEVICE_OST codes the tests look for: a hot-add's device check, an unplug's eject
+# request, and success.
+DEVICE_CHECK = 0x01
+EJECT_REQUEST = 0x03
+SUCCESS = 0x00
 OST_SOURCES = {
     0x00: "bus check",
     0x01: "device check (hot-add)",

@@ -36,6 +36,8 @@ from virthotplug.core.view import (
 )
 from virthotplug.ops import resize
 from virthotplug.ops.reconcile import guest_seen, libvirt_seen
+from virthotplug.ops.seen import Failure, Seen
+from virthotplug.ops.shrink import after_shrink
 
 REF = DomainRef("qemu:///system", "u", "web1")
 REFUSED = "An error occurred, but the cause is unknown"
@@ -123,18 +125,18 @@ STALE = History().add(HistoryEntry(HISTORY_UNPLUG_TIMEOUT, 2, 10.0, "setvcpus"))
 
 
 def shrink(
-    host: str, refuse: Optional[str], failure: resize.Failure, guest: str = "0,1"
+    host: str, refuse: Optional[str], failure: Failure, guest: str = "0,1"
 ) -> tuple[Optional[str], list[str], FakeDom]:
     # 3 -> 2: libvirt failed the unplug of vcpu2; the guest lists what ``guest`` says.
     conn, dom, notes = FakeConn(host, guest), FakeDom(refuse), []
     request = resizeplan.Request(2, True, False, timeout=0.2)
-    seen = resize._Seen(None)
+    seen = Seen(None)
     seen.requested([2], 0.0, failure)
-    repeated = resize._after_shrink(conn, dom, view(3, "0,1,2"), request, 0.0, notes, seen)  # type: ignore[arg-type]
+    repeated = after_shrink(conn, dom, view(3, "0,1,2"), request, 0.0, notes, seen)  # type: ignore[arg-type]
     return repeated, notes, dom
 
 
-TIMEOUT = resize.Failure(TIMED_OUT, VIR_ERR_OPERATION_TIMEOUT)
+TIMEOUT = Failure(TIMED_OUT, VIR_ERR_OPERATION_TIMEOUT)
 
 
 def test_the_repeated_unplug_is_accepted_where_the_host_accepts_it() -> None:
@@ -161,11 +163,11 @@ def test_no_repeat_when_the_guest_has_not_ejected() -> None:
 
 def test_the_repeat_is_chosen_by_error_code_whatever_the_message_says() -> None:
     # libvirt 12.8 changed the text, and a localized libvirtd translates it: the code stays.
-    localized = resize.Failure("Zeitüberschreitung beim Vorgang", VIR_ERR_OPERATION_TIMEOUT)
+    localized = Failure("Zeitüberschreitung beim Vorgang", VIR_ERR_OPERATION_TIMEOUT)
     repeated, _, dom = shrink("libvirt 12.8.0, QEMU 11.1.2", None, localized)
     assert repeated == "accepted" and dom.calls == [2]
     # The old text with another code (the guest did not report an eject): no repeat.
-    other = resize.Failure("operation failed: vcpu unplug request timed out", 9)
+    other = Failure("operation failed: vcpu unplug request timed out", 9)
     repeated, _, dom = shrink("libvirt 9.0.0, QEMU 7.2.0", None, other)
     assert repeated is None and dom.calls == []
 
@@ -227,7 +229,7 @@ def test_rejected_from_the_ost_events_and_the_guest_list() -> None:
     # What setvcpus asks the judge after its wait: the OST events it saw, the guest before
     # (cpu0) and now.
     def rejected(events: list[Any], present: str, at: float) -> frozenset[int]:
-        seen = resize._Seen(lambda: events)
+        seen = Seen(lambda: events)
         seen.observations.present = frozenset({0})
         observations = seen.update()
         return judge(
@@ -246,7 +248,7 @@ def test_rejected_from_the_ost_events_and_the_guest_list() -> None:
 
 def test_only_the_vcpu_libvirt_tried_is_recorded_as_timed_out() -> None:
     # 3 -> 1 timed out: libvirt tried vcpu2 first and stopped there; vcpu1 was never asked.
-    seen = resize._Seen(None)
+    seen = Seen(None)
     seen.requested(resizeplan.unplugged(view(3, "0,1,2"), 1), 0.0, TIMEOUT)
     observations = seen.update()
     entries = recorded_entries(observations.events, "setvcpus")
@@ -311,9 +313,9 @@ def test_two_rejected_vcpus_are_removed_one_repeat_at_a_time() -> None:
     request = resizeplan.Request(1, True, False, timeout=0.2)
     failure = resize._set_vcpus(conn, dom, before, request)  # type: ignore[arg-type]
     assert failure is not None and failure.code == VIR_ERR_OPERATION_TIMEOUT
-    seen = resize._Seen(None)
+    seen = Seen(None)
     seen.requested(resizeplan.unplugged(before, 1), 0.0, failure)
-    repeated = resize._after_shrink(conn, dom, before, request, 0.0, notes, seen)  # type: ignore[arg-type]
+    repeated = after_shrink(conn, dom, before, request, 0.0, notes, seen)  # type: ignore[arg-type]
     assert repeated == "accepted" and dom.counted == 1 and dom.calls == [1, 1, 1]
     entries = recorded_entries(seen.update().events, "setvcpus")
     assert [(e.kind, e.vcpu) for e in entries] == [
@@ -327,10 +329,10 @@ def test_two_rejected_vcpus_are_removed_one_repeat_at_a_time() -> None:
 def test_a_repeat_that_changes_nothing_is_a_refusal() -> None:
     # libvirt 9.0: the repeat fails and libvirt's count stays: refused, not tried again.
     conn, dom, notes = FakeConn("libvirt 9.0.0, QEMU 7.2.0", "0"), FakeDom(REFUSED), []
-    seen = resize._Seen(None)
+    seen = Seen(None)
     seen.requested([1, 2], 0.0, TIMEOUT)
     request = resizeplan.Request(1, True, False, timeout=0.2)
-    repeated = resize._after_shrink(conn, dom, view(3, "0"), request, 0.0, notes, seen)  # type: ignore[arg-type]
+    repeated = after_shrink(conn, dom, view(3, "0"), request, 0.0, notes, seen)  # type: ignore[arg-type]
     assert repeated is not None and REFUSED in repeated and dom.calls == [1]
 
 
@@ -429,7 +431,7 @@ def test_case3_a_cpu_the_guest_took_and_ejected_is_no_kernel_rejection() -> None
     # Issue 21 case 3 began with case 2's false "rejected" entry: what watch records of that
     # sequence (plug, then the guest's eject) makes check and setvcpus speak of an eject.
     events = [ost(1, 100.0), *eject(1, 102.0)]
-    seen = resize._Seen(lambda: events)
+    seen = Seen(lambda: events)
     history = History()
     for entry in recorded_entries(seen.update().events, "watch"):
         history = history.add(entry)

@@ -21,6 +21,7 @@ from virthotplug.core.judge import (
     Observed,
     judge,
 )
+from virthotplug.core.observed import EventReader
 from virthotplug.core.ost import parse_ost_details
 from virthotplug.core.view import (
     AGENT_CONNECTED,
@@ -40,7 +41,8 @@ from virthotplug.core.view import (
     VcpuEntry,
     VcpuView,
 )
-from virthotplug.ops import resize
+from virthotplug.ops.seen import Seen
+from virthotplug.ops.shrink import AsyncShrink
 
 REF = DomainRef("qemu:///system", "u", "web1")
 ASYNC_FLAG = 32
@@ -164,7 +166,7 @@ def test_async_unplug_eject_repeat_and_vcpu_removed_judge_removed() -> None:
     observations = Observations()
     observations.add([Observed(PLUG, 2, 0.0, 1000.0)])
     observations.add([Observed(UNPLUG_REQUEST, 2, 1.0, 1001.0)])
-    reader = resize.EventReader()
+    reader = EventReader()
     observations.add(reader.read_all([ost("vcpu2", 3, 0x84, 1.05), ost(None, 3, 0, 1.10)]))
     observations.add([Observed(UNPLUG_REQUEST, 2, 1.2, 1001.2)])
     observations.add(reader.read_all([VcpuRemovedEvent(REF, vcpu=2, mono=1.25, at=1001.25)]))
@@ -246,8 +248,8 @@ def async_shrink(
 ) -> tuple[Any, Any, dict[str, float], list[str]]:
     before = view(stack.live, ",".join(str(c) for c in range(stack.live)), History())
     request = resizeplan.Request(stack.target, True, False, timeout=timeout)
-    seen = resize._Seen(lambda: list(stack.events))
-    shrink = resize._AsyncShrink(stack, stack, before, request, seen, ASYNC_FLAG, 0.0)  # type: ignore[arg-type]
+    seen = Seen(lambda: list(stack.events))
+    shrink = AsyncShrink(stack, stack, before, request, seen, ASYNC_FLAG, 0.0)  # type: ignore[arg-type]
     shrink.deadline = time.monotonic() + timeout
     shrink.started = time.monotonic()
     stack.set_vcpus(stack.target, live=True, config=False, async_flag=ASYNC_FLAG)
@@ -279,3 +281,26 @@ def test_async_shrink_reports_a_refused_repeat() -> None:
     repeated, pending, _timings, _notes = async_shrink(stack)
     assert repeated == "domain 'web1': refused" and pending == frozenset({2})
     assert len(stack.calls) == 2
+
+
+class MidwayStack3(Stack3):
+    """A repeat that drops the highest vCPU, then fails on the next one."""
+
+    def set_vcpus(self, count: int, *, live: bool, config: bool, async_flag: int = 0) -> None:
+        self.calls.append((count, async_flag))
+        self.live -= 1
+        raise errors.VirtHotplugError("domain 'web1': failed midway", code=1)
+
+
+def test_an_async_repeat_that_fails_midway_is_recorded_from_libvirts_count() -> None:
+    # 4 -> 2: the repeat removed vcpu3 (libvirt's count dropped) and failed on vcpu2. The
+    # one repeat of both shrinks reads that from the count, never from the message.
+    stack = MidwayStack3(live=4, target=2, eject_after=1)
+    seen = Seen(None)
+    request = resizeplan.Request(2, True, False)
+    before = view(4, "0,1,2,3", History())
+    shrink = AsyncShrink(stack, stack, before, request, seen, ASYNC_FLAG, 0.0)  # type: ignore[arg-type]
+    assert not shrink._repeat()
+    assert shrink.refused == "domain 'web1': failed midway" and stack.calls == [(2, ASYNC_FLAG)]
+    asked = [(o.vcpu, o.error) for o in seen.update().events if o.kind == UNPLUG_REQUEST]
+    assert asked == [(3, None), (2, 1)]

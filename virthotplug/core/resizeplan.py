@@ -1,6 +1,7 @@
 """The pure half of a verified ``setvcpus``: what a request may do, and whether it did.
 
-``ops.resize`` talks to libvirt and the guest agent; this module only looks at views:
+``ops.resize`` and ``ops.shrink`` talk to libvirt and the guest agent; this module only
+looks at views:
 
 - preflight: a live change needs a running domain and a count within the maximum; a hot-add
   while a stale vCPU counts in libvirt needs a repair first; under TCG a plug that would make

@@ -1,4 +1,5 @@
-"""Agent reads: the guest layer of many domains, then their drift findings.
+"""Agent reads: the guest layer of many domains, then their drift findings; and the guest
+layer of one domain, for a command that waits on it (``read_guest``).
 
 One ``guestVcpus`` per running domain with an agent channel (and a policy that asks its
 agent), in parallel with a bounded pool and a bounded wait each (``core.workpool``), each
@@ -30,7 +31,7 @@ from virthotplug.core.view import (
     VcpuView,
     parse_guest_reply,
 )
-from virthotplug.core.workpool import CallResult, CallTimeout, bounded_map
+from virthotplug.core.workpool import CallResult, CallTimeout, bounded_map, call_with_timeout
 from virthotplug.host.bulk import DomainRead
 from virthotplug.host.connection import Connection, NoLeaseError
 from virthotplug.host.domain import Domain
@@ -64,6 +65,15 @@ def guest_layers(
         agent_views[raw.view.uuid] = _guest_view(raw, outcome.value, error, asked=asked)
     views = [agent_views.get(r.view.uuid, r.view) for r in raws]
     return [dataclasses.replace(v, findings=_findings(v, r.context)) for v, r in zip(views, raws)]
+
+
+def read_guest(conn: Connection, dom: Domain, *, maximum: int, timeout: float) -> GuestLayer:
+    """The guest layer of ``dom`` now, for a command that waits on it: its agent's list
+    (``Domain.guest_vcpus``, on an agent lease) parsed as ``guest_layers`` parses it.
+    Raises what the call raises, ``CallTimeout`` when no answer came within ``timeout``
+    seconds, and ``GuestDataError`` for a reply that is not a list of CPUs."""
+    reply = call_with_timeout(lambda: conn.guest_vcpus(dom), timeout)
+    return parse_guest_reply(reply, maximum=maximum, domain=dom.name)
 
 
 def _findings(view: VcpuView, context: Optional[DomainContext]) -> tuple[Finding, ...]:

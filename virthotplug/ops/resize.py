@@ -1,41 +1,27 @@
-"""A safe, verified ``virsh setvcpus``.
+"""A safe, verified ``virsh setvcpus``: the entry point and the grow.
 
 Grow (live): preflight → hot-add (``setVcpusFlags``) → wait for the guest agent to list the
 new CPUs → online them (policy, or ``--online``/``--no-online``) → verify every layer.
-Shrink (live): unplug → wait for the guest to drop the CPUs → verify every layer.
+Shrink (live): unplug → wait for the guest to drop the CPUs → verify every layer; the
+waiting and the repeated unplug request, synchronous or async, are ``ops.shrink``'s.
 
 Decided from what this host shows, never from a version number:
 
-- libvirt waits a few seconds for QEMU's DEVICE_DELETED and, when it does not come (under
-  TCG it never comes for the vCPU itself), fails (VIR_ERR_OPERATION_TIMEOUT) and keeps
-  counting the vCPU although the guest ejected it: a *stale* vCPU. When the guest has
-  ejected it (its OST eject report, or its agent no longer lists it), the same unplug
-  request is repeated once (``core.judge.repeat_unplug``: error codes and observed state,
-  never libvirt's message text): some hosts accept it and correct
-  libvirt's count, others refuse it; either way the outcome is read back and reported, with
-  the remedy that works on this host.
-- A hot-add while a stale vCPU cannot be repaired is known to crash QEMU, and under TCG a
-  plug that would make QEMU create more vCPUs in the domain's life than its maximum aborts
-  QEMU. Only these are refused (``--force`` skips the check); a stale vCPU is repaired
-  first where the host accepts the repeated request.
+- A hot-add while a stale vCPU (one libvirt counts although the guest ejected it, see
+  ``ops.shrink``) cannot be repaired is known to crash QEMU, and under TCG a plug that
+  would make QEMU create more vCPUs in the domain's life than its maximum aborts QEMU.
+  Only these are refused (``--force`` skips the check); a stale vCPU is repaired first
+  where the host accepts the repeated request.
 - A hot-add whose OST device check came but that the guest never lists was rejected by the
   guest (``guest-rejected-vcpu``): reported, with its own exit status.
-
-Where the connection has libvirt 12.4's async unplug (its capability record: binding and
-daemon), a shrink fires the unplug and completes it from what it observes instead of
-waiting out libvirt's timeout: once the guest has ejected the vCPUs (its agent no longer
-lists them, or its OST eject reports when there is no agent) while libvirt still counts
-them, the same request is repeated (libvirt drops an ejected vCPU on a repeat, then
-emits vcpu-removed, the confirmation), at most once per vCPU, within the command's timeout.
-An async unplug the guest has not completed when the command ends is recorded in the
-domain's history (``unplug-requested``) and reported as ``unplug-pending``. Without the
-capability the shrink is the synchronous one above.
+- An async unplug the guest has not completed when the command ends is recorded in the
+  domain's history (``unplug-requested``) and reported as ``unplug-pending``.
 
 What is seen — unplug timeouts, QEMU's eject and plug reports, rejected hot-adds — is judged
-by ``core.judge`` from the events seen during the command and goes into the domain's history
-(``host.history``), which later commands read. Apart from that single
-repeat, nothing is retried: a hot(un)plug request is not idempotent, and its outcome is read
-back from every layer instead.
+by ``core.judge`` from the events seen during the command (``ops.seen``) and goes into the
+domain's history (``host.history``), which later commands read. Apart from the repeated
+unplug request, nothing is retried: a hot(un)plug request is not idempotent, and its outcome
+is read back from every layer instead.
 """
 
 from __future__ import annotations
@@ -43,56 +29,25 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional
 
 from virthotplug.core import errors
 from virthotplug.core import resizeplan as plan
 from virthotplug.core.config import HostConfig
-from virthotplug.core.events import Event
-from virthotplug.core.judge import (
-    EJECT,
-    HOTADD_WAIT,
-    PLUG,
-    PLUG_REQUEST,
-    REMOVED,
-    UNPLUG_REQUEST,
-    GuestSeen,
-    Observations,
-    Observed,
-    judge,
-    repeat_unplug,
-)
-from virthotplug.core.observed import EventReader
+from virthotplug.core.judge import Observed, judge
 from virthotplug.core.policy import EffectivePolicy, Policy
 from virthotplug.core.resizeplan import LayerCheck, Request
-from virthotplug.core.view import (
-    HISTORY_UNPLUG_REQUESTED,
-    GuestLayer,
-    HistoryEntry,
-    VcpuView,
-    parse_guest_reply,
-)
-from virthotplug.core.workpool import CallTimeout, call_with_timeout
+from virthotplug.core.view import HISTORY_UNPLUG_REQUESTED, HistoryEntry, VcpuView
 from virthotplug.host import collect, history
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
 from virthotplug.host.domxml import parse_domain_xml
 from virthotplug.host.policysource import effective_policy
 from virthotplug.ops.reconcile import ReconcileResult, guest_seen, libvirt_seen, reconcile
+from virthotplug.ops.seen import POLL_INTERVAL, EventsFn, Failure, Seen, live_count, wait_guest
+from virthotplug.ops.shrink import AsyncShrink, after_shrink
 
-POLL_INTERVAL = 0.075  # seconds between guest-agent polls while waiting
-ASYNC_POLL_INTERVAL = 0.025  # ... while an async unplug waits for the guest's eject
-# How long a completed async unplug waits for libvirt's vcpu-removed (its confirmation; it
-# follows the accepted repeat within milliseconds in the lab).
-CONFIRM_WAIT = 0.5
 SOURCE = "setvcpus"  # who wrote a history entry
-# Stop polling the agent at once on these: waiting cannot change them.
-_PERMANENT = (
-    errors.UnsupportedError,
-    errors.AgentNotConfiguredError,
-    errors.NotRunningError,
-    errors.GuestDataError,
-)
 
 
 @dataclass(frozen=True)
@@ -115,17 +70,6 @@ class ResizeResult:
         return all(check.ok for check in self.checks)
 
 
-EventsFn = Callable[[], Sequence[Event]]  # the domain's QEMU monitor events since the start
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A request libvirt failed: its message (for people) and virErrorNumber (for us)."""
-
-    text: str
-    code: Optional[int]
-
-
 def resize(
     conn: Connection,
     dom: Domain,
@@ -137,7 +81,7 @@ def resize(
     ``events``: the domain's QEMU monitor events seen since the command started (optional:
     they tell a rejected hot-add and an eject, and they go into the domain's history)."""
     timeout = config.watch.agent_timeout
-    seen = _Seen(events)
+    seen = Seen(events)
     context = history.contexts(config)
     before = collect.read_view(conn, dom, agent_timeout=timeout, context=context)
     current = before.live.current if before.live is not None else 0
@@ -172,12 +116,12 @@ def resize(
     elif shrinks and async_flag is not None:
         unplugged = plan.unplugged(before, request.count)
         seen.requested(unplugged, started, failure)
-        shrink = _AsyncShrink(conn, dom, before, request, seen, async_flag, started)
+        shrink = AsyncShrink(conn, dom, before, request, seen, async_flag, started)
         repeated, pending = shrink.run(failure, timings, notes)
         _record(dom, before, seen, pending)
     elif shrinks:
         seen.requested(plan.unplugged(before, request.count), started, failure)
-        repeated = _after_shrink(conn, dom, before, request, started, notes, seen)
+        repeated = after_shrink(conn, dom, before, request, started, notes, seen)
         _record(dom, before, seen)
     after = collect.read_view(conn, dom, agent_timeout=timeout, context=context)
     if grows and not after.active:
@@ -205,55 +149,6 @@ def resize(
         repeated,
         seen.requests(),
     )
-
-
-class _Seen:
-    """What this command observed of the domain: its monitor events since the start (read
-    as they come) and the requests it made, as the judge's ``Observations``."""
-
-    def __init__(self, events: Optional[EventsFn]) -> None:
-        self._events: EventsFn = events if events is not None else (lambda: ())
-        self._read = 0
-        self._reader = EventReader()
-        self.observations = Observations()
-
-    def update(self) -> Observations:
-        """Take in the events that came since the last look; a plug is a hot-add hint."""
-        events = list(self._events())
-        fresh = self._reader.read_all(events[self._read :])
-        self._read = len(events)
-        self.observations.add(fresh)
-        for plug in (o for o in fresh if o.kind == PLUG):
-            self.observations.hinted([plug.vcpu], plug.at)
-        return self.observations
-
-    def requested(self, vcpus: list[int], at: float, failure: Optional[Failure]) -> None:
-        """An unplug of ``vcpus`` (the highest enabled ones, libvirt's order): when it
-        failed, only the first one is known to have been tried (libvirt stops there)."""
-        tried = vcpus[-1:] if failure is not None else vcpus
-        code = failure.code if failure is not None else None
-        wall = time.time()
-        self.observations.add(
-            Observed(UNPLUG_REQUEST, v, at, wall, code) for v in sorted(tried, reverse=True)
-        )
-
-    def plug_requested(self, vcpus: list[int], at: float) -> None:
-        """A grow asked libvirt to plug ``vcpus`` at ``at``: a removal of one of them after
-        that is the late event of its slot's previous vCPU."""
-        wall = time.time()
-        self.observations.add(Observed(PLUG_REQUEST, v, at, wall) for v in vcpus)
-
-    def requests(self) -> tuple[Observed, ...]:
-        kinds = (PLUG_REQUEST, UNPLUG_REQUEST)
-        return tuple(o for o in self.observations.snapshot().events if o.kind in kinds)
-
-    def plugs_are_old(self, needed: int) -> bool:
-        """Every hot-add QEMU reported is ``HOTADD_WAIT`` old: a guest that has not listed
-        its CPU by then never will."""
-        plugs = [o.at for o in self.update().events if o.kind == PLUG]
-        if needed <= 0 or len(plugs) < needed:
-            return False
-        return time.monotonic() - max(plugs) >= HOTADD_WAIT
 
 
 # --- QEMU stopping under a hot-add ---------------------------------------------------------
@@ -306,7 +201,7 @@ def _preflight(
     view: VcpuView,
     request: Request,
     notes: list[str],
-    seen: Optional[_Seen] = None,
+    seen: Optional[Seen] = None,
 ) -> VcpuView:
     """Refuse what cannot or must not be done; first unplug what libvirt counts beyond the
     guest's CPUs where the host lets us. Returns the view to start from (re-read after a
@@ -316,7 +211,7 @@ def _preflight(
         return view
     counted = view.live.current if view.live is not None else 0  # vCPUs QEMU made, at least
     if plan.needs_repair(view, request):
-        seen = seen if seen is not None else _Seen(None)
+        seen = seen if seen is not None else Seen(None)
         view = _repair_before_grow(conn, dom, config, view, request, notes, seen)
     needed = request.count - (view.live.current if view.live is not None else request.count)
     if needed > 0:
@@ -333,7 +228,7 @@ def _repair_before_grow(
     view: VcpuView,
     request: Request,
     notes: list[str],
-    seen: Optional[_Seen] = None,
+    seen: Optional[Seen] = None,
 ) -> VcpuView:
     """Unplug the vCPUs libvirt counts beyond the guest's CPUs, as a shrink to the guest's
     count does; refuse the grow if libvirt still counts more after that.
@@ -344,7 +239,7 @@ def _repair_before_grow(
     up waiting as usual, and the request is repeated once the guest ejected, where the host
     accepts it."""
     assert view.live is not None
-    seen = seen if seen is not None else _Seen(None)
+    seen = seen if seen is not None else Seen(None)
     present = len(view.guest.present) if view.guest is not None else 0
     target = max(present, 1)
     shrink = Request(target, True, False, request.timeout)
@@ -357,7 +252,7 @@ def _repair_before_grow(
     repeated: Optional[str] = None
     if failure is not None:
         seen.requested(vcpus, started, failure)
-        repeated = _after_shrink(conn, dom, view, shrink, started, [], seen)
+        repeated = after_shrink(conn, dom, view, shrink, started, [], seen)
         if repeated != plan.REPEAT_ACCEPTED:
             raise _not_repaired(conn, view, present, repeated)
     repaired = collect.read_view(
@@ -428,16 +323,10 @@ def _set_vcpus(
         current = before.live.current if before.live is not None else 0
         if request.live and request.count < current:
             return Failure(str(exc), exc.code)
-        if not request.live or _live_count(conn, dom) == current:
+        if not request.live or live_count(conn, dom) == current:
             raise  # nothing changed: the error says it all
         return Failure(str(exc), exc.code)
     return None
-
-
-def _live_count(conn: Connection, dom: Domain) -> int:
-    stats = conn.bulk_stats([dom])
-    value = stats[0][1].get("vcpu.current") if stats else None
-    return value if isinstance(value, int) else -1
 
 
 def _after_grow(
@@ -449,13 +338,13 @@ def _after_grow(
     before: VcpuView,
     started: float,
     timings: dict[str, float],
-    seen: _Seen,
+    seen: Seen,
 ) -> ReconcileResult:
     """Wait for the guest to list the new CPUs (or for the OST device checks to be a few
     seconds old with no new CPU), then the one reconcile: online them, judge what the guest
     took or rejected, record it."""
     needed = request.count - (before.live.current if before.live is not None else 0)
-    guest = _wait_guest(
+    guest = wait_guest(
         conn,
         dom,
         before,
@@ -487,207 +376,8 @@ def _after_grow(
     return result
 
 
-def _after_shrink(
-    conn: Connection,
-    dom: Domain,
-    before: VcpuView,
-    request: Request,
-    started: float,
-    notes: list[str],
-    seen: _Seen,
-) -> Optional[str]:
-    """Wait for the guest to drop the CPUs; when libvirt failed the unplug although the
-    guest ejected, repeat the same unplug request. libvirt unplugs one vCPU at a time and
-    stops at the first it gives up on, so a repeat may correct the count for that one and
-    give up on the next: repeated while each one corrects libvirt's count (at most once per
-    vCPU). Returns "accepted", libvirt's error of a repeat that changed nothing, or None
-    when nothing was repeated."""
-    current = before.live.current if before.live is not None else request.count
-    for _ in range(max(1, current - request.count)):
-        guest = _wait_guest(
-            conn, dom, before, lambda g: len(g.present) <= request.count, started, request
-        )
-        observations = seen.update()
-        answer = GuestSeen(guest.present, guest.online, time.monotonic()) if guest else None
-        requests = [o for o in observations.events if o.kind == UNPLUG_REQUEST]
-        if not repeat_unplug(requests, observations.events, answer, request.count):
-            return None  # accepted, or the guest has not ejected: repeating would time out
-        refused = _repeat(conn, dom, before, request, seen, requests)
-        if refused is None:
-            notes.append(
-                f"libvirt gave up on the unplug although the guest ejected the CPU; the "
-                f"repeated unplug request was accepted by this host ({conn.support.describe()})"
-            )
-            return plan.REPEAT_ACCEPTED
-        if refused.text is not None:
-            return refused.text
-    return None
-
-
-@dataclass(frozen=True)
-class _Refused:
-    """A repeated unplug that failed: ``text`` is libvirt's error when it changed nothing,
-    None when it corrected the count for some vCPUs and gave up on the next one."""
-
-    text: Optional[str]
-
-
-def _repeat(
-    conn: Connection,
-    dom: Domain,
-    before: VcpuView,
-    request: Request,
-    seen: _Seen,
-    requests: list[Observed],
-) -> Optional[_Refused]:
-    """Repeat the unplug request once; None when libvirt accepted it. Which vCPUs it
-    removed and which one it gave up on is read from libvirt's count, never its message."""
-    counted = _live_count(conn, dom)
-    again = time.monotonic()
-    try:
-        dom.set_vcpus(request.count, live=True, config=False)
-    except (errors.ConnectError, errors.PermissionDeniedError):
-        raise
-    except errors.VirtHotplugError as exc:
-        now = _live_count(conn, dom)
-        asked = plan.unplugged(before, request.count)
-        if now < 0 or counted < 0 or now >= counted:
-            seen.requested([r.vcpu for r in requests][:1], again, Failure(str(exc), exc.code))
-            return _Refused(str(exc))
-        seen.requested(asked[now - request.count : counted - request.count], again, None)
-        seen.requested(asked[: now - request.count], again, Failure(str(exc), exc.code))
-        return _Refused(None)
-    seen.requested(sorted({r.vcpu for r in requests}), again, None)
-    return None
-
-
-class _AsyncShrink:
-    """An async unplug completed from what is observed (see the module's docstring)."""
-
-    def __init__(
-        self,
-        conn: Connection,
-        dom: Domain,
-        before: VcpuView,
-        request: Request,
-        seen: _Seen,
-        async_flag: int,
-        started: float,
-    ) -> None:
-        assert before.live is not None
-        self.conn, self.dom, self.before, self.request = conn, dom, before, request
-        self.seen, self.flag, self.started = seen, async_flag, started
-        self.unplugged = plan.unplugged(before, request.count)
-        self.deadline = started + request.timeout
-        self.repeats_left = len(self.unplugged)
-        self.accepted = 0
-        self.refused: Optional[str] = None
-
-    def run(
-        self, failure: Optional[Failure], timings: dict[str, float], notes: list[str]
-    ) -> tuple[Optional[str], frozenset[int]]:
-        """Wait for the guest's eject, repeat the request while libvirt still counts what
-        the guest gave up; (the repeat's outcome for ``ResizeResult.repeated``, the vCPUs
-        libvirt still counts at the end)."""
-        if failure is not None:  # not fired: nothing to complete
-            return None, frozenset()
-        live = self._complete(timings)
-        if live <= self.request.count:
-            self._confirm(timings)
-        repeated = self.refused
-        if self.accepted and repeated is None:
-            repeated = plan.REPEAT_ACCEPTED
-            notes.append(
-                f"async unplug: the guest ejected the vCPUs; the repeated request completed "
-                f"it on this host ({self.conn.support.describe()})"
-            )
-        still = max(0, live - self.request.count)
-        return repeated, frozenset(sorted(self.unplugged)[-still:]) if still else frozenset()
-
-    def _complete(self, timings: dict[str, float]) -> int:
-        """Poll until every layer is at the target, the deadline, or a refused repeat;
-        libvirt's live count at the end."""
-        target = self.request.count
-        while True:
-            live = _live_count(self.conn, self.dom)
-            present = self._guest_present()
-            if present is not None and present <= target and "guest-ejected" not in timings:
-                timings["guest-ejected"] = time.monotonic() - self.started
-            if live <= target and (present is None or present <= target):
-                timings["all-layers"] = time.monotonic() - self.started
-                return live
-            if self._ejected_more_than_dropped(live, present) and self.repeats_left > 0:
-                if not self._repeat():
-                    return _live_count(self.conn, self.dom)
-                continue
-            if time.monotonic() >= self.deadline:
-                return live
-            time.sleep(ASYNC_POLL_INTERVAL)
-
-    def _guest_present(self) -> Optional[int]:
-        """How many CPUs the guest lists now; None without an answer."""
-        if not self.before.agent.configured:
-            return None
-        assert self.before.live is not None
-        try:
-            reply = call_with_timeout(lambda: self.conn.guest_vcpus(self.dom), 1.0)
-            guest = parse_guest_reply(
-                reply, maximum=self.before.live.maximum, domain=self.before.name
-            )
-        except (errors.AgentError, errors.TransientError, CallTimeout, *_PERMANENT):
-            return None
-        return len(guest.present)
-
-    def _ejected_more_than_dropped(self, live: int, present: Optional[int]) -> bool:
-        """The guest gave up a vCPU libvirt still counts: its agent lists fewer CPUs than
-        libvirt counts, or (no answer) its OST reports ejected more than libvirt dropped."""
-        if present is not None:
-            return present < live
-        assert self.before.live is not None
-        ejected = {
-            o.vcpu
-            for o in self.seen.update().events
-            if o.kind == EJECT and o.at >= self.started and o.vcpu in self.unplugged
-        }
-        return len(ejected) > self.before.live.current - live
-
-    def _repeat(self) -> bool:
-        """Repeat the request (async again: it returns at once); False when refused."""
-        self.repeats_left -= 1
-        again = time.monotonic()
-        try:
-            self.dom.set_vcpus(self.request.count, live=True, config=False, async_flag=self.flag)
-        except (errors.ConnectError, errors.PermissionDeniedError):
-            raise
-        except errors.VirtHotplugError as exc:
-            self.seen.requested(self.unplugged[-1:], again, Failure(str(exc), exc.code))
-            self.refused = str(exc)
-            return False
-        self.seen.requested(self.unplugged, again, None)
-        self.accepted += 1
-        return True
-
-    def _confirm(self, timings: dict[str, float]) -> None:
-        """Wait briefly for libvirt's vcpu-removed of the unplugged vCPUs: the confirmation
-        (it goes into the observations; the layers were verified already)."""
-        if not self.conn.support.vcpu_removed_event:
-            return
-        wanted = set(self.unplugged)
-        limit = time.monotonic() + CONFIRM_WAIT
-        while time.monotonic() < limit:
-            removed = {
-                o.vcpu
-                for o in self.seen.update().events
-                if o.kind == REMOVED and o.at >= self.started
-            }
-            if wanted <= removed:
-                timings["vcpu-removed"] = time.monotonic() - self.started
-                return
-            time.sleep(0.01)
-
-
 def _record(
-    dom: Domain, before: VcpuView, seen: _Seen, pending: frozenset[int] = frozenset()
+    dom: Domain, before: VcpuView, seen: Seen, pending: frozenset[int] = frozenset()
 ) -> None:
     """Put what this command observed into the domain's history (live definition only): the
     judge's entries, never a guess; and the async unplugs libvirt still counts (pending)."""
@@ -723,37 +413,7 @@ def _grace(
         return
     limit = min(policy.grace, max(0.0, started + request.timeout - time.monotonic()))
     shortened = Request(request.count, request.live, request.config, limit)
-    _wait_guest(conn, dom, before, lambda g: hotadded <= g.online, time.monotonic(), shortened)
-
-
-def _wait_guest(
-    conn: Connection,
-    dom: Domain,
-    before: VcpuView,
-    done: Callable[[GuestLayer], bool],
-    started: float,
-    request: Request,
-    give_up: Callable[[], bool] = lambda: False,
-) -> Optional[GuestLayer]:
-    """Poll the guest agent until ``done``, ``give_up`` or the request's timeout; the last
-    guest seen."""
-    if not before.agent.configured:
-        return None
-    deadline = started + request.timeout
-    maximum = before.live.maximum if before.live is not None else 1
-    last: Optional[GuestLayer] = None
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            reply = call_with_timeout(lambda: conn.guest_vcpus(dom), max(0.05, remaining))
-            last = parse_guest_reply(reply, maximum=maximum, domain=before.name)
-        except _PERMANENT:
-            return last
-        except (errors.AgentError, errors.TransientError, CallTimeout):
-            pass  # the agent may be busy with the hot-add: keep polling until the deadline
-        if (last is not None and done(last)) or time.monotonic() >= deadline or give_up():
-            return last
-        time.sleep(POLL_INTERVAL)
+    wait_guest(conn, dom, before, lambda g: hotadded <= g.online, time.monotonic(), shortened)
 
 
 def to_dict(result: ResizeResult) -> dict[str, Any]:
