@@ -6,16 +6,18 @@ same five counts and guest online set afterwards, the same cause when refused).
 States: paused, shut off, after save/restore, after managedsave + start, after a guest reboot
 (a reset: the same QEMU, the vCPU hot-added before it stays), after a libvirtd restart, with
 vCPUs pinned before the plug (``virsh vcpupin``: the pinning is compared after it), with the
-guest agent stopped. Then 12 plug iterations, one vCPU at a time, on a domain of its own with
-13 vCPUs at most: under TCG QEMU aborts a plug that would create more vCPU threads in the
-domain's life than its maximum, and the matrix domain's 4 leave room for 3.
+guest agent stopped, and started from a definition without the agent's channel. Then 12
+plug iterations, one vCPU at a time, on a domain of its own with 13 vCPUs at most: under TCG
+QEMU aborts a plug that would create more vCPU threads in the domain's life than its
+maximum, and the matrix domain's 4 leave room for 3.
 
 The guest's online set is read through the lab's control channel (sysfs), so that a stopped
 agent does not hide it; a paused guest runs no code and has none (its online set reads as
 empty, and a plug is checked once it resumes).
 
 Two results differ from virsh's on purpose (see virthotplug(1)): where the guest cannot be
-verified (paused, agent stopped) virthotplug makes the change and exits 11, not 0; and
+verified (paused, agent stopped, no agent channel) virthotplug makes the change and exits 11,
+not 0; and
 ``setvcpus DOM N`` without --live/--config/--current on a shut-off domain changes its
 persistent definition (virsh's documented --current), where virsh calls libvirt's older
 virDomainSetVcpus, which refuses a domain that is not running.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import xml.etree.ElementTree as ET
 from typing import Callable, Optional
 
 import libvirt
@@ -44,6 +47,7 @@ from test_setvcpus_conformance import (
 
 EXIT_UNVERIFIED = 11  # virthotplug: the change was made, not every layer verified
 ITERATIONS = 12
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 
 def observe(vm: LabVM) -> State:
@@ -97,6 +101,7 @@ class StatePreparer:
             "libvirtd-restarted": self._libvirtd_restarted,
             "pinned": self._pinned,
             "agent-stopped": self._agent_stopped,
+            "agent-channel-missing": self._agent_channel_missing,
         }
 
     def __call__(self, name: str) -> None:
@@ -170,6 +175,32 @@ class StatePreparer:
         vm.control_ok("agent-stop")
         vm.wait_agent_channel("disconnected")
 
+    def _agent_channel_missing(self) -> None:
+        """Started from a definition without the agent's channel; the persistent one is
+        defined back as it was at once (the running domain keeps the one it started from)."""
+        vm = self.vm
+        if vm.dom.isActive():
+            vm.dom.destroy()
+        self.lab.conn.defineXML(without_agent_channel(self.inactive_xml))
+        try:
+            vm.start(agent=False)
+        finally:
+            self.lab.conn.defineXML(self.inactive_xml)
+        live = vm.dom.XMLDesc(0)
+        assert AGENT_CHANNEL not in live, "the domain runs with the agent's channel"
+
+
+def without_agent_channel(xml: str) -> str:
+    """The domain XML without the guest agent's virtio channel."""
+    root = ET.fromstring(xml)
+    devices = root.find("devices")
+    assert devices is not None
+    for channel in devices.findall("channel"):
+        target = channel.find("target")
+        if target is not None and target.get("name") == AGENT_CHANNEL:
+            devices.remove(channel)
+    return ET.tostring(root, encoding="unicode")
+
 
 # Each state's refused steps first: they leave the domain as prepared, for the next step.
 STEPS = (
@@ -189,6 +220,8 @@ STEPS = (
         ("2 --live", "pinned"),
         ("1 --guest", "agent-stopped"),
         ("2 --live", "agent-stopped"),
+        ("1 --guest", "agent-channel-missing"),
+        ("2 --live", "agent-channel-missing"),
     ),
 )
 # What virsh says for each refused step, and how virthotplug names the same cause.
@@ -209,9 +242,13 @@ CAUSES = {
         "guest agent is not responding: qemu guest agent is not connected",
         "qemu guest agent is not connected",
     ),
+    "agent-channel-missing: 1 --guest": (
+        "qemu guest agent is not configured",
+        "which is not configured: the domain has no org.qemu.guest_agent.0 channel",
+    ),
 }
 # States where virthotplug makes the change but cannot verify the guest (exit status 11).
-UNVERIFIED = {"paused", "agent-stopped"}
+UNVERIFIED = {"paused", "agent-stopped", "agent-channel-missing"}
 
 
 def compare_in_state(step: Step, lab: Lab, vm: LabVM, prepare: StatePreparer) -> Optional[str]:

@@ -272,3 +272,19 @@ def test_shut_off_domain_live_is_refused_config_and_current_are_changed(capsys: 
         result = run_cli(capsys, "-c", MIXED, "setvcpus", "stopped-big", "3", *options, "--json")
         assert result.status == EXIT_OK, result.err
         assert [c["layer"] for c in result.json()["checks"]] == ["config"]
+
+
+def test_guest_without_an_agent_channel_says_so_before_any_change(
+    tmp_path: Path, guest: FakeGuest, capsys: Capsys
+) -> None:
+    # virsh: "argument unsupported: QEMU guest agent is not configured".
+    uri = node(tmp_path, 'mode="online"')
+    path = tmp_path / "node.xml"
+    channel = '<channel type="unix"><target type="virtio" name="org.qemu.guest_agent.0"/></channel>'
+    path.write_text(path.read_text().replace(channel, ""))
+    result = run_cli(capsys, "-c", uri, "setvcpus", "web", "1", "--guest")
+    assert result.status == EXIT_AGENT, result.err
+    assert "which is not configured: the domain has no org.qemu.guest_agent.0 channel" in (
+        result.err
+    )
+    assert guest.writes == []

@@ -423,33 +423,34 @@ class LabVM:
 
     # -- lifecycle --
 
-    def start(self, timeout: float = READY_TIMEOUT) -> float:
-        """Boot and wait until the guest is ready; returns the seconds it took."""
+    def start(self, timeout: float = READY_TIMEOUT, *, agent: bool = True) -> float:
+        """Boot and wait until the guest is ready; returns the seconds it took. ``agent``
+        False: its agent is not waited for (a definition without the agent's channel)."""
         started = time.monotonic()
         if not self.spec.control_channel:
             timeout = max(timeout, DEBIAN_READY_TIMEOUT)
         self._control_path = None
         self.dom.create()
         self.hotplug_broken = False
-        self.wait_ready(timeout)
+        self.wait_ready(timeout, agent=agent)
         self.boot_seconds = time.monotonic() - started
         log.info("%s ready in %.1f s", self.name, self.boot_seconds)
         return self.boot_seconds
 
-    def restart(self, timeout: float = READY_TIMEOUT) -> float:
+    def restart(self, timeout: float = READY_TIMEOUT, *, agent: bool = True) -> float:
         """Power-cycle to a fresh guest (the only cure after a failed unplug)."""
         if self.dom.isActive():
             self.dom.destroy()
-        return self.start(timeout)
+        return self.start(timeout, agent=agent)
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+    def wait_ready(self, timeout: float = READY_TIMEOUT, *, agent: bool = True) -> None:
         deadline = time.monotonic() + timeout
         if not self.spec.control_channel:
             # A real guest: ready once its own qemu-guest-agent answers.
             self.wait_agent(timeout)
             return
         self.wait_control(timeout)
-        if self.behaviour.agent_expected:
+        if agent and self.behaviour.agent_expected:
             self.wait_agent(max(1.0, deadline - time.monotonic()))
 
     def destroy(self) -> None:

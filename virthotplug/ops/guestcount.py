@@ -32,6 +32,7 @@ from virthotplug.core.view import VcpuView
 from virthotplug.host import collect, history
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
+from virthotplug.host.domxml import AGENT_CHANNEL
 from virthotplug.host.policysource import effective_policy
 from virthotplug.ops.reconcile import SOURCE_COMMAND_LINE, reconcile
 from virthotplug.ops.resize import SOURCE, ResizeResult
@@ -108,8 +109,14 @@ def check_guest_request(view: VcpuView, policy: Policy) -> None:
         named = f"domain '{view.name}': "
         detail = view.agent.error or ""
         detail = f": {detail.removeprefix(named)}" if detail else ""
-        error = errors.AgentNotConfiguredError if not view.agent.configured else errors.AgentError
-        raise error(f"{named}--guest needs the guest agent, which is {view.agent.state}{detail}")
+        if not view.agent.configured:
+            raise errors.AgentNotConfiguredError(
+                f"{named}--guest needs the guest agent, which is not configured: the domain "
+                f"has no {AGENT_CHANNEL} channel"
+            )
+        raise errors.AgentError(
+            f"{named}--guest needs the guest agent, which is {view.agent.state}{detail}"
+        )
     enabled = view.live.current
     if count > enabled:
         raise errors.UnsupportedError(
