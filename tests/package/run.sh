@@ -53,7 +53,9 @@ done
 apt-get update -qq
 export VIRTHOTPLUG_APT_UPDATED=1
 missing=()
-for p in python3-pytest; do
+# Test-only: pytest, and jsonschema for the e2e helpers these tests share (they validate
+# every JSON document against the published schemas).
+for p in python3-pytest python3-jsonschema; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
