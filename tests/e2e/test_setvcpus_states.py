@@ -244,7 +244,7 @@ CAUSES = {
     ),
     "agent-channel-missing: 1 --guest": (
         "qemu guest agent is not configured",
-        "which is not configured: the domain has no org.qemu.guest_agent.0 channel",
+        "which is not configured: the running domain has no org.qemu.guest_agent.0 channel",
     ),
 }
 # States where virthotplug makes the change but cannot verify the guest (exit status 11).

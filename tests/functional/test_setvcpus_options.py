@@ -284,7 +284,7 @@ def test_guest_without_an_agent_channel_says_so_before_any_change(
     path.write_text(path.read_text().replace(channel, ""))
     result = run_cli(capsys, "-c", uri, "setvcpus", "web", "1", "--guest")
     assert result.status == EXIT_AGENT, result.err
-    assert "which is not configured: the domain has no org.qemu.guest_agent.0 channel" in (
+    assert "which is not configured: the running domain has no org.qemu.guest_agent.0 channel" in (
         result.err
     )
     assert guest.writes == []

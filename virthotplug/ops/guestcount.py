@@ -28,7 +28,7 @@ from virthotplug.core.policy import (
     unreachable,
 )
 from virthotplug.core.resizeplan import LayerCheck, Request
-from virthotplug.core.view import VcpuView
+from virthotplug.core.view import AGENT_NOT_CONFIGURED, VcpuView
 from virthotplug.host import collect, history
 from virthotplug.host.connection import Connection
 from virthotplug.host.domain import Domain
@@ -109,10 +109,12 @@ def check_guest_request(view: VcpuView, policy: Policy) -> None:
         named = f"domain '{view.name}': "
         detail = view.agent.error or ""
         detail = f": {detail.removeprefix(named)}" if detail else ""
-        if not view.agent.configured:
+        # The running domain's definition decides, not the persistent one: libvirt says so
+        # when a channel was added to the persistent definition only.
+        if not view.agent.configured or view.agent.state == AGENT_NOT_CONFIGURED:
             raise errors.AgentNotConfiguredError(
-                f"{named}--guest needs the guest agent, which is not configured: the domain "
-                f"has no {AGENT_CHANNEL} channel"
+                f"{named}--guest needs the guest agent, which is not configured: the running "
+                f"domain has no {AGENT_CHANNEL} channel{detail}"
             )
         raise errors.AgentError(
             f"{named}--guest needs the guest agent, which is {view.agent.state}{detail}"
