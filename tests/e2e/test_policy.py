@@ -347,3 +347,8 @@ def test_shrink_is_reported_and_a_later_grow_refused(make_vm: Any, vh: Cli) -> N
     status, doc = vh.json("status", vm.name)
     codes_found = [f["code"] for f in doc["domains"][0]["findings"]]
     assert "guest-missing-vcpus" in codes_found
+    # The remedy that works here: this host was seen to refuse the repeat.
+    stale = next(f for f in doc["domains"][0]["findings"] if f["code"] == "guest-missing-vcpus")
+    assert "this host refused a repeated unplug request" in stale["message"], stale
+    assert "only a restart of the domain" in stale["message"], stale
+    assert doc["domains"][0]["history"]["repeat_refused"] is not None

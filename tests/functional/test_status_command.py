@@ -85,6 +85,7 @@ def test_hotplug_agent(mixed: dict[str, Any]) -> None:
         "initial": None,
         "plugged": 0,
         "since_start": False,
+        "repeat_refused": None,
         "entries": [],
     }
     assert domain["guest"] is None

@@ -153,6 +153,26 @@ def test_record_writes_only_news_and_starts_the_count() -> None:
     assert again == first and len(dom.written) == 1
 
 
+def test_a_refused_repeat_is_kept_with_the_record_and_read_back() -> None:
+    dom = FakeDom()
+    timeout = HistoryEntry(HISTORY_UNPLUG_TIMEOUT, 1, 10.0, "setvcpus")
+    first = history.record(dom, [timeout], live_count=2, repeat_refused=15.25)  # type: ignore[arg-type]
+    assert first is not None and first.repeat_refused == 15.25
+    assert history.to_raw(first).attributes["repeat-refused"] == "15.250"
+    element = history_element(history.to_raw(first))
+    back = history.from_raw(parse_history_element(element, domain="d"), uri=REF.host)
+    assert back == first
+    # An earlier refusal does not replace a later one; nothing new writes nothing.
+    again = history.record(dom, [], live_count=2, repeat_refused=12.0)  # type: ignore[arg-type]
+    assert again == first and len(dom.written) == 1
+
+
+@pytest.mark.parametrize("text", ["nan", "-1", "soon", "1" * 40])
+def test_a_refusal_anyone_could_write_is_dropped(text: str) -> None:
+    raw = RawHistory({"plugged": "0", "repeat-refused": text}, ())
+    assert history.from_raw(raw, uri=REF.host).repeat_refused is None
+
+
 def test_the_daemon_records_what_it_saw_with_the_next_job(monkeypatch: pytest.MonkeyPatch) -> None:
     runner = jobs.JobRunner(HostConfig(), WatchSettings())
     for ev in (ost(3, 0x84, at=10.0), ost(3, 0, device=None, at=10.1)):

@@ -171,6 +171,33 @@ def test_stack1_a_refused_repeat_stays_stale() -> None:
     assert verdict(obs, guest("0"), 2, "0,1", at=6.0).fates == {1: FATE_UNPLUG_REQUESTED}
 
 
+def test_stack1_the_refused_repeat_is_this_hosts_observed_refusal() -> None:
+    obs = Observations()
+    obs.add([request(1, 0.0, VIR_ERR_OPERATION_TIMEOUT), *read(unplug(1, 0.2))])
+    assert verdict(obs, guest("0"), 2, "0,1", at=5.1).repeat_refused is None
+    obs.add([request(1, 5.2, 1)])
+    assert verdict(obs, guest("0"), 2, "0,1", at=6.0).repeat_refused == WALL + 5.2
+
+
+@pytest.mark.parametrize(
+    "requests",
+    [
+        [request(1, 0.0, VIR_ERR_OPERATION_TIMEOUT)],  # a first request, failed
+        [request(2, 0.0, VIR_ERR_OPERATION_TIMEOUT), request(2, 5.1)],  # repeat accepted
+        # A repeat that removed vcpu2 and gave up on vcpu1, never asked before: no refusal.
+        [request(2, 0.0, VIR_ERR_OPERATION_TIMEOUT), request(2, 5.1), request(1, 5.1, 1)],
+    ],
+)
+def test_no_refused_repeat_where_none_was_refused(requests: list[Observed]) -> None:
+    assert judge.repeat_refused(requests) is None
+
+
+def test_a_refusal_already_recorded_is_not_reported_again() -> None:
+    events = [request(1, 0.0, VIR_ERR_OPERATION_TIMEOUT), request(1, 5.2, 1)]
+    assert judge.repeat_refused(events, start=2) is None
+    assert judge.repeat_refused([*events, request(1, 9.0, 1)], start=2) == WALL + 9.0
+
+
 # --- stack 2: libvirt 11.3 + QEMU 10.0 -------------------------------------------------------
 
 

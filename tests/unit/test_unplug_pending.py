@@ -112,6 +112,26 @@ def test_an_unplug_libvirt_gave_up_on_stays_a_stale_vcpu() -> None:
     assert found[GUEST_MISSING_VCPUS][0] == CRITICAL and UNPLUG_PENDING not in found
 
 
+def test_where_this_host_refused_a_repeat_the_remedy_is_a_restart() -> None:
+    record = history(
+        (HISTORY_PLUGGED, 1, 100.0), (HISTORY_UNPLUG_TIMEOUT, 1, 150.0), (HISTORY_EJECTED, 1, 150.2)
+    )
+    refused = dataclasses.replace(record, repeat_refused=155.0)
+    stale = findings(view(2, "0", refused))[GUEST_MISSING_VCPUS][1]
+    assert "refused a repeated unplug request of this domain (at 1970-01-01T00:02:35Z)" in stale
+    assert "only a restart of the domain" in stale and "repeats the unplug request" not in stale
+    assert (
+        "repeats the unplug request where" in findings(view(2, "0", record))[GUEST_MISSING_VCPUS][1]
+    )
+    pending = view(2, "0", history((HISTORY_PLUGGED, 1, 100.0), (HISTORY_EJECTED, 1, 150.0)))
+    pending = dataclasses.replace(
+        pending, history=dataclasses.replace(pending.history, repeat_refused=151.0)
+    )
+    message = findings(pending, now=160.0)[UNPLUG_PENDING][1]
+    assert "only a restart of the domain (shut down, then start)" in message
+    assert "setvcpus web1" not in message
+
+
 def test_a_timeout_before_the_latest_plug_does_not_count() -> None:
     record = history(
         (HISTORY_UNPLUG_TIMEOUT, 1, 90.0),

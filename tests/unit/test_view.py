@@ -293,7 +293,13 @@ def test_to_dict_keys_are_stable() -> None:
     assert list(data["config"]["vcpus"][0]) == ["id", "enabled", "hotpluggable", "order"]
     assert list(data["live"]) == ["current", "maximum", "vcpus"]
     assert list(data["hypervisor"]) == ["source", "count", "vcpus", "ejected"]
-    assert list(data["history"]) == ["initial", "plugged", "since_start", "entries"]
+    assert list(data["history"]) == [
+        "initial",
+        "plugged",
+        "since_start",
+        "repeat_refused",
+        "entries",
+    ]
     assert list(data["guest"]) == ["present", "online", "offline", "offlinable"]
     assert list(data["findings"][0]) == ["code", "severity", "message", "cpus"]
 
@@ -319,7 +325,13 @@ def test_to_dict_values() -> None:
         ],
         "ejected": [],
     }
-    assert data["history"] == {"initial": None, "plugged": 0, "since_start": False, "entries": []}
+    assert data["history"] == {
+        "initial": None,
+        "plugged": 0,
+        "since_start": False,
+        "repeat_refused": None,
+        "entries": [],
+    }
     assert data["guest"] == {
         "present": [0, 1, 2],
         "online": [0, 1],

@@ -110,6 +110,11 @@ PENDING_REMEDY = (
     "later); on one that refuses it only a restart of the domain resyncs libvirt; do not "
     "hot-add before"
 )
+# Where this host was seen to refuse a repeated unplug request of the domain.
+REFUSED_REMEDY = (
+    "this host refused a repeated unplug request of this domain ({when}): only a restart "
+    "of the domain (shut down, then start) resyncs libvirt; do not hot-add before"
+)
 
 Check = Callable[[VcpuView, Optional[Policy]], Iterable[Finding]]
 
@@ -357,7 +362,7 @@ def _pending(
     assert view.live is not None
     parts = [f"vcpu{v} ({_age(vcpus[v], now)})" for v in sorted(vcpus)]
     count = max(1, view.live.current - len(vcpus))
-    remedy = PENDING_REMEDY.format(name=view.name, count=count)
+    remedy = _refused_remedy(view) or PENDING_REMEDY.format(name=view.name, count=count)
     return Finding(
         UNPLUG_PENDING,
         WARNING,
@@ -370,19 +375,32 @@ def _age(since: Optional[float], now: Optional[float]) -> str:
     if since is None:
         return "age unknown"
     if now is None:
-        moment = datetime.datetime.fromtimestamp(since, tz=datetime.timezone.utc)
-        return f"since {moment.isoformat(timespec='seconds').replace('+00:00', 'Z')}"
+        return f"since {_utc(since)}"
     return f"for {max(0.0, now - since):.1f} s"
+
+
+def _utc(seconds: float) -> str:
+    """Unix seconds as an ISO 8601 UTC time, e.g. 2026-12-07T18:14:11Z."""
+    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _stale_text(view: VcpuView, gone: frozenset[int]) -> str:
     parts = [f"vcpu{vcpu}: {gone_text(view.history, vcpu)}" for vcpu in sorted(gone)]
-    return (
-        "; ".join(parts)
-        + ": libvirt still counts a vCPU the guest gave up (stale); 'virthotplug setvcpus "
-        f"{view.name} {len(view.guest.present) if view.guest else 1}' repeats the unplug "
-        "request where this host accepts it, else restart the domain"
+    remedy = _refused_remedy(view) or (
+        f"'virthotplug setvcpus {view.name} {len(view.guest.present) if view.guest else 1}' "
+        "repeats the unplug request where this host accepts it, else restart the domain"
     )
+    return "; ".join(parts) + f": libvirt still counts a vCPU the guest gave up (stale); {remedy}"
+
+
+def _refused_remedy(view: VcpuView) -> Optional[str]:
+    """The remedy where this host was seen to refuse a repeated unplug of the domain (no
+    repeat: it would be refused again); None where that was not seen."""
+    refused = view.history.repeat_refused
+    if refused is None:
+        return None
+    return REFUSED_REMEDY.format(when=f"at {_utc(refused)}")
 
 
 def gone_text(history: History, vcpu: int) -> str:

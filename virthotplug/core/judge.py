@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional, Sequence
 
 from virthotplug.core.cpulist import MAX_CPU_ID
 from virthotplug.core.view import (
@@ -252,6 +252,9 @@ class Verdict:
     late: frozenset[int] = frozenset()  # removals that were the slot's previous vCPU's
     entries: tuple[HistoryEntry, ...] = ()  # what was observed, for the domain's history
     events_judged: int = 0  # how many of the observations' events the entries cover
+    # Unix time this host refused a repeated unplug request (None: not seen): kept with the
+    # domain's record, so that a later finding names the remedy that works on this host.
+    repeat_refused: Optional[float] = None
 
     @property
     def decided(self) -> bool:
@@ -295,7 +298,25 @@ def judge(
         late=frozenset(v for v, _ in late),
         entries=entries,
         events_judged=len(events),
+        repeat_refused=repeat_refused(events, observations.recorded_upto),
     )
+
+
+def repeat_refused(events: Sequence[Observed], start: int = 0) -> Optional[float]:
+    """When an unplug request of a vCPU already asked for failed again, among
+    ``events[start:]`` (the latest such request; None: none did). This tool repeats a
+    request only once the guest has ejected the vCPU, and records a failed repeat on a vCPU
+    only where libvirt's count did not drop (``ops.shrink``): libvirt's answer, by its error,
+    is this host's refusal of a repeat. A first request that failed is not one."""
+    asked: set[int] = set()
+    refused: Optional[float] = None
+    for index, event in enumerate(events):
+        if event.kind != UNPLUG_REQUEST:
+            continue
+        if index >= start and event.error is not None and event.vcpu in asked:
+            refused = event.wall
+        asked.add(event.vcpu)
+    return refused
 
 
 def _judge_hotadd(

@@ -142,6 +142,9 @@ class History:
     initial: Optional[int] = None
     since_start: bool = False
     voucher: str = ""
+    # Unix time this host refused a repeated unplug request of the domain (observed by
+    # setvcpus): the remedy of a pending or stale unplug here is a restart, not a repeat.
+    repeat_refused: Optional[float] = None
 
     @property
     def empty(self) -> bool:
@@ -363,6 +366,7 @@ def history_dict(history: History) -> dict[str, Any]:
         "initial": history.initial,
         "plugged": history.plugged,
         "since_start": history.since_start,
+        "repeat_refused": history.repeat_refused,
         "entries": [
             {"kind": e.kind, "vcpu": e.vcpu, "time": round(e.time, 3), "source": e.source}
             for e in history.entries

@@ -57,11 +57,14 @@ log = logging.getLogger(__name__)
 
 _MAX_COUNT = 1_000_000
 MAX_SOURCE_CHARS = 32
+MAX_TIME_CHARS = 32  # Unix seconds as written ("1764581234.512"), with room
 WRITE_ATTEMPTS = 3  # read-merge-write rounds when another writer got in between
 # The record began when QEMU started and nothing was missed since (``History.since_start``),
 # as the watch run whose token is in ``VOUCHED_BY`` says while it runs.
 SINCE_START = "since-start"
 VOUCHED_BY = "vouched-by"
+# When this host refused a repeated unplug request of the domain (Unix seconds, observed).
+REPEAT_REFUSED = "repeat-refused"
 
 
 # --- what findings depend on besides the layers ------------------------------------------
@@ -167,6 +170,7 @@ def from_raw(raw: Optional[RawHistory], *, uri: Optional[str]) -> History:
         initial=_count(raw.attributes.get("initial")),
         since_start=bool(voucher),
         voucher=voucher,
+        repeat_refused=_time(raw.attributes.get(REPEAT_REFUSED)),
     )
     for entry in entries:
         history = _keep(history, entry)
@@ -193,6 +197,8 @@ def to_raw(history: History) -> RawHistory:
     if history.since_start and history.voucher:  # a mark nobody vouches for is none
         attributes[SINCE_START] = "yes"
         attributes[VOUCHED_BY] = history.voucher
+    if history.repeat_refused is not None:
+        attributes[REPEAT_REFUSED] = f"{history.repeat_refused:.3f}"
     entries = tuple(
         {"kind": e.kind, "vcpu": str(e.vcpu), "time": f"{e.time:.3f}", "source": e.source}
         for e in history.entries
@@ -207,15 +213,23 @@ def _count(text: Optional[str]) -> Optional[int]:
     return value if value <= _MAX_COUNT else None
 
 
-def _entry(attrs: Mapping[str, str]) -> Optional[HistoryEntry]:
-    kind, vcpu, at = attrs.get("kind"), _count(attrs.get("vcpu")), attrs.get("time", "")
-    if kind not in HISTORY_KINDS or vcpu is None or vcpu > MAX_CPU_ID:
+def _time(text: Optional[str]) -> Optional[float]:
+    """Unix seconds as written; None for anything else (metadata is input, not truth)."""
+    if text is None or len(text) > MAX_TIME_CHARS:
         return None
     try:
-        seconds = float(at)
+        seconds = float(text)
     except ValueError:
         return None
-    if not math.isfinite(seconds) or seconds < 0:
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _entry(attrs: Mapping[str, str]) -> Optional[HistoryEntry]:
+    kind, vcpu = attrs.get("kind"), _count(attrs.get("vcpu"))
+    if kind not in HISTORY_KINDS or vcpu is None or vcpu > MAX_CPU_ID:
+        return None
+    seconds = _time(attrs.get("time", ""))
+    if seconds is None:
         return None
     # Anyone who can write the domain's metadata wrote this: bounded, and escaped like agent
     # text, before it reaches a terminal or a log line.
@@ -284,11 +298,16 @@ def update(dom: Domain, change: Callable[[History], History]) -> Optional[Histor
 
 
 def record(
-    dom: Domain, entries: Iterable[HistoryEntry], *, live_count: Optional[int]
+    dom: Domain,
+    entries: Iterable[HistoryEntry],
+    *,
+    live_count: Optional[int],
+    repeat_refused: Optional[float] = None,
 ) -> Optional[History]:
     """Add ``entries`` (repeats are dropped) to what is stored; ``live_count``, the live vCPU
-    count now, starts a new record's count. The history as stored; None when it could not
-    be read or written."""
+    count now, starts a new record's count; ``repeat_refused``: when this host was seen to
+    refuse a repeated unplug request (kept if later than the one stored). The history as
+    stored; None when it could not be read or written."""
     todo = list(entries)
 
     def change(history: History) -> History:
@@ -297,6 +316,8 @@ def record(
             history = history.with_initial(initial)
         for entry in todo:
             history = history.add(entry)
+        if repeat_refused is not None and (history.repeat_refused or 0.0) < repeat_refused:
+            history = dataclasses.replace(history, repeat_refused=repeat_refused)
         return history
 
     return update(dom, change)
@@ -317,7 +338,17 @@ def started(dom: Domain, live_count: int, since: float, voucher: str) -> Optiona
         plugged = sum(1 for e in kept if e.kind == HISTORY_PLUGGED)
         ejected = sum(1 for e in kept if e.kind == HISTORY_EJECTED)
         initial = max(1, live_count - plugged + ejected)
-        return History(kept, plugged, initial, since_start=bool(voucher), voucher=voucher)
+        refused = old.repeat_refused
+        if refused is not None and refused < since:
+            refused = None
+        return History(
+            kept,
+            plugged,
+            initial,
+            since_start=bool(voucher),
+            voucher=voucher,
+            repeat_refused=refused,
+        )
 
     return update(dom, begin)
 

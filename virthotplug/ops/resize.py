@@ -395,8 +395,13 @@ def _record(
     wall = time.time()
     requested = tuple(HistoryEntry(HISTORY_UNPLUG_REQUESTED, v, wall, SOURCE) for v in pending)
     entries = verdict.entries + requested
-    if entries:
-        history.record(dom, entries, live_count=before.live.current)
+    if entries or verdict.repeat_refused is not None:
+        history.record(
+            dom,
+            entries,
+            live_count=before.live.current,
+            repeat_refused=verdict.repeat_refused,
+        )
 
 
 def _grace(
