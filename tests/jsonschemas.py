@@ -11,19 +11,19 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import jsonschema
-from referencing import Registry, Resource
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 DOCUMENT_COMMANDS = ("status", "policy", "apply", "setvcpus")
 
 
 @lru_cache(maxsize=1)
-def registry() -> Registry:
-    resources = []
+def schemas() -> dict[str, Any]:
+    """Every published schema by its ``$id``."""
+    found = {}
     for path in sorted(SCHEMAS.glob("*.json")):
         schema = json.loads(path.read_text())
-        resources.append((schema["$id"], Resource.from_contents(schema)))
-    return Registry().with_resources(resources)
+        found[schema["$id"]] = schema
+    return found
 
 
 @cache
@@ -31,7 +31,20 @@ def validator(name: str) -> Any:
     schema = json.loads((SCHEMAS / f"{name}.json").read_text())
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    return cls(schema, registry=registry())
+    return cls(schema, **_references())
+
+
+def _references() -> dict[str, Any]:
+    """How the validator resolves ``$ref`` between the schemas: ``referencing`` (jsonschema
+    4.18 and later, the development venv), else the older RefResolver (Debian 12's
+    python3-jsonschema 4.10, which the installed-package tests run with)."""
+    try:
+        from referencing import Registry, Resource
+    except ImportError:
+        store = schemas()
+        return {"resolver": jsonschema.RefResolver("", {}, store=store)}
+    resources = [(uri, Resource.from_contents(schema)) for uri, schema in schemas().items()]
+    return {"registry": Registry().with_resources(resources)}
 
 
 def validate(name: str, document: Any) -> None:
