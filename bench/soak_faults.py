@@ -210,13 +210,14 @@ class Faults:
             sv.lab.conn.restore(str(path))
         finally:
             path.unlink(missing_ok=True)
-        sv.threads_made = sv.vm.live_vcpus()  # a new QEMU, started with the live vCPUs
+        # A new QEMU, started with the live vCPUs: the domain's record begins again there.
+        sv.started_afresh()
         self._expect_ready(sv, "restore")
 
     def do_managedsave(self, sv: SoakVM) -> None:
         sv.vm.dom.managedSave(0)
         self._start(sv)
-        sv.threads_made = sv.vm.live_vcpus()
+        sv.started_afresh()  # restored by a new QEMU, as above
         self._expect_ready(sv, "managedsave restore")
 
     def do_reboot(self, sv: SoakVM) -> None:

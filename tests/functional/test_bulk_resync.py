@@ -195,3 +195,47 @@ def test_a_reconcile_ending_on_one_host_does_not_wait_for_another_hosts_resync(
         finally:
             release.set()
             other.join(10.0)
+
+
+def test_a_quiet_domain_is_judged_again_only_when_an_input_changes(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A resync judges a domain again only when its stats, definitions, guest layer,
+    history or policy changed: a thousand quiet domains cost no judging. What it reports
+    and the reconciles it picks are the same either way."""
+    from virthotplug.daemon import resync as resync_module
+
+    judged: list[str] = []
+    real = resync_module.find_drift
+
+    def counting(view: VcpuView, *args: Any, **kwargs: Any) -> Any:
+        judged.append(view.name)
+        return real(view, *args, **kwargs)
+
+    monkeypatch.setattr(resync_module, "find_drift", counting)
+    uri = node(tmp_path / "node.xml", 4)
+    holder = Holder()
+    seen: list[list[VcpuView]] = []
+    resync = BulkResync(holder, on_views=lambda _host, views, _modes: seen.append(list(views)))
+    with Connection(uri) as conn:
+        first = resync.run(conn)  # first sight: every agent asked
+        resync.run(conn)  # judged from the bulk read alone for the first time
+        assert len(judged) == 8
+        judged.clear()
+        second = resync.run(conn)
+        assert judged == [] and second.reconcile == ()
+        assert {v.uuid: v for v in seen[-1]} == {v.uuid: v for v in seen[-2]}
+        resync.invalidate(conn.uri, first.listed[0].uuid)  # an event named it
+        resync.run(conn)
+        assert judged == [first.listed[0].name]
+        judged.clear()
+        conn.lookup("d01").raw.setVcpusFlags(2, 1)  # no event on this driver: the stats tell
+        assert [ref.name for ref in resync.run(conn).reconcile] == ["d01"]
+        assert judged == ["d01"]
+        judged.clear()
+        holder.config = parse_config("[defaults]\nmode = ignore\n", path=str(tmp_path / "c"))
+        resync.run(conn)  # SIGHUP with another policy: every domain judged under it
+        assert sorted(judged) == sorted(ref.name for ref in first.listed)
+        judged.clear()
+        resync.run(conn)
+        assert judged == []

@@ -34,11 +34,11 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 from virthotplug.core import errors
 from virthotplug.core.config import HostConfig, WatchSettings
-from virthotplug.core.drift import find_drift, invalid_policy_finding
+from virthotplug.core.drift import UNPLUG_PENDING, find_drift, invalid_policy_finding
 from virthotplug.core.events import DomainRef
 from virthotplug.core.policy import MODE_IGNORE, EffectivePolicy, decide
 from virthotplug.core.view import VcpuView
@@ -87,6 +87,23 @@ class _Known:
     codes: tuple[str, ...]
     view: VcpuView
     guest_read: float  # monotonic time the guest layer in ``view`` was read
+    # What a resync judged ``view`` from (None after a reconcile): the bulk read's view (the
+    # same object while the domain's stats and definitions are unchanged), the policy, and
+    # whether the domain needed a reconcile then.
+    base: Optional[VcpuView] = None
+    policy: Optional[EffectivePolicy] = None
+    needed: bool = True
+
+    def same_judgement(self, raw: collect.BulkRaw, policy: Optional[EffectivePolicy]) -> bool:
+        """Whether judging ``raw`` again (its agent not asked) would give ``view`` again:
+        the same inputs (the bulk view by identity, the guest layer and history kept here,
+        the policy) and no finding whose text tells an age."""
+        return (
+            raw.view is self.base
+            and policy is not None
+            and policy == self.policy
+            and UNPLUG_PENDING not in self.codes
+        )
 
     def worth_asking(self, now: float, max_age: float) -> bool:
         """Whether the agent should be asked although the policy does not act."""
@@ -104,6 +121,23 @@ class _HostState:
         # holds it a while, and a reconcile ending on another host (a hot-add) must not
         # wait for that.
         self.lock = threading.Lock()
+        # uuid → (metadata fields, configuration, their policy): merged again only when
+        # either changed (the fields are the cached definitions' own object until then).
+        self._policies: dict[str, tuple[Any, HostConfig, EffectivePolicy]] = {}
+
+    def policy(self, raw: collect.BulkRaw, config: HostConfig) -> EffectivePolicy:
+        """The domain's effective policy; ``ConfigError`` when invalid (never kept)."""
+        uuid, fields = raw.view.uuid, raw.policy_fields
+        kept = self._policies.get(uuid)
+        if kept is not None and kept[0] == fields and kept[1] is config:
+            return kept[2]
+        policy = policy_from_definitions(raw.view.name, uuid, fields, config)
+        self._policies[uuid] = (fields, config, policy)
+        return policy
+
+    def retain_policies(self, uuids: set[str]) -> None:
+        for uuid in [u for u in self._policies if u not in uuids]:
+            del self._policies[uuid]
 
 
 class BulkResync:
@@ -156,15 +190,14 @@ class BulkResync:
         )
         for error in read.errors:
             log.warning("domain '%s': resync: %s", error.name, error.error)
+        state.retain_policies({raw.view.uuid for raw in read.raws})
         acting: list[collect.BulkRaw] = []
         idle: list[collect.BulkRaw] = []
         policies: dict[str, Optional[EffectivePolicy]] = {}
         invalid: dict[str, str] = {}  # uuid -> why its policy is invalid
         for raw in read.raws:
             try:
-                policy = policy_from_definitions(
-                    raw.view.name, raw.view.uuid, raw.policy_fields, config
-                )
+                policy = state.policy(raw, config)
             except errors.ConfigError as exc:
                 policies[raw.view.uuid] = None  # the reconcile job records it
                 invalid[raw.view.uuid] = str(exc)
@@ -178,12 +211,19 @@ class BulkResync:
         asked = {view.uuid for view in views}
         raws = {raw.view.uuid: raw for raw in read.raws}
         with state.lock:
-            views += [self._carried_over(state, raw.view) for raw in idle]
+            unchanged = self._unchanged(state, idle, policies)
+            views += [
+                self._carried_over(state, raw.view)
+                for raw in idle
+                if raw.view.uuid not in unchanged
+            ]
             views = [
                 self._judged(state, v, policies.get(v.uuid), raws[v.uuid], invalid.get(v.uuid))
                 for v in views
             ]
-            chosen = self._choose(state, views, policies, asked, started)
+            chosen = self._choose(state, views, policies, asked, started, raws, set(unchanged))
+            chosen += tuple(ref for ref in unchanged.values() if ref is not None)
+            views += [state.known[uuid].view for uuid in unchanged]
         if self._on_views is not None:
             modes = {uuid: p.policy.mode for uuid, p in policies.items() if p is not None}
             self._on_views(conn.uri, views, modes)
@@ -222,6 +262,24 @@ class BulkResync:
         with state.lock:
             known = state.known.get(view.uuid)
         return known is None or known.worth_asking(now, state.cache.max_age)
+
+    @staticmethod
+    def _unchanged(
+        state: _HostState,
+        idle: Sequence[collect.BulkRaw],
+        policies: dict[str, Optional[EffectivePolicy]],
+    ) -> dict[str, Optional[DomainRef]]:
+        """The idle domains whose judgement would come out as last time: uuid → the
+        reconcile they need (the one they needed then), if any. Judging a thousand quiet
+        domains again each resync is most of a resync's cost."""
+        unchanged: dict[str, Optional[DomainRef]] = {}
+        for raw in idle:
+            uuid = raw.view.uuid
+            known = state.known.get(uuid)
+            if known is not None and known.same_judgement(raw, policies.get(uuid)):
+                view = known.view
+                unchanged[uuid] = DomainRef(view.host, uuid, view.name) if known.needed else None
+        return unchanged
 
     @staticmethod
     def _carried_over(state: _HostState, view: VcpuView) -> VcpuView:
@@ -266,9 +324,13 @@ class BulkResync:
         policies: dict[str, Optional[EffectivePolicy]],
         asked: set[str],
         now: float,
+        raws: Mapping[str, collect.BulkRaw],
+        unchanged: set[str],
     ) -> tuple[DomainRef, ...]:
+        """The judged ``views`` that need a reconcile; remembers each judgement. Domains in
+        ``unchanged`` were not judged again (``_unchanged``): their records stay."""
         chosen = []
-        seen = set()
+        seen = set(unchanged)
         for view in views:
             seen.add(view.uuid)
             codes = _codes(view)
@@ -281,12 +343,14 @@ class BulkResync:
                 or not decide(view, policy.policy).is_noop
             )
             read = now if view.uuid in asked or known is None else known.guest_read
+            base = raws[view.uuid].view if view.uuid not in asked else None
             if known is not None and known.codes == codes and known.view == view:
                 # Unchanged: keep the old objects and drop this pass's copies, so that a
                 # quiet host's resync leaves no new long-lived objects behind (memory).
                 known.guest_read = read
+                known.base, known.policy, known.needed = base, policy, needed
             else:
-                state.known[view.uuid] = _Known(codes, view, read)
+                state.known[view.uuid] = _Known(codes, view, read, base, policy, needed)
             if needed:
                 chosen.append(DomainRef(view.host, view.uuid, view.name))
         for uuid in [u for u in state.known if u not in seen]:

@@ -89,11 +89,17 @@ class DefinitionCache:
 
     A read that began before an invalidation is not stored (a generation per domain), so
     an event racing with a resync never leaves a stale entry behind. Thread-safe.
+
+    Each entry also keeps the view built from it (``view``/``keep_view``): a view is made
+    of the definitions, the stats the signature covers and the domain id alone, so while
+    those are unchanged the same view object stands for the domain, and a resync can tell
+    "nothing about this domain changed" by identity and skip judging it again.
     """
 
     def __init__(self, max_age: float) -> None:
         self.max_age = max_age
         self._entries: dict[str, Definitions] = {}
+        self._views: dict[str, tuple[Optional[int], VcpuView]] = {}  # uuid → (id, view)
         self._generations: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -112,17 +118,36 @@ class DefinitionCache:
         with self._lock:
             if self._generations.get(uuid, 0) == generation:
                 self._entries[uuid] = entry
+                self._views.pop(uuid, None)
+
+    def view(self, uuid: str, entry: Definitions, domain_id: Optional[int]) -> Optional[VcpuView]:
+        """The view built from ``entry`` (the one ``get`` returned) for ``domain_id``."""
+        with self._lock:
+            kept = self._views.get(uuid)
+            if kept is None or kept[0] != domain_id or self._entries.get(uuid) is not entry:
+                return None
+            return kept[1]
+
+    def keep_view(
+        self, uuid: str, entry: Definitions, domain_id: Optional[int], view: VcpuView
+    ) -> None:
+        with self._lock:
+            if self._entries.get(uuid) is entry:
+                self._views[uuid] = (domain_id, view)
 
     def invalidate(self, uuid: str) -> None:
         with self._lock:
             self._generations[uuid] = self._generations.get(uuid, 0) + 1
             self._entries.pop(uuid, None)
+            self._views.pop(uuid, None)
 
     def retain(self, uuids: set[str]) -> None:
         """Forget domains no longer running (their generations too)."""
         with self._lock:
             for uuid in [u for u in self._entries if u not in uuids]:
                 del self._entries[uuid]
+            for uuid in [u for u in self._views if u not in uuids]:
+                del self._views[uuid]
             for uuid in [u for u in self._generations if u not in uuids]:
                 del self._generations[uuid]
 
@@ -192,6 +217,8 @@ class _Reader:
         if self.context is not None:
             found = self.context(dom, defs.main, domain_id is not None, defs.live)
         view = build_view(self.conn.uri, dom.name, dom.uuid, domain_id, item.stats, defs, found)
+        if self.cache is not None and found is None:
+            self.cache.keep_view(dom.uuid, defs, domain_id, view)
         return DomainRead(dom=dom, definitions=defs, view=view, reads=reads, context=found)
 
     def cached(self, item: _Item) -> Union[DomainRead, DomainError, _Item, None]:
@@ -207,7 +234,11 @@ class _Reader:
             found = self.cache.get(dom.uuid, sign, self.now)
             if found is None:
                 return _Item(dom, item.stats, item.persistent, sign)
-            view = build_view(self.conn.uri, dom.name, dom.uuid, dom.id(), item.stats, found)
+            domain_id = dom.id()
+            view = self.cache.view(dom.uuid, found, domain_id)
+            if view is None:
+                view = build_view(self.conn.uri, dom.name, dom.uuid, domain_id, item.stats, found)
+                self.cache.keep_view(dom.uuid, found, domain_id, view)
             return DomainRead(dom=dom, definitions=found, view=view, cached=True)
         except errors.NoDomainError:
             return None  # gone between the listing and now
