@@ -76,6 +76,7 @@ class FootprintResult:
     domains: int
     uri: str = SHARED_URI
     extra_args: list[str] = field(default_factory=list)
+    mix: str = nodes.MIX  # the layouts of the domains (nodes.MIXES), every one running
     startup_seconds: float = 0.0
     startup_rss_mib: float = 0.0
     idle_seconds: float = 0.0
@@ -205,12 +206,17 @@ def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> Non
 
 class Footprint:
     def __init__(
-        self, count: int, idle_seconds: float, extra_args: Optional[list[str]] = None
+        self,
+        count: int,
+        idle_seconds: float,
+        extra_args: Optional[list[str]] = None,
+        mix: str = nodes.MIX,
     ) -> None:
         self.count = count
         self.idle_seconds = idle_seconds
         self.extra_args = list(extra_args or [])
-        self.names = [PREFIX + layout.name for layout in nodes.layouts(count)]
+        self.mix = mix
+        self.names = [PREFIX + layout.name for layout in nodes.layouts(count, mix=mix)]
         self._holder: Any = None
 
     # the domains, on the shared test node
@@ -232,7 +238,7 @@ class Footprint:
     def _create_domains(self) -> list[Any]:
         conn = self._holder
         domains = []
-        for layout in nodes.layouts(self.count):
+        for layout in nodes.layouts(self.count, mix=self.mix):
             running = dataclasses.replace(layout, name=PREFIX + layout.name, runstate=nodes.RUNNING)
             dom = conn.defineXML(nodes.domain_xml(running))
             dom.create()
@@ -257,7 +263,7 @@ class Footprint:
     def _run_once(self, log: Callable[[str], None]) -> FootprintResult:
         import libvirt
 
-        result = FootprintResult(self.count, extra_args=self.extra_args)
+        result = FootprintResult(self.count, extra_args=self.extra_args, mix=self.mix)
         self._holder = self._open_holder()
         try:
             self._remove_domains()  # leftovers of an interrupted run

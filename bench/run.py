@@ -40,7 +40,7 @@ from flood import Flood, flood_available, flood_table, flood_targets
 from footprint import SHARED_URI, Footprint, FootprintResult
 from hotadd import AGENT_POLL, DebianResult, Hotadd, HotaddResult, Latencies, debian12_cached
 from hotadd import METHODS as HOTADD_METHODS
-from nodes import MIX, MIXES
+from nodes import AGENTS_COUNTS, MIX, MIXES
 from shrink import Shrink, shrink_table, shrink_targets
 from sweep import SizeResult, Sweep
 
@@ -72,6 +72,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--no-footprint", action="store_true")
+    parser.add_argument(
+        "--footprint-mixes",
+        default=f"{MIX},{AGENTS_COUNTS}",
+        help="layouts (nodes.MIXES) of the domains plain watch's footprint runs over, all "
+        "running; watch --metrics-listen runs over the mix",
+    )
     parser.add_argument(
         "--no-metrics-footprint", action="store_true", help="skip watch --metrics-listen"
     )
@@ -289,6 +295,10 @@ def sweep_breakdown(results: list[SizeResult]) -> str:
 # --- the footprint --------------------------------------------------------------------------
 
 
+def footprint_label(result: FootprintResult) -> str:
+    return " ".join(["watch", *result.extra_args, f"({result.mix})"])
+
+
 def footprint_table(results: list[FootprintResult]) -> str:
     def opt(value: Optional[float], unit: str, digits: int = 2) -> str:
         return "-" if value is None else f"{value:.{digits}f}{unit}"
@@ -333,9 +343,9 @@ def footprint_table(results: list[FootprintResult]) -> str:
         ("metrics: scrape time", lambda r: opt(r.metrics_scrape_seconds, " s", 3)),
         ("metrics: lifecycle events counted", lambda r: opt(r.metrics_lifecycle_events, "", 0)),
     ]
-    header = ["", *(" ".join(["watch", *r.extra_args]) for r in results)]
+    header = ["", *(footprint_label(r) for r in results)]
     body = [[label, *(cell(r) for r in results)] for label, cell in rows]
-    notes = [f"  {' '.join(['watch', *r.extra_args])}: {r.resync_summary}" for r in results]
+    notes = [f"  {footprint_label(r)}: {r.resync_summary}" for r in results]
     return (
         f"Daemon footprint: watch over {SHARED_URI}\n"
         + table(header, body)
@@ -624,7 +634,7 @@ def targets(sweep: list[SizeResult], footprints: list[FootprintResult]) -> list[
             }
         )
     for footprint in footprints:
-        label = " ".join(["watch", *footprint.extra_args])
+        label = footprint_label(footprint)
         checks += [
             {
                 "target": f"{label}: RSS under {TARGET_RSS_MIB:g} MiB with "
@@ -686,12 +696,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("\n\n".join(output), flush=True)
         output = []
     if not args.no_footprint:
-        variants: list[list[str]] = [[]]
+        variants: list[tuple[list[str], str]] = [([], MIX)]
         if not args.no_metrics_footprint:
-            variants.append(["--metrics-listen", "127.0.0.1:0"])
-        for extra in variants:
-            log(f"footprint: watch {' '.join(extra)} over {args.footprint_domains} domains")
-            footprints.append(Footprint(args.footprint_domains, args.idle_seconds, extra).run(log))
+            variants.append((["--metrics-listen", "127.0.0.1:0"], MIX))
+        variants += [([], mix) for mix in args.footprint_mixes.split(",") if mix and mix != MIX]
+        for extra, mix in variants:
+            log(f"footprint: watch {' '.join(extra)} over {args.footprint_domains} domains ({mix})")
+            footprint = Footprint(args.footprint_domains, args.idle_seconds, extra, mix)
+            footprints.append(footprint.run(log))
         document["footprint"] = [f.to_dict() for f in footprints]
         output.append(footprint_table(footprints))
     hotadd: Optional[HotaddResult] = None
