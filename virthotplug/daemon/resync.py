@@ -16,10 +16,12 @@ One pass over a host, every running domain at once:
                   metadata element already in the definitions read, so it costs no call
 
 Every view is judged as a reconcile would judge it: under the domain's policy and with its
-vCPU history. Then a reconcile job only for the domains that need one: first seen, findings
-different from the last ones known (this resync's or the last reconcile's), or a plan that
-is not a no-op. Everything else is left alone: a host of a thousand quiet domains costs a few calls
-and no reconcile per resync.
+vCPU history; a domain whose inputs are all as last time (the same bulk view object from
+the cache, guest layer, history and policy) keeps its last judgement, unless a finding tells
+an age (``unplug-pending``). Then a reconcile job only for the domains that need one: first
+seen, findings different from the last ones known (this resync's or the last reconcile's),
+or a plan that is not a no-op. Everything else is left alone: a host of a thousand quiet
+domains costs a few calls and no reconcile per resync.
 
 Otherwise the guest layer is not re-read here: the view keeps the guest layer last read
 (events — OST, agent lifecycle, hook — re-read it), and a hot-add still shows, in the live
@@ -73,11 +75,13 @@ class ResyncResult:
     agents_asked: int
     seconds: float
     complete: bool = True  # every running domain was read (``listed`` has them all)
+    judged: int = 0  # domains judged again (the others' judgement was unchanged)
 
     def describe(self) -> str:
         return (
             f"{self.running} running, {len(self.reconcile)} to reconcile; "
             f"{self.definition_reads} definitions read, {self.agents_asked} agents asked, "
+            f"{self.judged} judged, "
             f"{self.seconds:.2f} s"
         )
 
@@ -237,6 +241,7 @@ class BulkResync:
             agents_asked=len(acting),
             seconds=time.monotonic() - started,
             complete=not read.errors,
+            judged=len(read.raws) - len(unchanged),
         )
 
     def _state(self, conn: Connection) -> _HostState:
