@@ -184,6 +184,26 @@ def test_the_daemon_records_what_it_saw_with_the_next_job(monkeypatch: pytest.Mo
     assert list(judge.recorded_entries(observations.events, "watch")) == expected
 
 
+def test_a_plug_of_a_vcpu_not_seen_going_since_its_plug_is_no_new_vcpu() -> None:
+    """QEMU plugs a vCPU only into an empty slot: a second plug report of vcpu1 with no
+    eject between (a guest's own _OST report; found by the soak as an 'invented' plug
+    during an OST flood) creates no vCPU; after an eject or an unplug libvirt gave up on,
+    a plug is a new vCPU again."""
+    h = History().add(HistoryEntry(HISTORY_PLUGGED, 1, 10.0, "ost"))
+    for kind, at in ((HISTORY_PLUGGED, 50.0), (HISTORY_REJECTED, 20.0)):
+        again = h.add(HistoryEntry(kind, 1, at, "ost"))
+        if kind == HISTORY_REJECTED:
+            assert again.plugged == 1 and len(again.entries) == 2
+            assert again.add(HistoryEntry(HISTORY_PLUGGED, 1, 60.0, "ost")) == again
+        else:
+            assert again == h
+    for emptied in (HISTORY_EJECTED, HISTORY_UNPLUG_TIMEOUT):
+        h2 = h.add(HistoryEntry(emptied, 1, 30.0, "ost"))
+        replugged = h2.add(HistoryEntry(HISTORY_PLUGGED, 1, 40.0, "ost"))
+        assert replugged.plugged == 2
+    assert h.add(HistoryEntry(HISTORY_PLUGGED, 2, 50.0, "ost")).plugged == 2  # another vCPU
+
+
 def test_a_rejected_entry_is_stable_until_the_vcpu_is_plugged_again() -> None:
     h = History().add(HistoryEntry(HISTORY_REJECTED, 1, 5.0, "watch"))
     assert h.vcpus(HISTORY_REJECTED) == {1}

@@ -404,8 +404,9 @@ def test_history_drops_a_repeat_seen_by_two_observers() -> None:
 
 def test_history_is_bounded_and_keeps_counting() -> None:
     history = History().with_initial(1)
-    for i in range(100):
+    for i in range(100):  # plugged and ejected again, a hundred times
         history = history.add(HistoryEntry(HISTORY_PLUGGED, 1, float(i * 10), "ost"))
+        history = history.add(HistoryEntry(HISTORY_EJECTED, 1, float(i * 10 + 5), "ost"))
     assert len(history.entries) == MAX_HISTORY_ENTRIES
     assert history.plugged == 100 and history.created == 101
     assert history.with_initial(5).initial == 1

@@ -174,12 +174,22 @@ class History:
 
     def add(self, entry: HistoryEntry) -> History:
         """This history with ``entry``; a repeat of an entry already kept changes nothing
-        (watch and setvcpus may both see the same QEMU event)."""
-        if any(_same(entry, e) for e in self.entries):
+        (watch and setvcpus may both see the same QEMU event), and neither does a plug of a
+        vCPU the record has plugged and not seen go since: QEMU plugs a vCPU only into an
+        empty slot, so that report repeats one (a guest can send ACPI _OST reports of its
+        own) and no vCPU was created."""
+        if any(_same(entry, e) for e in self.entries) or self._plugged_already(entry):
             return self
         entries = tuple(sorted((*self.entries, entry), key=lambda e: e.time))
         plugged = self.plugged + (1 if entry.kind == HISTORY_PLUGGED else 0)
         return dataclasses.replace(self, entries=entries[-MAX_HISTORY_ENTRIES:], plugged=plugged)
+
+    def _plugged_already(self, entry: HistoryEntry) -> bool:
+        if entry.kind != HISTORY_PLUGGED:
+            return False
+        before = [e for e in self.entries if e.vcpu == entry.vcpu and e.time < entry.time]
+        latest = max(before, key=lambda e: e.time, default=None)
+        return latest is not None and latest.kind not in _SLOT_EMPTIED
 
     def with_initial(self, count: int) -> History:
         if self.initial is not None:
@@ -197,6 +207,11 @@ class History:
         out), whatever came after: their slots may have been plugged again."""
         kinds = (HISTORY_EJECTED, HISTORY_UNPLUG_TIMEOUT)
         return frozenset(e.vcpu for e in self.entries if e.kind in kinds)
+
+
+# After these the vCPU's slot may be empty (the guest ejected it, or libvirt gave up on its
+# unplug while the guest may have done it): a later plug of it is a new vCPU.
+_SLOT_EMPTIED = frozenset({HISTORY_EJECTED, HISTORY_UNPLUG_TIMEOUT})
 
 
 def _same(a: HistoryEntry, b: HistoryEntry) -> bool:
