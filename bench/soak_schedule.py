@@ -58,8 +58,16 @@ def _debian(target: Target) -> bool:
     return not target.control
 
 
+def _onlines_out_of_order(target: Target) -> bool:
+    # Not on stack 1: after a vCPU is plugged out of order there (QEMU 7.2 under TCG), the
+    # guest hangs onlining the next CPU plugged (busybox and Debian 12 alike, its agent call
+    # and the lab's control channel unanswered for minutes), whoever onlines it; CPUs plugged
+    # in order online in half a second there, and out of order on stacks 2 and 3.
+    return target.stack != "stack1"
+
+
 KINDS: tuple[FaultKind, ...] = (
-    FaultKind("setvcpu-out-of-order", 240, _any),
+    FaultKind("setvcpu-out-of-order", 240, _onlines_out_of_order),
     FaultKind("unplug", 300, lambda t: t.unplug),
     FaultKind("suspend-resume", 240, _any),
     FaultKind("save-restore", 420, lambda t: t.saves),
