@@ -75,8 +75,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--footprint-mixes",
         default=f"{MIX},{AGENTS_COUNTS}",
-        help="layouts (nodes.MIXES) of the domains plain watch's footprint runs over, all "
-        "running; watch --metrics-listen runs over the mix",
+        help="layouts (nodes.MIXES) plain watch's footprint runs over, every domain running "
+        "(watch --metrics-listen runs over the mix)",
     )
     parser.add_argument(
         "--no-metrics-footprint", action="store_true", help="skip watch --metrics-listen"
@@ -696,10 +696,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("\n\n".join(output), flush=True)
         output = []
     if not args.no_footprint:
-        variants: list[tuple[list[str], str]] = [([], MIX)]
+        variants = [([], mix) for mix in args.footprint_mixes.split(",") if mix]
         if not args.no_metrics_footprint:
             variants.append((["--metrics-listen", "127.0.0.1:0"], MIX))
-        variants += [([], mix) for mix in args.footprint_mixes.split(",") if mix and mix != MIX]
         for extra, mix in variants:
             log(f"footprint: watch {' '.join(extra)} over {args.footprint_domains} domains ({mix})")
             footprint = Footprint(args.footprint_domains, args.idle_seconds, extra, mix)

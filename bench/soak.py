@@ -448,7 +448,7 @@ class Soak:
             return
         doc = seen["doc"]
         count = plugged(doc)
-        if doc is None or count is None:
+        if doc is None or count is None:  # the one implies the other: for the type checker
             self.ledger.violate("history", sv.name, "status could not be read")
             return
         what = "lost" if count < sv.plugs_since_start else "invented"

@@ -93,10 +93,10 @@ class _Known:
     guest_read: float  # monotonic time the guest layer in ``view`` was read
     # What a resync judged ``view`` from (None after a reconcile): the bulk read's view (the
     # same object while the domain's stats and definitions are unchanged), the policy, and
-    # whether the domain needed a reconcile then.
+    # whether that policy's plan for ``view`` does something (a reconcile is then due).
     base: Optional[VcpuView] = None
     policy: Optional[EffectivePolicy] = None
-    needed: bool = True
+    acts: bool = False
 
     def same_judgement(self, raw: collect.BulkRaw, policy: Optional[EffectivePolicy]) -> bool:
         """Whether judging ``raw`` again (its agent not asked) would give ``view`` again:
@@ -225,9 +225,10 @@ class BulkResync:
                 self._judged(state, v, policies.get(v.uuid), raws[v.uuid], invalid.get(v.uuid))
                 for v in views
             ]
-            chosen = self._choose(state, views, policies, asked, started, raws, set(unchanged))
-            chosen += tuple(ref for ref in unchanged.values() if ref is not None)
-            views += [state.known[uuid].view for uuid in unchanged]
+            chosen = self._choose(state, views, policies, asked, started, raws, unchanged)
+            kept = [state.known[uuid] for uuid in unchanged]
+            chosen += tuple(_ref(known.view) for known in kept if known.acts)
+            views += [known.view for known in kept]
         if self._on_views is not None:
             modes = {uuid: p.policy.mode for uuid, p in policies.items() if p is not None}
             self._on_views(conn.uri, views, modes)
@@ -273,17 +274,15 @@ class BulkResync:
         state: _HostState,
         idle: Sequence[collect.BulkRaw],
         policies: dict[str, Optional[EffectivePolicy]],
-    ) -> dict[str, Optional[DomainRef]]:
-        """The idle domains whose judgement would come out as last time: uuid → the
-        reconcile they need (the one they needed then), if any. Judging a thousand quiet
-        domains again each resync is most of a resync's cost."""
-        unchanged: dict[str, Optional[DomainRef]] = {}
+    ) -> set[str]:
+        """The idle domains whose judgement would come out as last time (their UUIDs).
+        Judging a thousand quiet domains again each resync is most of a resync's cost."""
+        unchanged = set()
         for raw in idle:
             uuid = raw.view.uuid
             known = state.known.get(uuid)
             if known is not None and known.same_judgement(raw, policies.get(uuid)):
-                view = known.view
-                unchanged[uuid] = DomainRef(view.host, uuid, view.name) if known.needed else None
+                unchanged.add(uuid)
         return unchanged
 
     @staticmethod
@@ -341,26 +340,26 @@ class BulkResync:
             codes = _codes(view)
             known = state.known.get(view.uuid)
             policy = policies.get(view.uuid)
-            needed = (
-                known is None
-                or known.codes != codes
-                or policy is None
-                or not decide(view, policy.policy).is_noop
-            )
+            acts = policy is not None and not decide(view, policy.policy).is_noop
+            needed = known is None or known.codes != codes or policy is None or acts
             read = now if view.uuid in asked or known is None else known.guest_read
             base = raws[view.uuid].view if view.uuid not in asked else None
             if known is not None and known.codes == codes and known.view == view:
                 # Unchanged: keep the old objects and drop this pass's copies, so that a
                 # quiet host's resync leaves no new long-lived objects behind (memory).
                 known.guest_read = read
-                known.base, known.policy, known.needed = base, policy, needed
+                known.base, known.policy, known.acts = base, policy, acts
             else:
-                state.known[view.uuid] = _Known(codes, view, read, base, policy, needed)
+                state.known[view.uuid] = _Known(codes, view, read, base, policy, acts)
             if needed:
-                chosen.append(DomainRef(view.host, view.uuid, view.name))
+                chosen.append(_ref(view))
         for uuid in [u for u in state.known if u not in seen]:
             del state.known[uuid]
         return tuple(chosen)
+
+
+def _ref(view: VcpuView) -> DomainRef:
+    return DomainRef(view.host, view.uuid, view.name)
 
 
 def _codes(view: VcpuView) -> tuple[str, ...]:
